@@ -1,0 +1,27 @@
+"""Alembic environment: always given a connection by ``engine.upgrade``."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from mi2b2.adapters.db.tables import Base
+
+config = context.config
+connection = config.attributes.get("connection")
+
+
+def run(conn) -> None:  # type: ignore[no-untyped-def]
+    context.configure(
+        connection=conn,
+        target_metadata=Base.metadata,
+        render_as_batch=conn.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if connection is None:
+    with create_engine(config.get_main_option("sqlalchemy.url")).begin() as conn:
+        run(conn)
+else:
+    run(connection)

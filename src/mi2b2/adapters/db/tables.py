@@ -1,0 +1,257 @@
+"""SQLAlchemy tables for the DESIGN.md domain model.
+
+Times are stored as UTC. Every table is declared here so Alembic's autogenerate
+and the migration test compare against one metadata.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UtcDateTime = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Institution(Base):
+    __tablename__ = "institutions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Department(Base):
+    __tablename__ = "departments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    institution_id: Mapped[str] = mapped_column(ForeignKey("institutions.id"))
+    key: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    __table_args__ = (UniqueConstraint("institution_id", "key"),)
+
+
+class PacsNode(Base):
+    __tablename__ = "pacs_nodes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    department_id: Mapped[int] = mapped_column(ForeignKey("departments.id"))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    retrieve_method: Mapped[str] = mapped_column(String(8))
+    query_model: Mapped[str] = mapped_column(String(8))
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # timeouts, windows, time zone
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Destination(Base):
+    __tablename__ = "destinations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(300))
+    irb_number: Mapped[str] = mapped_column(String(100))
+    expires_on: Mapped[date] = mapped_column(Date)
+    quota_bytes: Mapped[int] = mapped_column(BigInteger)
+    max_studies_per_patient: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    institutions: Mapped[list] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class ProjectMrn(Base):
+    """The IRB allow-list, in the database so every worker and receiver sees the same list."""
+
+    __tablename__ = "project_mrns"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class ProjectMember(Base):
+    """Members are named by login so a site may list them before their account exists."""
+
+    __tablename__ = "project_members"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    login: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    last_failed_login: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ApiToken(Base):
+    """API tokens and browser sessions: only a SHA-256 of the secret is kept."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # "api" or "session"
+    name: Mapped[str] = mapped_column(String(200), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Query(Base):
+    __tablename__ = "queries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_login: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    pacs_id: Mapped[str] = mapped_column(ForeignKey("pacs_nodes.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # patients, studies, accessions, series
+    keys: Mapped[dict] = mapped_column(JSON)
+    result_count: Mapped[int] = mapped_column(Integer, default=0)
+    refused_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), default="retrieve")
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    user_login: Mapped[str] = mapped_column(String(64))
+    pacs_id: Mapped[str | None] = mapped_column(ForeignKey("pacs_nodes.id"), nullable=True)
+    destination_id: Mapped[str | None] = mapped_column(ForeignKey("destinations.id"), nullable=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    accession: Mapped[str] = mapped_column(String(64), default="")
+    series_uids: Mapped[list] = mapped_column(JSON, default=list)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="scheduled")
+    waiting_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    expected_instances: Mapped[int] = mapped_column(Integer, default=0)
+    expected_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    warnings: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    __table_args__ = (
+        Index("ix_requests_state_pacs", "state", "pacs_id"),
+        Index("ix_requests_project_state", "project_id", "state"),
+    )
+
+
+class CachedStudy(Base):
+    __tablename__ = "cached_studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    patient_name: Mapped[str] = mapped_column(String(200), default="")
+    accession: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    modalities: Mapped[str] = mapped_column(String(64), default="")
+    description: Mapped[str] = mapped_column(String(200), default="")
+    pacs_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    fetched_by: Mapped[str] = mapped_column(String(64), default="")
+    fetched_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_downloaded_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_downloaded_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    __table_args__ = (UniqueConstraint("project_id", "study_uid"),)
+
+
+class CachedInstance(Base):
+    __tablename__ = "cached_instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cached_study_id: Mapped[int] = mapped_column(ForeignKey("cached_studies.id", ondelete="CASCADE"))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    relative_path: Mapped[str] = mapped_column(String(400))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    __table_args__ = (UniqueConstraint("cached_study_id", "sop_instance_uid"),)
+
+
+class AuditEvent(Base):
+    """Append-only and hash-chained: ``hash`` = SHA-256(canonical row + prev_hash)."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    occurred_at: Mapped[str] = mapped_column(String(32))  # canonical UTC text: what was hashed
+    actor: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(100), default="")
+    action: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pacs_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # canonical JSON text: what was hashed
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (
+        Index("ix_audit_events_action", "action"),
+        Index("ix_audit_events_project", "project_id"),
+        Index("ix_audit_events_patient", "patient_id"),
+    )
+
+
+class AuditHead(Base):
+    """One row: the newest seq and hash. Locking it serialises appends across
+    processes, and it lets verification notice a deleted last row."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

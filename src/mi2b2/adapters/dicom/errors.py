@@ -1,0 +1,156 @@
+"""Errors of the DICOM adapter, placed in mi2b2's one exception tree.
+
+Every message names the PACS as ``AE@host:port`` and says what to check, because
+the person reading it is a site admin looking at a PACS node's configuration,
+not a DICOM developer. Nothing here carries patient data: messages are built
+from network addresses, AE titles and status codes only.
+
+    RetriableError
+    ├── PacsUnreachable        no TCP connection (refused, no route, host down)
+    ├── PacsTimeout            connected, but the PACS did not answer in time
+    ├── PacsBusy               association rejected as transient, or A700/A702
+    └── AssociationAborted     the association died in the middle of an operation
+    PermanentError
+    ├── AssociationRejected    the PACS refuses us (AE titles, contexts)
+    ├── ServiceNotSupported    the PACS did not accept the SOP class we need
+    └── DimseFailure           the PACS answered an operation with a failure status
+"""
+
+from __future__ import annotations
+
+from mi2b2.errors import PermanentError, RetriableError
+
+
+class PacsUnreachable(RetriableError):
+    """No TCP connection could be made to the PACS."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(
+            f"cannot connect to PACS {peer}: {reason}; check that the PACS is "
+            "running, that the host and port configured for it are right and "
+            "that no firewall blocks the port"
+        )
+
+
+class PacsTimeout(RetriableError):
+    """The PACS stopped answering within the configured timeout."""
+
+    def __init__(self, peer: str, waiting_for: str, seconds: float) -> None:
+        self.peer = peer
+        self.waiting_for = waiting_for
+        self.seconds = seconds
+        super().__init__(
+            f"PACS {peer} did not answer within {seconds:g} s while we waited for "
+            f"{waiting_for}; the PACS may be overloaded or hung: retry later, or "
+            "raise this PACS node's timeouts if it is always this slow"
+        )
+
+
+class PacsBusy(RetriableError):
+    """The PACS refused for a reason that should pass (congestion, resources)."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(
+            f"PACS {peer} is busy ({reason}); retry later, and if this persists "
+            "lower the concurrency or rate configured for this PACS node"
+        )
+
+
+class AssociationAborted(RetriableError):
+    """The association was lost in the middle of an operation.
+
+    Raised instead of returning what had arrived so far: a partial C-FIND
+    answer looks exactly like a complete one to the caller.
+    """
+
+    def __init__(self, peer: str, during: str) -> None:
+        self.peer = peer
+        self.during = during
+        super().__init__(
+            f"the association with PACS {peer} was aborted during {during}; no "
+            "partial result was kept. Retry; if it happens again, the PACS log "
+            "says why it dropped the connection"
+        )
+
+
+# A-ASSOCIATE-RJ (source, reason) pairs that a site admin can act on, and what
+# to check for each; PS3.8 9.3.4 defines the codes.
+_REJECT_FIXES: dict[tuple[int, int], str] = {
+    (1, 3): "check that the PACS knows our AE title {calling!r} (and this host)",
+    (1, 7): "check that the PACS's AE title really is {called!r}",
+    (1, 2): "the PACS does not speak the DICOM application context; is it a DICOM port?",
+    (2, 2): "the PACS does not support our DICOM protocol version",
+}
+
+
+class AssociationRejected(PermanentError):
+    """The PACS rejected the association permanently (or refused every context)."""
+
+    def __init__(
+        self,
+        peer: str,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        reason: str,
+        result: int | None = None,
+        source: int | None = None,
+        diagnostic: int | None = None,
+    ) -> None:
+        self.peer = peer
+        self.calling_ae = calling_ae
+        self.called_ae = called_ae
+        self.reason = reason
+        self.result = result
+        self.source = source
+        self.diagnostic = diagnostic
+        fix = _REJECT_FIXES.get((source or 0, diagnostic or 0))
+        if fix is None:
+            fix = (
+                "check that the PACS knows our AE title {calling!r} with this "
+                "host's address, and that its AE title is {called!r}"
+            )
+        super().__init__(
+            f"PACS {peer} rejected the association ({reason}); "
+            + fix.format(calling=calling_ae, called=called_ae)
+        )
+
+
+class ServiceNotSupported(PermanentError):
+    """The PACS accepted the association but not the SOP class we need."""
+
+    def __init__(self, peer: str, service: str) -> None:
+        self.peer = peer
+        self.service = service
+        super().__init__(
+            f"PACS {peer} does not offer {service}; choose the other query model "
+            "for this PACS node, or ask the PACS admin to enable it for our AE title"
+        )
+
+
+class DimseFailure(PermanentError):
+    """The PACS answered a DIMSE request with a failure (or cancel) status."""
+
+    def __init__(
+        self,
+        peer: str,
+        operation: str,
+        status: int,
+        text: str,
+        comment: str | None = None,
+    ) -> None:
+        self.peer = peer
+        self.operation = operation
+        self.status = status
+        self.text = text
+        self.comment = comment
+        detail = f" - {comment}" if comment else ""
+        super().__init__(
+            f"PACS {peer} answered {operation} with status 0x{status:04X} "
+            f"({text}{detail}); the PACS log explains the refusal, and the "
+            "query keys may need to change for this PACS"
+        )

@@ -1,0 +1,39 @@
+"""The HTTP API: ``create_app(context)`` builds it; nothing happens at import."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+
+from mi2b2 import __version__
+from mi2b2.api.errors import install_error_handlers
+from mi2b2.api.routers import admin, audit, auth, projects, search
+from mi2b2.services.context import ServiceContext
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0] if route.tags else 'api'}_{route.name}"
+
+
+def create_app(context: ServiceContext) -> FastAPI:
+    app = FastAPI(
+        title="mi2b2",
+        version=__version__,
+        description="IRB-governed research access to the hospital PACS",
+        generate_unique_id_function=_operation_id,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+    api = APIRouter(prefix="/api/v1")
+    for module in (auth, projects, search, audit, admin):
+        api.include_router(module.router)
+
+    @api.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,52 @@
+"""Dependencies shared by the routers: the service context and the caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mi2b2.domain.principal import Principal, Role
+from mi2b2.errors import AccessDenied
+from mi2b2.services.context import ServiceContext
+
+SESSION_COOKIE = "mi2b2_session"
+
+
+class NotAuthenticated(AccessDenied):
+    """No valid token or session: the API answers 401 rather than 403."""
+
+
+def get_context(request: Request) -> ServiceContext:
+    return request.app.state.context  # type: ignore[no-any-return]
+
+
+ContextDep = Annotated[ServiceContext, Depends(get_context)]
+
+
+def bearer_secret(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.cookies.get(SESSION_COOKIE)
+
+
+def current_user(request: Request, ctx: ContextDep) -> Principal:
+    secret = bearer_secret(request)
+    client = request.client.host if request.client else ""
+    principal = ctx.accounts.authenticate(secret, client) if secret else None
+    if principal is None:
+        raise NotAuthenticated("log in first: send 'Authorization: Bearer <token>' or log in at /api/v1/auth/login")
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+def require_admin(user: CurrentUser) -> Principal:
+    if user.role is not Role.ADMIN:
+        raise AccessDenied("this needs the admin role")
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(require_admin)]

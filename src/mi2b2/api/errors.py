@@ -1,0 +1,52 @@
+"""The one place where mi2b2 errors become HTTP status codes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from mi2b2.api.deps import NotAuthenticated
+from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, PermanentError, RetriableError
+
+LOG = logging.getLogger(__name__)
+
+STATUS = [
+    (NotAuthenticated, 401),
+    (AccessDenied, 403),
+    (NotFound, 404),
+    (InvalidInput, 422),
+    (RetriableError, 503),
+    (PermanentError, 502),
+]
+
+
+def status_for(error: Mi2b2Error) -> int:
+    for kind, status in STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Mi2b2Error)
+    async def _mi2b2_error(_request: Request, error: Mi2b2Error) -> JSONResponse:
+        return JSONResponse({"error": str(error), "kind": type(error).__name__}, status_code=status_for(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for issue in error.errors():
+            where = ".".join(str(part) for part in issue.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {issue.get('msg', 'invalid')}")
+        return JSONResponse({"error": "invalid request: " + "; ".join(problems), "kind": "InvalidInput"},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+        # Log the type only: exception text can carry identifiers from DICOM or SQL.
+        LOG.error("unexpected %s while serving a request", type(error).__name__, exc_info=False)
+        return JSONResponse({"error": "internal error; the server log has details", "kind": "InternalError"},
+                            status_code=500)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from mi2b2.api.deps import SESSION_COOKIE, ContextDep, CurrentUser, bearer_secret
+from mi2b2.api.schemas import LoginBody, TokenBody
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+@router.post("/login")
+def login(body: LoginBody, request: Request, response: Response, ctx: ContextDep) -> dict[str, Any]:
+    client = request.client.host if request.client else ""
+    principal, session = ctx.accounts.login(body.login, body.password, client)
+    response.set_cookie(
+        SESSION_COOKIE, session.secret, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+        max_age=int(ctx.config.server.session_hours * 3600), path="/",
+    )
+    return {"login": principal.login, "role": principal.role.value, "display_name": principal.display_name}
+
+
+@router.post("/logout")
+def logout(request: Request, response: Response, ctx: ContextDep) -> dict[str, str]:
+    secret = bearer_secret(request)
+    if secret:
+        ctx.accounts.logout(secret)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return {"status": "logged out"}
+
+
+@router.get("/me")
+def me(user: CurrentUser) -> dict[str, str]:
+    return {"login": user.login, "role": user.role.value, "display_name": user.display_name}
+
+
+@router.post("/tokens")
+def create_token(body: TokenBody, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+    issued = ctx.accounts.create_token(user, user.login, body.name, body.days)
+    return {"id": issued.id, "token": issued.secret, "expires_at": issued.expires_at,
+            "note": "store this token now; it is not shown again"}
+
+
+@router.get("/tokens")
+def list_tokens(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
+    return [asdict(t) for t in ctx.accounts.list_tokens(user.login)]
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, str]:
+    ctx.accounts.revoke_token(user, token_id)
+    return {"status": "revoked"}

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+
+from mi2b2.api.deps import ContextDep, CurrentUser
+from mi2b2.services import search
+from mi2b2.services.pacs import echo_pacs
+
+router = APIRouter(tags=["projects"])
+
+
+@router.get("/projects")
+def my_projects(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
+    return search.my_projects(ctx, user)
+
+
+@router.get("/pacs")
+def list_pacs(user: CurrentUser, ctx: ContextDep, echo: bool = False) -> list[dict[str, Any]]:
+    status = {r.pacs_id: r for r in echo_pacs(ctx.config)} if echo else {}
+    nodes = []
+    for inst in ctx.config.institutions:
+        for dept in inst.departments:
+            for pacs in dept.pacs:
+                report = status.get(pacs.id)
+                nodes.append({
+                    "id": pacs.id, "name": pacs.name or pacs.id, "institution": inst.id,
+                    "institution_name": inst.name or inst.id, "department": dept.id,
+                    "department_name": dept.name or dept.id, "ae_title": pacs.ae_title,
+                    "retrieve": pacs.retrieve.value,
+                    "echo": asdict(report) if report else None,
+                })
+    return nodes

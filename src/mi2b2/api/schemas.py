@@ -1,0 +1,45 @@
+"""Request bodies of the API (responses are the services' dataclasses)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginBody(Body):
+    login: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenBody(Body):
+    name: str = Field("api token", max_length=200)
+    days: float | None = Field(90, gt=0, le=3650)
+
+
+class MrnSearchBody(Body):
+    project: str
+    pacs: str
+    mrns: str = Field(description="MRNs as pasted text or CSV file contents; one per line, or separated by , ; or tabs")
+
+
+class AccessionSearchBody(Body):
+    project: str
+    pacs: str
+    accessions: str
+
+
+class SeriesSearchBody(Body):
+    project: str
+    pacs: str
+    studies: list[str] = Field(min_length=1, max_length=10000)
+
+
+class UserBody(Body):
+    login: str
+    role: str
+    password: str | None = None
+    display_name: str = ""
+    email: str | None = None

@@ -1,0 +1,398 @@
+"""Site configuration: the ``mi2b2.toml`` file, validated with pydantic.
+
+Loaded once per entry point (``load_config``) and passed down; never read at
+import time. Relative paths in the file are resolved against the file's folder,
+so a site can keep its configuration, MRN lists and data together.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import date, time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mi2b2.domain.identifiers import parse_identifier_text
+from mi2b2.domain.windows import WEEKDAYS, GovernanceWindow
+from mi2b2.errors import ConfigError, InvalidInput
+
+AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")  # printable ASCII but backslash
+IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50,
+}
+
+
+def parse_size(value: Any) -> int:
+    """'500 GiB' -> bytes. Plain integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError('write a size such as "500 GiB" or "2 TB"')
+    match = SIZE.match(value)
+    if not match:
+        raise ValueError(f'{value!r} is not a size; write e.g. "500 GiB", "750 MB" or "2 TiB"')
+    number, unit = match.groups()
+    return int(float(number) * SIZE_UNITS[(unit or "B").upper()])
+
+
+def _identifier(value: str) -> str:
+    if not isinstance(value, str) or not IDENTIFIER.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid id; use lower-case letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (e.g. \"mgh-radiology\")"
+        )
+    return value
+
+
+def _ae_title(value: str) -> str:
+    if not isinstance(value, str) or not AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not an AE title; use 1-16 printable ASCII characters, no backslash")
+    return value
+
+
+Identifier = Annotated[str, BeforeValidator(_identifier)]
+AeTitle = Annotated[str, BeforeValidator(_ae_title)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrieveMethod(StrEnum):
+    C_MOVE = "c-move"
+    C_GET = "c-get"
+
+
+class QueryModelName(StrEnum):
+    STUDY = "study"
+    PATIENT = "patient"
+
+
+class MemberRole(StrEnum):
+    LEAD = "lead"
+    RESEARCHER = "researcher"
+
+
+class Timeouts(Strict):
+    connect: float = Field(5.0, gt=0)
+    acse: float = Field(10.0, gt=0)
+    dimse: float = Field(60.0, gt=0)
+    network: float = Field(120.0, gt=0)
+
+
+class WindowConfig(Strict):
+    """When, and how hard, mi2b2 may use a PACS (times are the PACS's local time)."""
+
+    name: str = ""
+    days: list[str] = Field(default_factory=lambda: list(WEEKDAYS))
+    start: time = time(0, 0)
+    end: time = time(0, 0)
+    closed: bool = False
+    max_concurrent: int | None = Field(None, ge=1)
+    studies_per_minute: int | None = Field(None, ge=1)
+    studies_per_hour: int | None = Field(None, ge=1)
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _days(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = [value]
+        days: list[str] = []
+        for item in value:
+            text = str(item).strip().lower()[:3]
+            if "-" in str(item):
+                first, last = (part.strip().lower()[:3] for part in str(item).split("-", 1))
+                if first not in WEEKDAYS or last not in WEEKDAYS:
+                    raise ValueError(f"{item!r}: use a day range such as \"mon-fri\"")
+                i, j = WEEKDAYS.index(first), WEEKDAYS.index(last)
+                span = range(i, j + 1) if i <= j else [*range(i, 7), *range(0, j + 1)]
+                days.extend(WEEKDAYS[k] for k in span)
+            elif text in WEEKDAYS:
+                days.append(text)
+            else:
+                raise ValueError(f"{item!r} is not a weekday; use mon, tue, wed, thu, fri, sat, sun or a range like \"mon-fri\"")
+        return days
+
+    def to_domain(self) -> GovernanceWindow:
+        return GovernanceWindow(
+            name=self.name,
+            days=frozenset(WEEKDAYS.index(d) for d in self.days),
+            start=self.start,
+            end=self.end,
+            closed=self.closed,
+            max_concurrent=self.max_concurrent,
+            studies_per_minute=self.studies_per_minute,
+            studies_per_hour=self.studies_per_hour,
+        )
+
+
+class PacsConfig(Strict):
+    id: Identifier
+    name: str = ""
+    ae_title: AeTitle
+    host: str
+    port: Port
+    retrieve: RetrieveMethod = RetrieveMethod.C_MOVE
+    query_model: QueryModelName = QueryModelName.STUDY
+    timezone: str = "UTC"
+    timeouts: Timeouts = Timeouts()
+    find_result_limit: int = Field(0, ge=0, description="answers the PACS returns at most per C-FIND; 0 = no cap")
+    earliest_study_date: date = date(1980, 1, 1)
+    default_max_concurrent: int = Field(2, ge=1, description="cap used when no window says otherwise")
+    windows: list[WindowConfig] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone; use an IANA name such as \"America/New_York\"") from None
+        return value
+
+
+class DepartmentConfig(Strict):
+    id: Identifier
+    name: str = ""
+    pacs: list[PacsConfig] = Field(default_factory=list)
+
+
+class InstitutionConfig(Strict):
+    id: Identifier
+    name: str = ""
+    departments: list[DepartmentConfig] = Field(default_factory=list)
+
+
+class DestinationConfig(Strict):
+    id: Identifier
+    name: str = ""
+    ae_title: AeTitle
+    host: str
+    port: Port
+    tls: bool = False
+    projects: list[str] = Field(default_factory=list, description="projects that may forward here; empty = all")
+    max_concurrent: int = Field(2, ge=1)
+    timeouts: Timeouts = Timeouts()
+
+
+class MemberConfig(Strict):
+    login: str = Field(min_length=1, max_length=64)
+    role: MemberRole = MemberRole.RESEARCHER
+
+
+class ProjectConfig(Strict):
+    id: Identifier
+    title: str = Field(min_length=1)
+    irb: str = Field(min_length=1, description="IRB protocol number")
+    expires: date
+    mrn_file: Path
+    quota: ByteSize
+    institutions: list[str] = Field(min_length=1)
+    max_studies_per_patient: int | None = Field(None, ge=1)
+    members: list[MemberConfig] = Field(default_factory=list)
+
+
+class ServerConfig(Strict):
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8080
+    database_url: str = "sqlite:///mi2b2.db"
+    cache_dir: Path = Path("cache")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    session_hours: float = Field(12, gt=0)
+    run_worker: bool = True
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.tls_cert is None and self.http_host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"http_host {self.http_host!r} is not loopback: plain HTTP is only allowed on 127.0.0.1; "
+                "set tls_cert and tls_key to serve other hosts"
+            )
+        return self
+
+
+class DicomConfig(Strict):
+    ae_title: AeTitle = "MI2B2"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_pdu: int = Field(0, ge=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class SmtpConfig(Strict):
+    host: str
+    port: Port = 25
+    sender: str = "mi2b2@localhost"
+    starttls: bool = False
+
+
+class SiteConfig(Strict):
+    server: ServerConfig = ServerConfig()
+    dicom: DicomConfig = DicomConfig()
+    smtp: SmtpConfig | None = None
+    institutions: list[InstitutionConfig] = Field(default_factory=list)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    projects: list[ProjectConfig] = Field(default_factory=list)
+    source: Path | None = Field(None, exclude=True, description="file this was read from")
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> SiteConfig:
+        _unique("institutions", [i.id for i in self.institutions])
+        _unique("pacs", [p.id for p in self.all_pacs()])
+        _unique("destinations", [d.id for d in self.destinations])
+        _unique("projects", [p.id for p in self.projects])
+        institution_ids = {i.id for i in self.institutions}
+        project_ids = {p.id for p in self.projects}
+        for inst in self.institutions:
+            _unique(f"departments of institution {inst.id!r}", [d.id for d in inst.departments])
+        for project in self.projects:
+            for inst_id in project.institutions:
+                if inst_id not in institution_ids:
+                    raise ValueError(
+                        f"project {project.id!r} names institution {inst_id!r}, which is not configured; "
+                        f"configured institutions: {sorted(institution_ids) or 'none'}"
+                    )
+            _unique(f"members of project {project.id!r}", [m.login for m in project.members])
+        for dest in self.destinations:
+            for project_id in dest.projects:
+                if project_id not in project_ids:
+                    raise ValueError(f"destination {dest.id!r} names unknown project {project_id!r}")
+        return self
+
+    def all_pacs(self) -> list[PacsConfig]:
+        return [p for i in self.institutions for d in i.departments for p in d.pacs]
+
+    def pacs_location(self, pacs_id: str) -> tuple[InstitutionConfig, DepartmentConfig, PacsConfig]:
+        for inst in self.institutions:
+            for dept in inst.departments:
+                for pacs in dept.pacs:
+                    if pacs.id == pacs_id:
+                        return inst, dept, pacs
+        known = ", ".join(p.id for p in self.all_pacs()) or "none"
+        raise InvalidInput(f"unknown PACS {pacs_id!r}; configured PACS: {known}")
+
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.base_dir() / path
+
+    def database_url(self) -> str:
+        url = self.server.database_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite:///:memory:":
+            return prefix + str(self.resolve(Path(url[len(prefix):])))
+        return url
+
+    def cache_dir(self) -> Path:
+        return self.resolve(self.server.cache_dir)
+
+
+def _unique(what: str, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in seen:
+            raise ValueError(f"{what}: id {item!r} is used twice; ids must be unique")
+        seen.add(item)
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """('institutions', 0, 'departments', 1, 'port') -> institutions[mgh].departments[1].port"""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = str(item)
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) and "id" in node[item]:
+                label = repr(node[item]["id"])
+            parts[-1] += f"[{label}]"
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def describe_validation_error(error: ValidationError, data: Any) -> str:
+    lines = []
+    for issue in error.errors():
+        where = _location(tuple(issue["loc"]), data)
+        message = issue["msg"].removeprefix("Value error, ")
+        if issue["type"] == "extra_forbidden":
+            message = "unknown setting (check its spelling and section)"
+        elif issue["type"] == "missing":
+            message = "required setting is missing"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: Path | None = None) -> SiteConfig:
+    name = str(source) if source else "configuration"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name} is not valid TOML: {exc}") from None
+    try:
+        config = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{name} has errors:\n{describe_validation_error(exc, data)}") from None
+    return config.model_copy(update={"source": source})
+
+
+def load_config(path: Path | str) -> SiteConfig:
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist; create it or pass --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+    config = parse_config(text, source=path)
+    for project in config.projects:
+        load_allow_list(config, project)  # fail now, not at the first search
+    return config
+
+
+def load_allow_list(config: SiteConfig, project: ProjectConfig) -> list[str]:
+    path = config.resolve(project.mrn_file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"project {project.id!r}: MRN allow-list file {path} does not exist; "
+            "create it with one MRN per line or fix projects.mrn_file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"project {project.id!r}: cannot read MRN allow-list {path}: {exc}") from None
+    try:
+        parsed = parse_identifier_text(text, kind="MRN")
+    except InvalidInput as exc:
+        raise ConfigError(f"project {project.id!r}: MRN allow-list {path}: {exc}") from None
+    return parsed.unique
+
+

@@ -1,0 +1,36 @@
+"""The only place that reads the wall clock.
+
+Everything else takes ``now`` as an argument or a ``Clock`` object, so tests
+drive time by hand (see ``mi2b2.testing.FakeClock``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """Aware UTC datetime."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin, for measuring durations."""
+        ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def as_utc(value: datetime) -> datetime:
+    """Databases hand back naive datetimes (SQLite); we only ever store UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)

@@ -1,0 +1,108 @@
+"""Lists of MRNs or accession numbers, as researchers paste or upload them.
+
+Identifiers stay strings: formats vary between institutions and leading zeros
+matter. We trim whitespace and nothing else. A value that could act as a
+C-FIND wildcard or break a DICOM element is refused rather than cleaned,
+because a silently "fixed" MRN could match a different patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+
+from mi2b2.errors import InvalidInput
+
+MAX_LENGTH = 64  # VR LO / SH upper bound we accept for both MRN and accession
+WILDCARDS = set("*?\\")
+HEADER_NAMES = {
+    "MRN": {"mrn", "mrns", "patientid", "patient_id", "patient id", "medical record number"},
+    "accession number": {"accession", "accessionnumber", "accession_number", "accession number", "an"},
+}
+SEPARATORS = re.compile(r"[\r\n,;\t]+")
+
+
+@dataclass(frozen=True)
+class InvalidEntry:
+    line: int
+    value: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class IdentifierList:
+    unique: list[str]
+    duplicates: list[str] = field(default_factory=list)
+    invalid: list[InvalidEntry] = field(default_factory=list)
+
+
+def _problem(value: str) -> str | None:
+    if len(value) > MAX_LENGTH:
+        return f"longer than {MAX_LENGTH} characters"
+    if WILDCARDS & set(value):
+        return "contains a wildcard or backslash (* ? \\), which would match other patients"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return "contains control characters"
+    return None
+
+
+def _csv_column(text: str, kind: str) -> list[tuple[int, str]] | None:
+    """If the text is a CSV with a recognisable header, return that column."""
+    first_line = text.lstrip().splitlines()[0] if text.strip() else ""
+    if "," not in first_line and "\t" not in first_line and ";" not in first_line:
+        header_only = first_line.strip().strip('"').lower()
+        if header_only in HEADER_NAMES.get(kind, set()):
+            return [(n, line) for n, line in enumerate(text.splitlines(), 1) if n > 1]
+        return None
+    dialect = csv.Sniffer().sniff(first_line, delimiters=",;\t") if first_line else csv.excel
+    rows = list(csv.reader(io.StringIO(text), dialect))
+    header = [cell.strip().lower() for cell in rows[0]]
+    names = HEADER_NAMES.get(kind, set())
+    for index, cell in enumerate(header):
+        if cell in names:
+            return [(n, row[index] if index < len(row) else "") for n, row in enumerate(rows[1:], 2)]
+    return None
+
+
+def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
+    """Split pasted text or a CSV file into identifiers.
+
+    Accepts one per line, or separated by commas, semicolons or tabs; a CSV
+    with a header row uses the column named like the identifier (e.g. "MRN").
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\x00" in text:
+        raise InvalidInput(f"the {kind} list looks like a binary file; upload plain text or CSV")
+    column = _csv_column(text, kind)
+    if column is None:
+        column = [
+            (n, piece) for n, line in enumerate(text.splitlines(), 1) for piece in SEPARATORS.split(line)
+        ]
+    unique: list[str] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    invalid: list[InvalidEntry] = []
+    for line, raw in column:
+        value = raw.strip().strip('"').strip()
+        if not value or value.startswith("#"):
+            continue
+        reason = _problem(value)
+        if reason:
+            invalid.append(InvalidEntry(line, value, reason))
+        elif value in seen:
+            duplicates.append(value)
+        else:
+            seen.add(value)
+            unique.append(value)
+    if not unique and not invalid:
+        raise InvalidInput(f"no {kind}s found; give one {kind} per line (or a CSV with a {kind} column)")
+    if not unique:
+        first = invalid[0]
+        raise InvalidInput(
+            f"no usable {kind}s: line {first.line} {first.value[:20]!r} {first.reason}"
+            + (f" (and {len(invalid) - 1} more invalid)" if len(invalid) > 1 else "")
+        )
+    return IdentifierList(unique=unique, duplicates=duplicates, invalid=invalid)

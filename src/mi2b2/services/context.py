@@ -1,0 +1,78 @@
+"""Everything a service needs, built once per entry point and passed down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction, upgrade
+from mi2b2.config import PacsConfig, SiteConfig, load_config
+from mi2b2.domain.clock import Clock, SystemClock
+from mi2b2.domain.principal import Principal
+from mi2b2.services.audit import Action, AuditTrail
+from mi2b2.services.auth import Accounts
+from mi2b2.services.site import ConfigChanges, apply_config
+
+
+class FindSessionPort(Protocol):
+    def find(self, model: str, level: str, keys: Mapping[str, str | None]) -> list[dict[str, str]]: ...
+
+
+FindOpener = Callable[[SiteConfig, PacsConfig], AbstractContextManager[FindSessionPort]]
+
+
+def open_pacs_find_session(config: SiteConfig, pacs: PacsConfig) -> AbstractContextManager[FindSessionPort]:
+    from mi2b2.services.pacs import open_find  # the DICOM stack loads only when a search runs
+
+    return open_find(config, pacs)
+
+
+@dataclass
+class ServiceContext:
+    config: SiteConfig
+    engine: Engine
+    sessions: sessionmaker[Session]
+    clock: Clock
+    audit: AuditTrail
+    accounts: Accounts
+    open_find: FindOpener = field(default=open_pacs_find_session)
+
+    def reload_config(self, by: Principal) -> ConfigChanges:
+        """Re-read the configuration file, apply it, and audit the reload.
+
+        A file with errors changes nothing: the running configuration stays."""
+        if self.config.source is None:
+            from mi2b2.errors import InvalidInput
+
+            raise InvalidInput("this server was started without a configuration file, so there is nothing to reload")
+        new_config = load_config(self.config.source)
+        with transaction(self.sessions) as session:
+            changes = apply_config(session, new_config)
+        self.config = new_config
+        self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()})
+        return changes
+
+
+def build_context(
+    config: SiteConfig,
+    clock: Clock | None = None,
+    open_find: FindOpener | None = None,
+    migrate: bool = True,
+    sync_config: bool = True,
+) -> ServiceContext:
+    clock = clock or SystemClock()
+    engine = make_engine(config.database_url())
+    if migrate:
+        upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    if sync_config:
+        with transaction(sessions) as session:
+            apply_config(session, config)
+    audit = AuditTrail(sessions, clock)
+    accounts = Accounts(sessions, clock, audit, config.server.session_hours)
+    return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

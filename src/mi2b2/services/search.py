@@ -1,0 +1,388 @@
+"""Search the PACS for what a project's IRB allows (the paper's Tab 1 and Tab 2).
+
+Every search passes three doors: the user must be a member of a project whose
+IRB is active and that may reach the institution; identifiers not on the
+allow-list are refused before anything is sent to the PACS; the PACS's answers
+are filtered again against the allow-list. Each search is stored and audited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import Project, ProjectMember, ProjectMrn, Query
+from mi2b2.config import InstitutionConfig, PacsConfig
+from mi2b2.domain.governance import ProjectPolicy, cap_per_patient, filter_answers, project_access, split_allowed
+from mi2b2.domain.identifiers import parse_identifier_text
+from mi2b2.domain.principal import Principal
+from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.context import FindSessionPort, ServiceContext
+
+STUDY_ROOT = "study"
+PATIENT_ROOT = "patient"
+STUDY_KEYS = {
+    "PatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
+    "StudyInstanceUID": "", "AccessionNumber": "", "StudyDate": "", "StudyTime": "",
+    "ModalitiesInStudy": "", "StudyDescription": "",
+    "NumberOfStudyRelatedSeries": "", "NumberOfStudyRelatedInstances": "",
+}
+PATIENT_KEYS = {
+    "PatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
+    "NumberOfPatientRelatedStudies": "",
+}
+SERIES_KEYS = {
+    "StudyInstanceUID": "", "SeriesInstanceUID": "", "SeriesNumber": "", "Modality": "",
+    "SeriesDescription": "", "NumberOfSeriesRelatedInstances": "",
+}
+
+
+@dataclass(frozen=True)
+class PatientHit:
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_count: int | None
+
+
+@dataclass(frozen=True)
+class StudyHit:
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    accession: str
+    study_date: str
+    study_time: str
+    modalities: str
+    description: str
+    series_count: int | None
+    instance_count: int | None
+    pacs_id: str
+    institution_id: str
+    department_id: str
+
+
+@dataclass(frozen=True)
+class SeriesHit:
+    study_uid: str
+    series_uid: str
+    series_number: str
+    modality: str
+    description: str
+    instance_count: int | None
+
+
+@dataclass
+class SearchReport:
+    query_id: int
+    kind: str
+    patients: list[PatientHit] = field(default_factory=list)
+    studies: list[StudyHit] = field(default_factory=list)
+    series: list[SeriesHit] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # not on the IRB list: never sent to the PACS
+    not_found: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    invalid: list[dict[str, Any]] = field(default_factory=list)
+    not_permitted: list[str] = field(default_factory=list)  # accessions whose patient is not allowed
+    capped: dict[str, int] = field(default_factory=dict)  # patient -> studies left out by the cap
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Door:
+    policy: ProjectPolicy
+    institution: InstitutionConfig
+    department_id: str
+    pacs: PacsConfig
+
+
+# public use cases ------------------------------------------------------------
+
+
+def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
+    door = _open_door(ctx, who, project_id, pacs_id)
+    report, mrns = _screen_mrns(ctx, who, door, mrn_text, "patients")
+    found: dict[str, PatientHit] = {}
+    dropped: list[dict[str, str]] = []
+    with ctx.open_find(ctx.config, door.pacs) as pacs:
+        for mrn in mrns:
+            for hit in _patients_for(pacs, door.pacs, mrn):
+                kept, rejected = filter_answers([hit], lambda h: h.patient_id, lambda pid, mrn=mrn: pid == mrn)
+                dropped.extend({"PatientID": h.patient_id} for h in rejected)
+                for h in kept:
+                    found.setdefault(h.patient_id, h)
+    report.patients = list(found.values())
+    report.not_found = [m for m in mrns if m not in found]
+    return _finish(ctx, who, door, report, {"mrns": mrns}, len(report.patients), dropped)
+
+
+def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
+    door = _open_door(ctx, who, project_id, pacs_id)
+    report, mrns = _screen_mrns(ctx, who, door, mrn_text, "studies")
+    studies: list[StudyHit] = []
+    dropped: list[dict[str, str]] = []
+    today = ctx.clock.now().date()
+    with ctx.open_find(ctx.config, door.pacs) as pacs:
+        for mrn in mrns:
+            answers = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "PatientID": mrn}, today, report.warnings)
+            kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), lambda pid, mrn=mrn: pid == mrn)
+            dropped.extend(_trace(rejected))
+            studies.extend(_study_hit(a, door) for a in kept)
+            if not kept:
+                report.not_found.append(mrn)
+    report.studies, report.capped = cap_per_patient(
+        _unique_studies(studies), lambda s: s.patient_id, lambda s: s.study_date + s.study_time,
+        door.policy.max_studies_per_patient,
+    )
+    return _finish(ctx, who, door, report, {"mrns": mrns}, len(report.studies), dropped)
+
+
+def search_accessions(
+    ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, accession_text: str
+) -> SearchReport:
+    door = _open_door(ctx, who, project_id, pacs_id)
+    parsed = parse_identifier_text(accession_text, kind="accession number")
+    report = SearchReport(query_id=0, kind="accessions", duplicates=parsed.duplicates,
+                          invalid=[e.__dict__ for e in parsed.invalid])
+    answers: list[dict[str, str]] = []
+    today = ctx.clock.now().date()
+    with ctx.open_find(ctx.config, door.pacs) as pacs:
+        for accession in parsed.unique:
+            found = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "AccessionNumber": accession}, today, report.warnings)
+            # Exact match only: a PACS may treat the value loosely (case, wildcards).
+            found = [a for a in found if a.get("AccessionNumber", "") == accession]
+            if not found:
+                report.not_found.append(accession)
+            answers.extend(found)
+    allowed = _allowed(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
+    kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
+    report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
+    for answer in rejected:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
+                         pacs_id=door.pacs.id, patient_id=answer.get("PatientID"),
+                         study_uid=answer.get("StudyInstanceUID"),
+                         detail={"reason": "patient not on the IRB allow-list", "accession": answer.get("AccessionNumber")})
+    report.studies, report.capped = cap_per_patient(
+        _unique_studies(_study_hit(a, door) for a in kept), lambda s: s.patient_id,
+        lambda s: s.study_date + s.study_time, door.policy.max_studies_per_patient,
+    )
+    return _finish(ctx, who, door, report, {"accessions": parsed.unique}, len(report.studies), [])
+
+
+def search_series(
+    ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, study_uids: list[str]
+) -> SearchReport:
+    door = _open_door(ctx, who, project_id, pacs_id)
+    wanted = [uid.strip() for uid in study_uids if uid.strip()]
+    if not wanted:
+        raise InvalidInput("name at least one StudyInstanceUID to list its series")
+    report = SearchReport(query_id=0, kind="series")
+    with ctx.open_find(ctx.config, door.pacs) as pacs:
+        for study_uid in wanted:
+            # Ask which patient the study belongs to before listing anything of it.
+            owners = pacs.find(STUDY_ROOT, "STUDY", {"StudyInstanceUID": study_uid, "PatientID": ""})
+            owners = [o for o in owners if o.get("StudyInstanceUID") == study_uid]
+            if not owners:
+                report.not_found.append(study_uid)
+                continue
+            patient = owners[0].get("PatientID", "")
+            if not _allowed(ctx, door.policy.project_id, {patient}):
+                report.not_permitted.append(study_uid)
+                ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
+                                 pacs_id=door.pacs.id, patient_id=patient, study_uid=study_uid,
+                                 detail={"reason": "patient not on the IRB allow-list", "level": "series"})
+                continue
+            for answer in pacs.find(STUDY_ROOT, "SERIES", {**SERIES_KEYS, "StudyInstanceUID": study_uid}):
+                report.series.append(SeriesHit(
+                    study_uid=study_uid, series_uid=answer.get("SeriesInstanceUID", ""),
+                    series_number=answer.get("SeriesNumber", ""), modality=answer.get("Modality", ""),
+                    description=answer.get("SeriesDescription", ""),
+                    instance_count=_int(answer.get("NumberOfSeriesRelatedInstances")),
+                ))
+    report.series.sort(key=lambda s: (s.study_uid, _int(s.series_number) or 0, s.series_uid))
+    return _finish(ctx, who, door, report, {"studies": wanted}, len(report.series), [])
+
+
+def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
+    today = ctx.clock.now().date()
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(Project, ProjectMember.role).join(ProjectMember, ProjectMember.project_id == Project.id)
+            .where(ProjectMember.login == who.login).order_by(Project.id)
+        ).all()
+        return [
+            {"id": p.id, "title": p.title, "irb": p.irb_number, "expires": p.expires_on.isoformat(),
+             "expired": p.expires_on < today, "active": p.active, "role": role,
+             "institutions": list(p.institutions), "quota_bytes": p.quota_bytes,
+             "max_studies_per_patient": p.max_studies_per_patient}
+            for p, role in rows
+        ]
+
+
+# the doors -------------------------------------------------------------------
+
+
+def load_policy(ctx: ServiceContext, project_id: str) -> ProjectPolicy:
+    with ctx.sessions() as session:
+        project = session.get(Project, project_id)
+        if project is None:
+            raise NotFound(f"no project {project_id!r}; list yours with `mi2b2 projects`")
+        members = dict(session.execute(
+            select(ProjectMember.login, ProjectMember.role).where(ProjectMember.project_id == project_id)
+        ).all())
+        return ProjectPolicy(project.id, project.irb_number, project.expires_on, project.active,
+                             frozenset(project.institutions), members, project.max_studies_per_patient)
+
+
+def _open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str) -> _Door:
+    institution, department, pacs = ctx.config.pacs_location(pacs_id)
+    policy = load_policy(ctx, project_id)
+    denial = project_access(policy, who.login, ctx.clock.now().date(), institution.id)
+    if denial is not None:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
+                         detail={"reason": denial.value, "operation": "search"})
+        raise AccessDenied(f"project {project_id!r}: {denial.value}")
+    return _Door(policy, institution, department.id, pacs)
+
+
+def _screen_mrns(
+    ctx: ServiceContext, who: Principal, door: _Door, mrn_text: str, kind: str
+) -> tuple[SearchReport, list[str]]:
+    """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS."""
+    parsed = parse_identifier_text(mrn_text, kind="MRN")
+    allowed = _allowed(ctx, door.policy.project_id, parsed.unique)
+    mrns, refused = split_allowed(parsed.unique, allowed.__contains__)
+    for mrn in refused:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
+                         pacs_id=door.pacs.id, patient_id=mrn,
+                         detail={"reason": "MRN not on the project's IRB allow-list", "operation": f"search {kind}"})
+    report = SearchReport(query_id=0, kind=kind, refused=refused, duplicates=parsed.duplicates,
+                          invalid=[e.__dict__ for e in parsed.invalid])
+    return report, mrns
+
+
+def _allowed(ctx: ServiceContext, project_id: str, values: Iterable[str]) -> set[str]:
+    candidates = sorted({v for v in values if v})
+    allowed: set[str] = set()
+    with ctx.sessions() as session:
+        for start in range(0, len(candidates), 500):
+            chunk = candidates[start:start + 500]
+            allowed.update(session.scalars(
+                select(ProjectMrn.mrn).where(ProjectMrn.project_id == project_id, ProjectMrn.mrn.in_(chunk))
+            ))
+    return allowed
+
+
+def _finish(
+    ctx: ServiceContext, who: Principal, door: _Door, report: SearchReport, keys: dict[str, Any],
+    result_count: int, dropped: list[dict[str, str]],
+) -> SearchReport:
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        query = Query(user_login=who.login, project_id=door.policy.project_id, pacs_id=door.pacs.id,
+                      kind=report.kind, keys=keys, result_count=result_count,
+                      refused_count=len(report.refused) + len(report.not_permitted), created_at=now)
+        session.add(query)
+        session.flush()
+        report.query_id = query.id
+    if dropped:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
+                         pacs_id=door.pacs.id, detail={"reason": "PACS answered for patients not asked for; dropped",
+                                                       "answers": dropped})
+    ctx.audit.record(who, Action.QUERY, project_id=door.policy.project_id, pacs_id=door.pacs.id, detail={
+        "query": report.query_id, "kind": report.kind, **keys, "results": result_count,
+        "refused": report.refused, "not_found": len(report.not_found), "not_permitted": report.not_permitted,
+    })
+    return report
+
+
+# talking to the PACS ---------------------------------------------------------
+
+
+def _patients_for(pacs: FindSessionPort, config: PacsConfig, mrn: str) -> list[PatientHit]:
+    if config.query_model.value == PATIENT_ROOT:
+        answers = pacs.find(PATIENT_ROOT, "PATIENT", {**PATIENT_KEYS, "PatientID": mrn})
+        return [PatientHit(a.get("PatientID", ""), a.get("PatientName", ""), a.get("PatientBirthDate", ""),
+                           a.get("PatientSex", ""), _int(a.get("NumberOfPatientRelatedStudies"))) for a in answers]
+    # Study root has no patient level: one study query tells us the patient and how many studies.
+    answers = pacs.find(STUDY_ROOT, "STUDY", {**STUDY_KEYS, "PatientID": mrn})
+    by_patient: dict[str, list[dict[str, str]]] = {}
+    for answer in answers:
+        by_patient.setdefault(answer.get("PatientID", ""), []).append(answer)
+    return [PatientHit(pid, group[0].get("PatientName", ""), group[0].get("PatientBirthDate", ""),
+                       group[0].get("PatientSex", ""), len({a.get("StudyInstanceUID") for a in group}))
+            for pid, group in by_patient.items()]
+
+
+def _find_studies(
+    pacs: FindSessionPort, config: PacsConfig, keys: dict[str, str], today: date, warnings: list[str]
+) -> list[dict[str, str]]:
+    """A study C-FIND that does not lose answers to a PACS's result cap.
+
+    When a PACS says as many answers as its cap, we cannot know what it left
+    out, so we ask again for each half of the date range until every part
+    comes back under the cap."""
+    answers = pacs.find(STUDY_ROOT, "STUDY", keys)
+    limit = config.find_result_limit
+    if not limit or len(answers) < limit:
+        return answers
+    return _unique_answers(_find_split(pacs, keys, config.earliest_study_date, today, limit, warnings))
+
+
+def _find_split(
+    pacs: FindSessionPort, keys: dict[str, str], first: date, last: date, limit: int, warnings: list[str]
+) -> list[dict[str, str]]:
+    answers = pacs.find(STUDY_ROOT, "STUDY", {**keys, "StudyDate": f"{first:%Y%m%d}-{last:%Y%m%d}"})
+    if len(answers) < limit:
+        return answers
+    if first == last:
+        warnings.append(f"the PACS returned its maximum of {limit} studies for a single day ({first}); "
+                        "some studies of that day may be missing")
+        return answers
+    middle = first + timedelta(days=(last - first).days // 2)
+    return (_find_split(pacs, keys, first, middle, limit, warnings)
+            + _find_split(pacs, keys, middle + timedelta(days=1), last, limit, warnings))
+
+
+def _study_hit(answer: dict[str, str], door: _Door) -> StudyHit:
+    return StudyHit(
+        patient_id=answer.get("PatientID", ""), patient_name=answer.get("PatientName", ""),
+        study_uid=answer.get("StudyInstanceUID", ""), accession=answer.get("AccessionNumber", ""),
+        study_date=answer.get("StudyDate", ""), study_time=answer.get("StudyTime", ""),
+        modalities=answer.get("ModalitiesInStudy", ""), description=answer.get("StudyDescription", ""),
+        series_count=_int(answer.get("NumberOfStudyRelatedSeries")),
+        instance_count=_int(answer.get("NumberOfStudyRelatedInstances")),
+        pacs_id=door.pacs.id, institution_id=door.institution.id, department_id=door.department_id,
+    )
+
+
+def _unique_answers(answers: list[dict[str, str]]) -> list[dict[str, str]]:
+    seen: dict[str, dict[str, str]] = {}
+    for answer in answers:
+        seen.setdefault(answer.get("StudyInstanceUID", ""), answer)
+    return list(seen.values())
+
+
+def _unique_studies(studies: Iterable[StudyHit]) -> list[StudyHit]:
+    seen: dict[str, StudyHit] = {}
+    for study in studies:
+        seen.setdefault(study.study_uid, study)
+    return list(seen.values())
+
+
+def _trace(answers: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"PatientID": a.get("PatientID", ""), "StudyInstanceUID": a.get("StudyInstanceUID", "")} for a in answers]
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None

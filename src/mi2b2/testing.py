@@ -1,0 +1,70 @@
+"""Fakes that unit tests of other layers may use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+        self._mono = 0.0
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, **delta: float) -> None:
+        step = timedelta(**delta)
+        self._now += step
+        self._mono += step.total_seconds()
+
+    def set(self, when: datetime) -> None:
+        self._mono += (when - self._now).total_seconds()
+        self._now = when
+
+
+class FakeFindSession:
+    """An in-memory stand-in for one PACS's C-FIND, for unit tests of the search service.
+
+    Matches single values exactly and StudyDate ranges "A-B"; records every
+    query so tests can prove what was (not) sent. Integration tests use real PACS.
+    """
+
+    def __init__(self, studies: list[dict[str, str]], series: list[dict[str, str]] | None = None,
+                 result_limit: int = 0) -> None:
+        self.studies = studies
+        self.series = series or []
+        self.result_limit = result_limit
+        self.queries: list[tuple[str, str, dict[str, str | None]]] = []
+
+    def __enter__(self) -> FakeFindSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def find(self, model: str, level: str, keys: Mapping[str, str | None]) -> list[dict[str, str]]:
+        self.queries.append((model, level, dict(keys)))
+        rows = self.series if level == "SERIES" else self.studies
+        answers = [dict(row) for row in rows if all(_matches(row.get(k, ""), v) for k, v in keys.items())]
+        if level == "PATIENT":
+            unique = {a["PatientID"]: a for a in answers}
+            answers = list(unique.values())
+        return answers[: self.result_limit] if self.result_limit else answers
+
+    def sent_values(self, keyword: str) -> set[str]:
+        return {str(keys.get(keyword)) for _m, _l, keys in self.queries if keys.get(keyword)}
+
+
+def _matches(value: str, wanted: str | None) -> bool:
+    if not wanted:
+        return True
+    if "-" in wanted and len(wanted) == 17 and wanted[8] == "-":
+        return bool(value) and wanted[:8] <= value <= wanted[9:]
+    return value == wanted

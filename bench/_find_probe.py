@@ -1,7 +1,7 @@
 """Probe (not a benchmark): per-C-FIND latency on one kept association, with and
 without TCP_NODELAY on our socket, against each test PACS.
 
-    PYTHONPATH=src:. .venv/bin/python bench/_find_probe.py [N]
+    PYTHONPATH=src .venv/bin/python bench/_find_probe.py [N]
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from mi2b2.adapters.dicom import scu
 from mi2b2.synthetic import SyntheticStudy, write_study
-from tests.support.pacs import start_dcmqrscp, start_orthanc, start_qrscp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.pacs import start_dcmqrscp, start_orthanc, start_qrscp
 
 
 def per_find_ms(peer: scu.DicomPeer, n: int) -> tuple[float, float]:
@@ -33,9 +35,7 @@ def per_find_ms(peer: scu.DicomPeer, n: int) -> tuple[float, float]:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     root = Path(tempfile.mkdtemp(prefix="find-probe-"))
-    study = SyntheticStudy(
-        "PROBE0001", "PROBE^PATIENT", "19800101", "O", "PRB1", "20240101", "CT", "probe", 1, 2
-    )
+    study = SyntheticStudy("PROBE0001", "PROBE^PATIENT", "19800101", "O", "PRB1", "20240101", "CT", "probe", 1, 2)
     files = write_study(study, root / "data")
     nodelay = scu._set_nodelay
     for start in (start_orthanc, start_dcmqrscp, start_qrscp):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -46,7 +47,7 @@ _SERIES_NAMES = {
     "US": ["B-MODE", "DOPPLER", "CINE"],
 }
 
-_IMPLEMENTATION_UID = generate_uid(entropy_srcs=["mi2b2 synthetic implementation"])
+_IMPLEMENTATION_UID: UID = generate_uid(entropy_srcs=["mi2b2 synthetic implementation"])
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _instance(study: SyntheticStudy, series_number: int, instance_number: int) -
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = _IMPLEMENTATION_UID
     meta.ImplementationVersionName = "MI2B2_SYNTH"
@@ -163,16 +164,12 @@ def _instance(study: SyntheticStudy, series_number: int, instance_number: int) -
     ds.SeriesDate = study.study_date
     ds.SeriesTime = f"09{30 + series_number % 30:02d}00"
     ds.Modality = study.modality
-    ds.BodyPartExamined = {"MR": "BRAIN", "CT": "CHEST", "CR": "CHEST", "US": "ABDOMEN"}[
-        study.modality
-    ]
+    ds.BodyPartExamined = {"MR": "BRAIN", "CT": "CHEST", "CR": "CHEST", "US": "ABDOMEN"}[study.modality]
 
     ds.InstanceNumber = instance_number
     ds.ContentDate = study.study_date
     ds.ContentTime = ds.SeriesTime
-    ds.FrameOfReferenceUID = generate_uid(
-        entropy_srcs=["frame", ds.SeriesInstanceUID]
-    )
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["frame", ds.SeriesInstanceUID])
     if study.modality in ("MR", "CT"):
         thickness = 5.0
         ds.PatientPosition = "HFS"

@@ -101,11 +101,16 @@ class RunningPacs:
             result = subprocess.run(
                 [
                     "storescu",
-                    "--aetitle", _LOADER_AE,
-                    "--call", self.ae_title,
-                    "--max-pdu", str(MAX_PDU),
+                    "--aetitle",
+                    _LOADER_AE,
+                    "--call",
+                    self.ae_title,
+                    "--max-pdu",
+                    str(MAX_PDU),
                     "--required",  # fail rather than skip a file the PACS cannot take
-                    self.host, str(self.port), *chunk,
+                    self.host,
+                    str(self.port),
+                    *chunk,
                 ],
                 env=_env(),
                 capture_output=True,
@@ -160,10 +165,7 @@ def start_orthanc(
         "DicomAlwaysAllowFind": True,
         "DicomAlwaysAllowMove": True,
         "DicomAlwaysAllowGet": True,
-        "DicomModalities": {
-            aet: [aet, host, dest_port]
-            for aet, (host, dest_port) in (move_destinations or {}).items()
-        },
+        "DicomModalities": {aet: [aet, host, dest_port] for aet, (host, dest_port) in (move_destinations or {}).items()},
         "MaximumPduLength": MAX_PDU,
         "Plugins": [],
         "LimitFindResults": limit_find_results,
@@ -210,8 +212,7 @@ def start_dcmqrscp(
     storage.mkdir(parents=True, exist_ok=True)
     port = free_port()
     hosts = "\n".join(
-        f"{_host_alias(aet)} = ({aet}, {host}, {dest_port})"
-        for aet, (host, dest_port) in (move_destinations or {}).items()
+        f"{_host_alias(aet)} = ({aet}, {host}, {dest_port})" for aet, (host, dest_port) in (move_destinations or {}).items()
     )
     config_path = workdir / "dcmqrscp.cfg"
     config_path.write_text(
@@ -258,8 +259,7 @@ def start_qrscp(
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     dests = "\n".join(
-        f"[{aet}]\n    address: {host}\n    port: {dest_port}\n"
-        for aet, (host, dest_port) in (move_destinations or {}).items()
+        f"[{aet}]\n    address: {host}\n    port: {dest_port}\n" for aet, (host, dest_port) in (move_destinations or {}).items()
     )
     config_path = workdir / "qrscp.ini"
     # Absolute paths: qrscp joins relative ones onto its own package directory.
@@ -336,15 +336,11 @@ def _env(pythonpath: Path | None = None) -> dict[str, str]:
     env["TCP_NODELAY"] = "1"
     env["PYTHONUNBUFFERED"] = "1"  # qrscp's log must be readable while it runs
     if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def _spawn(
-    argv: list[str], workdir: Path, log_path: Path, pythonpath: Path | None = None
-) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], workdir: Path, log_path: Path, pythonpath: Path | None = None) -> subprocess.Popen[bytes]:
     if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
         raise PacsStartError(f"{argv[0]} is not installed (see /work/shared/TEST-PACS.md)")
     with log_path.open("ab") as log:
@@ -418,10 +414,9 @@ def _echo_ok(ae_title: str, port: int) -> bool:
     if not _tcp_ok(port):
         return False
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title="MI2B2PROBE")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
     ae.connection_timeout = 1
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)

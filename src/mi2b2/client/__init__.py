@@ -1,0 +1,88 @@
+"""A small Python client over the mi2b2 API (the CLI uses it too).
+
+    client = Mi2b2Client("http://127.0.0.1:8080", token="mi2b2_...")
+    report = client.search_studies("alpha", "main", "000123\\n000456")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, PermanentError, RetriableError
+
+ERRORS: dict[int, type[Mi2b2Error]] = {
+    401: AccessDenied, 403: AccessDenied, 404: NotFound, 422: InvalidInput,
+    502: PermanentError, 503: RetriableError,
+}
+
+
+class Mi2b2Client:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 600.0,
+                 verify: bool | str = True) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url + "/api/v1", headers=headers, timeout=timeout, verify=verify)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Mi2b2Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise RetriableError(f"cannot reach the mi2b2 server at {self.base_url}; is `mi2b2 serve` running?") from None
+        except httpx.TimeoutException:
+            raise RetriableError(f"the mi2b2 server at {self.base_url} did not answer in time") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text or response.reason_phrase
+            raise ERRORS.get(response.status_code, Mi2b2Error)(message)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    def login(self, login: str, password: str) -> dict[str, Any]:
+        return self._call("POST", "/auth/login", json={"login": login, "password": password})  # type: ignore[no-any-return]
+
+    def me(self) -> dict[str, Any]:
+        return self._call("GET", "/auth/me")  # type: ignore[no-any-return]
+
+    def projects(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/projects")  # type: ignore[no-any-return]
+
+    def pacs(self, echo: bool = False) -> list[dict[str, Any]]:
+        return self._call("GET", "/pacs", params={"echo": echo})  # type: ignore[no-any-return]
+
+    def search_patients(self, project: str, pacs: str, mrns: str) -> dict[str, Any]:
+        return self._call("POST", "/search/patients", json={"project": project, "pacs": pacs, "mrns": mrns})  # type: ignore[no-any-return]
+
+    def search_studies(self, project: str, pacs: str, mrns: str) -> dict[str, Any]:
+        return self._call("POST", "/search/studies", json={"project": project, "pacs": pacs, "mrns": mrns})  # type: ignore[no-any-return]
+
+    def search_accessions(self, project: str, pacs: str, accessions: str) -> dict[str, Any]:
+        body = {"project": project, "pacs": pacs, "accessions": accessions}
+        return self._call("POST", "/search/accessions", json=body)  # type: ignore[no-any-return]
+
+    def search_series(self, project: str, pacs: str, studies: list[str]) -> dict[str, Any]:
+        body = {"project": project, "pacs": pacs, "studies": studies}
+        return self._call("POST", "/search/series", json=body)  # type: ignore[no-any-return]
+
+    def reload_config(self) -> dict[str, Any]:
+        return self._call("POST", "/admin/config/reload")  # type: ignore[no-any-return]
+
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._call("GET", "/audit", params=params)  # type: ignore[no-any-return]
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self._call("GET", "/audit/verify")  # type: ignore[no-any-return]

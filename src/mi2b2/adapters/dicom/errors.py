@@ -14,6 +14,7 @@ from network addresses, AE titles and status codes only.
     ├── AssociationRejected    the PACS refuses us (AE titles, contexts)
     ├── ServiceNotSupported    the PACS did not accept the SOP class we need
     └── DimseFailure           the PACS answered an operation with a failure status
+        └── ResultsTruncated   the PACS stopped a C-FIND early (its answer limit)
 """
 
 from __future__ import annotations
@@ -111,13 +112,9 @@ class AssociationRejected(PermanentError):
         fix = _REJECT_FIXES.get((source or 0, diagnostic or 0))
         if fix is None:
             fix = (
-                "check that the PACS knows our AE title {calling!r} with this "
-                "host's address, and that its AE title is {called!r}"
+                "check that the PACS knows our AE title {calling!r} with this host's address, and that its AE title is {called!r}"
             )
-        super().__init__(
-            f"PACS {peer} rejected the association ({reason}); "
-            + fix.format(calling=calling_ae, called=called_ae)
-        )
+        super().__init__(f"PACS {peer} rejected the association ({reason}); " + fix.format(calling=calling_ae, called=called_ae))
 
 
 class ServiceNotSupported(PermanentError):
@@ -153,4 +150,26 @@ class DimseFailure(PermanentError):
             f"PACS {peer} answered {operation} with status 0x{status:04X} "
             f"({text}{detail}); the PACS log explains the refusal, and the "
             "query keys may need to change for this PACS"
+        )
+
+
+class ResultsTruncated(DimseFailure):
+    """The PACS ended a C-FIND before the last match (its per-query answer limit).
+
+    Orthanc with LimitFindResults answers 0xFE00 (cancel) although nobody
+    cancelled; PS3.4 repository queries use 0xB001. Either way the answers are
+    incomplete, and an incomplete list must not pass for a complete one.
+    """
+
+    def __init__(self, peer: str, status: int, answers: list[dict[str, str]]) -> None:
+        # The answers that did arrive, for a caller that splits the query and
+        # tries again; never to be shown as the result of this query.
+        self.answers = answers
+        self.received = received = len(answers)
+        super().__init__(peer, "C-FIND", status, f"stopped after {received} answers")
+        self.args = (
+            f"PACS {peer} stopped the C-FIND after {received} answers (status "
+            f"0x{status:04X}): it limits the answers per query. Narrow the search "
+            "(fewer patients per query, a date range) or ask the PACS admin to "
+            "raise the limit",
         )

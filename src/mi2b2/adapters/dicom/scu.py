@@ -30,13 +30,9 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
 from pynetdicom.status import (
     GENERAL_STATUS,
     QR_FIND_SERVICE_CLASS_STATUS,
@@ -50,6 +46,7 @@ from mi2b2.adapters.dicom.errors import (
     PacsBusy,
     PacsTimeout,
     PacsUnreachable,
+    ResultsTruncated,
     ServiceNotSupported,
 )
 from mi2b2.errors import InvalidInput
@@ -110,9 +107,12 @@ class QueryLevel(StrEnum):
     IMAGE = "IMAGE"
 
 
+# pynetdicom generates its sop_class names at import time, invisible to type
+# checkers; the UIDs are fixed by PS3.4 anyway.
+_VERIFICATION = UID("1.2.840.10008.1.1")
 _FIND_SOP_CLASS = {
-    QueryModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelFind,
-    QueryModel.STUDY_ROOT: StudyRootQueryRetrieveInformationModelFind,
+    QueryModel.PATIENT_ROOT: UID("1.2.840.10008.5.1.4.1.2.1.1"),
+    QueryModel.STUDY_ROOT: UID("1.2.840.10008.5.1.4.1.2.2.1"),
 }
 
 # Elements of the query identifier we never return as answer values: they
@@ -133,7 +133,7 @@ def _set_nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _associate(local: LocalAE, peer: DicomPeer, contexts: list[str], purpose: str) -> Association:
+def _associate(local: LocalAE, peer: DicomPeer, contexts: list[UID], purpose: str) -> Association:
     """Open an association or raise the error that explains why not."""
     ae = AE(ae_title=local.ae_title)
     ae.connection_timeout = peer.connect_timeout
@@ -178,8 +178,7 @@ def _association_error(
         # connection from a silently dropped one is how long connect() took.
         if elapsed >= peer.connect_timeout * 0.95:
             reason = (
-                f"no answer to the TCP connection within {peer.connect_timeout:g} s "
-                "(host down, or a firewall dropping packets?)"
+                f"no answer to the TCP connection within {peer.connect_timeout:g} s (host down, or a firewall dropping packets?)"
             )
         else:
             reason = "connection refused or no route to host (is anything listening on that port?)"
@@ -203,13 +202,17 @@ def _association_error(
         return ServiceNotSupported(label, purpose)
     if answer is None and elapsed >= peer.acse_timeout * 0.95:
         return PacsTimeout(label, "the answer to our association request", peer.acse_timeout)
-    # Connected, then the PACS hung up without an A-ASSOCIATE answer: some
-    # PACS do this instead of rejecting an AE title they do not know.
+    # Connected, then the peer aborted or hung up without an A-ASSOCIATE
+    # answer: some PACS do this instead of rejecting an AE title they do not
+    # know, and so does anything on that port that does not speak DICOM.
     return AssociationRejected(
         label,
         calling_ae=local.ae_title,
         called_ae=peer.ae_title,
-        reason="the PACS closed the connection instead of answering the association request",
+        reason=(
+            "the peer aborted or closed the connection instead of answering the "
+            "association request; is this port really the PACS's DICOM port?"
+        ),
     )
 
 
@@ -230,7 +233,7 @@ def echo(local: LocalAE, peer: DicomPeer) -> float:
     about: a PACS that accepts TCP but cannot negotiate is not healthy.
     """
     started = time.perf_counter()
-    assoc = _associate(local, peer, [Verification], "the Verification service (C-ECHO)")
+    assoc = _associate(local, peer, [_VERIFICATION], "the Verification service (C-ECHO)")
     try:
         status = assoc.send_c_echo()
         elapsed = time.perf_counter() - started
@@ -276,8 +279,7 @@ class FindSession:
             _release(assoc)
 
     def __enter__(self) -> Self:
-        self.open()
-        return self
+        return self  # find() associates on first use
 
     def __exit__(
         self,
@@ -287,12 +289,13 @@ class FindSession:
     ) -> None:
         self.close()
 
-    def find(
-        self, model: QueryModel, level: QueryLevel, keys: Mapping[str, str | None]
-    ) -> list[dict[str, str]]:
+    def find(self, model: QueryModel | str, level: QueryLevel | str, keys: Mapping[str, str | None]) -> list[dict[str, str]]:
         """Run one C-FIND; return every answer, or raise (never a partial list)."""
-        model = QueryModel(model)
-        level = QueryLevel(level)
+        try:
+            model = QueryModel(model)
+            level = QueryLevel(level)
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}; use one of {[m.value for m in QueryModel]} / {[lv.value for lv in QueryLevel]}") from exc
         identifier = _identifier(model, level, keys)
         self.open()
         assoc = self._assoc
@@ -317,9 +320,7 @@ class FindSession:
         )
         return answers
 
-    def _exchange(
-        self, assoc: Association, model: QueryModel, identifier: Dataset
-    ) -> list[dict[str, str]]:
+    def _exchange(self, assoc: Association, model: QueryModel, identifier: Dataset) -> list[dict[str, str]]:
         peer = self.peer
         sop_class = _FIND_SOP_CLASS[model]
         if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
@@ -343,9 +344,7 @@ class FindSession:
             category = code_to_category(code)
             if category == "Pending":
                 if found is None:
-                    raise DimseFailure(
-                        str(peer), "C-FIND", code, "an answer could not be decoded"
-                    )
+                    raise DimseFailure(str(peer), "C-FIND", code, "an answer could not be decoded")
                 answer = _answer(found)
                 fingerprint = tuple(sorted(answer.items()))
                 if fingerprint not in seen:
@@ -354,6 +353,10 @@ class FindSession:
                 continue
             if code == 0x0000:
                 return answers
+            if code in (0xFE00, 0xB001):
+                # We never send C-CANCEL, so a cancel status means the PACS
+                # cut the answer list short.
+                raise ResultsTruncated(str(peer), code, answers)
             comment = str(status.get("ErrorComment", "")) or None
             if code in (0xA700, 0xA702) or 0xA700 <= code <= 0xA7FF:
                 raise PacsBusy(str(peer), f"C-FIND status 0x{code:04X}, {_status_text(code)}")
@@ -373,12 +376,12 @@ def open_find_session(local: LocalAE, peer: DicomPeer) -> FindSession:
 def find_once(
     local: LocalAE,
     peer: DicomPeer,
-    model: QueryModel,
-    level: QueryLevel,
+    model: QueryModel | str,
+    level: QueryLevel | str,
     keys: Mapping[str, str | None],
 ) -> list[dict[str, str]]:
-    """One C-FIND on its own association."""
-    with open_find_session(local, peer) as session:
+    """One C-FIND on its own association; bad keys fail before any connection."""
+    with FindSession(local, peer) as session:
         return session.find(model, level, keys)
 
 

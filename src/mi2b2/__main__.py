@@ -1,0 +1,3 @@
+from mi2b2.cli.main import run
+
+run()

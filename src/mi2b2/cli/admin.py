@@ -1,0 +1,93 @@
+"""`mi2b2 admin ...`: users, tokens and the cache, run on the server host."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mi2b2.cli.common import DEFAULT_CONFIG, ConfigOption, FormatOption, console, emit, local_context, operator, plain
+
+app = typer.Typer(help="Site administration (runs against the database directly).", no_args_is_help=True)
+users = typer.Typer(help="User accounts.", no_args_is_help=True)
+tokens = typer.Typer(help="API tokens for the CLI and the Python client.", no_args_is_help=True)
+app.add_typer(users, name="user")
+app.add_typer(tokens, name="token")
+
+
+def _password(prompt: bool, given: str | None) -> str | None:
+    if given is not None:
+        return given
+    if prompt:
+        return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return None
+
+
+@users.command("add")
+def user_add(
+    login: str,
+    role: Annotated[str, typer.Option(help="admin, auditor or researcher")] = "researcher",
+    name: Annotated[str, typer.Option(help="display name")] = "",
+    email: Annotated[str | None, typer.Option(help="for notifications")] = None,
+    password: Annotated[str | None, typer.Option(envvar="MI2B2_PASSWORD", help="omit to be prompted")] = None,
+    no_password: Annotated[bool, typer.Option(help="API tokens only, no login")] = False,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Add a user."""
+    ctx = local_context(config)
+    user = ctx.accounts.add_user(operator(), login, role, _password(not no_password, password), name, email)
+    console.print(f"added {user.login} ({user.role})")
+
+
+@users.command("list")
+def user_list(config: ConfigOption = DEFAULT_CONFIG, fmt: FormatOption = "table") -> None:
+    """List users."""
+    rows = [plain(u) for u in local_context(config).accounts.list_users()]
+    emit(rows, ["login", "display_name", "role", "email", "disabled"], fmt, "users")
+
+
+@users.command("disable")
+def user_disable(login: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Disable a user and revoke all their tokens and sessions."""
+    local_context(config).accounts.disable_user(operator(), login)
+    console.print(f"disabled {login}; their tokens and sessions are revoked")
+
+
+@users.command("reset-password")
+def user_reset_password(
+    login: str,
+    password: Annotated[str | None, typer.Option(envvar="MI2B2_PASSWORD", help="omit to be prompted")] = None,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Set a new password (also clears the failed-login counter)."""
+    new = _password(True, password)
+    assert new is not None
+    local_context(config).accounts.reset_password(operator(), login, new)
+    console.print(f"password of {login} reset")
+
+
+@tokens.command("create")
+def token_create(
+    login: str,
+    name: Annotated[str, typer.Option(help="what the token is for")] = "cli",
+    days: Annotated[float, typer.Option(help="lifetime in days; 0 = no expiry")] = 90,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Create an API token for LOGIN; it is printed once and never stored."""
+    issued = local_context(config).accounts.create_token(operator(), login, name, days or None)
+    console.print(f"token {issued.id} for {login}, expires {issued.expires_at or 'never'}; store it now:", style="bold")
+    typer.echo(issued.secret)
+
+
+@tokens.command("list")
+def token_list(login: str | None = None, config: ConfigOption = DEFAULT_CONFIG, fmt: FormatOption = "table") -> None:
+    """List API tokens (never their secrets)."""
+    rows = [plain(t) for t in local_context(config).accounts.list_tokens(login)]
+    emit(rows, ["id", "login", "name", "created_at", "expires_at", "revoked_at", "last_used_at"], fmt, "tokens")
+
+
+@tokens.command("revoke")
+def token_revoke(token_id: int, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Revoke an API token by id."""
+    local_context(config).accounts.revoke_token(operator(), token_id)
+    console.print(f"token {token_id} revoked")

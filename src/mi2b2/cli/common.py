@@ -1,0 +1,96 @@
+"""What every CLI command shares: options, the local context, the API client, output."""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mi2b2.client import Mi2b2Client
+from mi2b2.config import load_config
+from mi2b2.domain.principal import Principal, Role
+from mi2b2.errors import InvalidInput
+from mi2b2.services.context import ServiceContext, build_context
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", envvar="MI2B2_CONFIG", help="site configuration file")
+]
+ServerOption = Annotated[
+    str, typer.Option("--server", envvar="MI2B2_URL", help="URL of the mi2b2 server")
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", envvar="MI2B2_TOKEN", help="API token (create one with `mi2b2 admin token create`)")
+]
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, csv or json")]
+
+DEFAULT_CONFIG = Path("mi2b2.toml")
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+
+def local_context(config_path: Path, sync_config: bool = False) -> ServiceContext:
+    return build_context(load_config(config_path), sync_config=sync_config)
+
+
+def operator() -> Principal:
+    """Local commands run with database access, i.e. as the site's operator."""
+    return Principal(f"cli:{getpass.getuser()}", Role.ADMIN, client="local")
+
+
+def api_client(server: str, token: str | None) -> Mi2b2Client:
+    if not token:
+        raise InvalidInput("no API token: pass --token or set MI2B2_TOKEN (an admin creates one with "
+                           "`mi2b2 admin token create LOGIN`)")
+    return Mi2b2Client(server, token)
+
+
+def plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
+
+
+def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = "") -> None:
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        typer.echo(buffer.getvalue(), nl=False)
+    elif fmt == "table":
+        table = Table(title=title or None, show_lines=False)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        console.print(table)
+    else:
+        raise InvalidInput(f"unknown format {fmt!r}; use table, csv or json")
+
+
+def read_list_argument(values: list[str] | None, file: Path | None, what: str) -> str:
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise InvalidInput(f"{what} file {file} does not exist") from None
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{what} file {file} is not text; give a plain-text or CSV file") from None
+    if values:
+        return "\n".join(values)
+    if not os.isatty(0):
+        return typer.get_text_stream("stdin").read()
+    raise InvalidInput(f"give {what}s as arguments, with --file, or on standard input")

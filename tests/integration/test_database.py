@@ -9,7 +9,6 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
-from support.site import load_site
 
 from mi2b2.adapters.db import engine as db
 from mi2b2.adapters.db.tables import Base
@@ -18,6 +17,7 @@ from mi2b2.errors import AccessDenied
 from mi2b2.services.audit import Action, AuditFilter, Outcome
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock
+from support.site import load_site
 
 AUDITOR = Principal("audrey", Role.AUDITOR)
 RESEARCHER = Principal("alice", Role.RESEARCHER)

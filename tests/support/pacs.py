@@ -13,6 +13,12 @@ Each server:
   its log - tests read `log_text()` to prove what did, or did not, reach it;
 * runs in its own process group, so `stop()` also ends its children
   (dcmqrscp forks one per association).
+
+Clients always reach them on 127.0.0.1, and qrscp binds there only. Orthanc
+1.10 and DCMTK 3.6.7 have no bind-address option for their DICOM port, so
+those two listen on all interfaces while they run (Orthanc's HTTP port refuses
+non-local clients through RemoteAccessAllowed=false); they only ever hold
+synthetic studies.
 """
 
 from __future__ import annotations

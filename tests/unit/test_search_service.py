@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.site import load_site
 
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, InvalidInput
@@ -11,6 +10,7 @@ from mi2b2.services import search
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock, FakeFindSession
+from support.site import load_site
 
 ALICE = Principal("alice", Role.RESEARCHER)
 CAROL = Principal("carol", Role.RESEARCHER)

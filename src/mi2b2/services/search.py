@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Project, ProjectMember, ProjectMrn, Query
+from mi2b2.adapters.dicom.errors import ResultsTruncated
 from mi2b2.config import InstitutionConfig, PacsConfig
 from mi2b2.domain.governance import ProjectPolicy, cap_per_patient, filter_answers, project_access, split_allowed
 from mi2b2.domain.identifiers import parse_identifier_text
@@ -200,11 +201,14 @@ def search_series(
                                  detail={"reason": "patient not on the IRB allow-list", "level": "series"})
                 continue
             for answer in pacs.find(STUDY_ROOT, "SERIES", {**SERIES_KEYS, "StudyInstanceUID": study_uid}):
+                series_uid = answer.get("SeriesInstanceUID", "")
+                count = _int(answer.get("NumberOfSeriesRelatedInstances"))
+                if count is None:
+                    count = _count_instances(pacs, study_uid, series_uid)
                 report.series.append(SeriesHit(
-                    study_uid=study_uid, series_uid=answer.get("SeriesInstanceUID", ""),
+                    study_uid=study_uid, series_uid=series_uid,
                     series_number=answer.get("SeriesNumber", ""), modality=answer.get("Modality", ""),
-                    description=answer.get("SeriesDescription", ""),
-                    instance_count=_int(answer.get("NumberOfSeriesRelatedInstances")),
+                    description=answer.get("SeriesDescription", ""), instance_count=count,
                 ))
     report.series.sort(key=lambda s: (s.study_uid, _int(s.series_number) or 0, s.series_uid))
     return _finish(ctx, who, door, report, {"studies": wanted}, len(report.series), [])
@@ -326,29 +330,45 @@ def _find_studies(
 ) -> list[dict[str, str]]:
     """A study C-FIND that does not lose answers to a PACS's result cap.
 
-    When a PACS says as many answers as its cap, we cannot know what it left
-    out, so we ask again for each half of the date range until every part
-    comes back under the cap."""
-    answers = pacs.find(STUDY_ROOT, "STUDY", keys)
-    limit = config.find_result_limit
-    if not limit or len(answers) < limit:
+    A PACS may say it stopped early (Orthanc's LimitFindResults ends with a
+    cancel status), or a site may know its PACS silently stops at N answers
+    (``find_result_limit``). Either way we ask again for each half of the date
+    range until every part comes back complete."""
+    answers, complete = _find_complete(pacs, keys, config.find_result_limit)
+    if complete:
         return answers
-    return _unique_answers(_find_split(pacs, keys, config.earliest_study_date, today, limit, warnings))
+    return _unique_answers(_find_split(pacs, keys, config, config.earliest_study_date, today, warnings))
+
+
+def _find_complete(pacs: FindSessionPort, keys: dict[str, str], limit: int) -> tuple[list[dict[str, str]], bool]:
+    try:
+        answers = pacs.find(STUDY_ROOT, "STUDY", keys)
+    except ResultsTruncated as cut:
+        return cut.answers, False
+    return answers, not (limit and len(answers) >= limit)
 
 
 def _find_split(
-    pacs: FindSessionPort, keys: dict[str, str], first: date, last: date, limit: int, warnings: list[str]
+    pacs: FindSessionPort, keys: dict[str, str], config: PacsConfig, first: date, last: date, warnings: list[str]
 ) -> list[dict[str, str]]:
-    answers = pacs.find(STUDY_ROOT, "STUDY", {**keys, "StudyDate": f"{first:%Y%m%d}-{last:%Y%m%d}"})
-    if len(answers) < limit:
+    answers, complete = _find_complete(pacs, {**keys, "StudyDate": f"{first:%Y%m%d}-{last:%Y%m%d}"},
+                                       config.find_result_limit)
+    if complete:
         return answers
     if first == last:
-        warnings.append(f"the PACS returned its maximum of {limit} studies for a single day ({first}); "
+        warnings.append(f"the PACS returned its maximum number of studies for a single day ({first}); "
                         "some studies of that day may be missing")
         return answers
     middle = first + timedelta(days=(last - first).days // 2)
-    return (_find_split(pacs, keys, first, middle, limit, warnings)
-            + _find_split(pacs, keys, middle + timedelta(days=1), last, limit, warnings))
+    return (_find_split(pacs, keys, config, first, middle, warnings)
+            + _find_split(pacs, keys, config, middle + timedelta(days=1), last, warnings))
+
+
+def _count_instances(pacs: FindSessionPort, study_uid: str, series_uid: str) -> int:
+    """Some PACS (DCMTK's dcmqrscp among them) leave out the optional count keys;
+    an image-level query still tells the researcher how big a series is."""
+    keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""}
+    return len({a.get("SOPInstanceUID") for a in pacs.find(STUDY_ROOT, "IMAGE", keys)})
 
 
 def _study_hit(answer: dict[str, str], door: _Door) -> StudyHit:

@@ -227,7 +227,7 @@ def _release(assoc: Association) -> None:
 
 
 def echo(local: LocalAE, peer: DicomPeer) -> float:
-    """C-ECHO the peer; return the seconds from TCP connect to the echo answer.
+    """C-ECHO the peer; return the seconds from starting to connect to the echo answer.
 
     The association set-up is included because that is what a health check is
     about: a PACS that accepts TCP but cannot negotiate is not healthy.
@@ -238,7 +238,7 @@ def echo(local: LocalAE, peer: DicomPeer) -> float:
         status = assoc.send_c_echo()
         elapsed = time.perf_counter() - started
         if "Status" not in status:
-            raise _lost(peer, assoc, time.perf_counter() - started, "C-ECHO")
+            raise _lost(peer, time.perf_counter() - started, "C-ECHO")
         code = int(status.Status)
         if code != 0x0000:
             raise DimseFailure(str(peer), "C-ECHO", code, _status_text(code))
@@ -304,6 +304,8 @@ class FindSession:
         started = time.perf_counter()
         try:
             answers = self._exchange(assoc, model, identifier)
+        except (DimseFailure, PacsBusy, ServiceNotSupported, InvalidInput):
+            raise  # final status read, or nothing sent: the association is still in step
         except BaseException:
             # Unread responses may still be queued; a clean slate is cheaper
             # than reasoning about a desynchronised association.
@@ -338,12 +340,13 @@ class FindSession:
         last = time.perf_counter()
         for status, found in responses:
             if "Status" not in status:
-                raise _lost(peer, assoc, time.perf_counter() - last, "C-FIND")
+                raise _lost(peer, time.perf_counter() - last, "C-FIND")
             last = time.perf_counter()
             code = int(status.Status)
             category = code_to_category(code)
             if category == "Pending":
                 if found is None:
+                    assoc.abort()  # more answers are on their way; the next find starts afresh
                     raise DimseFailure(str(peer), "C-FIND", code, "an answer could not be decoded")
                 answer = _answer(found)
                 fingerprint = tuple(sorted(answer.items()))
@@ -358,10 +361,10 @@ class FindSession:
                 # cut the answer list short.
                 raise ResultsTruncated(str(peer), code, answers)
             comment = str(status.get("ErrorComment", "")) or None
-            if code in (0xA700, 0xA702) or 0xA700 <= code <= 0xA7FF:
+            if 0xA700 <= code <= 0xA7FF:  # Refused: out of resources
                 raise PacsBusy(str(peer), f"C-FIND status 0x{code:04X}, {_status_text(code)}")
-            # Warnings included: a C-FIND warning (e.g. B001, response limit)
-            # means the answer list is not the whole truth.
+            # Other warnings too: C-FIND defines none that leave the answer
+            # list trustworthy, so they fail like failures do.
             raise DimseFailure(str(peer), "C-FIND", code, _status_text(code), comment)
         raise AssociationAborted(str(peer), "C-FIND")
 
@@ -455,7 +458,7 @@ def _status_text(code: int) -> str:
     return code_to_category(code)
 
 
-def _lost(peer: DicomPeer, assoc: Association, waited: float, operation: str) -> Exception:
+def _lost(peer: DicomPeer, waited: float, operation: str) -> Exception:
     """No response came: tell a timeout from a dropped association."""
     limit = min(peer.dimse_timeout, peer.network_timeout)
     if waited >= limit * 0.95:

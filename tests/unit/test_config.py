@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from mi2b2.config import load_config, parse_size
+from mi2b2.domain.windows import GovernanceWindow, limits_at
+from mi2b2.errors import ConfigError
+from support.site import write_site
+
+
+def test_the_test_site_is_valid(tmp_path: Path) -> None:
+    config = load_config(write_site(tmp_path))
+    assert [p.id for p in config.projects] == ["alpha", "beta"]
+    assert config.projects[0].quota == 10 * 2**30
+    assert config.database_url().startswith("sqlite:////")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('port = 11113', 'port = 70000'), r"institutions\['general'\].departments\['radiology'\].pacs\['main'\].port"),
+        (('quota = "10 GiB"', 'quota = "lots"'), r"projects\['alpha'\].quota: 'lots' is not a size"),
+        (('expires = 2099-12-31', 'expires = "soon"'), r"projects\['alpha'\].expires"),
+        (('institutions = ["general"]', 'institutions = ["nowhere"]'), "names institution 'nowhere'"),
+        (('ae_title = "PACS"', 'ae_title = "A_VERY_LONG_AE_TITLE_INDEED"'), "is not an AE title"),
+        (('cache_dir = "cache"', 'cache_dir = "cache"\ncolour = "blue"'), r"server.colour: unknown setting"),
+        (('[dicom]', '[dicom\n'), "is not valid TOML"),
+        (('mrn_file = "alpha.mrns"', 'mrn_file = "missing.mrns"'), "missing.mrns does not exist"),
+    ],
+    ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file"],
+)
+def test_bad_config_gets_one_clear_message(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    path = write_site(tmp_path)
+    path.write_text(path.read_text().replace(*change, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_garbage_allow_list_names_the_file_and_line(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    (tmp_path / "alpha.mrns").write_text("*\n")
+    with pytest.raises(ConfigError, match=r"alpha.mrns: no usable MRNs: line 1 '\*' contains a wildcard"):
+        load_config(path)
+
+
+def test_empty_allow_list_is_refused(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    (tmp_path / "alpha.mrns").write_text("\n \n")
+    with pytest.raises(ConfigError, match="no MRNs found"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; create it or pass --config"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    path.write_text(path.read_text().replace("[server]", '[server]\nhttp_host = "0.0.0.0"'))
+    with pytest.raises(ConfigError, match="plain HTTP is only allowed on 127.0.0.1"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("text", "size"), [("500 GiB", 500 * 2**30), ("2 TB", 2 * 10**12), ("1.5 MiB", 1572864), (42, 42)])
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_windows_from_config_wrap_midnight(tmp_path: Path) -> None:
+    config = load_config(write_site(tmp_path, pacs_blocks="""
+        [[institutions.departments.pacs]]
+        id = "main"
+        ae_title = "PACS"
+        host = "127.0.0.1"
+        port = 11113
+        timezone = "America/New_York"
+        [[institutions.departments.pacs.windows]]
+        name = "weeknights"
+        days = "mon-fri"
+        start = 19:00:00
+        end = 07:00:00
+        max_concurrent = 4
+        studies_per_minute = 10
+        [[institutions.departments.pacs.windows]]
+        name = "weekend"
+        days = ["sat", "sun"]
+        max_concurrent = 8
+        [[institutions.departments.pacs.windows]]
+        name = "clinical day"
+        days = "mon-fri"
+        start = 07:00:00
+        end = 19:00:00
+        closed = true
+    """))
+    pacs = config.all_pacs()[0]
+    windows = [w.to_domain() for w in pacs.windows]
+    zone = ZoneInfo(pacs.timezone)
+    # Saturday 03:00 New York: Friday night's window still runs (it started on a weekday).
+    saturday_early = datetime(2026, 1, 10, 3, 0, tzinfo=zone).astimezone(UTC)
+    assert limits_at(windows, saturday_early, zone, 2).window == "weeknights"
+    assert limits_at(windows, datetime(2026, 1, 10, 12, 0, tzinfo=zone), zone, 2).max_concurrent == 8
+    tuesday_noon = limits_at(windows, datetime(2026, 1, 6, 12, 0, tzinfo=zone), zone, 2)
+    assert tuesday_noon.closed and tuesday_noon.window == "clinical day"
+    # Monday 03:00 is in no window (Sunday's whole-day window ends at midnight): closed.
+    monday_early = limits_at(windows, datetime(2026, 1, 5, 3, 0, tzinfo=zone), zone, 2)
+    assert monday_early.closed and monday_early.window == "outside all windows"
+
+
+def test_no_windows_means_default_cap_and_no_window_match_means_closed() -> None:
+    now = datetime(2026, 1, 6, 12, 0, tzinfo=UTC)
+    assert limits_at([], now, ZoneInfo("UTC"), 3).max_concurrent == 3
+    night_only = [GovernanceWindow("night", frozenset(range(7)), time(20), time(6))]
+    assert limits_at(night_only, now, ZoneInfo("UTC"), 3).closed

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -177,7 +178,8 @@ def run_demo(folder: Path, port: int) -> None:
     except OSError as exc:
         raise InvalidInput(f"cannot create the demo folder {folder}: {exc.strerror}; choose another with --folder") from None
 
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _SIGNALS.pending = False
+    previous = {sig: signal.signal(sig, _SIGNALS) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopped = False
     try:
         with contextlib.ExitStack() as cleanup:
@@ -197,19 +199,35 @@ def run_demo(folder: Path, port: int) -> None:
         print("demo stopped.", flush=True)
 
 
-def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
-    raise _Stop
+class _StopSignals:
+    """SIGINT/SIGTERM handler: raises `_Stop`, or defers it while a child is being spawned.
+
+    Deferring (rather than blocking the signals with sigmask) matters: children
+    inherit a blocked mask across exec and would then ignore our SIGTERM."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.holding:
+            self.pending = True
+            return
+        raise _Stop
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Spawn a child and register its clean-up in here, so that no signal can land in between."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise _Stop
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Delay SIGINT/SIGTERM while a child is spawned and its clean-up registered, so none leaks."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+_SIGNALS = _StopSignals()
 
 
 def _run(folder: Path, port: int, cleanup: contextlib.ExitStack) -> None:
@@ -221,14 +239,13 @@ def _run(folder: Path, port: int, cleanup: contextlib.ExitStack) -> None:
         workdir = folder / "pacs" / site.id
         if generated and workdir.exists():
             shutil.rmtree(workdir)  # new studies: an old PACS database would not match them
-        with _signals_held():
+        with _SIGNALS.held():
             running = launch_qrscp(site.pacs_id, workdir, site.ae_title, {MI2B2_AE: (HOST, dicom_port)})
             cleanup.callback(running.stop)
         pacs[site.id] = running
-    for site in SITES:
-        running = pacs[site.id]
+    for running in pacs.values():
         running.wait_ready()
-        _load(running, sorted((studies_dir / site.id).rglob("*.dcm")))
+    _load_all([(pacs[site.id], sorted((studies_dir / site.id).rglob("*.dcm"))) for site in SITES])
 
     config_path = _write_site(folder, port, dicom_port, pacs)
     token = _prepare_accounts(config_path)
@@ -283,13 +300,28 @@ def _ensure_studies(folder: Path) -> tuple[Path, bool]:
     return target, True
 
 
-def _load(pacs: DemoPacs, files: list[Path]) -> None:
-    marker = pacs.loaded_marker
-    if marker.exists() and marker.read_text(encoding="utf-8").strip() == str(len(files)):
+def _load_all(work: list[tuple[DemoPacs, list[Path]]]) -> None:
+    """Load each PACS that does not hold its studies yet, all PACS at once (qrscp is CPU-bound)."""
+    todo = [(pacs, files) for pacs, files in work if not _is_loaded(pacs, files)]
+    if not todo:
         return
-    print(f"loading {len(files)} instances into demo PACS {pacs.name} ...", flush=True)
-    stored = store_files(pacs.ae_title, pacs.host, pacs.port, files)
-    marker.write_text(f"{stored}\n", encoding="utf-8")
+    for pacs, files in todo:
+        print(f"loading {len(files)} instances into demo PACS {pacs.name} ...", flush=True)
+    pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="demo-load")
+    try:
+        futures = [(pacs, files, pool.submit(store_files, pacs.ae_title, pacs.host, pacs.port, files))
+                   for pacs, files in todo]
+        for pacs, _files, future in futures:
+            stored = future.result()
+            pacs.loaded_marker.write_text(f"{stored}\n", encoding="utf-8")
+    finally:
+        # No waiting on Ctrl-C: the loaders fail fast once the clean-up stops their PACS.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_loaded(pacs: DemoPacs, files: list[Path]) -> bool:
+    marker = pacs.loaded_marker
+    return marker.exists() and marker.read_text(encoding="utf-8").strip() == str(len(files))
 
 
 # configuration and accounts ---------------------------------------------------------
@@ -396,7 +428,7 @@ def _prepare_accounts(config_path: Path) -> str:
 
 def _start_server(folder: Path, config_path: Path, port: int, cleanup: contextlib.ExitStack) -> subprocess.Popen[bytes]:
     log_path = folder / "server.log"
-    with _signals_held(), log_path.open("ab") as log:
+    with _SIGNALS.held(), log_path.open("ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
             cwd=folder,

@@ -220,11 +220,11 @@ def store_files(ae_title: str, host: str, port: int, files: Iterable[Path]) -> i
                 detail = "no answer (association lost)" if code is None else f"status 0x{code:04X}"
                 raise DemoPacsError(f"the demo PACS {ae_title} did not store {path.name}: {detail}")
             stored += 1
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
+    except BaseException:
+        # Interrupted or failed mid-transfer: a release would wait for answers we no longer want.
+        assoc.abort()
+        raise
+    assoc.release()
     return stored
 
 

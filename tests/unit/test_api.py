@@ -1,0 +1,104 @@
+"""The HTTP layer: sessions, tokens, roles and error mapping (PACS faked; other tests use real ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mi2b2.api.app import create_app
+from mi2b2.domain.principal import Principal, Role
+from mi2b2.services.context import build_context
+from mi2b2.testing import FakeClock, FakeFindSession
+from support.site import load_site
+
+ROOT = Principal("root", Role.ADMIN)
+PASSWORD = "a long enough password"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    pacs = FakeFindSession([{"PatientID": "77", "StudyInstanceUID": "1.2", "StudyDate": "20200101"}])
+    ctx = build_context(load_site(tmp_path), clock=FakeClock(), open_find=lambda _c, _p: pacs)
+    for login, role in (("alice", "researcher"), ("audrey", "auditor"), ("root", "admin")):
+        ctx.accounts.add_user(ROOT, login, role, PASSWORD)
+    return TestClient(create_app(ctx))
+
+
+def _login(client: TestClient, login: str) -> None:
+    response = client.post("/api/v1/auth/login", json={"login": login, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+
+
+def test_session_cookie_is_http_only_and_same_site(client: TestClient) -> None:
+    response = client.post("/api/v1/auth/login", json={"login": "alice", "password": PASSWORD})
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/v1/auth/me").json()["login"] == "alice"
+    client.post("/api/v1/auth/logout")
+    assert client.get("/api/v1/auth/me").status_code == 401
+
+
+def test_wrong_password_and_unknown_login_look_the_same(client: TestClient) -> None:
+    response = client.post("/api/v1/auth/login", json={"login": "alice", "password": "nope"})
+    assert response.status_code == 403 and response.json()["error"] == "wrong login or password"
+    unknown = client.post("/api/v1/auth/login", json={"login": "ghost", "password": "nope"})
+    assert unknown.json()["error"] == "wrong login or password"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/api/v1/audit"), ("GET", "/api/v1/audit/verify"), ("GET", "/api/v1/audit/export.csv"),
+     ("POST", "/api/v1/admin/config/reload"), ("GET", "/api/v1/admin/users"), ("GET", "/api/v1/admin/tokens")],
+)
+def test_researchers_cannot_reach_admin_or_audit_endpoints(client: TestClient, method: str, path: str) -> None:
+    assert client.request(method, path).status_code == 401
+    _login(client, "alice")
+    assert client.request(method, path).status_code == 403
+
+
+def test_auditor_reads_and_verifies_but_cannot_administer(client: TestClient) -> None:
+    _login(client, "audrey")
+    assert client.get("/api/v1/audit/verify").json()["ok"] is True
+    csv_text = client.get("/api/v1/audit/export.csv").text
+    assert csv_text.startswith("seq,occurred_at,actor")
+    assert client.post("/api/v1/admin/config/reload").status_code == 403
+
+
+def test_admin_reloads_configuration(client: TestClient) -> None:
+    _login(client, "root")
+    response = client.post("/api/v1/admin/config/reload")
+    assert response.status_code == 200 and response.json()["status"] == "reloaded"
+
+
+def test_tokens_are_shown_once_and_work_as_bearer(client: TestClient) -> None:
+    _login(client, "alice")
+    issued = client.post("/api/v1/auth/tokens", json={"name": "laptop", "days": 7}).json()
+    listed = client.get("/api/v1/auth/tokens").json()
+    assert issued["token"].startswith("mi2b2_") and issued["token"] not in str(listed)
+    bare = TestClient(client.app)
+    assert bare.get("/api/v1/projects", headers={"Authorization": f"Bearer {issued['token']}"}).json()[0]["id"] == "alpha"
+    client.delete(f"/api/v1/auth/tokens/{issued['id']}")
+    assert bare.get("/api/v1/projects", headers={"Authorization": f"Bearer {issued['token']}"}).status_code == 401
+
+
+def test_projects_show_only_mine_with_expiry(client: TestClient) -> None:
+    _login(client, "alice")
+    projects = {p["id"]: p for p in client.get("/api/v1/projects").json()}
+    assert set(projects) == {"alpha", "beta"}
+    assert projects["beta"]["expired"] is True and projects["alpha"]["expired"] is False
+
+
+def test_malformed_bodies_get_clear_messages(client: TestClient) -> None:
+    _login(client, "alice")
+    response = client.post("/api/v1/search/series", json={"project": "alpha", "pacs": "main", "studies": []})
+    assert response.status_code == 422 and response.json()["error"].startswith("invalid request: studies")
+    extra = client.post("/api/v1/search/studies", json={"project": "alpha", "pacs": "main", "mrns": "77", "x": 1})
+    assert extra.status_code == 422 and "x: Extra inputs are not permitted" in extra.json()["error"]
+
+
+def test_openapi_document_is_served(client: TestClient) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    assert "/api/v1/search/studies" in spec["paths"]
+    assert spec["paths"]["/api/v1/search/studies"]["post"]["operationId"] == "search_search_studies"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -172,3 +173,32 @@ def test_search_through_the_server_and_reload(server: tuple[str, Path], tmp_path
     assert bad_token.returncode == 2 and "log in first" in bad_token.stderr
     no_server = mi2b2("projects", "--server", f"http://127.0.0.1:{free_port()}", "--token", alice)
     assert no_server.returncode == 2 and "cannot reach the mi2b2 server" in no_server.stderr
+
+
+def test_serves_https_when_the_site_configures_a_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    config = write_site(tmp_path)
+    config.write_text(config.read_text().replace(
+        "[server]", f'[server]\nhttp_port = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"'))
+    process = subprocess.Popen([sys.executable, "-m", "mi2b2", "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.get(f"https://127.0.0.1:{port}/api/v1/health", verify=ssl.create_default_context(cafile=str(cert)), timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert response.json()["status"] == "ok"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2)  # no plain HTTP on that port
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ ERRORS: dict[int, type[Mi2b2Error]] = {
 
 class Mi2b2Client:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 600.0,
-                 verify: bool | str = True) -> None:
+                 verify: bool | ssl.SSLContext = True) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url + "/api/v1", headers=headers, timeout=timeout, verify=verify)

@@ -186,11 +186,12 @@ def test_serves_https_when_the_site_configures_a_certificate(tmp_path: Path) -> 
         "[server]", f'[server]\nhttp_port = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"'))
     process = subprocess.Popen([sys.executable, "-m", "mi2b2", "serve", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trust = ssl.create_default_context(cafile=str(cert))
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                response = httpx.get(f"https://127.0.0.1:{port}/api/v1/health", verify=ssl.create_default_context(cafile=str(cert)), timeout=1)
+                response = httpx.get(f"https://127.0.0.1:{port}/api/v1/health", verify=trust, timeout=1)
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:

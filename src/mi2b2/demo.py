@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -307,16 +308,19 @@ def _load_all(work: list[tuple[DemoPacs, list[Path]]]) -> None:
         return
     for pacs, files in todo:
         print(f"loading {len(files)} instances into demo PACS {pacs.name} ...", flush=True)
+    cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="demo-load")
     try:
-        futures = [(pacs, files, pool.submit(store_files, pacs.ae_title, pacs.host, pacs.port, files))
+        futures = [(pacs, pool.submit(store_files, pacs.ae_title, pacs.host, pacs.port, files, cancel))
                    for pacs, files in todo]
-        for pacs, _files, future in futures:
+        for pacs, future in futures:
             stored = future.result()
             pacs.loaded_marker.write_text(f"{stored}\n", encoding="utf-8")
     finally:
-        # No waiting on Ctrl-C: the loaders fail fast once the clean-up stops their PACS.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # On Ctrl-C or a failed load, the other loaders abort after their file
+        # in flight; only then may the clean-up stop the PACS under them.
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _is_loaded(pacs: DemoPacs, files: list[Path]) -> bool:

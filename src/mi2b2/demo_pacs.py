@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -198,8 +199,11 @@ def launch_qrscp(
     return DemoPacs(name, ae_title, port, workdir, process)
 
 
-def store_files(ae_title: str, host: str, port: int, files: Iterable[Path]) -> int:
-    """C-STORE every file over one association; return how many were stored."""
+def store_files(ae_title: str, host: str, port: int, files: Iterable[Path], cancel: threading.Event | None = None) -> int:
+    """C-STORE every file over one association; return how many were stored.
+
+    Setting ``cancel`` (from another thread) aborts the association after the
+    file in flight, so that the PACS can then be stopped without errors."""
     ae = AE(ae_title=LOADER_AE)
     ae.maximum_pdu_size = 0
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -211,6 +215,8 @@ def store_files(ae_title: str, host: str, port: int, files: Iterable[Path]) -> i
     stored = 0
     try:
         for path in files:
+            if cancel is not None and cancel.is_set():
+                raise DemoPacsError(f"loading into the demo PACS {ae_title} was canceled")
             try:
                 status = assoc.send_c_store(path)
             except (ValueError, RuntimeError) as exc:

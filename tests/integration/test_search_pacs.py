@@ -6,6 +6,7 @@ log proves what reached it: a refused MRN must never appear there.
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,26 @@ def test_off_list_mrn_never_reaches_the_pacs(api: tuple[TestClient, dict[str, st
     audit = api[0].get("/api/v1/audit", params={"patient": "OFFLIST-9"},
                        headers={"Authorization": f"Bearer {api[1]['alice']}"})
     assert audit.status_code == 403  # researchers may not read the trail
+
+
+def test_searches_are_kept_and_no_phi_reaches_the_ordinary_log(
+    api: tuple[TestClient, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        report = _post(api, "studies", {"project": "alpha", "pacs": "main", "mrns": "000123\nOFFLIST-9"}).json()
+    assert report["studies"]
+    assert "000123" not in caplog.text and "OFFLIST-9" not in caplog.text and "TEST^" not in caplog.text
+    client, tokens = api
+    queries = client.get("/api/v1/projects/alpha/queries", headers={"Authorization": f"Bearer {tokens['alice']}"})
+    assert queries.json()[0]["keys"] == {"mrns": ["000123"]} and queries.json()[0]["refused_count"] == 1
+    stranger = client.get("/api/v1/projects/alpha/queries", headers={"Authorization": f"Bearer {tokens['dave']}"})
+    assert stranger.status_code == 403
+
+
+def test_pacs_list_with_echo_status(api: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = api
+    nodes = client.get("/api/v1/pacs", params={"echo": True}, headers={"Authorization": f"Bearer {tokens['alice']}"})
+    assert [(n["id"], n["echo"]["reachable"]) for n in nodes.json()] == [("main", True)]
 
 
 def test_patients_duplicates_and_not_found(api: tuple[TestClient, dict[str, str]]) -> None:

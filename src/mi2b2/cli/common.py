@@ -22,7 +22,7 @@ from mi2b2.errors import InvalidInput
 from mi2b2.services.context import ServiceContext, build_context
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", envvar="MI2B2_CONFIG", help="site configuration file")
@@ -73,7 +73,7 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = 
     elif fmt == "table":
         table = Table(title=title or None, show_lines=False)
         for column in columns:
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for row in rows:
             table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
         console.print(table)

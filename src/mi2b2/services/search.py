@@ -230,6 +230,25 @@ def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
         ]
 
 
+def recent_queries(ctx: ServiceContext, who: Principal, project_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The searches run in a project: a lead sees everyone's, a researcher their own."""
+    policy = load_policy(ctx, project_id)
+    role = policy.members.get(who.login)
+    if role is None:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
+                         detail={"reason": "not a member of the project", "operation": "list queries"})
+        raise AccessDenied(f"project {project_id!r}: not a member of the project")
+    statement = select(Query).where(Query.project_id == project_id).order_by(Query.id.desc()).limit(limit)
+    if role != "lead":
+        statement = statement.where(Query.user_login == who.login)
+    with ctx.sessions() as session:
+        return [
+            {"id": q.id, "user": q.user_login, "pacs": q.pacs_id, "kind": q.kind, "keys": q.keys,
+             "result_count": q.result_count, "refused_count": q.refused_count, "created_at": q.created_at}
+            for q in session.scalars(statement)
+        ]
+
+
 # the doors -------------------------------------------------------------------
 
 

@@ -17,6 +17,11 @@ def my_projects(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return search.my_projects(ctx, user)
 
 
+@router.get("/projects/{project_id}/queries")
+def project_queries(project_id: str, user: CurrentUser, ctx: ContextDep, limit: int = 200) -> list[dict[str, Any]]:
+    return search.recent_queries(ctx, user, project_id, min(max(limit, 1), 5000))
+
+
 @router.get("/pacs")
 def list_pacs(user: CurrentUser, ctx: ContextDep, echo: bool = False) -> list[dict[str, Any]]:
     status = {r.pacs_id: r for r in echo_pacs(ctx.config)} if echo else {}

@@ -1,0 +1,254 @@
+"""Benchmark: one mi2b2 search for 1,000 MRNs vs. DCMTK findscu run once per MRN.
+
+    python bench/search.py [--patients N]
+
+Starts Orthanc (TCP_NODELAY=1) and loads one small study per patient, writes a
+site configuration whose project allows every MRN, starts `mi2b2 serve` in a
+subprocess and creates a researcher with a token. Then it times
+
+  (a) mi2b2: one ``POST /api/v1/search/patients`` with all MRNs (the PACS is
+      configured with the Study Root model, so mi2b2 sends one STUDY-level
+      C-FIND per MRN on one kept association), and
+  (b) reference: ``findscu -S`` (Study Root, STUDY level, the same return keys)
+      run once per MRN, sequentially, with TCP_NODELAY=1,
+
+checks that each found every patient, prints the figures and ends with
+``ratio: <mi2b2 seconds / reference seconds>`` (target <= 0.3).
+Everything it starts is stopped, and its temp folder removed, on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from mi2b2.config import load_config  # noqa: E402
+from mi2b2.domain.principal import SYSTEM  # noqa: E402
+from mi2b2.services.context import build_context  # noqa: E402
+from mi2b2.services.search import STUDY_KEYS  # noqa: E402
+from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
+from support.pacs import RunningPacs, free_port, start_orthanc  # noqa: E402
+
+PROJECT = "bench"
+PACS_ID = "orthanc"
+SERVER_TIMEOUT = 60.0
+# findscu -v logs the request identifier, then each pending answer's identifier
+# after a "Find Response" line; the PatientID lines after the first such line are answers.
+_PATIENT_ID_LINE = re.compile(r"^I: \(0010,0020\) LO \[(?P<value>[^\]]*)\]", re.MULTILINE)
+
+
+class BenchFailure(RuntimeError):
+    pass
+
+
+def mrn(i: int) -> str:
+    # Leading zeros, as real MRNs have them: they must survive every hop.
+    return f"{i:08d}"
+
+
+def generate(data: Path, count: int) -> list[Path]:
+    files: list[Path] = []
+    for i in range(1, count + 1):
+        study = SyntheticStudy(
+            patient_id=mrn(i), patient_name=f"BENCH^PATIENT{i:04d}", birth_date="19700101", sex="O",
+            accession=f"BA{i:08d}", study_date="20240101", modality="CR", description="BENCH CHEST",
+            series_count=1, instances_per_series=1, rows=8, cols=8,
+        )
+        files.extend(write_study(study, data))
+    return files
+
+
+def write_site(folder: Path, pacs: RunningPacs, count: int) -> Path:
+    (folder / "bench.mrns").write_text("\n".join(mrn(i) for i in range(1, count + 1)) + "\n", encoding="utf-8")
+    http_port, dicom_port = free_port(), free_port()
+    path = folder / "mi2b2.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [server]
+        http_port = {http_port}
+        database_url = "sqlite:///mi2b2.db"
+        cache_dir = "cache"
+
+        [dicom]
+        ae_title = "MI2B2"
+        port = {dicom_port}
+
+        [[institutions]]
+        id = "bench"
+
+        [[institutions.departments]]
+        id = "radiology"
+
+        [[institutions.departments.pacs]]
+        id = "{PACS_ID}"
+        ae_title = "{pacs.ae_title}"
+        host = "{pacs.host}"
+        port = {pacs.port}
+        query_model = "study"
+
+        [[projects]]
+        id = "{PROJECT}"
+        title = "Search benchmark"
+        irb = "BENCH-0001"
+        expires = 2099-12-31
+        mrn_file = "bench.mrns"
+        quota = "1 GiB"
+        institutions = ["bench"]
+        members = [{{ login = "bench" }}]
+        """), encoding="utf-8")
+    return path
+
+
+def researcher_token(config_path: Path) -> str:
+    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    try:
+        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
+        return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
+    finally:
+        ctx.engine.dispose()
+
+
+@contextmanager
+def mi2b2_server(config_path: Path) -> Iterator[str]:
+    config = load_config(config_path)
+    url = f"http://127.0.0.1:{config.server.http_port}"
+    log_path = config_path.parent / "server.log"
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
+            cwd=config_path.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                raise BenchFailure(f"mi2b2 serve exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
+
+
+def time_mi2b2(url: str, token: str, mrns: list[str]) -> tuple[float, set[str]]:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
+        def search(values: list[str]) -> dict[str, object]:
+            response = http.post("/api/v1/search/patients",
+                                 json={"project": PROJECT, "pacs": PACS_ID, "mrns": "\n".join(values)})
+            if response.status_code != 200:
+                raise BenchFailure(f"mi2b2 search failed: HTTP {response.status_code} {response.text[:500]}")
+            return response.json()  # type: ignore[no-any-return]
+
+        search(mrns[:1])  # warm-up: the server loads its DICOM stack on the first search
+        started = time.perf_counter()
+        report = search(mrns)
+        elapsed = time.perf_counter() - started
+    patients = report["patients"]
+    assert isinstance(patients, list)
+    return elapsed, {p["patient_id"] for p in patients}
+
+
+def findscu_command(pacs: RunningPacs, value: str) -> list[str]:
+    keys = [arg for key in STUDY_KEYS if key != "PatientID" for arg in ("-k", key)]
+    return ["findscu", "-v", "-S", "-aet", "MI2B2", "-aec", pacs.ae_title, "--max-pdu", "131072",
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={value}", *keys, pacs.host, str(pacs.port)]
+
+
+def time_findscu(pacs: RunningPacs, mrns: list[str]) -> tuple[float, set[str]]:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    def run(value: str) -> set[str]:
+        result = subprocess.run(findscu_command(pacs, value), env=env, capture_output=True, text=True,
+                                timeout=60, check=False)
+        if result.returncode != 0:
+            raise BenchFailure(f"findscu failed ({result.returncode}): {result.stderr[-1000:]}")
+        log = result.stdout + result.stderr
+        answers = log[log.find("Find Response:"):] if "Find Response:" in log else ""
+        return {m.group("value").strip() for m in _PATIENT_ID_LINE.finditer(answers)}
+
+    run(mrns[0])  # warm-up, as for mi2b2
+    found: set[str] = set()
+    started = time.perf_counter()
+    for value in mrns:
+        found |= run(value)
+    return time.perf_counter() - started, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=1000)
+    count = parser.parse_args().patients
+    if shutil.which("findscu") is None or shutil.which("Orthanc") is None:
+        raise SystemExit("needs DCMTK (findscu) and Orthanc: apt-get install -y dcmtk orthanc")
+    root = Path(tempfile.mkdtemp(prefix="mi2b2-bench-search-"))
+    mrns = [mrn(i) for i in range(1, count + 1)]
+    try:
+        with ExitStack() as stack:
+            t0 = time.perf_counter()
+            files = generate(root / "data", count)
+            t1 = time.perf_counter()
+            pacs = stack.enter_context(start_orthanc(root / "orthanc"))
+            pacs.load(files)
+            t2 = time.perf_counter()
+            print(f"setup: {count} patients generated in {t1 - t0:.1f} s, loaded into Orthanc in {t2 - t1:.1f} s")
+
+            site = root / "site"
+            site.mkdir()
+            config_path = write_site(site, pacs, count)
+            token = researcher_token(config_path)
+            url = stack.enter_context(mi2b2_server(config_path))
+
+            ours, found_ours = time_mi2b2(url, token, mrns)
+            reference, found_reference = time_findscu(pacs, mrns)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"mi2b2 API, one search of {count} MRNs (STUDY-level C-FIND each): {ours:.2f} s "
+          f"({ours / count * 1000:.2f} ms per MRN), found {len(found_ours)}")
+    print(f"reference, findscu once per MRN (TCP_NODELAY=1): {reference:.2f} s "
+          f"({reference / count * 1000:.2f} ms per MRN), found {len(found_reference)}")
+    for label, found in (("mi2b2", found_ours), ("findscu", found_reference)):
+        if found != set(mrns):
+            raise BenchFailure(f"{label} found {len(found & set(mrns))} of {count} patients "
+                               f"({len(set(mrns) - found)} missing, {len(found - set(mrns))} unexpected)")
+    print(f"ratio: {ours / reference:.3f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchFailure as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)

@@ -156,3 +156,13 @@ def test_users_tokens_and_throttled_logins(ctx: ServiceContext) -> None:
     ctx.accounts.disable_user(admin, "alice")
     with pytest.raises(AccessDenied):
         ctx.accounts.login("alice", "correct horse battery")
+
+
+def test_removed_project_is_deactivated_not_deleted(tmp_path: Path, ctx: ServiceContext) -> None:
+    config_file = tmp_path / "mi2b2.toml"
+    text_before = config_file.read_text()
+    config_file.write_text(text_before[: text_before.index("[[projects]]\nid = \"beta\"")])
+    changes = ctx.reload_config(Principal("root", Role.ADMIN))
+    assert changes.deactivated == ["project beta"]
+    with ctx.engine.connect() as connection:
+        assert connection.execute(text("select active from projects where id='beta'")).scalar() in (False, 0)

@@ -87,16 +87,10 @@ def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
                     "retrieve_method": pacs.retrieve.value, "query_model": pacs.query_model.value,
                     "settings": settings, "active": True,
                 }, f"pacs {pacs.id}", changes)
-    for row in session.scalars(select(Institution).where(Institution.id.not_in(seen_institutions or {""}))):
-        if row.active:
-            row.active = False
-            changes.deactivated.append(f"institution {row.id}")
-    for row in session.scalars(select(PacsNode).where(PacsNode.id.not_in(seen_pacs or {""}))):
-        if row.active:
-            row.active = False
-            changes.deactivated.append(f"pacs {row.id}")
+    _deactivate_missing(session, Institution, seen_institutions, "institution", changes)
+    _deactivate_missing(session, PacsNode, seen_pacs, "pacs", changes)
 
-    seen_destinations = set()
+    seen_destinations: set[str] = set()
     for dest in config.destinations:
         seen_destinations.add(dest.id)
         _upsert(session, Destination, dest.id, {
@@ -104,12 +98,9 @@ def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
             "port": dest.port, "active": True,
             "settings": dest.model_dump(mode="json", include={"tls", "projects", "max_concurrent", "timeouts"}),
         }, f"destination {dest.id}", changes)
-    for row in session.scalars(select(Destination).where(Destination.id.not_in(seen_destinations or {""}))):
-        if row.active:
-            row.active = False
-            changes.deactivated.append(f"destination {row.id}")
+    _deactivate_missing(session, Destination, seen_destinations, "destination", changes)
 
-    seen_projects = set()
+    seen_projects: set[str] = set()
     for project in config.projects:
         seen_projects.add(project.id)
         _upsert(session, Project, project.id, {
@@ -122,11 +113,14 @@ def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
         mrns = load_allow_list(config, project)
         _replace_allow_list(session, project.id, mrns, changes)
         changes.allow_list_sizes[project.id] = len(mrns)
-    for row in session.scalars(select(Project).where(Project.id.not_in(seen_projects or {""}))):
-        if row.active:
-            row.active = False
-            changes.deactivated.append(f"project {row.id}")
+    _deactivate_missing(session, Project, seen_projects, "project", changes)
     return changes
+
+
+def _deactivate_missing(session: Session, model: Any, seen: set[str], label: str, changes: ConfigChanges) -> None:
+    for row in session.scalars(select(model).where(model.active.is_(True), model.id.not_in(seen or {""}))):
+        row.active = False
+        changes.deactivated.append(f"{label} {row.id}")
 
 
 def _replace_members(session: Session, project_id: str, members: dict[str, str], changes: ConfigChanges) -> None:

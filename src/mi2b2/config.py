@@ -243,6 +243,14 @@ class DicomConfig(Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
+    @model_validator(mode="after")
+    def _tls_not_yet(self) -> DicomConfig:
+        # Refuse rather than ignore: a site that asks for DICOM TLS must not get plain DICOM silently.
+        if self.tls_cert or self.tls_key:
+            raise ValueError("DICOM TLS is not supported by this version; remove dicom.tls_cert and dicom.tls_key "
+                             "(or terminate TLS in front of mi2b2's DICOM port)")
+        return self
+
 
 class SmtpConfig(Strict):
     host: str

@@ -30,8 +30,9 @@ def test_the_test_site_is_valid(tmp_path: Path) -> None:
         (('cache_dir = "cache"', 'cache_dir = "cache"\ncolour = "blue"'), r"server.colour: unknown setting"),
         (('[dicom]', '[dicom\n'), "is not valid TOML"),
         (('mrn_file = "alpha.mrns"', 'mrn_file = "missing.mrns"'), "missing.mrns does not exist"),
+        (('port = 11112', 'port = 11112\ntls_cert = "c.pem"'), "DICOM TLS is not supported by this version"),
     ],
-    ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file"],
+    ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file", "dicom-tls"],
 )
 def test_bad_config_gets_one_clear_message(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     path = write_site(tmp_path)

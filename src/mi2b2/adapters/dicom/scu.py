@@ -133,6 +133,28 @@ def _set_nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _keep_responses_for_the_caller(assoc: Association) -> None:
+    """Close a pynetdicom race that silently loses C-FIND answers.
+
+    pynetdicom's reactor thread may pass its pause checkpoint just before
+    ``send_c_find`` pauses it, then take the next DIMSE message off the queue
+    and "serve" it as if it were a request. On a fast PACS (TCP_NODELAY) under
+    CPU load that message is a pending C-FIND response: the answer vanishes and
+    the find ends with Success (seen: 2 of 1,200 finds against Orthanc). We
+    only ever act as the requestor here, so anything the reactor picks up is a
+    response meant for the caller: put it back at the head of the queue.
+    """
+    queue = assoc.dimse.msg_queue
+
+    def give_back(msg: Any, context_id: int) -> None:
+        with queue.mutex:
+            queue.queue.appendleft((context_id, msg))
+            queue.unfinished_tasks += 1
+            queue.not_empty.notify()
+
+    assoc._serve_request = give_back  # type: ignore[method-assign]
+
+
 def _associate(local: LocalAE, peer: DicomPeer, contexts: list[UID], purpose: str) -> Association:
     """Open an association or raise the error that explains why not."""
     ae = AE(ae_title=local.ae_title)
@@ -159,6 +181,7 @@ def _associate(local: LocalAE, peer: DicomPeer, contexts: list[UID], purpose: st
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
     )
     if assoc.is_established:
+        _keep_responses_for_the_caller(assoc)
         return assoc
     elapsed = time.monotonic() - started
     raise _association_error(local, peer, assoc, connected.is_set(), elapsed, purpose)

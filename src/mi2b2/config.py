@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -267,6 +268,8 @@ class SiteConfig(Strict):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     projects: list[ProjectConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True, description="file this was read from")
+    # Allow-lists as read when the file was loaded, so what is applied is exactly what was validated.
+    _allow_lists: dict[str, list[str]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_references(self) -> SiteConfig:
@@ -303,6 +306,11 @@ class SiteConfig(Strict):
                         return inst, dept, pacs
         known = ", ".join(p.id for p in self.all_pacs()) or "none"
         raise InvalidInput(f"unknown PACS {pacs_id!r}; configured PACS: {known}")
+
+    def allow_list(self, project: ProjectConfig) -> list[str]:
+        if project.id not in self._allow_lists:
+            self._allow_lists[project.id] = load_allow_list(self, project)
+        return self._allow_lists[project.id]
 
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
@@ -382,7 +390,7 @@ def load_config(path: Path | str) -> SiteConfig:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
     config = parse_config(text, source=path)
     for project in config.projects:
-        load_allow_list(config, project)  # fail now, not at the first search
+        config.allow_list(project)  # fail now, not at the first search
     return config
 
 

@@ -6,7 +6,6 @@ import sqlite3
 import ssl
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from support import studies
 from support.pacs import RunningPacs, free_port, start_orthanc
-from support.site import write_site
+from support.site import pacs_block, write_site
 
 ENV_PASSWORD = "a long enough password"
 
@@ -69,18 +68,8 @@ def test_users_tokens_and_audit_verify(tmp_path: Path) -> None:
 
 
 def test_pacs_echo_reports_each_pacs(tmp_path: Path, orthanc: RunningPacs) -> None:
-    config = write_site(tmp_path, pacs_blocks=textwrap.dedent(f"""
-        [[institutions.departments.pacs]]
-        id = "up"
-        ae_title = "{orthanc.ae_title}"
-        host = "127.0.0.1"
-        port = {orthanc.port}
-        [[institutions.departments.pacs]]
-        id = "down"
-        ae_title = "GONE"
-        host = "127.0.0.1"
-        port = {free_port()}
-    """))
+    config = write_site(tmp_path, pacs_blocks=pacs_block("up", orthanc.ae_title, orthanc.port)
+                        + pacs_block("down", "GONE", free_port()))
     result = mi2b2("pacs", "echo", config=config)
     assert result.returncode == 1
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ ")}
@@ -104,13 +93,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPacs]:
 @pytest.fixture
 def server(tmp_path: Path, orthanc: RunningPacs) -> Iterator[tuple[str, Path]]:
     port = free_port()
-    config = write_site(tmp_path, pacs_blocks=textwrap.dedent(f"""
-        [[institutions.departments.pacs]]
-        id = "main"
-        ae_title = "{orthanc.ae_title}"
-        host = "127.0.0.1"
-        port = {orthanc.port}
-    """))
+    config = write_site(tmp_path, pacs_blocks=pacs_block("main", orthanc.ae_title, orthanc.port))
     config.write_text(config.read_text().replace("[server]", f"[server]\nhttp_port = {port}"))
     process = subprocess.Popen([sys.executable, "-m", "mi2b2", "serve", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,6 @@ log proves what reached it: a refused MRN must never appear there.
 from __future__ import annotations
 
 import logging
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.context import build_context
 from support import studies
 from support.pacs import RunningPacs, free_port, start_dcmqrscp, start_orthanc, start_qrscp
-from support.site import write_site
+from support.site import pacs_block, write_site
 
 pytestmark = pytest.mark.pacs
 STARTERS = {"orthanc": start_orthanc, "dcmqrscp": start_dcmqrscp, "qrscp": start_qrscp}
@@ -43,16 +42,6 @@ def pacs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         running.stop()
 
 
-def _pacs_block(pacs_id: str, ae_title: str, port: int, extra: str = "") -> str:
-    return textwrap.dedent(f"""
-        [[institutions.departments.pacs]]
-        id = "{pacs_id}"
-        ae_title = "{ae_title}"
-        host = "127.0.0.1"
-        port = {port}
-    """) + textwrap.dedent(extra)
-
-
 def _client(folder: Path, pacs_blocks: str, allowed: list[str] | None = None) -> tuple[TestClient, dict[str, str]]:
     """An API client and tokens for alice (alpha lead), carol (beta, expired) and dave (no project)."""
     config = load_config(write_site(folder, pacs_blocks=pacs_blocks,
@@ -67,7 +56,7 @@ def _client(folder: Path, pacs_blocks: str, allowed: list[str] | None = None) ->
 
 @pytest.fixture
 def api(tmp_path: Path, pacs: RunningPacs) -> tuple[TestClient, dict[str, str]]:
-    return _client(tmp_path, _pacs_block("main", pacs.ae_title, pacs.port))
+    return _client(tmp_path, pacs_block("main", pacs.ae_title, pacs.port))
 
 
 def _post(api: tuple[TestClient, dict[str, str]], path: str, body: dict[str, object], who: str = "alice"):  # type: ignore[no-untyped-def]
@@ -120,7 +109,7 @@ def test_patients_duplicates_and_not_found(api: tuple[TestClient, dict[str, str]
 
 
 def test_patient_root_query_model(tmp_path: Path, pacs: RunningPacs) -> None:
-    api = _client(tmp_path, _pacs_block("main", pacs.ae_title, pacs.port, 'query_model = "patient"\n'))
+    api = _client(tmp_path, pacs_block("main", pacs.ae_title, pacs.port, 'query_model = "patient"\n'))
     report = _post(api, "patients", {"project": "alpha", "pacs": "main", "mrns": "000123\n123456"}).json()
     assert [p["patient_id"] for p in report["patients"]] == ["000123"]
     assert report["patients"][0]["patient_name"] == "TEST^000123"
@@ -165,7 +154,7 @@ def test_bad_input_gets_clear_errors(api: tuple[TestClient, dict[str, str]]) -> 
 
 
 def test_unreachable_pacs_is_a_clear_error(tmp_path: Path) -> None:
-    api = _client(tmp_path, _pacs_block("main", "NOBODY", free_port()))
+    api = _client(tmp_path, pacs_block("main", "NOBODY", free_port()))
     response = _post(api, "studies", {"project": "alpha", "pacs": "main", "mrns": "77"})
     assert response.status_code == 503
     assert "NOBODY" in response.json()["error"]
@@ -182,7 +171,7 @@ def capped_orthanc(tmp_path_factory: pytest.TempPathFactory, dicom_files: list[P
 
 
 def test_result_cap_is_split_so_no_study_is_missed(tmp_path: Path, capped_orthanc: RunningPacs) -> None:
-    api = _client(tmp_path, _pacs_block("main", "CAPPED", capped_orthanc.port))
+    api = _client(tmp_path, pacs_block("main", "CAPPED", capped_orthanc.port))
     response = _post(api, "studies", {"project": "alpha", "pacs": "main", "mrns": "PAT004"})
     assert response.status_code == 200, response.text
     report = response.json()

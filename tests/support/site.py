@@ -11,6 +11,17 @@ ALLOWED_A = ["000123", "MRN-0002", "77", "PAT004", "P005"]
 ALLOWED_B = ["B-1", "B-2"]
 
 
+def pacs_block(pacs_id: str, ae_title: str, port: int, extra: str = "") -> str:
+    """One [[institutions.departments.pacs]] entry of the first department."""
+    return textwrap.dedent(f"""
+        [[institutions.departments.pacs]]
+        id = "{pacs_id}"
+        ae_title = "{ae_title}"
+        host = "127.0.0.1"
+        port = {port}
+    """) + textwrap.dedent(extra)
+
+
 def write_site(
     folder: Path,
     pacs_blocks: str | None = None,
@@ -23,13 +34,7 @@ def write_site(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "alpha.mrns").write_text("\n".join(allowed_a or ALLOWED_A) + "\n")
     (folder / "beta.mrns").write_text("\n".join(ALLOWED_B) + "\n")
-    pacs = pacs_blocks or textwrap.dedent("""
-        [[institutions.departments.pacs]]
-        id = "main"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = 11113
-    """)
+    pacs = pacs_blocks or pacs_block("main", "PACS", 11113)
     url = database_url or f"sqlite:///{folder / 'mi2b2.db'}"
     text = textwrap.dedent(f"""
         [server]

@@ -10,7 +10,7 @@ from mi2b2.services import search
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock, FakeFindSession
-from support.site import load_site
+from support.site import load_site, pacs_block
 
 ALICE = Principal("alice", Role.RESEARCHER)
 CAROL = Principal("carol", Role.RESEARCHER)
@@ -103,14 +103,7 @@ def test_series_of_an_off_list_study_are_not_listed(ctx: ServiceContext) -> None
 def test_result_cap_is_split_by_date(tmp_path: Path) -> None:
     many = [study("000123", f"2.{i}", f"2020{1 + i % 12:02d}{1 + i % 28:02d}") for i in range(23)]
     capped = FakeFindSession(many, result_limit=5)
-    config = load_site(tmp_path, pacs_blocks="""
-        [[institutions.departments.pacs]]
-        id = "main"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = 11113
-        find_result_limit = 5
-    """)
+    config = load_site(tmp_path, pacs_blocks=pacs_block("main", "PACS", 11113, "find_result_limit = 5\n"))
     ctx = build_context(config, clock=FakeClock(), open_find=lambda _c, _p: capped)
     report = search.search_studies(ctx, ALICE, "alpha", "main", "000123")
     assert len(report.studies) == 20  # the project's per-patient cap

@@ -166,18 +166,21 @@ class Accounts:
     def authenticate(self, secret: str, client: str = "") -> Principal | None:
         """The principal a bearer token or session cookie stands for, if it is valid now."""
         now = self._clock.now()
-        with transaction(self._sessions) as session:
+        with self._sessions() as session:
             found = session.execute(
                 select(ApiToken, User).join(User).where(ApiToken.token_hash == token_digest(secret))
             ).first()
-            if found is None:
-                return None
-            token, user = found
-            if token.revoked_at or user.disabled or (token.expires_at and as_utc(token.expires_at) <= now):
-                return None
-            if token.last_used_at is None or now - as_utc(token.last_used_at) > timedelta(minutes=1):
-                token.last_used_at = now  # coarse, so reads do not turn into a write per request
-            return Principal(user.login, Role(user.role), user.display_name, client)
+        if found is None:
+            return None
+        token, user = found
+        if token.revoked_at or user.disabled or (token.expires_at and as_utc(token.expires_at) <= now):
+            return None
+        if token.last_used_at is None or now - as_utc(token.last_used_at) > timedelta(minutes=1):
+            # Coarse, and only then a write: on SQLite every write transaction takes
+            # the database's one write lock, which no request should need to read.
+            with transaction(self._sessions) as session:
+                session.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
+        return Principal(user.login, Role(user.role), user.display_name, client)
 
     def _issue(self, user_id: int, kind: str, name: str, expires: datetime | None) -> IssuedToken:
         secret = new_token()

@@ -14,6 +14,7 @@ from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import Principal
+from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import Action, AuditTrail
 from mi2b2.services.auth import Accounts
 from mi2b2.services.site import ConfigChanges, apply_config
@@ -47,8 +48,6 @@ class ServiceContext:
 
         A file with errors changes nothing: the running configuration stays."""
         if self.config.source is None:
-            from mi2b2.errors import InvalidInput
-
             raise InvalidInput("this server was started without a configuration file, so there is nothing to reload")
         new_config = load_config(self.config.source)
         with transaction(self.sessions) as session:

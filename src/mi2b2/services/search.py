@@ -114,11 +114,11 @@ def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_i
     dropped: list[dict[str, str]] = []
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for mrn in mrns:
-            for hit in _patients_for(pacs, door.pacs, mrn):
-                kept, rejected = filter_answers([hit], lambda h: h.patient_id, lambda pid, mrn=mrn: pid == mrn)
-                dropped.extend({"PatientID": h.patient_id} for h in rejected)
-                for h in kept:
-                    found.setdefault(h.patient_id, h)
+            hits = _patients_for(pacs, door.pacs, mrn)
+            kept, rejected = filter_answers(hits, lambda h: h.patient_id, lambda pid, mrn=mrn: pid == mrn)
+            dropped.extend({"PatientID": h.patient_id} for h in rejected)
+            for hit in kept:
+                found.setdefault(hit.patient_id, hit)
     report.patients = list(found.values())
     report.not_found = [m for m in mrns if m not in found]
     return _finish(ctx, who, door, report, {"mrns": mrns}, len(report.patients), dropped)

@@ -24,7 +24,7 @@ from mi2b2.adapters.db.tables import (
     ProjectMember,
     ProjectMrn,
 )
-from mi2b2.config import SiteConfig, load_allow_list
+from mi2b2.config import SiteConfig
 
 
 @dataclass
@@ -110,7 +110,7 @@ def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
         }, f"project {project.id}", changes)
         session.flush()
         _replace_members(session, project.id, {m.login: m.role.value for m in project.members}, changes)
-        mrns = load_allow_list(config, project)
+        mrns = config.allow_list(project)
         _replace_allow_list(session, project.id, mrns, changes)
         changes.allow_list_sizes[project.id] = len(mrns)
     _deactivate_missing(session, Project, seen_projects, "project", changes)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from mi2b2.adapters.db import engine as db
@@ -34,8 +35,12 @@ def test_migrations_match_models_and_round_trip(ctx: ServiceContext) -> None:
     assert diff == []
     db.downgrade(ctx.engine, "base")
     assert db.current_revision(ctx.engine) is None
-    db.upgrade(ctx.engine)
+    db.upgrade(ctx.engine, "0001")
     assert db.current_revision(ctx.engine) == "0001"
+    db.upgrade(ctx.engine)
+    head = ScriptDirectory.from_config(db.alembic_config(str(ctx.engine.url))).get_current_head()
+    assert db.current_revision(ctx.engine) == head
+    assert head is not None and head != "0001"
 
 
 def test_config_is_mirrored_and_reload_is_audited(tmp_path: Path, ctx: ServiceContext) -> None:

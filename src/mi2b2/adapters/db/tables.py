@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -182,10 +183,65 @@ class Request(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     __table_args__ = (
         Index("ix_requests_state_pacs", "state", "pacs_id"),
         Index("ix_requests_project_state", "project_id", "state"),
     )
+
+
+class PacsStart(Base):
+    """One row per retrieval started on a PACS: the rate limits count these.
+
+    Kept in the database (not in a worker) so several workers share one budget;
+    rows older than an hour no longer matter and are pruned."""
+
+    __tablename__ = "pacs_starts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pacs_id: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    __table_args__ = (Index("ix_pacs_starts_pacs_started", "pacs_id", "started_at"),)
+
+
+class SchedulerCursor(Base):
+    """Per PACS, the project served last: where round-robin continues."""
+
+    __tablename__ = "scheduler_cursors"
+    pacs_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Worker(Base):
+    """A running worker or receiver process. A stale heartbeat (or a dead pid
+    on this host) means its processing requests go back to the queue."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Notification(Base):
+    """In-app notices (and the record of e-mails sent). Bodies carry counts and
+    project names, never patient data."""
+
+    __tablename__ = "notifications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_login: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    read_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    emailed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    email_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    __table_args__ = (Index("ix_notifications_user", "user_login", "read_at"),)
 
 
 class CachedStudy(Base):

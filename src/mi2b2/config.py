@@ -102,6 +102,15 @@ class Timeouts(Strict):
     network: float = Field(120.0, gt=0)
 
 
+class RetryConfig(Strict):
+    """Transient failures (PACS unreachable, busy, timed out) are retried with
+    exponential backoff: first_delay, then twice that, up to max_delay."""
+
+    max_attempts: int = Field(5, ge=1)
+    first_delay: float = Field(30.0, gt=0, description="seconds")
+    max_delay: float = Field(1800.0, gt=0, description="seconds")
+
+
 class WindowConfig(Strict):
     """When, and how hard, mi2b2 may use a PACS (times are the PACS's local time)."""
 
@@ -158,6 +167,7 @@ class PacsConfig(Strict):
     query_model: QueryModelName = QueryModelName.STUDY
     timezone: str = "UTC"
     timeouts: Timeouts = Timeouts()
+    retries: RetryConfig = RetryConfig()
     find_result_limit: int = Field(0, ge=0, description="answers the PACS returns at most per C-FIND; 0 = no cap")
     earliest_study_date: date = date(1980, 1, 1)
     default_max_concurrent: int = Field(2, ge=1, description="cap used when no window says otherwise")
@@ -223,6 +233,8 @@ class ServerConfig(Strict):
     tls_key: Path | None = None
     session_hours: float = Field(12, gt=0)
     run_worker: bool = True
+    run_receiver: bool = True
+    worker_poll_seconds: float = Field(2.0, gt=0, description="how often the scheduler looks for work")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

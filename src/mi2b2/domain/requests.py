@@ -1,0 +1,118 @@
+"""The life of a request (retrieve or forward), as pure rules.
+
+    scheduled ──> processing ──> completed | incomplete | failed
+        │              │
+        └──────────────┴──> canceled
+
+A failed or incomplete request may be retried (back to scheduled); a
+processing request that meets a transient failure goes back to scheduled with
+a ``not_before`` time (exponential backoff) until its attempts run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class RequestState(StrEnum):
+    SCHEDULED = "scheduled"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    INCOMPLETE = "incomplete"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class RequestKind(StrEnum):
+    RETRIEVE = "retrieve"
+    FORWARD = "forward"
+
+
+ENDED = frozenset({RequestState.COMPLETED, RequestState.INCOMPLETE, RequestState.FAILED, RequestState.CANCELED})
+CANCELABLE = frozenset({RequestState.SCHEDULED, RequestState.PROCESSING})
+RETRYABLE = frozenset({RequestState.FAILED, RequestState.INCOMPLETE})
+
+# Until an instance has arrived we know only how many to expect; this is a
+# CT/MR slice with headroom. Once bytes arrive the estimate follows them.
+DEFAULT_INSTANCE_BYTES = 600 * 1024
+MIN_STUDY_ESTIMATE = 1024 * 1024
+
+
+class TransitionRefused(Exception):
+    """A user asked for a state change the request's state does not allow."""
+
+
+def check_cancel(state: str) -> None:
+    if state not in CANCELABLE:
+        raise TransitionRefused(f"a {state} request cannot be canceled: only scheduled or processing ones can")
+
+
+def check_retry(state: str) -> None:
+    if state not in RETRYABLE:
+        raise TransitionRefused(f"a {state} request cannot be retried: only failed or incomplete ones can")
+
+
+def check_priority_change(state: str) -> None:
+    if state != RequestState.SCHEDULED:
+        raise TransitionRefused(f"the priority of a {state} request cannot change: only scheduled ones can")
+
+
+def estimated_bytes(expected_instances: int, received: int, received_bytes: int) -> int:
+    """What a study will occupy in the cache, as well as we know now."""
+    if received > 0:
+        per_instance = received_bytes / received
+        return max(received_bytes, round(per_instance * max(expected_instances, received)))
+    return max(MIN_STUDY_ESTIMATE, expected_instances * DEFAULT_INSTANCE_BYTES)
+
+
+def reserved_bytes(expected_bytes: int, received_bytes: int) -> int:
+    """Space an in-flight request still holds beyond what it already wrote."""
+    return max(expected_bytes - received_bytes, 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: RequestState
+    reason: str | None
+
+
+def retrieval_outcome(expected: int, received: int, failed_suboperations: int, refused: int) -> Outcome:
+    """Judge a retrieval whose C-MOVE/C-GET has finished.
+
+    ``expected`` is the larger of what C-FIND counted and what the PACS said it
+    would send; ``received`` counts instances now in the cache for it.
+    """
+    if received == 0:
+        reason = "the PACS sent no instances"
+        if refused:
+            reason = f"all {refused} instances the PACS sent were refused"
+        elif failed_suboperations:
+            reason = f"the PACS reported {failed_suboperations} failed sub-operations and sent nothing"
+        return Outcome(RequestState.FAILED, reason)
+    missing = max(expected - received, 0)
+    if missing or failed_suboperations or refused:
+        parts = []
+        if missing:
+            parts.append(f"{missing} of {expected} instances never arrived")
+        if failed_suboperations:
+            parts.append(f"the PACS reported {failed_suboperations} failed sub-operations")
+        if refused:
+            parts.append(f"{refused} instances were refused")
+        return Outcome(RequestState.INCOMPLETE, "; ".join(parts))
+    return Outcome(RequestState.COMPLETED, None)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    first_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(minutes=30)
+
+    def next_try(self, attempts: int, now: datetime) -> datetime | None:
+        """When to try again after ``attempts`` transient failures; None when they are used up."""
+        if attempts >= self.max_attempts:
+            return None
+        delay = self.first_delay * (2 ** max(attempts - 1, 0))
+        return now + min(delay, self.max_delay)

@@ -1,4 +1,4 @@
-"""`mi2b2 serve`: one process with the HTTP API (later also receiver and scheduler)."""
+"""`mi2b2 serve`: one process with the HTTP API, the DICOM receiver and a worker."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mi2b2.api.app import create_app
 from mi2b2.config import SiteConfig
 from mi2b2.domain.principal import SYSTEM
 from mi2b2.errors import Mi2b2Error
+from mi2b2.runtime import background
 from mi2b2.services.audit import Action
 from mi2b2.services.context import ServiceContext, build_context
 
@@ -30,11 +31,18 @@ def _reload_on_sighup(ctx: ServiceContext) -> None:
 
 
 def run_server(config: SiteConfig, ready_message: str | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mi2b2").setLevel(logging.INFO)
     ctx = build_context(config, migrate=True, sync_config=True)
     ctx.audit.record(SYSTEM, Action.CONFIG_RELOAD, detail={"op": "startup", "file": str(config.source)})
     _reload_on_sighup(ctx)
-    app = create_app(ctx)
+    server = config.server
+    with background(ctx, receiver=server.run_receiver, worker=server.run_worker) as (_, worker):
+        app = create_app(ctx, worker)
+        _serve_http(config, app, ready_message)
+
+
+def _serve_http(config: SiteConfig, app: Any, ready_message: str | None) -> None:
     server = config.server
     scheme = "https" if server.tls_cert else "http"
     print(ready_message or f"mi2b2 serving on {scheme}://{server.http_host}:{server.http_port}", flush=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from mi2b2 import __version__
 from mi2b2.api.errors import install_error_handlers
-from mi2b2.api.routers import admin, audit, auth, projects, search
+from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
 from mi2b2.services.context import ServiceContext
 
 
@@ -15,7 +17,8 @@ def _operation_id(route: APIRoute) -> str:
     return f"{route.tags[0] if route.tags else 'api'}_{route.name}"
 
 
-def create_app(context: ServiceContext) -> FastAPI:
+def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
+    """``worker``, when this process runs one, is woken as soon as work is queued."""
     app = FastAPI(
         title="mi2b2",
         version=__version__,
@@ -26,10 +29,12 @@ def create_app(context: ServiceContext) -> FastAPI:
         redoc_url=None,
     )
     app.state.context = context
+    app.state.worker = worker
     install_error_handlers(app)
     api = APIRouter(prefix="/api/v1")
-    for module in (auth, projects, search, audit, admin):
+    for module in (auth, projects, search, requests, audit, admin, cache, notifications):
         api.include_router(module.router)
+    api.include_router(cache.admin_router)
 
     @api.get("/health", tags=["health"])
     def health() -> dict[str, str]:

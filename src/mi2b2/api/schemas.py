@@ -43,3 +43,32 @@ class UserBody(Body):
     password: str | None = None
     display_name: str = ""
     email: str | None = None
+
+
+class CacheDeleteBody(Body):
+    study_uids: list[str] = Field(min_length=1, max_length=10000, description="StudyInstanceUIDs to delete")
+
+
+class MarkReadBody(Body):
+    ids: list[int] = Field(default_factory=list, max_length=10000)
+    all: bool = Field(False, description="mark every unread notification read")
+
+
+class StudyPickBody(Body):
+    study_uid: str
+    series_uids: list[str] = Field(default_factory=list, max_length=10000, description="only these series; empty = all")
+
+
+class RequestAddBody(Body):
+    project: str
+    pacs: str
+    studies: list[StudyPickBody] = Field(min_length=1, max_length=5000)
+    priority: int = Field(0, ge=-9, le=9, description="higher starts first within the project")
+
+
+class RequestIdsBody(Body):
+    ids: list[int] = Field(min_length=1, max_length=10000)
+
+
+class PriorityBody(RequestIdsBody):
+    priority: int = Field(ge=-9, le=9)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mi2b2.cli import admin, audit, search
+from mi2b2.cli import admin, audit, cache, requests, search
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SERVER,
@@ -37,14 +37,43 @@ app.add_typer(pacs_app, name="pacs")
 app.add_typer(admin.app, name="admin")
 app.add_typer(audit.app, name="audit")
 app.add_typer(search.app, name="search")
+app.add_typer(cache.app, name="cache")
+app.add_typer(requests.app, name="request")
+app.command("notifications")(cache.notifications)
+admin.app.command("fsck")(cache.fsck)
 
 
 @app.command()
 def serve(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Run the server: HTTP API (and later the web client, receiver and scheduler)."""
+    """Run the server: HTTP API, DICOM receiver and a scheduler worker in one process."""
     from mi2b2.server import run_server
 
     run_server(load_config(config))
+
+
+@app.command()
+def worker(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Run a scheduler worker alone (more of them, on any host, share one PostgreSQL database)."""
+    _run_background(config, receiver=False, worker=True, what="worker")
+
+
+@app.command()
+def receiver(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Run the DICOM receiver (C-STORE SCP) alone."""
+    _run_background(config, receiver=True, worker=False, what="receiver")
+
+
+def _run_background(config: Path, receiver: bool, worker: bool, what: str) -> None:
+    from mi2b2.runtime import run_until_signal
+    from mi2b2.services.context import build_context
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mi2b2").setLevel(logging.INFO)
+    site = load_config(config)
+    ctx = build_context(site, migrate=True, sync_config=True)
+    dicom = site.dicom
+    where = f" on {dicom.ae_title}@{dicom.host}:{dicom.port}" if receiver else ""
+    run_until_signal(ctx, receiver=receiver, worker=worker, ready_message=f"mi2b2 {what} running{where}")
 
 
 @app.command()

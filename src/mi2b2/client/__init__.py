@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -87,3 +88,51 @@ class Mi2b2Client:
 
     def audit_verify(self) -> dict[str, Any]:
         return self._call("GET", "/audit/verify")  # type: ignore[no-any-return]
+
+    def cache(self, project: str) -> dict[str, Any]:
+        """Usage (quota, used, in flight, free) and the cached studies of a project."""
+        return self._call("GET", f"/projects/{quote(project, safe='')}/cache")  # type: ignore[no-any-return]
+
+    def cache_study(self, project: str, study_uid: str) -> dict[str, Any]:
+        path = f"/projects/{quote(project, safe='')}/cache/studies/{quote(study_uid, safe='')}"
+        return self._call("GET", path)  # type: ignore[no-any-return]
+
+    def cache_delete(self, project: str, study_uids: list[str]) -> dict[str, Any]:
+        path = f"/projects/{quote(project, safe='')}/cache/delete"
+        return self._call("POST", path, json={"study_uids": study_uids})  # type: ignore[no-any-return]
+
+    def notifications(self, unread: bool = False) -> list[dict[str, Any]]:
+        return self._call("GET", "/notifications", params={"unread": unread})  # type: ignore[no-any-return]
+
+    def mark_notifications_read(self, ids: list[int] | None = None, everything: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/notifications/read", json={"ids": ids or [], "all": everything})  # type: ignore[no-any-return]
+
+    def fsck(self, repair: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/admin/fsck", params={"repair": repair})  # type: ignore[no-any-return]
+
+    # --- requests ----------------------------------------------------------------------
+
+    def request_studies(self, project: str, pacs: str, studies: list[dict[str, Any]], priority: int = 0) -> dict[str, Any]:
+        body = {"project": project, "pacs": pacs, "studies": studies, "priority": priority}
+        return self._call("POST", "/requests", json=body)  # type: ignore[no-any-return]
+
+    def requests(self, project: str, states: list[str] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if states:
+            params["state"] = states
+        return self._call("GET", f"/projects/{quote(project, safe='')}/requests", params=params)  # type: ignore[no-any-return]
+
+    def request(self, request_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/requests/{request_id}")  # type: ignore[no-any-return]
+
+    def cancel_requests(self, ids: list[int]) -> dict[str, Any]:
+        return self._call("POST", "/requests/cancel", json={"ids": ids})  # type: ignore[no-any-return]
+
+    def retry_requests(self, ids: list[int]) -> dict[str, Any]:
+        return self._call("POST", "/requests/retry", json={"ids": ids})  # type: ignore[no-any-return]
+
+    def set_priority(self, ids: list[int], priority: int) -> dict[str, Any]:
+        return self._call("POST", "/requests/priority", json={"ids": ids, "priority": priority})  # type: ignore[no-any-return]
+
+    def pacs_state(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/pacs/state")  # type: ignore[no-any-return]

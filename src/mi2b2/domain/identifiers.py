@@ -106,3 +106,11 @@ def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
             + (f" (and {len(invalid) - 1} more invalid)" if len(invalid) > 1 else "")
         )
     return IdentifierList(unique=unique, duplicates=duplicates, invalid=invalid)
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def looks_like_uid(value: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return len(value) <= 64 and bool(_UID.match(value))

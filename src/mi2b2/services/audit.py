@@ -47,6 +47,7 @@ class Action(StrEnum):
     AUDIT_READ = "audit_read"
     USER_ADMIN = "user_admin"
     TOKEN_ADMIN = "token_admin"
+    CACHE_CHECK = "cache_check"  # fsck: index and disk compared (and repaired)
 
 
 class Outcome(StrEnum):

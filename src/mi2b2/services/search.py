@@ -97,7 +97,7 @@ class SearchReport:
 
 
 @dataclass(frozen=True)
-class _Door:
+class Door:
     policy: ProjectPolicy
     institution: InstitutionConfig
     department_id: str
@@ -108,7 +108,7 @@ class _Door:
 
 
 def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
-    door = _open_door(ctx, who, project_id, pacs_id)
+    door = open_door(ctx, who, project_id, pacs_id)
     report, mrns = _screen_mrns(ctx, who, door, mrn_text, "patients")
     found: dict[str, PatientHit] = {}
     dropped: list[dict[str, str]] = []
@@ -125,7 +125,7 @@ def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_i
 
 
 def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
-    door = _open_door(ctx, who, project_id, pacs_id)
+    door = open_door(ctx, who, project_id, pacs_id)
     report, mrns = _screen_mrns(ctx, who, door, mrn_text, "studies")
     studies: list[StudyHit] = []
     dropped: list[dict[str, str]] = []
@@ -148,7 +148,7 @@ def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id
 def search_accessions(
     ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, accession_text: str
 ) -> SearchReport:
-    door = _open_door(ctx, who, project_id, pacs_id)
+    door = open_door(ctx, who, project_id, pacs_id)
     parsed = parse_identifier_text(accession_text, kind="accession number")
     report = SearchReport(query_id=0, kind="accessions", duplicates=parsed.duplicates,
                           invalid=[e.__dict__ for e in parsed.invalid])
@@ -162,7 +162,7 @@ def search_accessions(
             if not found:
                 report.not_found.append(accession)
             answers.extend(found)
-    allowed = _allowed(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
+    allowed = allowed_values(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
     kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
     report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
     for answer in rejected:
@@ -180,7 +180,7 @@ def search_accessions(
 def search_series(
     ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, study_uids: list[str]
 ) -> SearchReport:
-    door = _open_door(ctx, who, project_id, pacs_id)
+    door = open_door(ctx, who, project_id, pacs_id)
     wanted = [uid.strip() for uid in study_uids if uid.strip()]
     if not wanted:
         raise InvalidInput("name at least one StudyInstanceUID to list its series")
@@ -194,7 +194,7 @@ def search_series(
                 report.not_found.append(study_uid)
                 continue
             patient = owners[0].get("PatientID", "")
-            if not _allowed(ctx, door.policy.project_id, {patient}):
+            if not allowed_values(ctx, door.policy.project_id, {patient}):
                 report.not_permitted.append(study_uid)
                 ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
                                  pacs_id=door.pacs.id, patient_id=patient, study_uid=study_uid,
@@ -202,15 +202,15 @@ def search_series(
                 continue
             for answer in pacs.find(STUDY_ROOT, "SERIES", {**SERIES_KEYS, "StudyInstanceUID": study_uid}):
                 series_uid = answer.get("SeriesInstanceUID", "")
-                count = _int(answer.get("NumberOfSeriesRelatedInstances"))
+                count = int_or_none(answer.get("NumberOfSeriesRelatedInstances"))
                 if count is None:
-                    count = _count_instances(pacs, study_uid, series_uid)
+                    count = count_instances(pacs, study_uid, series_uid)
                 report.series.append(SeriesHit(
                     study_uid=study_uid, series_uid=series_uid,
                     series_number=answer.get("SeriesNumber", ""), modality=answer.get("Modality", ""),
                     description=answer.get("SeriesDescription", ""), instance_count=count,
                 ))
-    report.series.sort(key=lambda s: (s.study_uid, _int(s.series_number) or 0, s.series_uid))
+    report.series.sort(key=lambda s: (s.study_uid, int_or_none(s.series_number) or 0, s.series_uid))
     return _finish(ctx, who, door, report, {"studies": wanted}, len(report.series), [])
 
 
@@ -264,23 +264,23 @@ def load_policy(ctx: ServiceContext, project_id: str) -> ProjectPolicy:
                              frozenset(project.institutions), members, project.max_studies_per_patient)
 
 
-def _open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str) -> _Door:
+def open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, operation: str = "search") -> Door:
     institution, department, pacs = ctx.config.pacs_location(pacs_id)
     policy = load_policy(ctx, project_id)
     denial = project_access(policy, who.login, ctx.clock.now().date(), institution.id)
     if denial is not None:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
-                         detail={"reason": denial.value, "operation": "search"})
+                         detail={"reason": denial.value, "operation": operation})
         raise AccessDenied(f"project {project_id!r}: {denial.value}")
-    return _Door(policy, institution, department.id, pacs)
+    return Door(policy, institution, department.id, pacs)
 
 
 def _screen_mrns(
-    ctx: ServiceContext, who: Principal, door: _Door, mrn_text: str, kind: str
+    ctx: ServiceContext, who: Principal, door: Door, mrn_text: str, kind: str
 ) -> tuple[SearchReport, list[str]]:
     """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS."""
     parsed = parse_identifier_text(mrn_text, kind="MRN")
-    allowed = _allowed(ctx, door.policy.project_id, parsed.unique)
+    allowed = allowed_values(ctx, door.policy.project_id, parsed.unique)
     mrns, refused = split_allowed(parsed.unique, allowed.__contains__)
     for mrn in refused:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
@@ -291,7 +291,7 @@ def _screen_mrns(
     return report, mrns
 
 
-def _allowed(ctx: ServiceContext, project_id: str, values: Iterable[str]) -> set[str]:
+def allowed_values(ctx: ServiceContext, project_id: str, values: Iterable[str]) -> set[str]:
     candidates = sorted({v for v in values if v})
     allowed: set[str] = set()
     with ctx.sessions() as session:
@@ -304,7 +304,7 @@ def _allowed(ctx: ServiceContext, project_id: str, values: Iterable[str]) -> set
 
 
 def _finish(
-    ctx: ServiceContext, who: Principal, door: _Door, report: SearchReport, keys: dict[str, Any],
+    ctx: ServiceContext, who: Principal, door: Door, report: SearchReport, keys: dict[str, Any],
     result_count: int, dropped: list[dict[str, str]],
 ) -> SearchReport:
     now = ctx.clock.now()
@@ -333,7 +333,7 @@ def _patients_for(pacs: FindSessionPort, config: PacsConfig, mrn: str) -> list[P
     if config.query_model.value == PATIENT_ROOT:
         answers = pacs.find(PATIENT_ROOT, "PATIENT", {**PATIENT_KEYS, "PatientID": mrn})
         return [PatientHit(a.get("PatientID", ""), a.get("PatientName", ""), a.get("PatientBirthDate", ""),
-                           a.get("PatientSex", ""), _int(a.get("NumberOfPatientRelatedStudies"))) for a in answers]
+                           a.get("PatientSex", ""), int_or_none(a.get("NumberOfPatientRelatedStudies"))) for a in answers]
     # Study root has no patient level: one study query tells us the patient and how many studies.
     answers = pacs.find(STUDY_ROOT, "STUDY", {**STUDY_KEYS, "PatientID": mrn})
     by_patient: dict[str, list[dict[str, str]]] = {}
@@ -383,21 +383,21 @@ def _find_split(
             + _find_split(pacs, keys, config, middle + timedelta(days=1), last, warnings))
 
 
-def _count_instances(pacs: FindSessionPort, study_uid: str, series_uid: str) -> int:
+def count_instances(pacs: FindSessionPort, study_uid: str, series_uid: str) -> int:
     """Some PACS (DCMTK's dcmqrscp among them) leave out the optional count keys;
     an image-level query still tells the researcher how big a series is."""
     keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""}
     return len({a.get("SOPInstanceUID") for a in pacs.find(STUDY_ROOT, "IMAGE", keys)})
 
 
-def _study_hit(answer: dict[str, str], door: _Door) -> StudyHit:
+def _study_hit(answer: dict[str, str], door: Door) -> StudyHit:
     return StudyHit(
         patient_id=answer.get("PatientID", ""), patient_name=answer.get("PatientName", ""),
         study_uid=answer.get("StudyInstanceUID", ""), accession=answer.get("AccessionNumber", ""),
         study_date=answer.get("StudyDate", ""), study_time=answer.get("StudyTime", ""),
         modalities=answer.get("ModalitiesInStudy", ""), description=answer.get("StudyDescription", ""),
-        series_count=_int(answer.get("NumberOfStudyRelatedSeries")),
-        instance_count=_int(answer.get("NumberOfStudyRelatedInstances")),
+        series_count=int_or_none(answer.get("NumberOfStudyRelatedSeries")),
+        instance_count=int_or_none(answer.get("NumberOfStudyRelatedInstances")),
         pacs_id=door.pacs.id, institution_id=door.institution.id, department_id=door.department_id,
     )
 
@@ -420,7 +420,7 @@ def _trace(answers: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"PatientID": a.get("PatientID", ""), "StudyInstanceUID": a.get("StudyInstanceUID", "")} for a in answers]
 
 
-def _int(value: str | None) -> int | None:
+def int_or_none(value: str | None) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
     except ValueError:

@@ -15,7 +15,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -97,3 +97,15 @@ def current_revision(engine: Engine) -> str | None:
 
 def has_schema(engine: Engine) -> bool:
     return inspect(engine).has_table("alembic_version")
+
+
+SCHEDULER_LOCK = 0x6D693262  # "mi2b"; any constant shared by every worker
+
+
+def serialize_scheduling(session: Session) -> None:
+    """Make this transaction the only one scheduling, across all workers.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: the write lock
+    BEGIN IMMEDIATE already took does the same."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEDULER_LOCK})

@@ -13,8 +13,10 @@ from network addresses, AE titles and status codes only.
     PermanentError
     ├── AssociationRejected    the PACS refuses us (AE titles, contexts)
     ├── ServiceNotSupported    the PACS did not accept the SOP class we need
-    └── DimseFailure           the PACS answered an operation with a failure status
-        └── ResultsTruncated   the PACS stopped a C-FIND early (its answer limit)
+    ├── DimseFailure           the PACS answered an operation with a failure status
+    │   ├── ResultsTruncated   the PACS stopped a C-FIND early (its answer limit)
+    │   └── MoveDestinationUnknown  the PACS does not know our receiver (C-MOVE 0xA801)
+    └── ReceiverUnavailable    our own DICOM receiver cannot listen on its port
 """
 
 from __future__ import annotations
@@ -172,4 +174,39 @@ class ResultsTruncated(DimseFailure):
             f"0x{status:04X}): it limits the answers per query. Narrow the search "
             "(fewer patients per query, a date range) or ask the PACS admin to "
             "raise the limit",
+        )
+
+
+class MoveDestinationUnknown(DimseFailure):
+    """The PACS refused a C-MOVE because it does not know the destination AE (0xA801).
+
+    A PACS sends C-MOVE results only to destinations its admin registered
+    (AE title, host, port); until mi2b2's receiver is registered, every
+    C-MOVE to that PACS fails this way.
+    """
+
+    def __init__(self, peer: str, destination_ae: str, comment: str | None = None) -> None:
+        super().__init__(peer, "C-MOVE", 0xA801, "Move destination unknown", comment)
+        self.destination_ae = destination_ae
+        detail = f" - {comment}" if comment else ""
+        self.args = (
+            f"PACS {peer} does not know the C-MOVE destination {destination_ae!r} (status 0xA801{detail}). "
+            f"Ask the PACS admin to register mi2b2's receiver as a DICOM destination (remote AE / modality): "
+            f"AE title {destination_ae!r}, the host name or address of the machine running the mi2b2 receiver, "
+            "and the receiver's port from the site configuration. Or switch this PACS node to C-GET",
+        )
+
+
+class ReceiverUnavailable(PermanentError):
+    """mi2b2's own C-STORE receiver cannot listen on its configured address."""
+
+    def __init__(self, ae_title: str, host: str, port: int, error: OSError) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        reason = error.strerror or type(error).__name__
+        super().__init__(
+            f"the DICOM receiver {ae_title} cannot listen on {host}:{port} ({reason}); if another "
+            "program (or another mi2b2 receiver) holds that port, stop it or choose another receiver "
+            "port in the site configuration, and check that the host address belongs to this machine"
         )

@@ -136,6 +136,16 @@ class _Unsupported(Exception):
     """The fast path does not handle this file: use pydicom."""
 
 
+def parse_instance_header(head: bytes | bytearray) -> InstanceHeader | None:
+    """The header from a Part 10 file's first bytes (64 KiB are plenty), or None.
+
+    None means only that this fast path does not handle the file (see above);
+    `read_instance_header` then reads it with pydicom and says what is wrong.
+    For a receiver that still holds the bytes it just wrote.
+    """
+    return _fast_header(bytes(head))
+
+
 def _fast_header(head: bytes) -> InstanceHeader | None:
     try:
         return _walk(head)

@@ -1,0 +1,585 @@
+"""Benchmark: C-MOVE retrieval into mi2b2's cache vs. into DCMTK storescp.
+
+    python bench/retrieve.py [--studies 10] [--instances 150] [--big-gb 1.0] [--concurrency 4]
+
+Generates (or reuses, from a temp folder keyed by the sizes) synthetic MR
+studies of ~512 KB slices (512x512, 16 bit, random pixels, so nothing would
+compress), plus one big study, and loads them into one Orthanc (TCP_NODELAY=1,
+MaximumPduLength 131072). Then it times
+
+  (a) reference: DCMTK ``storescp`` (single process, bit-preserving, TCP_NODELAY=1)
+      as the C-MOVE destination; ``movescu`` asks Orthanc for each study in
+      turn; the time runs until the last C-MOVE has answered, i.e. every file
+      is on disk;
+  (b) mi2b2: ``mi2b2 serve`` with a governance window wide open (max_concurrent
+      = --concurrency, no rates), one ``POST /api/v1/requests`` for all studies,
+      then ``GET /api/v1/projects/{id}/requests`` until all are completed; the
+      time runs from the POST to the last request's ``ended_at``;
+
+checks that both received every instance (count, bytes within the size of a
+file meta header, pixel data of a sample), and prints the throughputs
+(MB = 10^6 bytes). Then it requests the big study alone and reports
+``rss_mb``, the peak resident set of the ``mi2b2 serve`` process while it
+received it (target < 300), and last ``ratio: <mi2b2 MB/s / storescp MB/s>``
+(target >= 0.8). Both sides get one untimed warm-up study first.
+Everything it starts is stopped, and its work folder removed, on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
+
+from mi2b2.config import load_config  # noqa: E402
+from mi2b2.domain.principal import SYSTEM  # noqa: E402
+from mi2b2.services.context import build_context  # noqa: E402
+from support.pacs import MAX_PDU, RunningPacs, free_port, start_orthanc  # noqa: E402
+
+PROJECT = "bench"
+PACS_ID = "orthanc"
+MI2B2_AE = "MI2B2"
+REFERENCE_AE = "STORESCP"
+SERVER_TIMEOUT = 60.0
+STALL_SECONDS = 60.0  # no new instance for this long = something is stuck
+POLL_SECONDS = 0.25
+DATA_VERSION = "1"  # bump when the generated files change
+MB = 1e6
+
+
+class BenchFailure(RuntimeError):
+    pass
+
+
+# --- synthetic studies ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    label: str
+    patient_id: str
+    study_uid: str
+    files: tuple[Path, ...]
+    bytes: int
+
+
+def mrn(i: int) -> str:
+    return f"{i:08d}"
+
+
+def _write_study(folder: Path, label: str, patient_id: str, instances: int, rows: int, seed: int) -> Study:
+    """One MR study, 50 slices per series, random 12-bit pixels."""
+    study_uid = str(generate_uid(entropy_srcs=["bench-retrieve", DATA_VERSION, label]))
+    study_dir = folder / label
+    study_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files: list[Path] = []
+    total = 0
+    per_series = 50
+    for index in range(instances):
+        series_number, instance_number = index // per_series + 1, index % per_series + 1
+        series_uid = str(generate_uid(entropy_srcs=[study_uid, str(series_number)]))
+        sop_uid = generate_uid(entropy_srcs=[study_uid, str(series_number), str(instance_number)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"BENCH^{label.upper()}", patient_id, "19700101", "O"
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, "20240101", "093000"
+        ds.AccessionNumber, ds.StudyID, ds.StudyDescription = f"BR{seed:08d}", str(seed), "BENCH MR BRAIN"
+        ds.ReferringPhysicianName = ""
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, series_number, f"AX T2 {series_number}"
+        ds.Modality, ds.InstanceNumber = "MR", instance_number
+        ds.ImagePositionPatient = [-120.0, -120.0, float(instance_number * 2)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 2.0
+        ds.Rows = ds.Columns = rows
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, size=(rows, rows), dtype="<u2").tobytes()
+        path = study_dir / f"{series_number:03d}-{instance_number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+        total += path.stat().st_size
+    return Study(label, patient_id, study_uid, tuple(files), total)
+
+
+def generate(root: Path, studies: int, instances: int, big_instances: int, rows: int) -> tuple[list[Study], Study, Study, bool]:
+    """(throughput studies, big study, warm-up study, reused?) under a folder keyed by the sizes."""
+    key = hashlib.sha256(f"{DATA_VERSION}-{studies}-{instances}-{big_instances}-{rows}".encode()).hexdigest()[:12]
+    folder = root / key
+    index = folder / "index.json"
+    if index.exists():
+        try:
+            listed = json.loads(index.read_text())
+            loaded = [Study(s["label"], s["patient_id"], s["study_uid"], tuple(Path(f) for f in s["files"]), s["bytes"])
+                      for s in listed]
+            if all(f.exists() for s in loaded for f in s.files):
+                return loaded[:-2], loaded[-2], loaded[-1], True
+        except (ValueError, KeyError):
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+    made = [_write_study(folder, f"study{i:03d}", mrn(i), instances, rows, i) for i in range(1, studies + 1)]
+    made.append(_write_study(folder, "big", mrn(studies + 1), big_instances, rows, studies + 1))
+    made.append(_write_study(folder, "warmup", mrn(studies + 2), 1, rows, studies + 2))
+    index.write_text(json.dumps([{"label": s.label, "patient_id": s.patient_id, "study_uid": s.study_uid,
+                                  "files": [str(f) for f in s.files], "bytes": s.bytes} for s in made]))
+    return made[:-2], made[-2], made[-1], False
+
+
+def pixel_data(path: Path) -> bytes:
+    return bytes(pydicom.dcmread(path, stop_before_pixels=False).PixelData)
+
+
+def sop_uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
+def check_received(label: str, studies: list[Study], received: dict[str, Path], total_bytes: int) -> None:
+    """`received` maps SOP Instance UID -> received file; bytes may differ by each file's meta header."""
+    expected = sum(len(s.files) for s in studies)
+    source_bytes = sum(s.bytes for s in studies)
+    if len(received) != expected:
+        raise BenchFailure(f"{label} received {len(received)} instances, expected {expected}")
+    if abs(total_bytes - source_bytes) > 512 * expected:
+        raise BenchFailure(f"{label} received {total_bytes} bytes, the sent files hold {source_bytes}")
+    for study in studies:  # one instance per study, pixel for pixel
+        sample = study.files[len(study.files) // 2]
+        uid = sop_uid_of(sample)
+        if uid not in received:
+            raise BenchFailure(f"{label} did not receive instance {uid} of {study.label}")
+        if pixel_data(received[uid]) != pixel_data(sample):
+            raise BenchFailure(f"{label}: the pixel data of {uid} ({study.label}) differs from what was sent")
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[RunningPacs]:
+    pacs = start_orthanc(folder, move_destinations=destinations,
+                         extra={"DicomThreadsCount": 8, "MaximumPduLength": MAX_PDU, "TcpNoDelay": True})
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+@contextmanager
+def storescp(folder: Path, port: int) -> Iterator[Path]:
+    """DCMTK storescp, one process, files written as received (+B) into folder/out."""
+    out = folder / "out"
+    out.mkdir(parents=True)
+    log_path = folder / "storescp.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            ["storescp", "-aet", REFERENCE_AE, "--max-pdu", str(MAX_PDU), "-dhl", "+B", "-od", str(out), str(port)],
+            cwd=folder, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise BenchFailure(f"storescp exited with {process.returncode}:\n{_tail(log_path)}")
+            echo = subprocess.run(["echoscu", "-aec", REFERENCE_AE, "127.0.0.1", str(port)], env=_env(),
+                                  capture_output=True, timeout=10, check=False)
+            if echo.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"storescp did not answer C-ECHO on port {port}:\n{_tail(log_path)}")
+            time.sleep(0.1)
+        yield out
+    finally:
+        _stop(process)
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self) -> str:
+        return _tail(self.log_path)
+
+
+@contextmanager
+def mi2b2_server(config_path: Path) -> Iterator[Server]:
+    config = load_config(config_path)
+    url = f"http://127.0.0.1:{config.server.http_port}"
+    log_path = config_path.parent / "server.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
+            cwd=config_path.parent, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(url, process, log_path)
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise BenchFailure(f"mi2b2 serve exited with {process.returncode}:\n{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s:\n{server.log_tail()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        _stop(process)
+
+
+# --- (a) reference ----------------------------------------------------------------------------
+
+
+def movescu(pacs: RunningPacs, study: Study, timeout: float) -> None:
+    command = ["movescu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-aem", REFERENCE_AE, "--max-pdu", str(MAX_PDU),
+               "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}", pacs.host, str(pacs.port)]
+    try:
+        result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchFailure(f"movescu of {study.label} did not finish within {timeout:g} s; Orthanc log:\n"
+                           f"{pacs.log_tail()}") from None
+    if result.returncode != 0 or "Failed" in result.stdout + result.stderr:
+        raise BenchFailure(f"movescu of {study.label} failed ({result.returncode}): {(result.stdout + result.stderr)[-1500:]}")
+
+
+def files_by_sop(folder: Path) -> tuple[dict[str, Path], int]:
+    found: dict[str, Path] = {}
+    total = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.name.startswith((".", "incoming-")):
+            found[sop_uid_of(path)] = path
+            total += path.stat().st_size
+    return found, total
+
+
+def run_reference(pacs: RunningPacs, out: Path, studies: list[Study], warmup: Study, timeout: float) -> tuple[float, int]:
+    movescu(pacs, warmup, timeout)
+    for path in out.iterdir():
+        path.unlink()
+    os.sync()
+    started = time.perf_counter()
+    for study in studies:
+        movescu(pacs, study, timeout)
+    elapsed = time.perf_counter() - started
+    received, total = files_by_sop(out)
+    check_received("storescp", studies, received, total)
+    return elapsed, total
+
+
+# --- (b) mi2b2 --------------------------------------------------------------------------------
+
+
+def write_site(folder: Path, pacs: RunningPacs, dicom_port: int, patients: list[str], concurrency: int) -> Path:
+    (folder / "bench.mrns").write_text("\n".join(patients) + "\n", encoding="utf-8")
+    path = folder / "mi2b2.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [server]
+        http_port = {free_port()}
+        database_url = "sqlite:///mi2b2.db"
+        cache_dir = "cache"
+
+        [dicom]
+        ae_title = "{MI2B2_AE}"
+        port = {dicom_port}
+        max_pdu = {MAX_PDU}
+
+        [[institutions]]
+        id = "bench"
+
+        [[institutions.departments]]
+        id = "radiology"
+
+        [[institutions.departments.pacs]]
+        id = "{PACS_ID}"
+        ae_title = "{pacs.ae_title}"
+        host = "{pacs.host}"
+        port = {pacs.port}
+        query_model = "study"
+        retrieve = "c-move"
+        default_max_concurrent = {concurrency}
+
+        [[institutions.departments.pacs.windows]]
+        name = "wide open"
+        max_concurrent = {concurrency}
+
+        [[projects]]
+        id = "{PROJECT}"
+        title = "Retrieval benchmark"
+        irb = "BENCH-0002"
+        expires = 2099-12-31
+        mrn_file = "bench.mrns"
+        quota = "1 TiB"
+        institutions = ["bench"]
+        members = [{{ login = "bench" }}]
+        """), encoding="utf-8")
+    return path
+
+
+def researcher_token(config_path: Path) -> str:
+    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    try:
+        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
+        return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
+    finally:
+        ctx.engine.dispose()
+
+
+def _utc(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class RssWatch:
+    """Peak resident set of a process: VmHWM after a reset, cross-checked by sampling VmRSS."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.sampled_kb = 0
+        self.reset_ok = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _status(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with suppress(OSError, ValueError):
+                self.sampled_kb = max(self.sampled_kb, self._status("VmRSS"))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> RssWatch:
+        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.reset_ok = True
+        except OSError:
+            self.reset_ok = False
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mb(self) -> float:
+        peak = self.sampled_kb
+        if self.reset_ok:
+            with suppress(OSError, ValueError):
+                peak = max(peak, self._status("VmHWM"))
+        return peak * 1024 / MB
+
+
+def retrieve(server: Server, token: str, studies: list[Study], timeout: float) -> tuple[float, list[dict[str, Any]]]:
+    """Request `studies` in one call, wait until all completed; (seconds from the call to the last end, rows)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url + "/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=120) as http:
+        started_wall, started = datetime.now(UTC), time.perf_counter()
+        response = http.post("/requests", json={"project": PROJECT, "pacs": PACS_ID, "priority": 0,
+                                                "studies": [{"study_uid": s.study_uid} for s in studies]})
+        if response.status_code != 200:
+            raise BenchFailure(f"POST /requests failed: HTTP {response.status_code} {response.text[:500]}")
+        report = response.json()
+        ids = set(report["created"])
+        if len(ids) != len(studies):
+            raise BenchFailure(f"{len(ids)} of {len(studies)} requests created: {json.dumps(report)[:1000]}")
+        deadline = started + timeout
+        progress, progress_at = -1, time.perf_counter()
+        while True:
+            if server.process.poll() is not None:
+                raise BenchFailure(f"mi2b2 serve exited with {server.process.returncode}:\n{server.log_tail()}")
+            response = http.get(f"/projects/{PROJECT}/requests", params={"limit": 100000})
+            if response.status_code != 200:
+                raise BenchFailure(f"GET requests failed: HTTP {response.status_code} {response.text[:500]}")
+            rows = [r for r in response.json() if r["id"] in ids]
+            ended = [r for r in rows if r["state"] not in ("scheduled", "processing")]
+            bad = [r for r in ended if r["state"] != "completed"]
+            if bad:
+                raise BenchFailure(f"request {bad[0]['id']} ended {bad[0]['state']}: {bad[0]['last_error']}\n"
+                                   f"server log tail:\n{server.log_tail()}")
+            if len(ended) == len(ids):
+                break
+            now = time.perf_counter()
+            received = sum(r["received"] for r in rows)
+            if received != progress:
+                progress, progress_at = received, now
+            if now - progress_at > STALL_SECONDS or now > deadline:
+                states = {r["id"]: (r["state"], r["received"], r["waiting_reason"]) for r in rows}
+                why = f"no progress for {now - progress_at:.0f} s" if now <= deadline else f"timeout of {timeout:g} s"
+                raise BenchFailure(f"retrieval stalled at {received} instances ({why}); requests: {states}\n"
+                                   f"server log tail:\n{server.log_tail()}")
+            time.sleep(POLL_SECONDS)
+    last_end = max(_utc(r["ended_at"]) for r in rows)
+    return (last_end - started_wall).total_seconds(), rows
+
+
+def cache_files(cache: Path, studies: list[Study]) -> tuple[dict[str, Path], int]:
+    found: dict[str, Path] = {}
+    total = 0
+    for study in studies:
+        for path in (cache / PROJECT / study.study_uid).rglob("*.dcm"):
+            found[path.name.removesuffix(".dcm")] = path
+            total += path.stat().st_size
+    return found, total
+
+
+def check_mi2b2(studies: list[Study], rows: list[dict[str, Any]], cache: Path) -> int:
+    expected = sum(len(s.files) for s in studies)
+    if sum(r["received"] for r in rows) != expected:
+        raise BenchFailure(f"mi2b2 counted {sum(r['received'] for r in rows)} received instances, expected {expected}")
+    received, total = cache_files(cache, studies)
+    check_received("mi2b2", studies, received, total)
+    if sum(r["bytes"] for r in rows) != total:
+        raise BenchFailure(f"mi2b2 counted {sum(r['bytes'] for r in rows)} bytes, its cache holds {total}")
+    return total
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=10, help="studies timed on both sides (default 10)")
+    parser.add_argument("--instances", type=int, default=150, help="instances per study (default 150)")
+    parser.add_argument("--big-gb", type=float, default=1.0, help="size of the study for the memory figure, GB (default 1.0)")
+    parser.add_argument("--rows", type=int, default=512, help="rows = columns of each 16-bit slice (default 512)")
+    parser.add_argument("--concurrency", type=int, default=4, help="mi2b2's max_concurrent for the PACS (default 4)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds each timed phase may take (default 900)")
+    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "mi2b2-bench-retrieve-data",
+                        help="where generated studies are kept between runs")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, caches) for inspection")
+    args = parser.parse_args()
+    for tool in ("Orthanc", "storescp", "storescu", "movescu", "echoscu"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"needs {tool}: apt-get install -y dcmtk orthanc")
+    slice_bytes = args.rows * args.rows * 2
+    big_instances = max(1, round(args.big_gb * 1e9 / slice_bytes))
+
+    root = Path(tempfile.mkdtemp(prefix="mi2b2-bench-retrieve-"))
+    try:
+        with ExitStack() as stack:
+            t0 = time.perf_counter()
+            studies, big, warmup, reused = generate(args.data_dir, args.studies, args.instances, big_instances, args.rows)
+            t1 = time.perf_counter()
+            reference_port, dicom_port = free_port(), free_port()
+            pacs = stack.enter_context(orthanc(root / "orthanc", {
+                REFERENCE_AE: ("127.0.0.1", reference_port), MI2B2_AE: ("127.0.0.1", dicom_port)}))
+            pacs.load([f for s in [*studies, big, warmup] for f in s.files])
+            t2 = time.perf_counter()
+            print(f"setup: {len(studies)} studies x {args.instances} instances ({sum(s.bytes for s in studies) / MB:.1f} MB) "
+                  f"+ 1 study x {big_instances} ({big.bytes / MB:.1f} MB) {'reused' if reused else 'generated'} in "
+                  f"{t1 - t0:.1f} s, loaded into Orthanc in {t2 - t1:.1f} s", flush=True)
+
+            # (a) reference
+            with storescp(root / "storescp", reference_port) as out:
+                ref_seconds, ref_bytes = run_reference(pacs, out, studies, warmup, args.timeout)
+            shutil.rmtree(root / "storescp", ignore_errors=True)
+            ref_rate = ref_bytes / MB / ref_seconds
+            print(f"reference, DCMTK storescp: {len(studies)} studies, {ref_bytes / MB:.1f} MB in {ref_seconds:.2f} s "
+                  f"= {ref_rate:.1f} MB/s", flush=True)
+
+            # (b) mi2b2
+            site = root / "site"
+            site.mkdir()
+            config_path = write_site(site, pacs, dicom_port, [s.patient_id for s in [*studies, big, warmup]],
+                                     args.concurrency)
+            token = researcher_token(config_path)
+            server = stack.enter_context(mi2b2_server(config_path))
+            cache = load_config(config_path).cache_dir()
+            retrieve(server, token, [warmup], args.timeout)
+            os.sync()
+            seconds, rows = retrieve(server, token, studies, args.timeout)
+            got = check_mi2b2(studies, rows, cache)
+            rate = got / MB / seconds
+            print(f"mi2b2: {len(studies)} studies, {got / MB:.1f} MB in {seconds:.2f} s = {rate:.1f} MB/s", flush=True)
+
+            # memory while receiving the big study alone
+            os.sync()
+            with RssWatch(server.process.pid) as watch:
+                big_seconds, big_rows = retrieve(server, token, [big], args.timeout)
+            big_got = check_mi2b2([big], big_rows, cache)
+            print(f"mi2b2, one big study: {big_got / MB:.1f} MB in {big_seconds:.2f} s = {big_got / MB / big_seconds:.1f} MB/s")
+            print(f"rss_mb: {watch.peak_mb():.0f}")
+            print(f"ratio: {rate / ref_rate:.3f}")
+    finally:
+        if args.keep:
+            print(f"work folder kept: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)  # unwinds through the context managers, which stop every process
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    except BenchFailure as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; stopped everything it started", file=sys.stderr)
+        sys.exit(130)

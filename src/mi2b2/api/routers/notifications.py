@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+
+from mi2b2.api.deps import ContextDep, CurrentUser
+from mi2b2.api.schemas import MarkReadBody
+from mi2b2.services import notifications
+
+router = APIRouter(prefix="/notifications", tags=["notifications"])
+
+
+@router.get("")
+def list_notifications(user: CurrentUser, ctx: ContextDep, unread: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+    return [asdict(n) for n in notifications.list_notifications(ctx, user, unread, limit)]
+
+
+@router.post("/read")
+def mark_read(body: MarkReadBody, user: CurrentUser, ctx: ContextDep) -> dict[str, int]:
+    return {"marked": notifications.mark_read(ctx, user, body.ids, body.all)}

@@ -1,0 +1,298 @@
+"""Requests for studies (the paper's "Move to Repository") and what users do with them.
+
+Adding a request checks the same doors as a search: the user is a member of a
+project whose IRB is active and that may reach the PACS's institution, and
+the study's patient (asked of the PACS, not taken from the caller) is on the
+project's allow-list. The request then waits for the scheduler.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import CachedStudy, Request
+from mi2b2.domain.identifiers import looks_like_uid
+from mi2b2.domain.principal import Principal
+from mi2b2.domain.requests import (
+    CANCELABLE,
+    ENDED,
+    RequestKind,
+    RequestState,
+    TransitionRefused,
+    check_cancel,
+    check_priority_change,
+    check_retry,
+    estimated_bytes,
+)
+from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.context import FindSessionPort, ServiceContext
+from mi2b2.services.search import STUDY_ROOT, Door, allowed_values, count_instances, int_or_none, load_policy, open_door
+
+MAX_STUDIES_PER_CALL = 5000
+PRIORITY_RANGE = range(-9, 10)
+
+
+@dataclass(frozen=True)
+class StudyPick:
+    study_uid: str
+    series_uids: tuple[str, ...] = ()
+
+
+@dataclass
+class AddReport:
+    batch_id: str
+    created: list[int] = field(default_factory=list)
+    already_cached: list[str] = field(default_factory=list)
+    already_queued: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    not_permitted: list[str] = field(default_factory=list)  # patient not on the IRB allow-list
+
+
+@dataclass(frozen=True)
+class _Found:
+    patient_id: str
+    accession: str
+    expected_instances: int
+
+
+def add_requests(
+    ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, picks: Sequence[StudyPick], priority: int = 0
+) -> AddReport:
+    _check_picks(picks, priority)
+    door = open_door(ctx, who, project_id, pacs_id, operation="request studies")
+    report = AddReport(batch_id=str(uuid.uuid4()))
+    busy, cached = _queued_and_cached(ctx, project_id, [p.study_uid for p in picks])
+    to_find = []
+    for pick in picks:
+        if pick.study_uid in busy:
+            report.already_queued.append(pick.study_uid)
+        elif pick.study_uid in cached and not pick.series_uids:
+            report.already_cached.append(pick.study_uid)
+        else:
+            to_find.append(pick)
+    found = _look_up(ctx, door, to_find)
+    for pick in to_find:
+        study = found.get(pick.study_uid)
+        if study is None:
+            report.not_found.append(pick.study_uid)
+        elif not allowed_values(ctx, project_id, {study.patient_id}):
+            report.not_permitted.append(pick.study_uid)
+            ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
+                             patient_id=study.patient_id, study_uid=pick.study_uid,
+                             detail={"reason": "patient not on the IRB allow-list", "operation": "request study"})
+    wanted = [p for p in to_find if p.study_uid in found and p.study_uid not in report.not_permitted]
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        for pick in wanted:
+            study = found[pick.study_uid]
+            row = Request(
+                kind=RequestKind.RETRIEVE, batch_id=report.batch_id, project_id=project_id, user_login=who.login,
+                pacs_id=pacs_id, patient_id=study.patient_id, study_uid=pick.study_uid, accession=study.accession,
+                series_uids=list(pick.series_uids), priority=priority, state=RequestState.SCHEDULED,
+                waiting_reason="waiting for the scheduler", expected_instances=study.expected_instances,
+                expected_bytes=estimated_bytes(study.expected_instances, 0, 0), created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            report.created.append(row.id)
+    for pick, request_id in zip(wanted, report.created, strict=True):
+        ctx.audit.record(who, Action.RETRIEVE, project_id=project_id, pacs_id=pacs_id,
+                         patient_id=found[pick.study_uid].patient_id, study_uid=pick.study_uid,
+                         detail={"request": request_id, "event": "requested", "series": len(pick.series_uids),
+                                 "priority": priority, "batch": report.batch_id})
+    return report
+
+
+def list_requests(
+    ctx: ServiceContext, who: Principal, project_id: str, states: Iterable[str] = (), limit: int = 1000
+) -> list[dict[str, Any]]:
+    _require_member(ctx, who, project_id)
+    query = select(Request).where(Request.project_id == project_id)
+    wanted = [RequestState(s) for s in states] if states else []
+    if wanted:
+        query = query.where(Request.state.in_(wanted))
+    with ctx.sessions() as session:
+        rows = session.execute(query.order_by(Request.id.desc()).limit(limit)).scalars().all()
+        return [request_view(r) for r in rows]
+
+
+def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
+    with ctx.sessions() as session:
+        row = session.get(Request, request_id)
+        if row is None:
+            raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
+        _require_member(ctx, who, row.project_id)
+        return request_view(row)
+
+
+def cancel_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[int]) -> list[int]:
+    """Scheduled requests end at once; processing ones are flagged, and the
+    worker running them sends C-CANCEL and frees the slot."""
+    return _change(ctx, who, request_ids, "cancel", check_cancel, _cancel)
+
+
+def retry_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[int]) -> list[int]:
+    return _change(ctx, who, request_ids, "retry", check_retry, _retry)
+
+
+def set_priority(ctx: ServiceContext, who: Principal, request_ids: Sequence[int], priority: int) -> list[int]:
+    if priority not in PRIORITY_RANGE:
+        raise InvalidInput(f"priority {priority} is out of range; use {PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1}")
+
+    def apply(row: Request, now: Any) -> None:
+        row.priority = priority
+
+    return _change(ctx, who, request_ids, f"priority {priority}", check_priority_change, apply)
+
+
+def request_view(r: Request) -> dict[str, Any]:
+    return {
+        "id": r.id, "kind": r.kind, "batch_id": r.batch_id, "project_id": r.project_id, "user": r.user_login,
+        "pacs_id": r.pacs_id, "destination_id": r.destination_id, "patient_id": r.patient_id,
+        "study_uid": r.study_uid, "accession": r.accession, "series_uids": list(r.series_uids or []),
+        "priority": r.priority, "state": r.state, "waiting_reason": r.waiting_reason,
+        "expected_instances": r.expected_instances, "expected_bytes": r.expected_bytes, "received": r.received,
+        "failed": r.failed, "warnings": r.warnings, "bytes": r.bytes, "attempts": r.attempts,
+        "last_error": r.last_error, "last_status": r.last_status, "cancel_requested": r.cancel_requested,
+        "created_at": r.created_at, "started_at": r.started_at, "ended_at": r.ended_at, "not_before": r.not_before,
+    }
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _check_picks(picks: Sequence[StudyPick], priority: int) -> None:
+    if not picks:
+        raise InvalidInput("name at least one study (StudyInstanceUID) to request")
+    if len(picks) > MAX_STUDIES_PER_CALL:
+        raise InvalidInput(f"{len(picks)} studies in one call; send at most {MAX_STUDIES_PER_CALL} per call")
+    if priority not in PRIORITY_RANGE:
+        raise InvalidInput(f"priority {priority} is out of range; use {PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1}")
+    bad = [uid for p in picks for uid in (p.study_uid, *p.series_uids) if not looks_like_uid(uid)]
+    if bad:
+        raise InvalidInput(f"{bad[0]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+
+
+def _queued_and_cached(ctx: ServiceContext, project_id: str, study_uids: list[str]) -> tuple[set[str], set[str]]:
+    with ctx.sessions() as session:
+        busy = set(session.execute(
+            select(Request.study_uid).where(
+                Request.project_id == project_id, Request.kind == RequestKind.RETRIEVE,
+                Request.state.in_(list(CANCELABLE)), Request.study_uid.in_(study_uids),
+            )
+        ).scalars())
+        # A study counts as cached once a retrieval of the whole study completed
+        # and the study is still in the cache (a delete makes it fetchable again).
+        completed = session.execute(
+            select(Request.study_uid, Request.series_uids)
+            .join(CachedStudy, (CachedStudy.project_id == Request.project_id) & (CachedStudy.study_uid == Request.study_uid))
+            .where(Request.project_id == project_id, Request.state == RequestState.COMPLETED,
+                   Request.study_uid.in_(study_uids))
+        ).all()
+        whole = {uid for uid, series in completed if not series}
+    return busy, whole
+
+
+def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[str, _Found]:
+    """Ask the PACS whose study each one is and how many instances to expect."""
+    found: dict[str, _Found] = {}
+    if not picks:
+        return found
+    with ctx.open_find(ctx.config, door.pacs) as pacs:
+        for pick in picks:
+            answers = pacs.find(STUDY_ROOT, "STUDY", {
+                "StudyInstanceUID": pick.study_uid, "PatientID": "", "AccessionNumber": "",
+                "NumberOfStudyRelatedInstances": "",
+            })
+            answers = [a for a in answers if a.get("StudyInstanceUID") == pick.study_uid]
+            if not answers:
+                continue
+            answer = answers[0]
+            found[pick.study_uid] = _Found(
+                patient_id=answer.get("PatientID", ""),
+                accession=answer.get("AccessionNumber", ""),
+                expected_instances=_expected_instances(pacs, pick, int_or_none(answer.get("NumberOfStudyRelatedInstances"))),
+            )
+    return found
+
+
+def _expected_instances(pacs: FindSessionPort, pick: StudyPick, study_count: int | None) -> int:
+    if study_count is not None and not pick.series_uids:
+        return study_count
+    series = pick.series_uids or tuple(
+        a.get("SeriesInstanceUID", "")
+        for a in pacs.find(STUDY_ROOT, "SERIES", {"StudyInstanceUID": pick.study_uid, "SeriesInstanceUID": ""})
+    )
+    return sum(count_instances(pacs, pick.study_uid, uid) for uid in dict.fromkeys(series) if uid)
+
+
+def _require_member(ctx: ServiceContext, who: Principal, project_id: str) -> str | None:
+    """The caller's role in the project (None for a site admin who is not a member)."""
+    policy = load_policy(ctx, project_id)
+    role = policy.members.get(who.login)
+    if role is None and not who.is_admin:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
+                         detail={"reason": "not a member of the project", "operation": "requests"})
+        raise AccessDenied(f"project {project_id!r}: not a member of the project")
+    return role
+
+
+def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ignore[no-untyped-def]
+    """Apply one user action to several requests, all or nothing."""
+    ids = sorted(set(request_ids))
+    if not ids:
+        raise InvalidInput("name at least one request id")
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        rows = session.execute(select(Request).where(Request.id.in_(ids)).with_for_update()).scalars().all()
+        missing = set(ids) - {r.id for r in rows}
+        if missing:
+            raise NotFound(f"no request {min(missing)}; list them with `mi2b2 request list PROJECT`")
+        for row in rows:
+            role = _require_member(ctx, who, row.project_id)
+            if row.user_login != who.login and role != "lead" and not who.is_admin:
+                raise AccessDenied(
+                    f"request {row.id} belongs to {row.user_login}; only they, a project lead or an admin may {what} it"
+                )
+            try:
+                check(row.state)
+            except TransitionRefused as exc:
+                raise InvalidInput(f"request {row.id}: {exc}") from None
+            apply(row, now)
+        summary = [(r.id, r.project_id, r.patient_id, r.study_uid) for r in rows]
+    for request_id, project_id, patient_id, study_uid in summary:
+        ctx.audit.record(who, Action.RETRIEVE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
+                         detail={"request": request_id, "event": what})
+    return ids
+
+
+def _cancel(row: Request, now: Any) -> None:
+    if row.state == RequestState.SCHEDULED:
+        row.state = RequestState.CANCELED
+        row.ended_at = now
+        row.waiting_reason = None
+        row.last_error = "canceled by a user"
+    else:
+        row.cancel_requested = True
+
+
+def _retry(row: Request, now: Any) -> None:
+    row.state = RequestState.SCHEDULED
+    row.waiting_reason = "waiting for the scheduler (retry)"
+    row.not_before = None
+    row.ended_at = None
+    row.attempts = 0
+    row.cancel_requested = False
+
+
+__all__ = [
+    "ENDED", "AddReport", "StudyPick", "add_requests", "cancel_requests", "list_requests", "request_view",
+    "retry_requests", "set_priority", "show_request",
+]

@@ -1,0 +1,188 @@
+"""Run one started retrieval to its end: C-MOVE (or C-GET), then judge it.
+
+The worker calls `run_retrieval` in a thread for each request the scheduler
+started. Transient failures go back to the queue with a backoff; permanent
+ones fail the request with the PACS's reason. Cancel is polled while the PACS
+sends, and answered with C-CANCEL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import Request
+from mi2b2.adapters.dicom.errors import DimseFailure
+from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
+from mi2b2.adapters.dicom.scu import QueryModel
+from mi2b2.config import PacsConfig, RetrieveMethod
+from mi2b2.domain.receipt import StoreStatus
+from mi2b2.domain.requests import RequestState, RetryPolicy, retrieval_outcome
+from mi2b2.errors import Mi2b2Error, RetriableError
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.context import ServiceContext
+from mi2b2.services.pacs import local_ae, peer_for
+from mi2b2.services.receiver import ReceiverSink
+
+LOG = logging.getLogger(__name__)
+POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
+
+
+@dataclass(frozen=True)
+class _Job:
+    request_id: int
+    project_id: str
+    pacs: PacsConfig
+    patient_id: str
+    study_uid: str
+    series_uids: tuple[str, ...]
+    attempts: int
+
+
+def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> str:
+    """Returns the request's state afterwards."""
+    job = _load(ctx, request_id)
+    if job is None:
+        return RequestState.CANCELED
+    watch = _Watch(ctx, request_id)
+    try:
+        result = _retrieve(ctx, job, sink, watch)
+    except RetriableError as exc:
+        return _transient(ctx, job, exc)
+    except Mi2b2Error as exc:
+        status = exc.status if isinstance(exc, DimseFailure) else None
+        return _end(ctx, job, RequestState.FAILED, str(exc), status=status)
+    if result.canceled:
+        return _end(ctx, job, RequestState.CANCELED, "canceled by a user", status=result.status)
+    return _judge(ctx, job, result)
+
+
+def _load(ctx: ServiceContext, request_id: int) -> _Job | None:
+    with ctx.sessions() as session:
+        row = session.get(Request, request_id)
+        if row is None or row.state != RequestState.PROCESSING or row.pacs_id is None:
+            return None
+        _, _, pacs = ctx.config.pacs_location(row.pacs_id)
+        return _Job(row.id, row.project_id, pacs, row.patient_id, row.study_uid, tuple(row.series_uids or ()), row.attempts)
+
+
+def _retrieve(ctx: ServiceContext, job: _Job, sink: ReceiverSink, watch: _Watch) -> RetrieveResult:
+    if watch.should_cancel():
+        return RetrieveResult(status=0xFE00, completed=0, failed=0, warning=0, failed_sop_uids=[], canceled=True)
+    model = QueryModel(job.pacs.query_model.value)
+    LOG.info("request %s: retrieving from %s by %s", job.request_id, job.pacs.id, job.pacs.retrieve.value)
+    if job.pacs.retrieve is RetrieveMethod.C_GET:
+        return get_study(
+            local_ae(ctx.config), peer_for(job.pacs), model, job.study_uid, job.patient_id, job.series_uids,
+            sink=sink.for_request(job.request_id), incoming_dir=sink.store.incoming_dir(),
+            on_progress=watch.progress, should_cancel=watch.should_cancel,
+        )
+    return move_study(
+        local_ae(ctx.config), peer_for(job.pacs), ctx.config.dicom.ae_title, model, job.study_uid, job.patient_id,
+        job.series_uids, on_progress=watch.progress, should_cancel=watch.should_cancel,
+    )
+
+
+class _Watch:
+    """Progress in, cancel out: at most one database round trip per POLL_SECONDS."""
+
+    def __init__(self, ctx: ServiceContext, request_id: int) -> None:
+        self.ctx = ctx
+        self.request_id = request_id
+        self._checked = 0.0
+        self._canceled = False
+        self.pacs_total: int | None = None
+
+    def should_cancel(self) -> bool:
+        if not self._canceled and time.monotonic() - self._checked >= POLL_SECONDS:
+            self._checked = time.monotonic()
+            with self.ctx.sessions() as session:
+                flag = session.execute(select(Request.cancel_requested).where(Request.id == self.request_id)).scalar()
+            self._canceled = bool(flag)
+        return self._canceled
+
+    def progress(self, p: RetrieveProgress) -> None:
+        if p.remaining is None:
+            return
+        total = p.remaining + p.completed + p.failed + p.warning
+        if self.pacs_total is None or total > self.pacs_total:
+            self.pacs_total = total
+            with transaction(self.ctx.sessions) as session:
+                row = session.get_one(Request, self.request_id)
+                # The PACS knows best how many instances it will send.
+                row.expected_instances = max(row.expected_instances, total)
+
+
+def _judge(ctx: ServiceContext, job: _Job, result: RetrieveResult) -> str:
+    with ctx.sessions() as session:
+        row = session.get_one(Request, job.request_id)
+        expected = max(row.expected_instances, result.completed + result.failed + result.warning)
+        received, write_failed, write_error = row.received, row.last_status == StoreStatus.OUT_OF_RESOURCES, row.last_error
+    if write_failed:
+        return _end(ctx, job, RequestState.FAILED, write_error, status=result.status, result=result, expected=expected)
+    outcome = retrieval_outcome(expected, received, result.failed, 0)
+    return _end(ctx, job, outcome.state, outcome.reason, status=result.status, result=result, expected=expected)
+
+
+def _transient(ctx: ServiceContext, job: _Job, exc: RetriableError) -> str:
+    r = job.pacs.retries
+    policy = RetryPolicy(r.max_attempts, timedelta(seconds=r.first_delay), timedelta(seconds=r.max_delay))
+    now = ctx.clock.now()
+    retry_at = policy.next_try(job.attempts, now)
+    if retry_at is None:
+        return _end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {exc}")
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Request, job.request_id)
+        if row.cancel_requested:
+            row.state, row.ended_at, row.last_error = RequestState.CANCELED, now, "canceled by a user"
+            return RequestState.CANCELED
+        row.state = RequestState.SCHEDULED
+        row.worker = None
+        row.not_before = retry_at
+        row.last_error = str(exc)
+        row.waiting_reason = f"attempt {job.attempts} failed ({type(exc).__name__}); retrying after {retry_at:%H:%M:%S} UTC"
+    ctx.audit.record("worker", Action.RETRIEVE, Outcome.FAILED, project_id=job.project_id, pacs_id=job.pacs.id,
+                     patient_id=job.patient_id, study_uid=job.study_uid,
+                     detail={"request": job.request_id, "event": "transient failure", "attempt": job.attempts,
+                             "error": str(exc), "retry_at": retry_at.isoformat()})
+    LOG.warning("request %s: attempt %s failed (%s); retrying later", job.request_id, job.attempts, type(exc).__name__)
+    return RequestState.SCHEDULED
+
+
+def _end(
+    ctx: ServiceContext,
+    job: _Job,
+    state: RequestState,
+    reason: str | None,
+    *,
+    status: int | None = None,
+    result: RetrieveResult | None = None,
+    expected: int | None = None,
+) -> str:
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Request, job.request_id)
+        row.state = state
+        row.ended_at = now
+        row.worker = None
+        row.waiting_reason = None
+        row.cancel_requested = False
+        row.last_error = reason
+        row.last_status = status
+        if result is not None:
+            row.failed = result.failed
+            row.warnings = result.warning
+        if expected is not None:
+            row.expected_instances = expected
+        counts = {"received": row.received, "expected": row.expected_instances, "failed": row.failed, "bytes": row.bytes}
+    outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
+    ctx.audit.record("worker", Action.RETRIEVE, outcome, project_id=job.project_id, pacs_id=job.pacs.id,
+                     patient_id=job.patient_id, study_uid=job.study_uid,
+                     detail={"request": job.request_id, "event": str(state), "reason": reason or "", **counts})
+    LOG.info("request %s: %s (%s of %s instances)", job.request_id, state, counts["received"], counts["expected"])
+    return state

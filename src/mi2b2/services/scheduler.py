@@ -1,0 +1,271 @@
+"""The scheduler's database side: read the counters, ask the pure planner, write the plan.
+
+Everything happens in one transaction that holds the scheduling lock, so two
+workers (even on two hosts) never both see a free slot and both take it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from mi2b2.adapters.db.engine import serialize_scheduling, transaction
+from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, ProjectMrn, Request, SchedulerCursor, Worker
+from mi2b2.config import PacsConfig
+from mi2b2.domain.clock import as_utc
+from mi2b2.domain.governance import irb_active
+from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
+from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
+from mi2b2.domain.windows import Limits, limits_at
+from mi2b2.services.context import ServiceContext
+
+
+@dataclass
+class ScheduleResult:
+    started: list[int] = field(default_factory=list)
+    canceled: dict[int, str] = field(default_factory=dict)
+
+
+def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
+    """Start what may start now on every PACS; the caller runs the started requests."""
+    now = ctx.clock.now()
+    result = ScheduleResult()
+    with transaction(ctx.sessions) as session:
+        serialize_scheduling(session)
+        budgets = _project_budgets(session, now)
+        busy = _studies_in_flight(session)
+        for pacs in ctx.config.all_pacs():
+            plan = plan_pacs(
+                now,
+                _pacs_load(session, pacs, now),
+                budgets,
+                _candidates(session, pacs.id, busy.get(pacs.id, set())),
+                _cursor(session, pacs.id).last_project_id,
+            )
+            _apply_starts(session, pacs.id, plan.starts, worker_id, now, budgets)
+            busy.setdefault(pacs.id, set()).update(_study_uids(session, plan.starts))
+            _cursor(session, pacs.id).last_project_id = plan.last_project
+            _set_waiting(session, plan.waiting)
+            _cancel(session, plan.cancel, now)
+            result.started += plan.starts
+            result.canceled.update(plan.cancel)
+        session.execute(delete(PacsStart).where(PacsStart.started_at < now - 2 * HOUR))
+    return result
+
+
+def pacs_limits(pacs: PacsConfig, now: datetime) -> Limits:
+    windows = [w.to_domain() for w in pacs.windows]
+    return limits_at(windows, now, ZoneInfo(pacs.timezone), pacs.default_max_concurrent)
+
+
+@dataclass(frozen=True)
+class PacsState:
+    """What the admin page and the CLI show: the governance state of one PACS now."""
+
+    pacs_id: str
+    limits: Limits
+    active: int
+    starts_last_minute: int
+    starts_last_hour: int
+    queued: int
+
+
+def pacs_states(ctx: ServiceContext) -> list[PacsState]:
+    now = ctx.clock.now()
+    states = []
+    with ctx.sessions() as session:
+        for pacs in ctx.config.all_pacs():
+            load = _pacs_load(session, pacs, now)
+            queued = session.execute(
+                select(func.count()).where(Request.pacs_id == pacs.id, Request.state == RequestState.SCHEDULED)
+            ).scalar_one()
+            states.append(PacsState(
+                pacs.id, load.limits, load.active,
+                sum(1 for t in load.recent_starts if t > now - timedelta(minutes=1)), len(load.recent_starts), queued,
+            ))
+    return states
+
+
+# --- workers and recovery ------------------------------------------------------------
+
+
+def new_worker_id(kind: str = "worker") -> str:
+    return f"{kind}:{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def heartbeat(ctx: ServiceContext, worker_id: str) -> None:
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        row = session.get(Worker, worker_id)
+        if row is None:
+            session.add(Worker(id=worker_id, host=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now))
+        else:
+            row.heartbeat_at = now
+
+
+def retire_worker(ctx: ServiceContext, worker_id: str) -> None:
+    with transaction(ctx.sessions) as session:
+        session.execute(delete(Worker).where(Worker.id == worker_id))
+
+
+def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
+    """Requests left processing by a worker that is gone go back to the queue.
+
+    Gone means: no worker row, a heartbeat older than ``stale_after``, or a
+    worker on this host whose process no longer exists (after a SIGKILL we
+    need not wait for its heartbeat to go stale). Attempts are kept."""
+    now = ctx.clock.now()
+    here = socket.gethostname()
+    with transaction(ctx.sessions) as session:
+        workers = {w.id: w for w in session.execute(select(Worker)).scalars()}
+        dead = {
+            w.id for w in workers.values()
+            if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not _pid_alive(w.pid))
+        }
+        orphans = session.execute(
+            select(Request).where(Request.state == RequestState.PROCESSING).with_for_update()
+        ).scalars().all()
+        requeued = []
+        for row in orphans:
+            if row.worker is None or row.worker not in workers or row.worker in dead:
+                row.state = RequestState.SCHEDULED
+                row.worker = None
+                row.waiting_reason = "requeued: the worker running it stopped"
+                requeued.append(row.id)
+        session.execute(delete(Worker).where(Worker.id.in_(dead)))
+    return requeued
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- reading the counters ------------------------------------------------------------
+
+
+def _project_budgets(session: Session, now: datetime) -> dict[str, ProjectBudget]:
+    used = dict(session.execute(
+        select(CachedStudy.project_id, func.coalesce(func.sum(CachedStudy.bytes), 0)).group_by(CachedStudy.project_id)
+    ).all())
+    in_flight: dict[str, int] = defaultdict(int)
+    for project_id, expected, received in session.execute(
+        select(Request.project_id, Request.expected_bytes, Request.bytes)
+        .where(Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE)
+    ).all():
+        in_flight[project_id] += reserved_bytes(expected, received)
+    budgets = {}
+    for project in session.execute(select(Project)).scalars():
+        open_ = project.active and irb_active(project.expires_on, now.date())
+        reason = "the project's IRB approval has expired" if project.active else "the project is no longer configured"
+        budgets[project.id] = ProjectBudget(
+            project.id, open_, project.quota_bytes, int(used.get(project.id, 0)), in_flight[project.id], reason
+        )
+    return budgets
+
+
+def _studies_in_flight(session: Session) -> dict[str, set[str]]:
+    busy: dict[str, set[str]] = defaultdict(set)
+    for pacs_id, study_uid in session.execute(
+        select(Request.pacs_id, Request.study_uid)
+        .where(Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE)
+    ).all():
+        busy[pacs_id].add(study_uid)
+    return busy
+
+
+def _pacs_load(session: Session, pacs: PacsConfig, now: datetime) -> PacsLoad:
+    active = session.execute(
+        select(func.count()).where(
+            Request.pacs_id == pacs.id, Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE
+        )
+    ).scalar_one()
+    starts = session.execute(
+        select(PacsStart.started_at).where(PacsStart.pacs_id == pacs.id, PacsStart.started_at > now - HOUR)
+    ).scalars().all()
+    return PacsLoad(pacs_limits(pacs, now), active, [as_utc(t) for t in starts])
+
+
+def _candidates(session: Session, pacs_id: str, busy: set[str]) -> list[Candidate]:
+    allowed = (
+        select(ProjectMrn.mrn)
+        .where(ProjectMrn.project_id == Request.project_id, ProjectMrn.mrn == Request.patient_id)
+        .exists()
+    )
+    rows = session.execute(
+        select(Request.id, Request.project_id, Request.priority, Request.created_at, Request.expected_bytes,
+               allowed, Request.not_before, Request.study_uid)
+        .where(Request.pacs_id == pacs_id, Request.state == RequestState.SCHEDULED, Request.kind == RequestKind.RETRIEVE)
+    ).all()
+    return [
+        Candidate(rid, project_id, priority, as_utc(created), expected, bool(ok),
+                  as_utc(not_before) if not_before else None, study_uid in busy)
+        for rid, project_id, priority, created, expected, ok, not_before, study_uid in rows
+    ]
+
+
+def _cursor(session: Session, pacs_id: str) -> SchedulerCursor:
+    cursor = session.get(SchedulerCursor, pacs_id)
+    if cursor is None:
+        cursor = SchedulerCursor(pacs_id=pacs_id, last_project_id=None)
+        session.add(cursor)
+    return cursor
+
+
+# --- writing the plan ----------------------------------------------------------------
+
+
+def _apply_starts(
+    session: Session, pacs_id: str, ids: list[int], worker_id: str, now: datetime, budgets: dict[str, ProjectBudget]
+) -> None:
+    for request_id in ids:
+        row = session.get_one(Request, request_id)
+        row.state = RequestState.PROCESSING
+        row.worker = worker_id
+        row.started_at = now
+        row.attempts += 1
+        row.waiting_reason = None
+        row.received = row.failed = row.warnings = row.bytes = 0
+        row.last_status = None
+        session.add(PacsStart(pacs_id=pacs_id, project_id=row.project_id, request_id=row.id, started_at=now))
+        b = budgets[row.project_id]
+        # Later PACS in this same pass must see this study's space as taken.
+        budgets[row.project_id] = ProjectBudget(
+            b.project_id, b.may_retrieve, b.quota_bytes, b.used_bytes, b.in_flight_bytes + row.expected_bytes, b.closed_reason
+        )
+
+
+def _study_uids(session: Session, ids: list[int]) -> set[str]:
+    if not ids:
+        return set()
+    return set(session.execute(select(Request.study_uid).where(Request.id.in_(ids))).scalars())
+
+
+def _set_waiting(session: Session, waiting: dict[int, str]) -> None:
+    if not waiting:
+        return
+    rows = session.execute(select(Request).where(Request.id.in_(list(waiting)))).scalars()
+    for row in rows:
+        if row.waiting_reason != waiting[row.id]:
+            row.waiting_reason = waiting[row.id]
+
+
+def _cancel(session: Session, cancel: dict[int, str], now: datetime) -> None:
+    for request_id, reason in cancel.items():
+        row = session.get_one(Request, request_id)
+        row.state = RequestState.CANCELED
+        row.ended_at = now
+        row.waiting_reason = None
+        row.last_error = f"canceled: {reason}"

@@ -1,0 +1,114 @@
+"""The worker: schedule, run retrievals in threads, keep a heartbeat.
+
+`mi2b2 serve` runs one in-process; `mi2b2 worker` runs more, on any host that
+reaches the database and the PACS. Limits hold across all of them because
+every decision is taken under the database's scheduling lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+
+from mi2b2.domain.requests import ENDED
+from mi2b2.errors import Mi2b2Error
+from mi2b2.services import notifications
+from mi2b2.services.context import ServiceContext
+from mi2b2.services.receiver import ReceiverSink
+from mi2b2.services.retrieval import run_retrieval
+from mi2b2.services.scheduler import heartbeat, new_worker_id, requeue_orphans, retire_worker, schedule_once
+
+LOG = logging.getLogger(__name__)
+MAX_PARALLEL = 32  # retrievals one worker runs at once; the PACS limits are usually far lower
+
+
+class Worker:
+    def __init__(self, ctx: ServiceContext, sink: ReceiverSink, poll_seconds: float | None = None) -> None:
+        self.ctx = ctx
+        self.sink = sink
+        self.poll_seconds = poll_seconds or ctx.config.server.worker_poll_seconds
+        self.worker_id = new_worker_id()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="retrieval")
+        self._running: set[Future[str]] = set()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stale_after(self) -> timedelta:
+        # Another worker is presumed dead after missing several heartbeats.
+        return timedelta(seconds=max(30.0, 10 * self.poll_seconds))
+
+    def recover(self) -> None:
+        """After a crash: requeue what dead workers left processing and drop their temp files."""
+        heartbeat(self.ctx, self.worker_id)
+        requeued = requeue_orphans(self.ctx, self.stale_after)
+        removed = self.sink.store.clean_stale_incoming()
+        if requeued or removed:
+            LOG.warning("recovered %d interrupted requests and %d partial files", len(requeued), removed)
+
+    def tick(self) -> list[int]:
+        heartbeat(self.ctx, self.worker_id)
+        requeue_orphans(self.ctx, self.stale_after)
+        result = schedule_once(self.ctx, self.worker_id)
+        for request_id in result.canceled:
+            self._notify(request_id)
+        for request_id in result.started:
+            future = self._pool.submit(self._run, request_id)
+            self._running.add(future)
+            future.add_done_callback(self._running.discard)
+        return result.started
+
+    def run_forever(self) -> None:
+        self.recover()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Mi2b2Error as exc:
+                LOG.error("scheduling failed: %s", exc)
+            except Exception:
+                # The loop must survive a database hiccup; the next tick tries again.
+                LOG.exception("scheduling failed")
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="mi2b2-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, wait_seconds: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(wait_seconds)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            retire_worker(self.ctx, self.worker_id)
+        except Exception:
+            LOG.exception("could not retire worker %s", self.worker_id)
+
+    def busy(self) -> int:
+        return len(self._running)
+
+    def _run(self, request_id: int) -> str:
+        try:
+            state = run_retrieval(self.ctx, request_id, self.sink)
+        except Exception:
+            LOG.exception("request %s: retrieval crashed", request_id)
+            raise
+        finally:
+            self._wake.set()  # a slot is free: schedule at once rather than at the next poll
+        if state in ENDED:
+            self._notify(request_id)
+        return state
+
+    def _notify(self, request_id: int) -> None:
+        try:
+            notifications.on_request_ended(self.ctx, request_id)
+        except Exception:
+            LOG.exception("request %s: notification failed", request_id)

@@ -1,0 +1,133 @@
+"""The receiver's hand-made encodings, checked against pydicom/pynetdicom's own."""
+
+from __future__ import annotations
+
+import copy
+import io
+import struct
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import decode
+
+from mi2b2.adapters.dicom import files
+from mi2b2.adapters.dicom.store_scp import (
+    IMPLEMENTATION_CLASS_UID,
+    _Arrival,
+    _file_meta,
+    _fragments,
+    _parse_store_request,
+    _scp_contexts,
+    _store_response,
+)
+from mi2b2.synthetic import SyntheticStudy, write_study
+
+
+def _command_set(primitive: C_STORE | C_ECHO, message: C_STORE_RQ | C_ECHO_RQ) -> bytes:
+    message.primitive_to_message(primitive)
+    (pdu,) = list(message.encode_msg(1, 0))[:1]
+    context_id, data = pdu.presentation_data_value_list[0]
+    assert data[0] == 0x03  # command, last fragment
+    return bytes(data[1:])
+
+
+def test_store_request_is_parsed_like_pynetdicom_encodes_it() -> None:
+    request = C_STORE()
+    request.MessageID, request.Priority = 7, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.4.5"  # odd length: padded
+    request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = "MI2B2", 42
+    request.DataSet = io.BytesIO(b"\x00" * 8)
+    arrival = _parse_store_request(_command_set(request, C_STORE_RQ()), context_id=3)
+    assert arrival is not None
+    assert (arrival.context_id, arrival.message_id) == (3, 7)
+    assert (arrival.sop_class, arrival.sop_instance) == (CTImageStorage, "1.2.3.4.5")
+    assert (arrival.originator_ae, arrival.originator_message_id) == ("MI2B2", 42)
+
+
+def test_other_commands_are_left_to_pynetdicom() -> None:
+    echo = C_ECHO()
+    echo.MessageID, echo.AffectedSOPClassUID = 1, "1.2.840.10008.1.1"
+    assert _parse_store_request(_command_set(echo, C_ECHO_RQ()), context_id=1) is None
+    assert _parse_store_request(b"\x00\x00\x00\x01\xff\xff", context_id=1) is None  # truncated
+
+
+def test_store_response_decodes_as_a_c_store_rsp() -> None:
+    arrival = _Arrival(context_id=1, message_id=9, sop_class=CTImageStorage, sop_instance="1.2.3.4.5",
+                       originator_ae=None, originator_message_id=None)
+    command = decode(io.BytesIO(_store_response(arrival, 0xA700)), True, True)
+    assert command.CommandField == 0x8001
+    assert command.MessageIDBeingRespondedTo == 9
+    assert command.CommandDataSetType == 0x0101
+    assert command.Status == 0xA700
+    assert command.AffectedSOPClassUID == CTImageStorage
+    assert command.AffectedSOPInstanceUID == "1.2.3.4.5"
+    encoded = _store_response(arrival, 0)
+    assert struct.unpack_from("<I", encoded, 8)[0] == len(encoded) - 12  # CommandGroupLength
+
+
+def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
+    sop_uid = str(generate_uid()) + "1"[: 1 - len(str(generate_uid())) % 2]
+    path = tmp_path / "x.dcm"
+    path.write_bytes(_file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian, "ORTHANC"))
+    meta = dcmread(path).file_meta
+    assert meta.MediaStorageSOPClassUID == CTImageStorage
+    assert meta.MediaStorageSOPInstanceUID == sop_uid
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.SourceApplicationEntityTitle == "ORTHANC"
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+
+
+def test_fragments_of_a_p_data_pdu() -> None:
+    def pdv(context_id: int, header: int, data: bytes) -> bytes:
+        return struct.pack(">IBB", len(data) + 2, context_id, header) + data
+
+    body = pdv(1, 0x03, b"cmd") + pdv(3, 0x00, b"data")
+    pdu = memoryview(bytearray(struct.pack(">BBI", 4, 0, len(body)) + body))
+    assert [(cx, bytes(data)) for cx, data in _fragments(pdu) or []] == [(1, b"\x03cmd"), (3, b"\x00data")]
+    assert _fragments(pdu[:-2]) is None  # an item longer than the PDU
+    assert _fragments(memoryview(bytearray(struct.pack(">BBI", 4, 0, 0)))) is None
+
+
+def test_scp_contexts_copy_cheaply_but_separately() -> None:
+    contexts = _scp_contexts()
+    clone = copy.deepcopy(contexts)
+    assert [c.abstract_syntax for c in clone] == [c.abstract_syntax for c in contexts]
+    clone[1].transfer_syntax = [ExplicitVRLittleEndian]
+    assert len(contexts[1].transfer_syntax) > 1
+
+
+def _pydicom_test_files() -> list[Path]:
+    # Only the files shipped inside the package: never the downloadable ones.
+    base = Path(pydicom.__file__).parent / "data" / "test_files"
+    return sorted(p for p in base.rglob("*") if p.is_file())
+
+
+def test_fast_header_agrees_with_pydicom(tmp_path: Path) -> None:
+    paths = write_study(SyntheticStudy("P-1", "ÖLÇER^ZOË", "19700101", "F", "A1", "20240101", "MR", "ÄÖ", 1, 2, 16, 16), tmp_path)
+    paths += write_study(SyntheticStudy("P-2", "DOE^JO", "19700101", "F", "A2", "20240101", "US", "US", 1, 1, 16, 16), tmp_path)
+    paths += _pydicom_test_files()
+    compared = 0
+    for path in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                expected = files._pydicom_header(path)
+            except Exception:
+                continue  # pydicom itself cannot file it
+        fast = files.parse_instance_header(path.read_bytes()[: 64 * 1024])
+        if fast is not None:
+            assert fast == expected, path.name
+            compared += 1
+    assert compared >= 50
+
+
+@pytest.mark.parametrize("head", [b"", b"\x00" * 200, b"\x00" * 128 + b"DICM" + b"\xff" * 64])
+def test_fast_header_declines_what_it_does_not_understand(head: bytes) -> None:
+    assert files.parse_instance_header(head) is None

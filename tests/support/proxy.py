@@ -50,7 +50,8 @@ class Proxy:
         """Refuse connections (and cut open ones) until `up`."""
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.close()
+            # close() alone leaves a thread blocked in accept() listening; shutdown wakes it.
+            _close(listener)
         with self._lock:
             for sock in list(self._open):
                 _close(sock)

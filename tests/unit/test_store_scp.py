@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
@@ -32,7 +32,7 @@ from mi2b2.synthetic import SyntheticStudy, write_study
 def _command_set(primitive: C_STORE | C_ECHO, message: C_STORE_RQ | C_ECHO_RQ) -> bytes:
     message.primitive_to_message(primitive)
     (pdu,) = list(message.encode_msg(1, 0))[:1]
-    context_id, data = pdu.presentation_data_value_list[0]
+    _, data = pdu.presentation_data_value_list[0]
     assert data[0] == 0x03  # command, last fragment
     return bytes(data[1:])
 
@@ -72,7 +72,7 @@ def test_store_response_decodes_as_a_c_store_rsp() -> None:
 
 
 def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
-    sop_uid = str(generate_uid()) + "1"[: 1 - len(str(generate_uid())) % 2]
+    sop_uid = "1.2.3.4.5"  # odd length: padded with NUL
     path = tmp_path / "x.dcm"
     path.write_bytes(_file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian, "ORTHANC"))
     meta = dcmread(path).file_meta

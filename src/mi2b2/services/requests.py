@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedStudy, Request
+from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, Request
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import (
@@ -31,6 +31,7 @@ from mi2b2.domain.requests import (
     estimated_bytes,
 )
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.services import notifications
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
 from mi2b2.services.search import STUDY_ROOT, Door, allowed_values, count_instances, int_or_none, load_policy, open_door
@@ -249,15 +250,16 @@ def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ig
     ids = sorted(set(request_ids))
     if not ids:
         raise InvalidInput("name at least one request id")
+    for project_id in _projects_of(ctx, ids):
+        _require_member(ctx, who, project_id)
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         rows = session.execute(select(Request).where(Request.id.in_(ids)).with_for_update()).scalars().all()
-        missing = set(ids) - {r.id for r in rows}
-        if missing:
-            raise NotFound(f"no request {min(missing)}; list them with `mi2b2 request list PROJECT`")
+        leads = set(session.execute(
+            select(ProjectMember.project_id).where(ProjectMember.login == who.login, ProjectMember.role == "lead")
+        ).scalars())
         for row in rows:
-            role = _require_member(ctx, who, row.project_id)
-            if row.user_login != who.login and role != "lead" and not who.is_admin:
+            if row.user_login != who.login and row.project_id not in leads and not who.is_admin:
                 raise AccessDenied(
                     f"request {row.id} belongs to {row.user_login}; only they, a project lead or an admin may {what} it"
                 )
@@ -266,11 +268,24 @@ def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ig
             except TransitionRefused as exc:
                 raise InvalidInput(f"request {row.id}: {exc}") from None
             apply(row, now)
-        summary = [(r.id, r.project_id, r.patient_id, r.study_uid) for r in rows]
-    for request_id, project_id, patient_id, study_uid in summary:
+        summary = [(r.id, r.project_id, r.patient_id, r.study_uid, r.state) for r in rows]
+    for request_id, project_id, patient_id, study_uid, _ in summary:
         ctx.audit.record(who, Action.RETRIEVE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
                          detail={"request": request_id, "event": what})
+    for request_id, *_, state in summary:
+        if state in ENDED:
+            notifications.on_request_ended(ctx, request_id)
     return ids
+
+
+def _projects_of(ctx: ServiceContext, ids: list[int]) -> set[str]:
+    """The projects of these requests; every id must exist."""
+    with ctx.sessions() as session:
+        found = dict(session.execute(select(Request.id, Request.project_id).where(Request.id.in_(ids))).all())
+    missing = set(ids) - set(found)
+    if missing:
+        raise NotFound(f"no request {min(missing)}; list them with `mi2b2 request list PROJECT`")
+    return set(found.values())
 
 
 def _cancel(row: Request, now: Any) -> None:

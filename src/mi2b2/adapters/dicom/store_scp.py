@@ -32,6 +32,7 @@ import contextlib
 import copy
 import logging
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -333,12 +334,15 @@ class _StoreReceiver:
         self._lock = threading.Lock()
         self._contexts: dict[int, PresentationContext] | None = None
         assoc.dimse.receive_primitive = self.receive  # type: ignore[method-assign]
-        _read_p_data_directly(assoc, self._fragment)
+        _read_p_data_directly(assoc, self._fragment, self._mid_data_set)
 
     def receive(self, primitive: P_DATA) -> None:
         """pynetdicom's entry point, for P-DATA that did not take the direct path."""
         for context_id, data in primitive.presentation_data_value_list:
             self._fragment(context_id, data)
+
+    def _mid_data_set(self) -> bool:
+        return self._mode is _Mode.STORE or self._mode is _Mode.DRAIN
 
     def discard(self) -> None:
         """Drop a partly received instance (association closed or aborted)."""
@@ -453,9 +457,16 @@ class _StoreReceiver:
         # Straight to the network thread's send queue (which this thread serves
         # next): pynetdicom's send_msg would encode these six elements through
         # pydicom, twice, ~0.5 ms per instance.
-        response = P_DATA()
-        response.presentation_data_value_list = [[arrival.context_id, b"\x03" + _store_response(arrival, status)]]
-        self._assoc.dul.send_pdu(response)
+        command = _store_response(arrival, status)
+        dul = self._assoc.dul
+        if dul.state_machine.current_state == "Sta6" and dul.socket is not None:
+            # We are the network thread, established: sending the P-DATA-TF
+            # ourselves is what its state machine would do (DT-1), one pass later.
+            dul.socket.send(_p_data_tf(arrival.context_id, command))
+        else:
+            response = P_DATA()
+            response.presentation_data_value_list = [[arrival.context_id, b"\x03" + command]]
+            dul.send_pdu(response)
         if self._after_each is not None:
             try:
                 self._after_each()
@@ -513,7 +524,9 @@ class _StoreReceiver:
                 os.unlink(path)  # unless the sink moved it away
 
 
-def _read_p_data_directly(assoc: Association, deliver: Callable[[int, memoryview], None]) -> None:
+def _read_p_data_directly(
+    assoc: Association, deliver: Callable[[int, memoryview], None], mid_message: Callable[[], bool]
+) -> None:
     """Hand P-DATA-TF PDUs of an established association straight to `deliver`.
 
     pynetdicom turns every PDU into an object, fires two events, queues it
@@ -553,27 +566,42 @@ def _read_p_data_directly(assoc: Association, deliver: Callable[[int, memoryview
         if sock is None or raw is None or dul.state_machine.current_state != "Sta6":
             read_pdu()
             return
+        if not read_one(raw, read_pdu):
+            return
+        # The rest of a data set follows at once: read it here rather than one
+        # PDU per pass of pynetdicom's loop, as long as it keeps coming.
+        for _ in range(_PDUS_PER_PASS):
+            if not mid_message() or not select.select([raw], [], [], _NEXT_FRAGMENT_WAIT)[0]:
+                return
+            if not read_one(raw, None):
+                return
+
+    def read_one(raw: socket.socket, otherwise: Callable[[], None] | None) -> bool:
+        """Read and deliver one P-DATA-TF PDU; False if there was none to read."""
         try:
             head = raw.recv(6, socket.MSG_PEEK)
         except OSError:
-            read_pdu()  # which reports the broken connection its way
-            return
+            if otherwise is not None:
+                otherwise()  # which reports the broken connection its way
+            return False
         if len(head) < 6 or head[0] != _P_DATA_TF:
-            read_pdu()
-            return
+            if otherwise is not None:
+                otherwise()
+            return False
         try:
             pdu = receive_into(raw, 6 + _PDU_LENGTH.unpack_from(head, 2)[0])
         except (OSError, TimeoutError):
             pdu = None
         if pdu is None:
             dul.event_queue.put("Evt17")  # transport connection closed
-            return
+            return False
         fragments = _fragments(pdu)
         if fragments is None:
             dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts
-            return
+            return False
         for context_id, data in fragments:
             deliver(context_id, data)
+        return True
 
     dul._read_pdu_data = read  # type: ignore[method-assign]
 
@@ -628,6 +656,8 @@ _ELEMENT_HEADER = struct.Struct("<HHI")
 _P_DATA_TF = 0x04
 _PDU_LENGTH = struct.Struct(">I")
 _INITIAL_PDU_BUFFER = 131072 + 6
+_PDUS_PER_PASS = 64  # then pynetdicom's loop gets a turn (timers, aborts), mid data set or not
+_NEXT_FRAGMENT_WAIT = 0.05  # seconds; a sender that pauses longer goes back to the normal loop
 _US = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -685,6 +715,12 @@ def _store_response(arrival: _Arrival, status: int) -> bytes:
         ]
     )
     return _implicit(0x0000, _U32.pack(len(elements))) + elements
+
+
+def _p_data_tf(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one whole command set (PS3.8 9.3.5, E.2)."""
+    item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBI", _P_DATA_TF, 0, len(item)) + item
 
 
 def _implicit(element: int, value: bytes) -> bytes:

@@ -29,6 +29,25 @@ class FakeClock:
         self._now = when
 
 
+class ScaledClock:
+    """Wall time running ``factor`` times faster, from ``start``: lets a test
+    watch per-minute rate limits hold against a real PACS in a few seconds."""
+
+    def __init__(self, factor: float, start: datetime | None = None) -> None:
+        import time
+
+        self._time = time
+        self.factor = factor
+        self._origin_real = time.monotonic()
+        self._origin = start or datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self._origin + timedelta(seconds=(self._time.monotonic() - self._origin_real) * self.factor)
+
+    def monotonic(self) -> float:
+        return self._time.monotonic() * self.factor
+
+
 class FakeFindSession:
     """An in-memory stand-in for one PACS's C-FIND, for unit tests of the search service.
 

@@ -169,7 +169,6 @@ def _end(
         row = session.get_one(Request, job.request_id)
         row.state = state
         row.ended_at = now
-        row.worker = None
         row.waiting_reason = None
         row.cancel_requested = False
         row.last_error = reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -131,3 +132,51 @@ def test_fast_header_agrees_with_pydicom(tmp_path: Path) -> None:
 @pytest.mark.parametrize("head", [b"", b"\x00" * 200, b"\x00" * 128 + b"DICM" + b"\xff" * 64])
 def test_fast_header_declines_what_it_does_not_understand(head: bytes) -> None:
     assert files.parse_instance_header(head) is None
+
+
+# --- retrieve against a fake PACS that ignores C-CANCEL ------------------------------------
+# No real PACS does (the integration tests show all three honour it), so this
+# one is a pynetdicom C-MOVE SCP that keeps going.
+
+
+def test_a_pacs_ignoring_cancel_is_aborted_after_the_grace_period(tmp_path: Path) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    from mi2b2.adapters.dicom.retrieve import RetrieveProgress, move_study
+    from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, QueryModel
+    from mi2b2.adapters.dicom.store_scp import StoreServer
+
+    class Keep:
+        def accept(self, instance: object) -> int:
+            return 0
+
+    receiver = StoreServer(LocalAE("DEST"), "127.0.0.1", 0, Keep(), tmp_path / "incoming")
+    receiver.start()
+    instance = dcmread(write_study(SyntheticStudy("P-9", "X^Y", "19700101", "F", "A9", "20240101", "CT", "CT", 1, 1, 8, 8),
+                                   tmp_path)[0])
+
+    def handle_move(event: evt.Event) -> object:
+        yield "127.0.0.1", receiver.port
+        yield 40
+        for _ in range(40):  # never looks at event.is_cancelled
+            time.sleep(0.1)
+            yield 0xFF00, instance
+
+    pacs = AE("FAKEPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    pacs.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_MOVE, handle_move)])
+    try:
+        progress: list[RetrieveProgress] = []
+        started = time.monotonic()
+        result = move_study(LocalAE("MI2B2"), DicomPeer("FAKEPACS", "127.0.0.1", server.server_address[1]), "DEST",
+                            QueryModel.STUDY_ROOT, "1.2.3", "", on_progress=progress.append,
+                            should_cancel=lambda: len(progress) >= 2, cancel_grace=0.5)
+        assert result.canceled and result.status == 0xFE00
+        assert 2 <= result.completed < 40
+        assert time.monotonic() - started < 3
+    finally:
+        server.shutdown()
+        receiver.stop()
+    assert list((tmp_path / "incoming").iterdir()) == []

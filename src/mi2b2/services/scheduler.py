@@ -24,6 +24,7 @@ from mi2b2.domain.governance import irb_active
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
 from mi2b2.domain.windows import Limits, limits_at
+from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 
 
@@ -57,6 +58,14 @@ def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
             result.started += plan.starts
             result.canceled.update(plan.cancel)
         session.execute(delete(PacsStart).where(PacsStart.started_at < now - 2 * HOUR))
+        canceled = session.execute(
+            select(Request.id, Request.project_id, Request.pacs_id, Request.patient_id, Request.study_uid)
+            .where(Request.id.in_(list(result.canceled)))
+        ).all()
+    for request_id, project_id, pacs_id, patient_id, study_uid in canceled:
+        ctx.audit.record("scheduler", Action.RETRIEVE, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
+                         patient_id=patient_id, study_uid=study_uid,
+                         detail={"request": request_id, "event": "canceled", "reason": result.canceled[request_id]})
     return result
 
 

@@ -102,3 +102,32 @@ def test_openapi_document_is_served(client: TestClient) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     assert "/api/v1/search/studies" in spec["paths"]
     assert spec["paths"]["/api/v1/search/studies"]["post"]["operationId"] == "search_search_studies"
+
+
+def test_request_lifecycle_over_the_api(client: TestClient) -> None:
+    _login(client, "alice")
+    added = client.post("/api/v1/requests", json={"project": "alpha", "pacs": "main", "priority": 2,
+                                                  "studies": [{"study_uid": "1.2"}]})
+    assert added.status_code == 200, added.text
+    (request_id,) = added.json()["created"]
+    listed = client.get("/api/v1/projects/alpha/requests", params={"state": ["scheduled"]}).json()
+    assert [(r["id"], r["priority"], r["patient_id"]) for r in listed] == [(request_id, 2, "77")]
+    assert client.post("/api/v1/requests/priority", json={"ids": [request_id], "priority": 7}).json() == {
+        "changed": [request_id]}
+    assert client.get(f"/api/v1/requests/{request_id}").json()["priority"] == 7
+    assert client.post("/api/v1/requests/cancel", json={"ids": [request_id]}).json() == {"canceled": [request_id]}
+    again = client.post("/api/v1/requests/cancel", json={"ids": [request_id]})
+    assert again.status_code == 422 and "cannot be canceled" in again.json()["error"]
+    missing = client.get("/api/v1/requests/4242")
+    assert missing.status_code == 404
+    unknown_state = client.get("/api/v1/projects/alpha/requests", params={"state": ["lost"]})
+    assert unknown_state.status_code == 422 and "lost" in unknown_state.json()["error"]
+    bad = client.post("/api/v1/requests", json={"project": "alpha", "pacs": "main", "studies": [{"study_uid": "x"}]})
+    assert bad.status_code == 422 and "not a DICOM UID" in bad.json()["error"]
+
+
+def test_non_members_see_no_requests(client: TestClient) -> None:
+    _login(client, "audrey")
+    assert client.get("/api/v1/projects/alpha/requests").status_code == 403
+    refused = client.post("/api/v1/requests", json={"project": "alpha", "pacs": "main", "studies": [{"study_uid": "1.2"}]})
+    assert refused.status_code == 403

@@ -116,7 +116,11 @@ def list_requests(
 ) -> list[dict[str, Any]]:
     _require_member(ctx, who, project_id)
     query = select(Request).where(Request.project_id == project_id)
-    wanted = [RequestState(s) for s in states] if states else []
+    known = {s.value for s in RequestState}
+    wanted = list(dict.fromkeys(states))
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise InvalidInput(f"unknown request state {unknown[0]!r}; use one of {', '.join(sorted(known))}")
     if wanted:
         query = query.where(Request.state.in_(wanted))
     with ctx.sessions() as session:
@@ -127,10 +131,12 @@ def list_requests(
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
-        if row is None:
-            raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
-        _require_member(ctx, who, row.project_id)
-        return request_view(row)
+        view = request_view(row) if row is not None else None
+    if view is None:
+        raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
+    # Checked after the read session closed: on SQLite every session holds the write lock.
+    _require_member(ctx, who, view["project_id"])
+    return view
 
 
 def cancel_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[int]) -> list[int]:

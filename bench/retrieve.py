@@ -68,7 +68,7 @@ REFERENCE_AE = "STORESCP"
 SERVER_TIMEOUT = 60.0
 STALL_SECONDS = 60.0  # no new instance for this long = something is stuck
 POLL_SECONDS = 0.25
-DATA_VERSION = "1"  # bump when the generated files change
+DATA_VERSION = "2"  # bump when the generated files change
 MB = 1e6
 
 
@@ -94,7 +94,8 @@ def mrn(i: int) -> str:
 
 def _write_study(folder: Path, label: str, patient_id: str, instances: int, rows: int, seed: int) -> Study:
     """One MR study, 50 slices per series, random 12-bit pixels."""
-    study_uid = str(generate_uid(entropy_srcs=["bench-retrieve", DATA_VERSION, label]))
+    # One entropy string with separators: generate_uid concatenates its sources, so ["1", "11"] == ["11", "1"].
+    study_uid = str(generate_uid(entropy_srcs=[f"bench-retrieve/{DATA_VERSION}/{label}"]))
     study_dir = folder / label
     study_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -103,8 +104,8 @@ def _write_study(folder: Path, label: str, patient_id: str, instances: int, rows
     per_series = 50
     for index in range(instances):
         series_number, instance_number = index // per_series + 1, index % per_series + 1
-        series_uid = str(generate_uid(entropy_srcs=[study_uid, str(series_number)]))
-        sop_uid = generate_uid(entropy_srcs=[study_uid, str(series_number), str(instance_number)])
+        series_uid = str(generate_uid(entropy_srcs=[f"{study_uid}/{series_number}"]))
+        sop_uid = generate_uid(entropy_srcs=[f"{study_uid}/{series_number}/{instance_number}"])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
@@ -150,6 +151,9 @@ def generate(root: Path, studies: int, instances: int, big_instances: int, rows:
     made = [_write_study(folder, f"study{i:03d}", mrn(i), instances, rows, i) for i in range(1, studies + 1)]
     made.append(_write_study(folder, "big", mrn(studies + 1), big_instances, rows, studies + 1))
     made.append(_write_study(folder, "warmup", mrn(studies + 2), 1, rows, studies + 2))
+    uids = [sop_uid_of(f) for s in made for f in s.files]
+    if len(set(uids)) != len(uids):
+        raise BenchFailure("generated SOP Instance UIDs repeat; fix the entropy of generate_uid")
     index.write_text(json.dumps([{"label": s.label, "patient_id": s.patient_id, "study_uid": s.study_uid,
                                   "files": [str(f) for f in s.files], "bytes": s.bytes} for s in made]))
     return made[:-2], made[-2], made[-1], False

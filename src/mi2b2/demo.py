@@ -36,7 +36,7 @@ from mi2b2.domain.clock import SystemClock
 from mi2b2.domain.principal import SYSTEM
 from mi2b2.errors import InvalidInput, PermanentError
 from mi2b2.services.context import build_context
-from mi2b2.synthetic import SyntheticStudy, write_study
+from mi2b2.synthetic import SyntheticStudy, study_instance_uid, write_study
 
 __all__ = ["run_demo"]
 
@@ -502,6 +502,10 @@ def _print_banner(folder: Path, config_path: Path, url: str, token: str, pacs: d
     search_accessions = _command("search", "studies", "--accessions", "--project", "brain-mri", "--pacs",
                                  "lakeside-pacs", *common, "LK2300781", "LK2402020")
     audit = _command("audit", "list", "--config", str(config_path), "--action", "denied")
+    first_study = next(study for site_id, study in _studies() if study.patient_id == "000123")
+    request = _command("request", "add", "brain-mri", "--pacs", "northside-pacs", *common, study_instance_uid(first_study))
+    watch = _command("request", "list", "brain-mri", "--watch", *common)
+    cache = _command("cache", "list", "brain-mri", *common)
     instances = sum(series * per for p in PATIENTS for *_, series, per in p.studies)
     pacs_lines = "\n".join(
         f"  {site.pacs_id:15s} {pacs[site.id].ae_title}@{HOST}:{pacs[site.id].port}  ({site.name})" for site in SITES
@@ -530,6 +534,10 @@ Try:
   $ {search_accessions}
   # the refusals, in the audit trail
   $ {audit}
+  # move a study into brain-mri's cache, watch the governed queue deliver it, then list the cache
+  $ {request}
+  $ {watch}
+  $ {cache}
 
 Press Ctrl-C to stop the server and the demo PACS.
 """, flush=True)

@@ -93,7 +93,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPacs]:
 @pytest.fixture
 def server(tmp_path: Path, orthanc: RunningPacs) -> Iterator[tuple[str, Path]]:
     port = free_port()
-    config = write_site(tmp_path, pacs_blocks=pacs_block("main", orthanc.ae_title, orthanc.port))
+    config = write_site(tmp_path, pacs_blocks=pacs_block("main", orthanc.ae_title, orthanc.port, 'retrieve = "c-get"\n'))
     config.write_text(config.read_text().replace("[server]", f"[server]\nhttp_port = {port}"))
     process = subprocess.Popen([sys.executable, "-m", "mi2b2", "serve", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,3 +186,33 @@ def test_serves_https_when_the_site_configures_a_certificate(tmp_path: Path) -> 
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+def test_request_watch_cache_and_notifications_from_the_command_line(server: tuple[str, Path]) -> None:
+    url, config = server
+    assert mi2b2("admin", "user", "add", "alice", "--role", "researcher", config=config).returncode == 0
+    alice = mi2b2("admin", "token", "create", "alice", config=config).stdout.strip().splitlines()[-1]
+    common = ["--server", url, "--token", alice]
+
+    added = mi2b2("request", "add", "alpha", "--pacs", "main", *common, studies.uid(studies.BRAIN), studies.uid(studies.OFF_LIST))
+    assert added.returncode == 0, added.stderr
+    assert "1 requests queued" in added.stdout and "refused: patient not on the IRB list" in added.stderr
+
+    watched = mi2b2("request", "list", "alpha", "--watch", "--interval", "0.3", *common)
+    assert watched.returncode == 0 and "1 completed" in watched.stdout, watched.stdout
+    listed = mi2b2("request", "list", "alpha", "--format", "csv", *common).stdout.splitlines()
+    assert listed[0].startswith("id,state,priority") and ",completed," in listed[1] and ",6,6," in listed[1]
+
+    usage = mi2b2("cache", "usage", "alpha", *common)
+    assert usage.returncode == 0, usage.stderr
+    cached = mi2b2("cache", "list", "alpha", "--format", "csv", *common)
+    assert studies.uid(studies.BRAIN) in cached.stdout
+    notices = mi2b2("notifications", *common)
+    assert "1 study ready in project alpha" in notices.stdout, notices.stdout
+    clean = mi2b2("admin", "fsck", config=config)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    deleted = mi2b2("cache", "delete", "alpha", studies.uid(studies.BRAIN), *common)
+    assert deleted.returncode == 0, deleted.stderr
+    assert studies.uid(studies.BRAIN) not in mi2b2("cache", "list", "alpha", "--format", "csv", *common).stdout
+    not_yours = mi2b2("request", "cancel", "1", "--server", url, "--token", "mi2b2_forged")
+    assert not_yours.returncode == 2

@@ -115,6 +115,18 @@ def test_demo_serves_searches_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert report["studies"][0]["accession"] == "LK2300781"
         assert report["not_permitted"] == ["LK2402020"]
 
+        # Move a study into the cache with the printed command; the demo's worker and receiver deliver it.
+        request = subprocess.run(_printed_command(output.text(), " request add "), capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert request.returncode == 0 and "1 requests queued" in request.stdout, request.stdout + request.stderr
+        with Mi2b2Client(f"http://127.0.0.1:{port}", token) as client:
+            deadline = time.monotonic() + 60
+            while (rows := client.requests("brain-mri"))[0]["state"] in ("scheduled", "processing"):
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.3)
+            assert rows[0]["state"] == "completed" and rows[0]["received"] == rows[0]["expected_instances"] > 0
+            assert [s["patient_id"] for s in client.cache("brain-mri")["studies"]] == ["000123"]
+
         children = _processes_mentioning(folder)
         assert sum("qrscp" in c for c in children.values()) == 2, children
 

@@ -271,3 +271,26 @@ def _with_patient(path: Path, patient_id: str, folder: Path) -> Path:
     out = folder / "forged.dcm"
     ds.save_as(out)
     return out
+
+
+def test_a_full_disk_fails_the_request_and_leaves_nothing_half_written(tmp_path: Path, setup: Setup,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if setup.pacs.kind != "orthanc":
+        pytest.skip("the write path does not depend on the PACS; one run is enough")
+    from mi2b2.adapters.storage.cache_files import CacheFull
+
+    with Pipeline(_site(tmp_path, setup)) as pipe:
+        def full(temp: Path, relative: str) -> int:
+            temp.unlink()  # as the real place() does when the write fails
+            raise CacheFull(f"cannot place {relative}: No space left on device", 28)
+
+        monkeypatch.setattr(pipe.sink.store, "place", full)
+        ids = _add(pipe, StudyPick(studies.uid(studies.TRAUMA)))
+        (row,) = pipe.wait(ids, timeout=30)
+        assert row.state == "failed"
+        assert "cannot write to the cache" in (row.last_error or "") and "No space left" in (row.last_error or "")
+        assert cache_files(pipe.ctx.config.cache_dir()) == []
+        assert list((pipe.ctx.config.cache_dir() / ".incoming").rglob("*")) == [] or all(
+            p.is_dir() for p in (pipe.ctx.config.cache_dir() / ".incoming").rglob("*"))
+        with pipe.ctx.sessions() as session:
+            assert session.execute(select(func.count()).select_from(CachedInstance)).scalar_one() == 0

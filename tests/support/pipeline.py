@@ -34,11 +34,8 @@ def retrieval_site(folder: Path, receiver_port: int, pacs: str, database_url: st
     """A site whose [dicom] receiver listens on `receiver_port`; `pacs` is the PACS block(s)."""
     from support.site import write_site
 
-    path = write_site(folder, pacs_blocks=pacs, database_url=database_url, allowed_a=allowed,
-                      extra=projects or "")
-    text = path.read_text().replace("port = 11112", f"port = {receiver_port}")
-    path.write_text(text)
-    return path
+    return write_site(folder, pacs_blocks=pacs, database_url=database_url, allowed_a=allowed,
+                      extra=projects or "", dicom_port=receiver_port)
 
 
 class Pipeline:

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 from mi2b2.config import SiteConfig, load_config
+from support.pacs import free_port
 
 ALLOWED_A = ["000123", "MRN-0002", "77", "PAT004", "P005"]
 ALLOWED_B = ["B-1", "B-2"]
@@ -29,6 +30,7 @@ def write_site(
     extra: str = "",
     allowed_a: list[str] | None = None,
     expired_b: bool = True,
+    dicom_port: int | None = None,
 ) -> Path:
     """Two institutions, project 'alpha' (alice, bob) and project 'beta' (carol, IRB expired)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,7 @@ def write_site(
 
         [dicom]
         ae_title = "MI2B2"
-        port = 11112
+        port = {dicom_port or free_port()}
 
         [[institutions]]
         id = "general"

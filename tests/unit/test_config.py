@@ -30,7 +30,7 @@ def test_the_test_site_is_valid(tmp_path: Path) -> None:
         (('cache_dir = "cache"', 'cache_dir = "cache"\ncolour = "blue"'), r"server.colour: unknown setting"),
         (('[dicom]', '[dicom\n'), "is not valid TOML"),
         (('mrn_file = "alpha.mrns"', 'mrn_file = "missing.mrns"'), "missing.mrns does not exist"),
-        (('port = 11112', 'port = 11112\ntls_cert = "c.pem"'), "DICOM TLS is not supported by this version"),
+        (('ae_title = "MI2B2"', 'ae_title = "MI2B2"\ntls_cert = "c.pem"'), "DICOM TLS is not supported by this version"),
     ],
     ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file", "dicom-tls"],
 )

@@ -52,7 +52,14 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Units of work take the write lock up front, so two never deadlock
+        # upgrading a read lock; plain reads stay deferred, so in WAL mode
+        # they neither wait for nor block a writer.
+        writes = connection.get_execution_options().get(_WRITES, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+_WRITES = "mi2b2_writes"
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -63,6 +70,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
     with sessions() as session, session.begin():
+        session.connection(execution_options={_WRITES: True})
         yield session
 
 

@@ -8,6 +8,7 @@ the PACS off, slow it down, and count associations from the PACS's side.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def _add(pipe: Pipeline, *picks: StudyPick, priority: int = 0) -> list[int]:
 
 
 def test_whole_study_and_series_subset_arrive_identical(tmp_path: Path, setup: Setup,
-                                                        originals: dict[str, list[Path]]) -> None:
+                                                        originals: dict[str, list[Path]],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mi2b2")
     with Pipeline(_site(tmp_path, setup)) as pipe:
         series = sorted({str(_header(f).SeriesInstanceUID) for f in originals["brain"]})
         ids = _add(pipe, StudyPick(studies.uid(studies.TRAUMA)),
@@ -113,6 +116,10 @@ def test_whole_study_and_series_subset_arrive_identical(tmp_path: Path, setup: S
             events = session.execute(select(AuditEvent.detail).where(AuditEvent.action == "retrieve")).scalars().all()
         assert [n.kind for n in notices] == ["batch_done"] or len(notices) == 1
         assert sum('"event":"completed"' in e for e in events) == 2
+    # Patient identifiers go to the audit trail, never to the ordinary log.
+    assert "retrieving from main" in caplog.text
+    for phi in (studies.BRAIN.patient_id, studies.BRAIN.patient_name, studies.TRAUMA.patient_name, "ACC-1001"):
+        assert phi not in caplog.text
 
 
 def test_missing_instances_make_the_request_incomplete(tmp_path: Path, setup: Setup) -> None:

@@ -55,8 +55,10 @@ def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> s
     except RetriableError as exc:
         return _transient(ctx, job, exc)
     except Mi2b2Error as exc:
+        # A PACS whose C-STOREs we refused for lack of space reports a failure
+        # of its own; ours is the reason worth showing.
         status = exc.status if isinstance(exc, DimseFailure) else None
-        return _end(ctx, job, RequestState.FAILED, str(exc), status=status)
+        return _end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status)
     if result.canceled:
         return _end(ctx, job, RequestState.CANCELED, "canceled by a user", status=result.status)
     return _judge(ctx, job, result)
@@ -118,12 +120,20 @@ class _Watch:
                 row.expected_instances = max(row.expected_instances, total)
 
 
+def _write_failure(ctx: ServiceContext, job: _Job) -> str | None:
+    """The receiver's reason, when it could not write this request's instances to the cache."""
+    with ctx.sessions() as session:
+        row = session.get_one(Request, job.request_id)
+        return row.last_error if row.last_status == StoreStatus.OUT_OF_RESOURCES else None
+
+
 def _judge(ctx: ServiceContext, job: _Job, result: RetrieveResult) -> str:
     with ctx.sessions() as session:
         row = session.get_one(Request, job.request_id)
         expected = max(row.expected_instances, result.completed + result.failed + result.warning)
-        received, write_failed, write_error = row.received, row.last_status == StoreStatus.OUT_OF_RESOURCES, row.last_error
-    if write_failed:
+        received = row.received
+    write_error = _write_failure(ctx, job)
+    if write_error:
         return _end(ctx, job, RequestState.FAILED, write_error, status=result.status, result=result, expected=expected)
     outcome = retrieval_outcome(expected, received, result.failed, 0)
     return _end(ctx, job, outcome.state, outcome.reason, status=result.status, result=result, expected=expected)

@@ -64,6 +64,16 @@ def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> s
     return _judge(ctx, job, result)
 
 
+def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:
+    """A bug or a vanished PACS configuration must not leave a request holding a slot forever."""
+    with transaction(ctx.sessions) as session:
+        row = session.get(Request, request_id)
+        if row is not None and row.state == RequestState.PROCESSING:
+            row.state = RequestState.FAILED
+            row.ended_at = ctx.clock.now()
+            row.last_error = f"internal error ({type(error).__name__}): {error}; see the server log, then retry"
+
+
 def _load(ctx: ServiceContext, request_id: int) -> _Job | None:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
 from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, ProjectMrn, Request, SchedulerCursor, Worker
+from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import irb_active
@@ -136,7 +137,7 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
         workers = {w.id: w for w in session.execute(select(Worker)).scalars()}
         dead = {
             w.id for w in workers.values()
-            if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not _pid_alive(w.pid))
+            if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not pid_alive(w.pid))
         }
         orphans = session.execute(
             select(Request).where(Request.state == RequestState.PROCESSING).with_for_update()
@@ -151,15 +152,6 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
         session.execute(delete(Worker).where(Worker.id.in_(dead)))
     return requeued
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- reading the counters ------------------------------------------------------------

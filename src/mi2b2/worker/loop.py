@@ -17,7 +17,7 @@ from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.receiver import ReceiverSink
-from mi2b2.services.retrieval import run_retrieval
+from mi2b2.services.retrieval import fail_unexpectedly, run_retrieval
 from mi2b2.services.scheduler import heartbeat, new_worker_id, requeue_orphans, retire_worker, schedule_once
 
 LOG = logging.getLogger(__name__)
@@ -98,9 +98,10 @@ class Worker:
     def _run(self, request_id: int) -> str:
         try:
             state = run_retrieval(self.ctx, request_id, self.sink)
-        except Exception:
+        except Exception as exc:
             LOG.exception("request %s: retrieval crashed", request_id)
-            raise
+            fail_unexpectedly(self.ctx, request_id, exc)
+            state = "failed"
         finally:
             self._wake.set()  # a slot is free: schedule at once rather than at the next poll
         if state in ENDED:

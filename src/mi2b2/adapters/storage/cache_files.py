@@ -25,6 +25,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from mi2b2.adapters.process import pid_alive
 from mi2b2.config import IDENTIFIER
 from mi2b2.errors import InvalidInput, PermanentError
 
@@ -83,15 +84,6 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class CacheStore:
@@ -297,7 +289,7 @@ class CacheStore:
             host, _, pid = entry.name.rpartition("-")
             if not entry.is_dir() or host != self.host or not pid.isdigit():
                 continue
-            if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if int(pid) != os.getpid() and not pid_alive(int(pid)):
                 stale.append(entry)
         return stale
 

@@ -44,6 +44,7 @@ def background(ctx: ServiceContext, receiver: bool, worker: bool) -> Iterator[tu
             loop.stop()
         if server is not None:
             server.stop()
+        sink.close()
 
 
 def run_until_signal(ctx: ServiceContext, receiver: bool, worker: bool, ready_message: str) -> None:

@@ -1,8 +1,8 @@
 """Governance measured from the PACS's side of the wire.
 
 A TCP proxy in front of Orthanc counts open associations and when each began.
-The scheduler runs on a clock 30 times faster than the wall (a minute lasts
-two seconds), so per-minute limits can be watched in a short test. With two
+The scheduler runs on a clock 20 times faster than the wall (a minute lasts
+three seconds), so per-minute limits can be watched in a short test. With two
 workers on PostgreSQL the same limits hold, because they live in the database.
 """
 
@@ -27,7 +27,7 @@ from support.site import pacs_block
 
 pytestmark = pytest.mark.pacs
 
-SPEED = 30.0  # scheduler seconds per wall second
+SPEED = 20.0  # scheduler seconds per wall second
 PER_MINUTE = 6
 MAX_CONCURRENT = 2
 PROJECTS = ["alpha", "gamma", "delta"]
@@ -113,14 +113,14 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
             finally:
                 if second is not None:
                     second.__exit__(None, None, None)
-        assert {r.state for r in rows} == {"completed"}
+        assert {r.state for r in rows} == {"completed"}, [(r.id, r.state, r.attempts, r.last_error) for r in rows]
         assert proxy.seen.max_concurrent <= MAX_CONCURRENT
-        # A scheduler minute is 2 wall seconds; allow 10 % for the proxy seeing a connection a little late.
-        assert proxy.starts_within(60 / SPEED * 0.9) <= PER_MINUTE
+        # A scheduler minute is 3 wall seconds; allow half a second for the proxy seeing a connection late.
+        assert proxy.starts_within(60 / SPEED - 0.5) <= PER_MINUTE, sorted(proxy.seen.opened_at)
         assert len(proxy.seen.opened_at) == len(rows)
         with pipe.ctx.sessions() as session:
             order = session.execute(select(PacsStart.project_id).order_by(PacsStart.id)).scalars().all()
-        assert order == sorted(PROJECTS) * PER_PROJECT  # every project in turn, from first start to last
+        assert order == sorted(PROJECTS) * PER_PROJECT, order  # every project in turn, from first start to last
         if second is not None:
             assert len({r.worker for r in rows}) == 2, "both workers should have run retrievals"
         pipe.ctx.engine.dispose()

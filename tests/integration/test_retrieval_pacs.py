@@ -214,6 +214,7 @@ def test_receipt_door_refuses_strangers_unrequested_studies_and_off_list_patient
         # The same file from the right PACS is accepted.
         assert _send(pipe, setup.pacs.ae_title, trauma) == 0x0000
         assert len(cache_files(pipe.ctx.config.cache_dir())) == 1
+        assert pipe.sink.indexer.flush(10)
         with pipe.ctx.sessions() as session:
             assert session.execute(select(func.count()).select_from(CachedStudy)).scalar_one() == 1
 
@@ -280,24 +281,31 @@ def _with_patient(path: Path, patient_id: str, folder: Path) -> Path:
     return out
 
 
-def test_a_full_disk_fails_the_request_and_leaves_nothing_half_written(tmp_path: Path, setup: Setup,
+@pytest.mark.parametrize("fails_at", ["rename", "sync"])
+def test_a_full_disk_fails_the_request_and_leaves_nothing_half_written(tmp_path: Path, setup: Setup, fails_at: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if setup.pacs.kind != "orthanc":
         pytest.skip("the write path does not depend on the PACS; one run is enough")
     from mi2b2.adapters.storage.cache_files import CacheFull
 
     with Pipeline(_site(tmp_path, setup)) as pipe:
-        def full(temp: Path, relative: str) -> int:
-            temp.unlink()  # as the real place() does when the write fails
-            raise CacheFull(f"cannot place {relative}: No space left on device", 28)
+        store = pipe.sink.store
+        if fails_at == "rename":
+            def full(temp: Path, relative: str) -> int:
+                temp.unlink()  # as the real move_in does when the rename fails
+                raise CacheFull(f"cannot place {relative}: No space left on device", 28)
 
-        monkeypatch.setattr(pipe.sink.store, "place", full)
+            monkeypatch.setattr(store, "move_in", full)
+        else:
+            def no_sync(relatives: list[str]) -> list[str]:
+                raise CacheFull("cannot sync: No space left on device", 28)
+
+            monkeypatch.setattr(store, "make_durable", no_sync)
         ids = _add(pipe, StudyPick(studies.uid(studies.TRAUMA)))
         (row,) = pipe.wait(ids, timeout=30)
         assert row.state == "failed"
         assert "cannot write to the cache" in (row.last_error or "") and "No space left" in (row.last_error or "")
         assert cache_files(pipe.ctx.config.cache_dir()) == []
-        assert list((pipe.ctx.config.cache_dir() / ".incoming").rglob("*")) == [] or all(
-            p.is_dir() for p in (pipe.ctx.config.cache_dir() / ".incoming").rglob("*"))
+        assert [p for p in (pipe.ctx.config.cache_dir() / ".incoming").rglob("*") if p.is_file()] == []
         with pipe.ctx.sessions() as session:
             assert session.execute(select(func.count()).select_from(CachedInstance)).scalar_one() == 0

@@ -62,6 +62,7 @@ class Pipeline:
             self.worker.stop()
         if self.server is not None:
             self.server.stop()
+        self.sink.close()
         self.ctx.engine.dispose()
 
     def requests(self, ids: Iterable[int] | None = None) -> list[Request]:

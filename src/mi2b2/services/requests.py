@@ -274,9 +274,10 @@ def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ig
             except TransitionRefused as exc:
                 raise InvalidInput(f"request {row.id}: {exc}") from None
             apply(row, now)
-        summary = [(r.id, r.project_id, r.patient_id, r.study_uid, r.state) for r in rows]
-    for request_id, project_id, patient_id, study_uid, _ in summary:
-        ctx.audit.record(who, Action.RETRIEVE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
+        summary = [(r.id, r.project_id, r.patient_id, r.study_uid, r.kind, r.state) for r in rows]
+    for request_id, project_id, patient_id, study_uid, kind, _ in summary:
+        action = Action.FORWARD if kind == RequestKind.FORWARD else Action.RETRIEVE
+        ctx.audit.record(who, action, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
                          detail={"request": request_id, "event": what})
     for request_id, *_, state in summary:
         if state in ENDED:

@@ -31,6 +31,7 @@ from mi2b2.services.receiver import ReceiverSink
 
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
+INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,24 @@ def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> s
         # of its own; ours is the reason worth showing.
         status = exc.status if isinstance(exc, DimseFailure) else None
         return _end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status)
+    _await_counts(ctx, job, sink, result.completed + result.warning)
     if result.canceled:
         return _end(ctx, job, RequestState.CANCELED, "canceled by a user", status=result.status)
     return _judge(ctx, job, result)
+
+
+def _await_counts(ctx: ServiceContext, job: _Job, sink: ReceiverSink, acknowledged: int) -> None:
+    """Instances are answered before they are indexed (group commit): wait until
+    the request counts what the PACS says we acknowledged. A receiver in another
+    process is waited for through the database."""
+    sink.indexer.flush()
+    deadline = time.monotonic() + INDEX_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        with ctx.sessions() as session:
+            received = session.execute(select(Request.received).where(Request.id == job.request_id)).scalar_one()
+        if received >= acknowledged:
+            return
+        time.sleep(0.05)
 
 
 def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:

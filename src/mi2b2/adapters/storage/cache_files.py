@@ -138,21 +138,25 @@ class CacheStore:
         is replaced. On failure the temp file is removed and nothing new is left
         at ``relative``.
         """
+        size = self.move_in(temp, relative)
+        self.make_durable([relative])
+        return size
+
+    def move_in(self, temp: Path, relative: str) -> int:
+        """Rename a complete temp file to ``relative`` (atomic, not yet durable); return its size.
+
+        The receiver answers the PACS after this and leaves the fsyncs to
+        `make_durable`, run for many files at once off the network thread: a
+        process crash cannot lose a renamed file (the kernel has it), and the
+        index, which only names durable files, decides what counts."""
         try:
             target = self.absolute(relative)
         except InvalidInput:
             temp.unlink(missing_ok=True)
             raise
-        existed = False
         try:
-            fd = os.open(temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
+            size = os.stat(temp).st_size
             self._make_dirs(target.parent)
-            existed = target.exists()
             os.replace(temp, target)
         except OSError as exc:
             temp.unlink(missing_ok=True)
@@ -160,13 +164,34 @@ class CacheStore:
                 raise CacheStorageError(f"{temp} is on another file system than the cache; "
                                         "write temp files under CacheStore.incoming_dir()", exc.errno) from None
             raise _storage_error("place", relative, exc) from None
-        try:
-            _fsync_dir(target.parent)
-        except OSError as exc:
-            if not existed:
-                target.unlink(missing_ok=True)  # not durable: do not leave a file the index will never name
-            raise _storage_error("place", relative, exc) from None
         return size
+
+    def make_durable(self, relatives: list[str]) -> list[str]:
+        """fsync these files' data and their folders; return the ones that are gone."""
+        gone = []
+        folders = set()
+        for relative in relatives:
+            path = self.absolute(relative)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                gone.append(relative)
+                continue
+            except OSError as exc:
+                raise _storage_error("sync", relative, exc) from None
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise _storage_error("sync", relative, exc) from None
+            finally:
+                os.close(fd)
+            folders.add(path.parent)
+        for folder in folders:
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise _storage_error("sync", str(folder.relative_to(self.root)), exc) from None
+        return gone
 
     def _make_dirs(self, folder: Path) -> None:
         """mkdir -p, syncing each parent whose entries changed, so a new folder survives a crash."""

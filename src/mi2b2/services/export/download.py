@@ -1,0 +1,531 @@
+"""Downloads from a project's cache, on the server: streamed ZIPs, and the manifest and files the CLI fetches.
+
+Who: members of the project (any role) and site admins, as for the cache
+itself, even after the IRB expired; anyone else is refused and audited.
+
+Every download is audited before its first byte leaves: one DOWNLOAD event
+per study (patient, study, files, bytes, how, whether encrypted), and the
+study's ``last_downloaded_by/at`` are set. A ZIP whose transfer breaks off
+adds a FAILED event per study that was not sent whole.
+
+The CLI's folder download asks for a manifest first (the audited step) and
+then fetches files one by one; each fetch names the audit event of its study
+(``download_id``), so no file leaves without an audited download behind it.
+
+Nothing is staged: ZIPs are streamed member by member, read in 1 MiB chunks,
+encrypted (when asked) in memory as they go out; the only files on the server
+are the cache's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from stream_zip import NO_COMPRESSION_64, ZIP_64, stream_zip
+
+from mi2b2.adapters.crypto import age_files
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
+from mi2b2.adapters.dicom.files import read_instance_header
+from mi2b2.adapters.storage.cache_files import UID, CacheStore
+from mi2b2.domain.governance import Denial
+from mi2b2.domain.principal import Principal
+from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.context import ServiceContext
+from mi2b2.services.export.layout import (
+    IDENTITY,
+    MANIFEST,
+    README,
+    InstanceInfo,
+    Manifest,
+    ManifestEntry,
+    PlannedFile,
+    SeriesInfo,
+    StudyInfo,
+    keyed_paths,
+    plan_paths,
+    readme_text,
+)
+from mi2b2.services.search import load_policy
+
+CHUNK = 1 << 20  # 1 MiB: Starlette's 64 KiB default costs about 4x the throughput
+MAX_STUDIES = 5000
+TICKET_HOURS = 12  # how long a manifest's download_id lets the CLI fetch files
+LARGE_MEMBER = 32 << 20  # bigger ZIP members are streamed, not held in memory
+PREFETCH_WORKERS = 2  # disk reads and encryption overlap with sending (both release the GIL)
+PREFETCH_BYTES = 48 << 20  # ...within this much memory
+FILE_MODE = stat.S_IFREG | 0o600  # unzipped images readable by their owner only
+VIA_ZIP = "zip"
+VIA_FILES = "files"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """How the requester wants the download encrypted: a passphrase, or public keys."""
+
+    passphrase: str | None = None
+    recipients: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        return "passphrase" if self.passphrase is not None else "recipients"
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    study_uid: str
+    patient_id: str
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    project_id: str
+    studies: list[StudyPlan]
+    files: list[PlannedFile]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class ZipDownload:
+    filename: str
+    studies: int
+    files: int
+    bytes: int  # plaintext bytes of the images; the ZIP is slightly larger
+    chunks: Iterator[bytes]
+
+
+@dataclass(frozen=True)
+class InstanceDownload:
+    size: int
+    chunks: Iterator[bytes]
+
+
+# planning ----------------------------------------------------------------------
+
+
+def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_uids: Sequence[str],
+                  all_studies: bool = False) -> DownloadPlan:
+    """Which files, in which order, under which readable names; every file checked to be on disk."""
+    wanted = _check_uids(study_uids, all_studies)
+    _require_member(ctx, who, project_id, "download")
+    store = CacheStore(ctx.config.cache_dir())
+    with ctx.sessions() as session:
+        query = select(CachedStudy).where(CachedStudy.project_id == project_id)
+        if not all_studies:
+            query = query.where(CachedStudy.study_uid.in_(wanted))
+        rows = list(session.scalars(query.order_by(CachedStudy.id)))
+        if not all_studies and (missing := [u for u in wanted if u not in {r.study_uid for r in rows}]):
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise NotFound(f"not in the cache of project {project_id!r}: {shown}; "
+                           f"list what is with `mi2b2 cache list {project_id}`")
+        if not rows:
+            raise NotFound(f"the cache of project {project_id!r} is empty; retrieve studies first")
+        study_of = {r.id: r for r in rows}
+        instances = [
+            InstanceInfo(study_of[study_id].study_uid, series_uid, sop_uid, number, size, path)
+            for study_id, series_uid, sop_uid, number, size, path in session.execute(
+                select(CachedInstance.cached_study_id, CachedInstance.series_uid, CachedInstance.sop_instance_uid,
+                       CachedInstance.instance_number, CachedInstance.bytes, CachedInstance.relative_path)
+                .where(CachedInstance.cached_study_id.in_(list(study_of)))
+            )
+        ]
+    series = _series_infos(store, instances)
+    studies = [StudyInfo(r.study_uid, r.patient_id, r.study_date, r.accession) for r in rows]
+    files = plan_paths(studies, series, instances)
+    _check_on_disk(store, files)
+    totals: dict[str, list[int]] = {r.study_uid: [0, 0] for r in rows}
+    for file in files:
+        totals[file.study_uid][0] += 1
+        totals[file.study_uid][1] += file.size
+    plans = [StudyPlan(r.study_uid, r.patient_id, *totals[r.study_uid]) for r in rows if totals[r.study_uid][0]]
+    if not plans:
+        raise NotFound(f"the studies asked for have no images in the cache of project {project_id!r} yet")
+    return DownloadPlan(project_id, plans, files)
+
+
+def _check_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
+    wanted = list(dict.fromkeys(uid.strip() for uid in study_uids if uid.strip()))
+    if all_studies:
+        if wanted:
+            raise InvalidInput("name studies or ask for all of them, not both")
+        return []
+    if not wanted:
+        raise InvalidInput("name at least one StudyInstanceUID to download (or ask for all studies)")
+    if len(wanted) > MAX_STUDIES:
+        raise InvalidInput(f"at most {MAX_STUDIES} studies per download; split the list")
+    bad = [uid for uid in wanted if len(uid) > 64 or not UID.match(uid)]
+    if bad:
+        raise InvalidInput(f"not StudyInstanceUIDs (digits and dots): {', '.join(repr(b) for b in bad[:10])}")
+    return wanted
+
+
+def _require_member(ctx: ServiceContext, who: Principal, project_id: str, operation: str) -> None:
+    """Members (any role) and site admins; an expired IRB does not matter, as for the cache itself."""
+    policy = load_policy(ctx, project_id)
+    if who.is_admin or who.login in policy.members:
+        return
+    ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
+                     detail={"reason": Denial.NOT_MEMBER.value, "operation": operation})
+    raise AccessDenied(f"project {project_id!r}: {Denial.NOT_MEMBER.value}")
+
+
+def _series_infos(store: CacheStore, instances: list[InstanceInfo]) -> dict[str, SeriesInfo]:
+    """SeriesNumber and Modality are not in the index: read them from one file of each series."""
+    first: dict[str, InstanceInfo] = {}
+    for instance in instances:
+        first.setdefault(instance.series_uid, instance)
+    infos = {}
+    for uid, instance in first.items():
+        try:
+            header = read_instance_header(store.absolute(instance.cache_path))
+            infos[uid] = SeriesInfo(uid, header.series_number, header.modality)
+        except InvalidInput:
+            infos[uid] = SeriesInfo(uid, None, "")  # unreadable now: fsck's business; the name falls back
+    return infos
+
+
+def _check_on_disk(store: CacheStore, files: list[PlannedFile]) -> None:
+    missing = [f for f in files if not store.absolute(f.cache_path).is_file()]
+    if missing:
+        raise PermanentError(
+            f"{len(missing)} files of this download are indexed but missing from the cache; "
+            "an admin should run `mi2b2 admin fsck --repair`, then download again")
+
+
+# auditing ------------------------------------------------------------------------
+
+
+def _record_download(ctx: ServiceContext, who: Principal, plan: DownloadPlan, via: str,
+                     encryption: str | None) -> dict[str, int]:
+    """One DOWNLOAD event per study, then last_downloaded_by/at; returns study_uid -> event seq."""
+    seqs = {
+        study.study_uid: ctx.audit.record(
+            who, Action.DOWNLOAD, project_id=plan.project_id, patient_id=study.patient_id, study_uid=study.study_uid,
+            detail={"via": via, "files": study.instances, "bytes": study.bytes, "encryption": encryption})
+        for study in plan.studies
+    }
+    with transaction(ctx.sessions) as session:
+        session.execute(
+            update(CachedStudy)
+            .where(CachedStudy.project_id == plan.project_id, CachedStudy.study_uid.in_(list(seqs)))
+            .values(last_downloaded_by=who.login[:64], last_downloaded_at=ctx.clock.now())
+        )
+    return seqs
+
+
+def _record_interrupted(ctx: ServiceContext, who: Principal, plan: DownloadPlan, sent: dict[str, int]) -> None:
+    for study in plan.studies:
+        done = sent.get(study.study_uid, 0)
+        if done < study.bytes:
+            ctx.audit.record(who, Action.DOWNLOAD, Outcome.FAILED, project_id=plan.project_id,
+                             patient_id=study.patient_id, study_uid=study.study_uid,
+                             detail={"via": VIA_ZIP, "reason": "transfer interrupted", "bytes_sent": done})
+
+
+# the CLI's path: manifest, then files ------------------------------------------------
+
+
+def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, study_uids: Sequence[str],
+                      all_studies: bool = False, encryption: str | None = None) -> dict[str, Any]:
+    """The files of a download with their readable paths, sizes and SHA-256, and a download_id per study.
+
+    ``encryption`` is what the client says it will do with the files
+    ("passphrase", "recipients" or None); it is recorded, not enforced:
+    the client encrypts, the server only sends."""
+    if encryption not in (None, "passphrase", "recipients"):
+        raise InvalidInput("encryption is 'passphrase', 'recipients' or absent")
+    plan = plan_download(ctx, who, project_id, study_uids, all_studies)
+    store = CacheStore(ctx.config.cache_dir())
+    digests = _digests([store.absolute(f.cache_path) for f in plan.files])
+    seqs = _record_download(ctx, who, plan, VIA_FILES, encryption)
+    return {
+        "project": project_id,
+        "created_at": ctx.clock.now().isoformat(timespec="seconds"),
+        "studies": [{"study_uid": s.study_uid, "download_id": seqs[s.study_uid], "files": s.instances,
+                     "bytes": s.bytes} for s in plan.studies],
+        "files": [{"path": f.path, "number": f.number, "study_uid": f.study_uid, "series_uid": f.series_uid,
+                   "sop_uid": f.sop_uid, "size": size, "sha256": digest}
+                  for f, (size, digest) in zip(plan.files, digests, strict=True)],
+        "bytes": sum(size for size, _digest in digests),
+    }
+
+
+_digest_memo: dict[tuple[str, int, int, int], str] = {}
+_memo_lock = threading.Lock()
+_MEMO_LIMIT = 200_000
+
+
+def _digests(paths: list[Path]) -> list[tuple[int, str]]:
+    """(size, SHA-256) of each file; remembered per (path, size, mtime, inode) so a resumed download is cheap."""
+    with ThreadPoolExecutor(PREFETCH_WORKERS) as pool:  # hashlib and reads release the GIL
+        return list(pool.map(_digest, paths))
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    try:
+        with open(path, "rb", buffering=0) as file:
+            info = os.fstat(file.fileno())
+            key = (str(path), info.st_size, info.st_mtime_ns, info.st_ino)
+            with _memo_lock:
+                known = _digest_memo.get(key)
+            if known is not None:
+                return info.st_size, known
+            digest = hashlib.sha256()
+            while chunk := file.read(CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise PermanentError("a file of this download was deleted from the cache while it was prepared; "
+                             "download again") from None
+    with _memo_lock:
+        if len(_digest_memo) >= _MEMO_LIMIT:
+            _digest_memo.clear()
+        _digest_memo[key] = digest.hexdigest()
+    return info.st_size, digest.hexdigest()
+
+
+def download_instance(ctx: ServiceContext, who: Principal, project_id: str, download_id: int, study_uid: str,
+                      sop_uid: str) -> InstanceDownload:
+    """One cached file, for a study whose download this user started (``download_id``) in the last hours."""
+    _check_uids([study_uid], False)
+    if not UID.match(sop_uid) or len(sop_uid) > 64:
+        raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
+    _require_member(ctx, who, project_id, "download")
+    with ctx.sessions() as session:
+        event = session.get(AuditEvent, download_id)
+        if (event is None or event.action != Action.DOWNLOAD.value or event.outcome != Outcome.OK.value
+                or event.actor != who.login or event.project_id != project_id or event.study_uid != study_uid
+                or json.loads(event.detail).get("via") != VIA_FILES
+                or datetime.fromisoformat(event.occurred_at) < ctx.clock.now() - timedelta(hours=TICKET_HOURS)):
+            raise AccessDenied("this download_id does not cover that study (or is older than "
+                               f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
+        relative = session.scalar(
+            select(CachedInstance.relative_path)
+            .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
+            .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid,
+                   CachedInstance.sop_instance_uid == sop_uid)
+        )
+    if relative is None:
+        raise NotFound("that image is no longer in the project's cache (deleted since the manifest was made)")
+    path = CacheStore(ctx.config.cache_dir()).absolute(relative)
+    try:
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the generator below
+    except FileNotFoundError:
+        raise NotFound("that image is indexed but missing from the cache; an admin should run "
+                       "`mi2b2 admin fsck --repair`") from None
+    return InstanceDownload(os.fstat(file.fileno()).st_size, _file_chunks(file))
+
+
+def _file_chunks(file: Any) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(CHUNK):
+            yield chunk
+
+
+# the ZIP ----------------------------------------------------------------------------
+
+
+def zip_download(ctx: ServiceContext, who: Principal, project_id: str, study_uids: Sequence[str],
+                 all_studies: bool = False, encryption: Encryption | None = None) -> ZipDownload:
+    """Plan, check, audit, then hand back a ZIP as a lazy stream of chunks.
+
+    Everything that can fail for a reason the user can fix fails here, before
+    the first byte: once a stream has started, an error can only cut it off."""
+    recipients: list[Any] = []
+    identity_age = b""
+    if encryption is not None:
+        if (encryption.passphrase is None) == (not encryption.recipients):
+            raise InvalidInput("encrypt with either a passphrase or recipient public keys, not both or neither")
+        if encryption.passphrase is not None:
+            age_files.check_passphrase(encryption.passphrase)
+        else:
+            recipients = age_files.parse_recipients(encryption.recipients)
+    plan = plan_download(ctx, who, project_id, study_uids, all_studies)
+    now = ctx.clock.now()
+    if encryption is not None and encryption.passphrase is not None:
+        identity = age_files.new_identity()
+        recipients = [identity.to_public()]
+        # The one scrypt of this download; every file is encrypted to the identity it protects.
+        identity_age = age_files.encrypt_with_passphrase(age_files.identity_file_text(identity).encode(),
+                                                         encryption.passphrase)
+    _record_download(ctx, who, plan, VIA_ZIP, encryption.mode if encryption else None)
+    store = CacheStore(ctx.config.cache_dir())
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    if encryption is None:
+        members = _plain_members(store, plan, now)
+        name = f"mi2b2-{project_id}-{stamp}.zip"
+    else:
+        members = _encrypted_members(store, plan, now, encryption, recipients, identity_age)
+        name = f"mi2b2-{project_id}-{stamp}-encrypted.zip"
+    return ZipDownload(name, len(plan.studies), len(plan.files), plan.bytes,
+                       _audited_stream(ctx, who, plan, members))
+
+
+@dataclass
+class _Progress:
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def add(self, study_uid: str, size: int) -> None:
+        self.sent[study_uid] = self.sent.get(study_uid, 0) + size
+
+
+_Member = tuple[str, datetime, int, Any, Iterable[bytes]]
+
+
+def _audited_stream(ctx: ServiceContext, who: Principal, plan: DownloadPlan,
+                    members: Callable[[_Progress], Iterator[_Member]]) -> Iterator[bytes]:
+    progress = _Progress()
+    finished = False
+    try:
+        # ZIP_64 members (large encrypted files) use "deflate" at level 0: stored blocks that stream
+        # without knowing their CRC in advance; DICOM does not compress anyway.
+        yield from stream_zip(members(progress), chunk_size=CHUNK,
+                              get_compressobj=lambda: zlib.compressobj(level=0, wbits=-zlib.MAX_WBITS))
+        finished = True
+    finally:
+        if not finished:
+            _record_interrupted(ctx, who, plan, progress.sent)
+
+
+def _plain_members(store: CacheStore, plan: DownloadPlan, now: datetime) -> Callable[[_Progress], Iterator[_Member]]:
+    def members(progress: _Progress) -> Iterator[_Member]:
+        for file, data in _prefetched(plan.files, lambda f: _read_small(store, f), lambda f: f.size):
+            if data is not None:
+                # Whole small file in memory: stream-zip learns its CRC in one pass.
+                yield file.path, now, FILE_MODE, NO_COMPRESSION_64, (data,)
+            else:
+                path = store.absolute(file.cache_path)
+                size, crc = _size_and_crc(path)  # a second pass over a big file beats holding it
+                yield file.path, now, FILE_MODE, NO_COMPRESSION_64(size, crc), _chunks_of(path)
+            progress.add(file.study_uid, file.size)
+    return members
+
+
+def _encrypted_members(store: CacheStore, plan: DownloadPlan, now: datetime, encryption: Encryption,
+                       recipients: list[Any], identity_age: bytes) -> Callable[[_Progress], Iterator[_Member]]:
+    key = age_files.new_name_key()
+    names = keyed_paths(key, plan.files)
+    created = now.isoformat(timespec="seconds")
+
+    def encrypt_small(file: PlannedFile) -> tuple[bytes, str, int] | None:
+        data = _read_small(store, file)
+        if data is None:
+            return None
+        return age_files.encrypt(data, recipients), hashlib.sha256(data).hexdigest(), len(data)
+
+    def members(progress: _Progress) -> Iterator[_Member]:
+        entries: list[ManifestEntry] = []
+        yield README, now, FILE_MODE, NO_COMPRESSION_64, (readme_text(encryption.mode, len(plan.files), created).encode(),)
+        if identity_age:
+            yield IDENTITY, now, FILE_MODE, NO_COMPRESSION_64, (identity_age,)
+        pairs = zip(plan.files, names, strict=True)
+        for (file, name), done in _prefetched(list(pairs), lambda p: encrypt_small(p[0]), lambda p: p[0].size):
+            if done is not None:
+                ciphertext, digest, size = done
+                entries.append(ManifestEntry(name, file.path, digest, size, file.study_uid, file.series_uid,
+                                             file.sop_uid))
+                yield name, now, FILE_MODE, NO_COMPRESSION_64, (ciphertext,)
+            else:
+                yield name, now, FILE_MODE, ZIP_64, _encrypt_streaming(store, file, name, recipients, entries)
+            progress.add(file.study_uid, file.size)
+        # Last, so the SHA-256 of every file is known without a second pass over the cache.
+        kept = ([str(r) for r in recipients] if encryption.passphrase is not None
+                else [age_files.recipient_text(r) for r in encryption.recipients])
+        manifest = Manifest(plan.project_id, encryption.mode, key, kept, created, entries)
+        yield MANIFEST, now, FILE_MODE, NO_COMPRESSION_64, (age_files.encrypt(manifest.to_json(), recipients),)
+    return members
+
+
+def _encrypt_streaming(store: CacheStore, file: PlannedFile, name: str, recipients: list[Any],
+                       entries: list[ManifestEntry]) -> Iterator[bytes]:
+    digest = hashlib.sha256()
+    size = 0
+
+    def seen(chunk: bytes) -> None:
+        nonlocal size
+        digest.update(chunk)
+        size += len(chunk)
+
+    reader = age_files.ChunkReader(_chunks_of(store.absolute(file.cache_path)), seen)
+    yield from age_files.encrypt_chunks(iter(lambda: reader.read(CHUNK), b""), recipients)
+    entries.append(ManifestEntry(name, file.path, digest.hexdigest(), size, file.study_uid, file.series_uid,
+                                 file.sop_uid))
+
+
+def _read_small(store: CacheStore, file: PlannedFile) -> bytes | None:
+    """The whole file if it is small enough to hold; None for a big one (streamed instead)."""
+    path = store.absolute(file.cache_path)
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > LARGE_MEMBER:
+                return None
+            return handle.read(size + 1)  # one read: the file ends where it ends, whatever the index said
+    except FileNotFoundError:
+        raise PermanentError("a file was deleted from the cache during the download") from None
+
+
+def _chunks_of(path: Path) -> Iterator[bytes]:
+    try:
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by _file_chunks
+    except FileNotFoundError:
+        raise PermanentError("a file was deleted from the cache during the download") from None
+    yield from _file_chunks(handle)
+
+
+def _size_and_crc(path: Path) -> tuple[int, int]:
+    crc, size = 0, 0
+    for chunk in _chunks_of(path):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+    return size, crc
+
+
+def _prefetched(items: list[T], load: Callable[[T], R], size_of: Callable[[T], int]) -> Iterator[tuple[T, R]]:
+    """``(item, load(item))`` in order, with the next items loading in threads meanwhile.
+
+    Reading from disk and encrypting overlap with sending what is ready; the
+    look-ahead is bounded in bytes so memory stays flat. Closing the iterator
+    cancels what is still queued."""
+    pool = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="mi2b2-download")
+    window: deque[tuple[T, Future[R], int]] = deque()
+    pending = 0
+    position = 0
+    try:
+        while position < len(items) or window:
+            while position < len(items) and (not window or (
+                    len(window) < PREFETCH_WORKERS * 4
+                    and pending + min(size_of(items[position]), LARGE_MEMBER) <= PREFETCH_BYTES)):
+                item = items[position]
+                weight = min(size_of(item), LARGE_MEMBER)
+                window.append((item, pool.submit(load, item), weight))
+                pending += weight
+                position += 1
+            item, future, weight = window.popleft()
+            pending -= weight
+            yield item, future.result()
+    finally:
+        for _item, future, _weight in window:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,285 @@
+"""The CLI's folder download: fetch a manifest, then each file, resumably, optionally encrypting as bytes arrive.
+
+Runs on the researcher's machine against the server's API (``source``: the
+Python client). Guarantees:
+
+* A file appears under its final name only when it is whole and its size
+  and SHA-256 match the server's manifest (temp name beside it, then rename);
+  an interrupted run leaves only ``*.mi2b2-part`` files, which the next run removes.
+* A rerun skips every file already complete and verified.
+* Encrypted: plaintext exists only in memory, 64 KiB at a time inside age's
+  stream; what reaches the disk is ciphertext under keyed names.
+
+Resuming an encrypted download needs its key (the passphrase, or
+``--identity`` for a recipients download): verifying a file means
+decrypting it, and the keyed names come from the key inside manifest.age.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mi2b2.adapters.crypto import age_files
+from mi2b2.errors import InvalidInput, Mi2b2Error, NotFound, PermanentError
+from mi2b2.services.export.layout import (
+    IDENTITY,
+    MANIFEST,
+    README,
+    Manifest,
+    ManifestEntry,
+    PlannedFile,
+    keyed_paths,
+    readme_text,
+)
+from mi2b2.services.export.reader import TEMP_SUFFIX, _Folder, file_sha256, keys_for, temp_name, write_atomically
+
+WORKERS = 4
+
+
+class DownloadSource(Protocol):
+    """What the fetcher needs from the server (``mi2b2.client.Mi2b2Client`` provides it)."""
+
+    def download_manifest(self, project: str, study_uids: list[str], all_studies: bool = False,
+                          encryption: str | None = None) -> dict[str, Any]: ...
+
+    def download_instance(self, project: str, download_id: int, study_uid: str, sop_uid: str) -> Iterator[bytes]: ...
+
+
+class Progress(Protocol):
+    def start(self, files: int, studies: int, total_bytes: int) -> None: ...
+
+    def advance(self, size: int) -> None: ...
+
+    def study_done(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, files: int, studies: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, size: int) -> None:
+        pass
+
+    def study_done(self) -> None:
+        pass
+
+
+@dataclass
+class FetchReport:
+    folder: Path
+    encrypted: bool
+    files: int = 0
+    studies: int = 0
+    downloaded: int = 0
+    skipped: int = 0
+    bytes_downloaded: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name in the folder, why)
+
+
+@dataclass(frozen=True)
+class _Job:
+    file: dict[str, Any]  # an entry of the server's manifest
+    name: str  # where it goes, relative to the folder
+    download_id: int
+
+
+def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[str], target: Path,
+                   all_studies: bool = False, passphrase: str | None = None, recipients: Sequence[str] = (),
+                   identities: Sequence[str | Path | Any] = (), progress: Progress | None = None,
+                   workers: int = WORKERS) -> FetchReport:
+    progress = progress or _NoProgress()
+    encrypted = passphrase is not None or bool(recipients)
+    if passphrase is not None and recipients:
+        raise InvalidInput("encrypt with a passphrase or to recipient keys, not both")
+    if passphrase is not None:
+        age_files.check_passphrase(passphrase)
+    parsed = age_files.parse_recipients(recipients) if recipients else []
+    target = Path(target)
+    _prepare_folder(target, encrypted)
+
+    mode = None if not encrypted else ("passphrase" if passphrase is not None else "recipients")
+    manifest = source.download_manifest(project, list(study_uids), all_studies, mode)
+    ids = {s["study_uid"]: int(s["download_id"]) for s in manifest["studies"]}
+    files: list[dict[str, Any]] = manifest["files"]
+    report = FetchReport(target, encrypted, files=len(files), studies=len(ids))
+
+    if encrypted:
+        keys, keep, names = _encrypted_plan(target, project, files, passphrase, parsed, recipients, identities, mode or "",
+                                            str(manifest.get("created_at", "")))
+    else:
+        keys, keep, names = [], [], [f["path"] for f in files]
+    jobs = [_Job(f, n, ids[f["study_uid"]]) for f, n in zip(files, names, strict=True)]
+
+    progress.start(len(files), len(ids), sum(int(f["size"]) for f in files))
+    remaining: dict[str, int] = {}
+    for job in jobs:
+        remaining[job.file["study_uid"]] = remaining.get(job.file["study_uid"], 0) + 1
+    lock = threading.Lock()
+
+    def finished(job: _Job) -> None:
+        with lock:
+            remaining[job.file["study_uid"]] -= 1
+            if remaining[job.file["study_uid"]] == 0:
+                progress.study_done()
+
+    todo = []
+    for job in jobs:
+        if _complete(target / job.name, job.file, keys if encrypted else None):
+            report.skipped += 1
+            progress.advance(int(job.file["size"]))
+            finished(job)
+        else:
+            todo.append(job)
+
+    stop = threading.Event()
+
+    def run(job: _Job) -> int:
+        chunks = source.download_instance(project, job.download_id, job.file["study_uid"], job.file["sop_uid"])
+        size = _receive(chunks, target / job.name, job.file, keep, progress, stop)
+        finished(job)
+        return size
+
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mi2b2-fetch")
+    try:
+        futures: dict[Future[int], _Job] = {pool.submit(run, job): job for job in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            for future in done:
+                job = futures[future]
+                try:
+                    report.bytes_downloaded += future.result()
+                    report.downloaded += 1
+                except (NotFound, _Mismatch) as exc:  # this file only: the rest goes on
+                    report.failed.append((job.name, str(exc)))
+    except BaseException:
+        stop.set()  # workers notice between chunks and remove their temp files
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return report
+
+
+class _Mismatch(PermanentError):
+    pass
+
+
+def _prepare_folder(target: Path, encrypted: bool) -> None:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create {target} ({exc.strerror or type(exc).__name__})") from None
+    has_manifest = (target / MANIFEST).exists()
+    if has_manifest and not encrypted:
+        raise InvalidInput(f"{target} holds an encrypted download; to resume it give the same --passphrase or "
+                           "--recipient (and --identity), or download plain into another folder")
+    if encrypted and not has_manifest and any(n.endswith(".dcm") for n in _Folder(target).names()):
+        raise InvalidInput(f"{target} holds a plain download; download encrypted into another folder")
+    for name in _Folder(target).names():  # what an interrupted run left: never a final name, never kept
+        if name.endswith(TEMP_SUFFIX):
+            (target / name).unlink(missing_ok=True)
+
+
+def _encrypted_plan(target: Path, project: str, files: list[dict[str, Any]], passphrase: str | None,
+                    recipients: list[Any], recipient_texts: Sequence[str], identities: Sequence[str | Path | Any],
+                    mode: str, created_at: str) -> tuple[list[Any], list[Any], list[str]]:
+    """(keys to verify existing files, recipients to encrypt to, keyed name of each file); writes
+    identity.age, manifest.age and README.txt before any image, so even a broken-off download can be
+    resumed and read."""
+    folder = _Folder(target)
+    if folder.has(MANIFEST):
+        keys = keys_for(folder, passphrase, identities, str(target))
+        old = Manifest.from_json(age_files.decrypt(folder.read(MANIFEST), keys, MANIFEST))
+        if old.mode != mode:
+            raise InvalidInput(f"{target} holds a {old.mode} download; resume it the same way, or use another folder")
+        given = sorted(age_files.recipient_text(r) for r in recipient_texts)
+        if mode == "recipients" and given and given != sorted(old.recipients):
+            raise InvalidInput(f"{target} holds a download encrypted to other keys; resume it with the same "
+                               "--recipient keys, or use another folder")
+        encrypt_to, keep_texts = age_files.parse_recipients(old.recipients), old.recipients
+        key, created, previous = old.name_key, old.created_at, old.files
+    else:
+        keys = age_files.load_identities(identities)
+        key, created, previous = age_files.new_name_key(), created_at, []
+        if passphrase is not None:
+            identity = age_files.new_identity()
+            keys.append(identity)
+            encrypt_to, keep_texts = [identity.to_public()], [str(identity.to_public())]
+            # The download's one scrypt: every file is encrypted to the identity it protects.
+            blob = age_files.encrypt_with_passphrase(age_files.identity_file_text(identity).encode(), passphrase)
+            write_atomically(target / IDENTITY, blob)
+        else:
+            encrypt_to, keep_texts = recipients, [age_files.recipient_text(r) for r in recipient_texts]
+    planned = [PlannedFile(f["study_uid"], f["series_uid"], f["sop_uid"], f["path"], f["number"], int(f["size"]))
+               for f in files]
+    names = keyed_paths(key, planned)
+    entries = {e.path: e for e in previous}  # earlier downloads into this folder stay listed
+    for f, name in zip(files, names, strict=True):
+        entries[name] = ManifestEntry(name, f["path"], f["sha256"], int(f["size"]), f["study_uid"], f["series_uid"],
+                                      f["sop_uid"])
+    manifest = Manifest(project, mode, key, keep_texts, created, list(entries.values()))
+    write_atomically(target / MANIFEST, age_files.encrypt(manifest.to_json(), encrypt_to))
+    write_atomically(target / README, readme_text(mode, len(entries), created).encode())
+    return keys, encrypt_to, names
+
+
+def _complete(path: Path, file: dict[str, Any], keys: list[Any] | None) -> bool:
+    """Is the file there, whole, and the one the manifest names? Encrypted: decrypted in memory to check."""
+    try:
+        if not path.is_file():
+            return False
+        if keys is None:
+            return path.stat().st_size == int(file["size"]) and file_sha256(path) == file["sha256"]
+        if not keys:
+            return False  # cannot check without a key: fetch again
+        plain = age_files.decrypt(path.read_bytes(), keys, path.name)
+        return len(plain) == int(file["size"]) and hashlib.sha256(plain).hexdigest() == file["sha256"]
+    except (Mi2b2Error, OSError):
+        return False  # damaged or unreadable: fetch again
+
+
+def _receive(chunks: Iterator[bytes], final: Path, file: dict[str, Any], recipients: list[Any], progress: Progress,
+             stop: threading.Event) -> int:
+    """Stream one file to a temp name (encrypting on the way if ``recipients``), verify, rename."""
+    digest = hashlib.sha256()
+    size = 0
+
+    def seen(chunk: bytes) -> None:
+        nonlocal size
+        if stop.is_set():
+            raise InterruptedError("download stopped")
+        digest.update(chunk)
+        size += len(chunk)
+        progress.advance(len(chunk))
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_name(final)
+    # The first chunk is fetched before anything else, so an HTTP error (deleted from the cache,
+    # access withdrawn) surfaces as itself rather than inside age's stream.
+    first = next(chunks, b"")
+    chunks = itertools.chain([first], chunks)
+    try:
+        with open(temp, "xb") as out:
+            if recipients:
+                age_files.encrypt_io(age_files.ChunkReader(chunks, seen), out, recipients)
+            else:
+                for chunk in chunks:
+                    seen(chunk)
+                    out.write(chunk)
+        if size != int(file["size"]) or digest.hexdigest() != file["sha256"]:
+            raise _Mismatch("arrived with another size or SHA-256 than the manifest lists (changed in the cache "
+                            "meanwhile?); run the download again")
+        os.replace(temp, final)
+    except OSError as exc:
+        raise PermanentError(f"cannot write {final} ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return size

@@ -1,0 +1,564 @@
+"""Forward cached studies to other DICOM nodes (XNAT, OsiriX, a research PACS).
+
+A forward is a `Request` of kind ``forward`` in the same request log as
+retrievals: it is listed, shown, canceled, retried and re-prioritised by
+`services.requests` like any other. This module adds the three things only
+forwards have:
+
+* `add_forwards`, the door: the caller is a member of the project (any role)
+  or a site admin, the IRB approval is active, the destination accepts the
+  project, the study is in the project's cache and its patient is still on
+  the allow-list. Every refusal is audited.
+* `schedule_forwards`, under the same database lock as the retrieval
+  scheduler: at most ``max_concurrent`` forwards per destination, projects in
+  turn, priority then age inside a project (`domain.forwarding`).
+* `run_forward`, the worker's side: C-STORE the cached files over one
+  association (`adapters.dicom.store_scu`), retry transient failures with
+  backoff, judge, audit one event per study.
+
+Destinations come from the site configuration only; `destinations` rows in
+the database mirror it for foreign keys and history.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mi2b2.adapters.db.engine import serialize_scheduling, transaction
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, ProjectMrn, Request, SchedulerCursor
+from mi2b2.adapters.dicom.scu import DicomPeer
+from mi2b2.adapters.dicom.store_scu import StoreProgress, StoreResult, store_files
+from mi2b2.config import DestinationConfig
+from mi2b2.domain.clock import as_utc
+from mi2b2.domain.forwarding import (
+    DestinationRules,
+    ForwardCandidate,
+    destination_allows,
+    forward_denial,
+    forward_outcome,
+    plan_destination,
+)
+from mi2b2.domain.governance import Denial, irb_active
+from mi2b2.domain.identifiers import looks_like_uid
+from mi2b2.domain.principal import Principal
+from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState, RetryPolicy
+from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
+from mi2b2.services import notifications
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.cache import cache_store
+from mi2b2.services.context import ServiceContext
+from mi2b2.services.pacs import local_ae
+from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
+from mi2b2.services.search import allowed_values, load_policy
+
+LOG = logging.getLogger(__name__)
+POLL_SECONDS = 1.0  # how often a running forward re-reads its cancel flag and writes progress
+
+_HINTS = {
+    Denial.IRB_EXPIRED: "forwarding needs an active IRB approval; once it is renewed, the site admin updates "
+                        "the project's expiry date",
+    Denial.NOT_MEMBER: "ask the project lead to add you to the project",
+    Denial.PROJECT_INACTIVE: "the project was removed from the site configuration",
+}
+
+
+@dataclass
+class ForwardReport:
+    batch_id: str
+    destination_id: str
+    created: list[int] = field(default_factory=list)
+    already_queued: list[str] = field(default_factory=list)  # a forward of it to this destination is under way
+    not_cached: list[str] = field(default_factory=list)  # not (or not those series) in the project's cache
+    not_permitted: list[str] = field(default_factory=list)  # patient no longer on the IRB allow-list
+
+
+@dataclass(frozen=True)
+class _Study:
+    study_uid: str
+    patient_id: str
+    accession: str
+    series_uids: tuple[str, ...]  # empty: the whole study
+    instances: int
+    bytes: int
+
+
+# --- the door --------------------------------------------------------------------------
+
+
+def list_destinations(ctx: ServiceContext, who: Principal, project_id: str) -> list[dict[str, Any]]:
+    """The destinations this project may forward to (members and site admins may ask)."""
+    policy = load_policy(ctx, project_id)
+    if who.login not in policy.members and not who.is_admin:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
+                         detail={"reason": Denial.NOT_MEMBER.value, "operation": "list destinations"})
+        raise AccessDenied(f"project {project_id!r}: {Denial.NOT_MEMBER.value}; {_HINTS[Denial.NOT_MEMBER]}")
+    return [
+        {"id": d.id, "name": d.name or d.id, "ae_title": d.ae_title, "host": d.host, "port": d.port,
+         "max_concurrent": d.max_concurrent, "tls": d.tls, "all_projects": not d.projects}
+        for d in ctx.config.destinations if destination_allows(d.projects, project_id)
+    ]
+
+
+def add_forwards(
+    ctx: ServiceContext,
+    who: Principal,
+    project_id: str,
+    destination_id: str,
+    study_uids: Sequence[str],
+    series_uids: Sequence[str] | None = None,
+    priority: int = 0,
+) -> ForwardReport:
+    """Queue one forward per study; the scheduler starts them within the destination's limit.
+
+    With ``series_uids``, only those series of each study go (each listed
+    series must be cached in one of the studies)."""
+    studies = _check_input(study_uids, series_uids or (), priority)
+    series = tuple(dict.fromkeys(u.strip() for u in series_uids or () if u.strip()))
+    destination = _destination(ctx, project_id, destination_id)
+    policy = load_policy(ctx, project_id)
+    denial = forward_denial(policy, who.login, who.is_admin, ctx.clock.now().date())
+    if denial is not None:
+        _deny(ctx, who, project_id, destination_id, denial.value)
+        raise AccessDenied(f"project {project_id!r}: {denial.value}; {_HINTS[denial]}")
+    if not destination_allows(destination.projects, project_id):
+        reason = f"destination {destination_id!r} does not accept forwards from project {project_id!r}"
+        _deny(ctx, who, project_id, destination_id, reason)
+        raise AccessDenied(f"{reason}; use one listed by `mi2b2 destinations {project_id}`, or ask the site "
+                           "admin to add the project to that destination's projects")
+    if destination.tls:
+        raise InvalidInput(f"destination {destination_id!r} is configured for DICOM TLS, which this version of "
+                           "mi2b2 does not support; set tls = false for it (or terminate TLS in front of it)")
+
+    report = ForwardReport(batch_id=str(uuid.uuid4()), destination_id=destination_id)
+    cached = _cached(ctx, project_id, studies, series)
+    unknown_series = set(series) - {s for study in cached.values() for s in study.series_uids}
+    if unknown_series:
+        raise InvalidInput(f"series {sorted(unknown_series)[0]!r} is not in the project's cache for the studies "
+                           f"named; see `mi2b2 cache show {project_id} STUDY_UID`")
+    busy = _queued(ctx, project_id, destination_id, studies)
+    allowed = allowed_values(ctx, project_id, {s.patient_id for s in cached.values()})
+    wanted: list[_Study] = []
+    for study_uid in studies:
+        study = cached.get(study_uid)
+        if study is None:
+            report.not_cached.append(study_uid)
+        elif study_uid in busy:
+            report.already_queued.append(study_uid)
+        elif study.patient_id not in allowed:
+            report.not_permitted.append(study_uid)
+            ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, patient_id=study.patient_id,
+                             study_uid=study_uid, detail={"reason": Denial.PATIENT_NOT_ALLOWED.value,
+                                                          "operation": "forward", "destination": destination_id})
+        else:
+            wanted.append(study)
+
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        for study in wanted:
+            row = Request(
+                kind=RequestKind.FORWARD, batch_id=report.batch_id, project_id=project_id, user_login=who.login,
+                destination_id=destination_id, patient_id=study.patient_id, study_uid=study.study_uid,
+                accession=study.accession, series_uids=list(study.series_uids), priority=priority,
+                state=RequestState.SCHEDULED, waiting_reason="waiting for the scheduler",
+                expected_instances=study.instances, expected_bytes=study.bytes, created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            report.created.append(row.id)
+    for study, request_id in zip(wanted, report.created, strict=True):
+        ctx.audit.record(who, Action.FORWARD, project_id=project_id, patient_id=study.patient_id,
+                         study_uid=study.study_uid,
+                         detail={"request": request_id, "event": "requested", "destination": destination_id,
+                                 "series": len(study.series_uids), "instances": study.instances,
+                                 "priority": priority, "batch": report.batch_id})
+    return report
+
+
+def _check_input(study_uids: Sequence[str], series_uids: Sequence[str], priority: int) -> list[str]:
+    studies = list(dict.fromkeys(u.strip() for u in study_uids if u and u.strip()))
+    if not studies:
+        raise InvalidInput("name at least one study (StudyInstanceUID) to forward")
+    if len(studies) > MAX_STUDIES_PER_CALL:
+        raise InvalidInput(f"{len(studies)} studies in one call; forward at most {MAX_STUDIES_PER_CALL} per call")
+    if priority not in PRIORITY_RANGE:
+        raise InvalidInput(f"priority {priority} is out of range; use {PRIORITY_RANGE.start} to {PRIORITY_RANGE.stop - 1}")
+    bad = [uid for uid in (*studies, *(s.strip() for s in series_uids)) if uid and not looks_like_uid(uid)]
+    if bad:
+        raise InvalidInput(f"{bad[0]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    return studies
+
+
+def _destination(ctx: ServiceContext, project_id: str, destination_id: str) -> DestinationConfig:
+    for destination in ctx.config.destinations:
+        if destination.id == destination_id:
+            return destination
+    raise NotFound(f"no destination {destination_id!r}; list the ones project {project_id!r} may use with "
+                   f"`mi2b2 destinations {project_id}`")
+
+
+def _deny(ctx: ServiceContext, who: Principal, project_id: str, destination_id: str, reason: str) -> None:
+    ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
+                     detail={"reason": reason, "operation": "forward", "destination": destination_id})
+
+
+def _cached(ctx: ServiceContext, project_id: str, study_uids: list[str], series: tuple[str, ...]) -> dict[str, _Study]:
+    """The named studies as they are in the project's cache (only the named series, if any)."""
+    found: dict[str, _Study] = {}
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid.in_(study_uids))
+        ).scalars().all()
+        for study in rows:
+            if not series:
+                if study.instance_count:
+                    found[study.study_uid] = _Study(study.study_uid, study.patient_id, study.accession, (),
+                                                    study.instance_count, study.bytes)
+                continue
+            per_series = session.execute(
+                select(CachedInstance.series_uid, func.count(), func.coalesce(func.sum(CachedInstance.bytes), 0))
+                .where(CachedInstance.cached_study_id == study.id, CachedInstance.series_uid.in_(series))
+                .group_by(CachedInstance.series_uid)
+            ).all()
+            if per_series:
+                found[study.study_uid] = _Study(
+                    study.study_uid, study.patient_id, study.accession, tuple(sorted(s for s, _, _ in per_series)),
+                    sum(int(n) for _, n, _ in per_series), sum(int(b) for _, _, b in per_series),
+                )
+    return found
+
+
+def _queued(ctx: ServiceContext, project_id: str, destination_id: str, study_uids: list[str]) -> set[str]:
+    with ctx.sessions() as session:
+        return set(session.execute(
+            select(Request.study_uid).where(
+                Request.project_id == project_id, Request.kind == RequestKind.FORWARD,
+                Request.destination_id == destination_id, Request.state.in_(list(CANCELABLE)),
+                Request.study_uid.in_(study_uids),
+            )
+        ).scalars())
+
+
+# --- scheduling ------------------------------------------------------------------------
+
+
+def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
+    """Start what may start now on every destination; return the started request ids.
+
+    Forwards the scheduler ends (canceled: IRB expired or project removed;
+    failed: no longer allowed) are audited and their owners notified here."""
+    with ctx.sessions() as session:
+        # A plain read first: most ticks have no forward waiting, and need not take the scheduling lock.
+        if session.scalar(select(Request.id).where(
+                Request.kind == RequestKind.FORWARD, Request.state == RequestState.SCHEDULED).limit(1)) is None:
+            return []
+    now = ctx.clock.now()
+    started: list[int] = []
+    ended: dict[int, tuple[RequestState, str]] = {}
+    with transaction(ctx.sessions) as session:
+        serialize_scheduling(session)
+        closed = _closed_projects(session, now)
+        active: dict[str, int] = defaultdict(int)
+        busy: dict[str, set[str]] = defaultdict(set)
+        for destination_id, study_uid in session.execute(
+            select(Request.destination_id, Request.study_uid)
+            .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING)
+        ).all():
+            active[destination_id] += 1
+            busy[destination_id].add(study_uid)
+        queued = _forward_candidates(session, busy)
+        configured = {d.id: d for d in ctx.config.destinations}
+        for destination_id in sorted(queued):
+            dest = configured.get(destination_id)
+            rules = DestinationRules(destination_id, dest is not None, dest.max_concurrent if dest else 1,
+                                     frozenset(dest.projects) if dest else frozenset())
+            cursor = _cursor(session, destination_id)
+            plan = plan_destination(now, rules, active[destination_id], closed, queued[destination_id],
+                                    cursor.last_project_id)
+            cursor.last_project_id = plan.last_project
+            _apply(session, plan.starts, plan.waiting, worker_id, now)
+            for request_id, reason in plan.cancel.items():
+                ended[request_id] = (RequestState.CANCELED, f"canceled: {reason}")
+            for request_id, reason in plan.fail.items():
+                ended[request_id] = (RequestState.FAILED, reason)
+            started += plan.starts
+        for row in session.execute(select(Request).where(Request.id.in_(list(ended)))).scalars():
+            row.state, row.last_error = ended[row.id]
+            row.ended_at = now
+            row.waiting_reason = None
+        facts = session.execute(
+            select(Request.id, Request.project_id, Request.destination_id, Request.patient_id, Request.study_uid)
+            .where(Request.id.in_(list(ended)))
+        ).all()
+    for request_id, project_id, destination_id, patient_id, study_uid in facts:
+        state, reason = ended[request_id]
+        ctx.audit.record("scheduler", Action.FORWARD, Outcome.DENIED, project_id=project_id, patient_id=patient_id,
+                         study_uid=study_uid, detail={"request": request_id, "event": str(state), "reason": reason,
+                                                      "destination": destination_id})
+    for request_id in ended:
+        _notify(ctx, request_id)
+    return started
+
+
+def _closed_projects(session: Session, now: datetime) -> dict[str, str | None]:
+    closed: dict[str, str | None] = {}
+    for project in session.execute(select(Project)).scalars():
+        if not project.active:
+            closed[project.id] = Denial.PROJECT_INACTIVE.value
+        elif not irb_active(project.expires_on, now.date()):
+            closed[project.id] = Denial.IRB_EXPIRED.value
+        else:
+            closed[project.id] = None
+    return closed
+
+
+def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:
+    allowed = (
+        select(ProjectMrn.mrn)
+        .where(ProjectMrn.project_id == Request.project_id, ProjectMrn.mrn == Request.patient_id)
+        .exists()
+    )
+    queued: dict[str, list[ForwardCandidate]] = defaultdict(list)
+    for rid, project_id, destination_id, priority, created, not_before, ok, study_uid in session.execute(
+        select(Request.id, Request.project_id, Request.destination_id, Request.priority, Request.created_at,
+               Request.not_before, allowed, Request.study_uid)
+        .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.SCHEDULED)
+    ).all():
+        key = destination_id or ""
+        queued[key].append(ForwardCandidate(
+            rid, project_id, priority, as_utc(created), as_utc(not_before) if not_before else None, bool(ok),
+            study_uid in busy.get(key, set()),
+        ))
+    return queued
+
+
+def _cursor(session: Session, destination_id: str) -> SchedulerCursor:
+    # Round-robin cursors share the retrieval scheduler's table. "@" cannot
+    # start a PACS id, so the keys never collide, and "@" + a 63-character
+    # id still fits the 64-character column.
+    key = f"@{destination_id}"
+    cursor = session.get(SchedulerCursor, key)
+    if cursor is None:
+        cursor = SchedulerCursor(pacs_id=key, last_project_id=None)
+        session.add(cursor)
+    return cursor
+
+
+def _apply(session: Session, starts: list[int], waiting: dict[int, str], worker_id: str, now: datetime) -> None:
+    for request_id in starts:
+        row = session.get_one(Request, request_id)
+        row.state = RequestState.PROCESSING
+        row.worker = worker_id
+        row.started_at = now
+        row.attempts += 1
+        row.waiting_reason = None
+        row.received = row.failed = row.warnings = row.bytes = 0
+        row.last_status = None
+    if waiting:
+        for row in session.execute(select(Request).where(Request.id.in_(list(waiting)))).scalars():
+            if row.waiting_reason != waiting[row.id]:
+                row.waiting_reason = waiting[row.id]
+
+
+def _notify(ctx: ServiceContext, request_id: int) -> None:
+    try:
+        notifications.on_request_ended(ctx, request_id)
+    except Exception:
+        # A notice that could not be written must not stop scheduling; the request's state is committed.
+        LOG.exception("request %s: notification failed", request_id)
+
+
+# --- running one forward ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    request_id: int
+    project_id: str
+    destination_id: str
+    patient_id: str
+    study_uid: str
+    series_uids: tuple[str, ...]
+    attempts: int
+
+
+def run_forward(ctx: ServiceContext, request_id: int) -> str:
+    """C-STORE one started forward to its destination; return the request's state afterwards."""
+    job = _load(ctx, request_id)
+    if job is None:
+        return RequestState.CANCELED
+    dest = next((d for d in ctx.config.destinations if d.id == job.destination_id), None)
+    if dest is None:
+        return _end(ctx, job, RequestState.FAILED, f"destination {job.destination_id!r} is no longer configured")
+    if dest.tls:
+        return _end(ctx, job, RequestState.FAILED, f"destination {dest.id!r} is configured for DICOM TLS, which this "
+                                                   "version of mi2b2 does not support")
+    paths = _files(ctx, job)
+    watch = _Watch(ctx, job.request_id, len(paths))
+    LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
+    try:
+        result = store_files(local_ae(ctx.config), peer_for_destination(dest), dest.id, paths,
+                             should_cancel=watch.should_cancel, on_progress=watch.progress)
+    except RetriableError as exc:
+        return _transient(ctx, job, dest, exc)
+    except Mi2b2Error as exc:
+        return _end(ctx, job, RequestState.FAILED, str(exc), expected=len(paths))
+    if result.canceled:
+        return _end(ctx, job, RequestState.CANCELED, "canceled by a user", result, len(paths))
+    outcome = forward_outcome(len(paths), result.stored, result.failed, result.reasons[0] if result.reasons else None)
+    return _end(ctx, job, outcome.state, outcome.reason, result, len(paths))
+
+
+def peer_for_destination(dest: DestinationConfig) -> DicomPeer:
+    t = dest.timeouts
+    return DicomPeer(dest.ae_title, dest.host, dest.port, t.connect, t.acse, t.dimse, t.network)
+
+
+def _load(ctx: ServiceContext, request_id: int) -> _Job | None:
+    with ctx.sessions() as session:
+        row = session.get(Request, request_id)
+        if (row is None or row.kind != RequestKind.FORWARD or row.state != RequestState.PROCESSING
+                or row.destination_id is None):
+            return None
+        return _Job(row.id, row.project_id, row.destination_id, row.patient_id, row.study_uid,
+                    tuple(row.series_uids or ()), row.attempts)
+
+
+def _files(ctx: ServiceContext, job: _Job) -> list[Path]:
+    """The cached files of the study (or its chosen series), in series and instance order."""
+    query = (
+        select(CachedInstance.relative_path)
+        .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
+        .where(CachedStudy.project_id == job.project_id, CachedStudy.study_uid == job.study_uid)
+    )
+    if job.series_uids:
+        query = query.where(CachedInstance.series_uid.in_(list(job.series_uids)))
+    with ctx.sessions() as session:
+        relative = session.execute(
+            query.order_by(CachedInstance.series_uid, CachedInstance.instance_number, CachedInstance.id)
+        ).scalars().all()
+    store = cache_store(ctx)
+    return [store.absolute(path) for path in relative]
+
+
+class _Watch:
+    """Progress in, cancel out: at most one database round trip per POLL_SECONDS."""
+
+    def __init__(self, ctx: ServiceContext, request_id: int, expected: int) -> None:
+        self.ctx = ctx
+        self.request_id = request_id
+        self.expected = expected
+        self._checked = 0.0
+        self._written = 0.0
+        self._canceled = False
+
+    def should_cancel(self) -> bool:
+        if not self._canceled and time.monotonic() - self._checked >= POLL_SECONDS:
+            self._checked = time.monotonic()
+            with self.ctx.sessions() as session:
+                flag = session.execute(select(Request.cancel_requested).where(Request.id == self.request_id)).scalar()
+            self._canceled = bool(flag)
+        return self._canceled
+
+    def progress(self, p: StoreProgress) -> None:
+        if time.monotonic() - self._written < POLL_SECONDS:
+            return
+        self._written = time.monotonic()
+        with transaction(self.ctx.sessions) as session:
+            row = session.get_one(Request, self.request_id)
+            row.expected_instances = self.expected
+            row.received, row.failed, row.warnings, row.bytes = p.stored, p.failed, p.warnings + p.converted, p.bytes
+
+
+def _transient(ctx: ServiceContext, job: _Job, dest: DestinationConfig, exc: RetriableError) -> str:
+    r = dest.retries
+    policy = RetryPolicy(r.max_attempts, timedelta(seconds=r.first_delay), timedelta(seconds=r.max_delay))
+    now = ctx.clock.now()
+    retry_at = policy.next_try(job.attempts, now)
+    status = getattr(exc, "status", None)
+    if retry_at is None:
+        return _end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {exc}", status=status)
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Request, job.request_id)
+        if row.cancel_requested:
+            row.state, row.ended_at, row.last_error = RequestState.CANCELED, now, "canceled by a user"
+            row.cancel_requested = False
+            canceled = True
+        else:
+            # Nothing of this attempt counts: the next one sends the whole study again.
+            row.state = RequestState.SCHEDULED
+            row.worker = None
+            row.not_before = retry_at
+            row.last_error = str(exc)
+            row.last_status = status
+            row.received = row.failed = row.warnings = row.bytes = 0
+            row.waiting_reason = (f"attempt {job.attempts} failed ({type(exc).__name__}); "
+                                  f"retrying after {retry_at:%H:%M:%S} UTC")
+            canceled = False
+    if canceled:
+        _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {})
+        return RequestState.CANCELED
+    ctx.audit.record("worker", Action.FORWARD, Outcome.FAILED, project_id=job.project_id, patient_id=job.patient_id,
+                     study_uid=job.study_uid,
+                     detail={"request": job.request_id, "event": "transient failure", "destination": job.destination_id,
+                             "attempt": job.attempts, "error": str(exc), "retry_at": retry_at.isoformat()})
+    LOG.warning("request %s: forward attempt %s failed (%s); retrying later", job.request_id, job.attempts,
+                type(exc).__name__)
+    return RequestState.SCHEDULED
+
+
+def _end(
+    ctx: ServiceContext,
+    job: _Job,
+    state: RequestState,
+    reason: str | None,
+    result: StoreResult | None = None,
+    expected: int | None = None,
+    *,
+    status: int | None = None,
+) -> str:
+    now = ctx.clock.now()
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Request, job.request_id)
+        row.state = state
+        row.ended_at = now
+        row.waiting_reason = None
+        row.cancel_requested = False
+        row.last_error = reason
+        row.last_status = result.last_status if result is not None else status
+        if expected is not None:
+            row.expected_instances = expected
+        if result is not None:
+            row.received, row.failed, row.bytes = result.stored, result.failed, result.bytes
+            # A conversion is worth a warning: the destination got another encoding than the cache holds.
+            row.warnings = result.warnings + result.converted
+        counts = {"expected": row.expected_instances, "stored": row.received, "failed": row.failed,
+                  "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
+                  "attempt": job.attempts}
+    _audit_end(ctx, job, state, reason, counts)
+    LOG.info("request %s: forward %s (%s of %s instances)", job.request_id, state, counts.get("stored", 0),
+             counts.get("expected", 0))
+    return state
+
+
+def _audit_end(ctx: ServiceContext, job: _Job, state: RequestState, reason: str | None, counts: dict[str, int]) -> None:
+    outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
+    ctx.audit.record("worker", Action.FORWARD, outcome, project_id=job.project_id, patient_id=job.patient_id,
+                     study_uid=job.study_uid,
+                     detail={"request": job.request_id, "event": str(state), "destination": job.destination_id,
+                             "reason": reason or "", **counts})
+
+
+__all__ = [
+    "ForwardReport", "add_forwards", "list_destinations", "peer_for_destination", "run_forward", "schedule_forwards",
+]

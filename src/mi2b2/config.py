@@ -205,6 +205,7 @@ class DestinationConfig(Strict):
     projects: list[str] = Field(default_factory=list, description="projects that may forward here; empty = all")
     max_concurrent: int = Field(2, ge=1)
     timeouts: Timeouts = Timeouts()
+    retries: RetryConfig = RetryConfig()  # forwards that meet a busy or unreachable destination
 
 
 class MemberConfig(Strict):
@@ -234,6 +235,7 @@ class ServerConfig(Strict):
     session_hours: float = Field(12, gt=0)
     run_worker: bool = True
     run_receiver: bool = True
+    receiver_process: bool = Field(True, description="run the DICOM receiver in its own process (uses a second core)")
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often the scheduler looks for work")
 
     @model_validator(mode="after")

@@ -37,7 +37,8 @@ def run_server(config: SiteConfig, ready_message: str | None = None) -> None:
     ctx.audit.record(SYSTEM, Action.CONFIG_RELOAD, detail={"op": "startup", "file": str(config.source)})
     _reload_on_sighup(ctx)
     server = config.server
-    with background(ctx, receiver=server.run_receiver, worker=server.run_worker) as (_, worker):
+    with background(ctx, receiver=server.run_receiver, worker=server.run_worker,
+                    receiver_process=server.receiver_process) as (_, worker):
         app = create_app(ctx, worker)
         _serve_http(config, app, ready_message)
 

@@ -73,39 +73,25 @@ class SyntheticStudy:
             raise ValueError("series_count and instances_per_series must be at least 1")
 
 
+def _uid(*parts: str) -> str:
+    # One joined source: pydicom concatenates entropy sources without a
+    # separator, so ["1", "11"] and ["11", "1"] would give the same UID.
+    return str(generate_uid(entropy_srcs=["\x1f".join(parts)]))
+
+
 def study_instance_uid(study: SyntheticStudy) -> str:
     if study.study_uid:
         return study.study_uid
-    return str(
-        generate_uid(
-            entropy_srcs=[
-                "study",
-                study.patient_id,
-                study.accession,
-                study.study_date,
-                study.modality,
-                study.description,
-            ]
-        )
-    )
+    return _uid("study", study.patient_id, study.accession, study.study_date, study.modality, study.description)
 
 
 def series_instance_uid(study: SyntheticStudy, series_number: int) -> str:
     """UID of series `series_number` (1-based, as in SeriesNumber)."""
-    return str(generate_uid(entropy_srcs=["series", study_instance_uid(study), str(series_number)]))
+    return _uid("series", study_instance_uid(study), str(series_number))
 
 
 def sop_instance_uid(study: SyntheticStudy, series_number: int, instance_number: int) -> str:
-    return str(
-        generate_uid(
-            entropy_srcs=[
-                "instance",
-                study_instance_uid(study),
-                str(series_number),
-                str(instance_number),
-            ]
-        )
-    )
+    return _uid("instance", study_instance_uid(study), str(series_number), str(instance_number))
 
 
 def write_study(study: SyntheticStudy, out_dir: Path) -> list[Path]:

@@ -16,6 +16,7 @@ from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.forward import run_forward, schedule_forwards
 from mi2b2.services.receiver import ReceiverSink
 from mi2b2.services.retrieval import fail_unexpectedly, run_retrieval
 from mi2b2.services.scheduler import heartbeat, new_worker_id, requeue_orphans, retire_worker, schedule_once
@@ -59,20 +60,40 @@ class Worker:
             future = self._pool.submit(self._run, request_id)
             self._running.add(future)
             future.add_done_callback(self._running.discard)
-        return result.started
+        # Forwards share the pool, the lock and the notices; their limits are per destination.
+        forwards = schedule_forwards(self.ctx, self.worker_id)
+        for request_id in forwards:
+            future = self._pool.submit(self._run, request_id, forward=True)
+            self._running.add(future)
+            future.add_done_callback(self._running.discard)
+        return result.started + forwards
 
     def run_forever(self) -> None:
-        self.recover()
+        recovered = False
         while not self._stop.is_set():
-            try:
-                self.tick()
-            except Mi2b2Error as exc:
-                LOG.error("scheduling failed: %s", exc)
-            except Exception:
-                # The loop must survive a database hiccup; the next tick tries again.
-                LOG.exception("scheduling failed")
+            if not recovered:
+                # Retried until it works: a worker that skipped recovery would leave
+                # a crashed worker's requests processing forever.
+                recovered = self._guarded(self.recover)
+                if not recovered:
+                    self._wake.wait(self.poll_seconds)
+                    continue
+            self._guarded(self.tick)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
+
+    @staticmethod
+    def _guarded(step) -> bool:  # type: ignore[no-untyped-def]
+        """Run one step of the loop; the loop must outlive a database hiccup."""
+        try:
+            step()
+        except Mi2b2Error as exc:
+            LOG.error("worker step %s failed: %s", step.__name__, exc)
+            return False
+        except Exception:
+            LOG.exception("worker step %s failed", step.__name__)
+            return False
+        return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="mi2b2-worker", daemon=True)
@@ -95,11 +116,11 @@ class Worker:
     def busy(self) -> int:
         return len(self._running)
 
-    def _run(self, request_id: int) -> str:
+    def _run(self, request_id: int, forward: bool = False) -> str:
         try:
-            state = run_retrieval(self.ctx, request_id, self.sink)
+            state = run_forward(self.ctx, request_id) if forward else run_retrieval(self.ctx, request_id, self.sink)
         except Exception as exc:
-            LOG.exception("request %s: retrieval crashed", request_id)
+            LOG.exception("request %s: %s crashed", request_id, "forward" if forward else "retrieval")
             fail_unexpectedly(self.ctx, request_id, exc)
             state = "failed"
         finally:

@@ -1,0 +1,396 @@
+"""DICOM storage service user: C-STORE cached files to a destination, over pynetdicom.
+
+`store_files` sends a list of DICOM files over one association and reports,
+per instance, what the destination answered. What matters beyond correctness:
+
+* No decoding. A file whose stored transfer syntax the destination accepts is
+  streamed from disk as it is, in chunks of the destination's maximum PDU,
+  never parsed (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, see
+  `_StreamFromFiles`). Only an instance whose stored syntax was refused is
+  decoded (pydicom, with pylibjpeg for JPEG, JPEG-LS, JPEG 2000 and RLE) and
+  re-encoded uncompressed; the caller counts that as a warning.
+* Negotiation. Per SOP class we propose the stored syntax alone, and the
+  uncompressed syntaxes in a second context (`domain.forwarding`), so the
+  destination's answer tells us exactly which instances go out unchanged.
+* Latency. TCP_NODELAY on the socket and the prompt network thread of
+  `scu._prompt_dul`: a destination answers each C-STORE before we send the
+  next, so per-instance stalls would add up over a study.
+* PHI. Nothing here logs or raises with identifiers: messages carry the
+  destination's address, status codes and SOP class names only.
+
+Errors: association problems and "out of resources" (0xA7xx) raise
+retriable errors (the caller retries the whole forward later); a destination
+that rejects us or accepts none of our contexts raises `DestinationRefused`.
+Every other failure status fails that one instance and the next one is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from mi2b2.adapters.dicom.errors import (
+    AssociationAborted,
+    AssociationRejected,
+    PacsBusy,
+    PacsTimeout,
+    PacsUnreachable,
+    ServiceNotSupported,
+)
+from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, _associate, _prompt_dul, _release
+from mi2b2.domain.forwarding import choose_syntax, proposed_contexts
+from mi2b2.errors import PermanentError, RetriableError
+
+__all__ = [
+    "DestinationBusy",
+    "DestinationLost",
+    "DestinationRefused",
+    "DestinationTimeout",
+    "DestinationUnreachable",
+    "StoreProgress",
+    "StoreResult",
+    "store_files",
+]
+
+LOG = logging.getLogger(__name__)
+MAX_REASONS = 20  # failure reasons kept per forward; the counts are always exact
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def _where(name: str, peer: DicomPeer) -> str:
+    return f"destination {name!r} ({peer})"
+
+
+def _fix(name: str) -> str:
+    return f"check the [[destinations]] entry {name!r} of the site configuration (AE title, host, port)"
+
+
+class DestinationUnreachable(RetriableError):
+    def __init__(self, name: str, peer: DicomPeer, reason: str) -> None:
+        super().__init__(f"cannot connect to {_where(name, peer)}: {reason}; check that the destination is "
+                         f"running, or {_fix(name)}")
+
+
+class DestinationBusy(RetriableError):
+    """Rejected for now, or out of resources (0xA7xx): worth trying again later."""
+
+    def __init__(self, name: str, peer: DicomPeer, reason: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(f"{_where(name, peer)} is busy ({reason}); mi2b2 tries again later. If this persists, "
+                         "ask the destination's admin about its free space and load, or lower max_concurrent")
+
+
+class DestinationTimeout(RetriableError):
+    def __init__(self, name: str, peer: DicomPeer, seconds: float) -> None:
+        super().__init__(f"{_where(name, peer)} did not answer within {seconds:g} s; mi2b2 tries again later. "
+                         "If it is always this slow, raise the destination's timeouts in the site configuration")
+
+
+class DestinationLost(RetriableError):
+    def __init__(self, name: str, peer: DicomPeer) -> None:
+        super().__init__(f"the association with {_where(name, peer)} was aborted during C-STORE; mi2b2 tries "
+                         "again later, and the destination's log says why it dropped the connection")
+
+
+class DestinationRefused(PermanentError):
+    def __init__(self, name: str, peer: DicomPeer, reason: str) -> None:
+        super().__init__(f"{_where(name, peer)} refused the forward: {reason}")
+
+
+def _association_failure(name: str, peer: DicomPeer, local: LocalAE, error: Exception) -> Exception:
+    """The PACS-worded errors of `scu._associate`, reworded for a forward destination."""
+    if isinstance(error, PacsUnreachable):
+        return DestinationUnreachable(name, peer, error.reason)
+    if isinstance(error, PacsBusy):
+        return DestinationBusy(name, peer, error.reason)
+    if isinstance(error, PacsTimeout):
+        return DestinationTimeout(name, peer, error.seconds)
+    if isinstance(error, AssociationAborted):
+        return DestinationLost(name, peer)
+    if isinstance(error, AssociationRejected):
+        return DestinationRefused(name, peer, f"association rejected ({error.reason}); check that the destination "
+                                  f"knows our AE title {local.ae_title!r} with this host's address, and that its "
+                                  f"AE title is {peer.ae_title!r}, or {_fix(name)}")
+    if isinstance(error, ServiceNotSupported):
+        return DestinationRefused(name, peer, "it accepted none of the storage SOP classes and transfer syntaxes "
+                                  "of this study; ask its admin to accept them (e.g. Implicit VR Little Endian)")
+    return error
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreProgress:
+    """Counts so far; `stored` includes instances stored with a warning."""
+
+    stored: int
+    warnings: int  # the destination answered with a warning status
+    converted: int  # sent in another transfer syntax than stored (also stored or failed)
+    failed: int
+    bytes: int  # of the cached files sent (their size on disk)
+
+
+@dataclass
+class StoreResult:
+    stored: int = 0
+    warnings: int = 0
+    converted: int = 0
+    failed: int = 0
+    bytes: int = 0
+    canceled: bool = False
+    last_status: int | None = None
+    reasons: list[str] = field(default_factory=list)  # why instances failed, first MAX_REASONS
+
+    def progress(self) -> StoreProgress:
+        return StoreProgress(self.stored, self.warnings, self.converted, self.failed, self.bytes)
+
+    def _fail(self, reason: str, status: int | None = None) -> None:
+        self.failed += 1
+        if status is not None:
+            self.last_status = status
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+
+def _ignore(progress: StoreProgress) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+# --- sending ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _File:
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+
+
+class _Unconvertible(Exception):
+    """The instance cannot be re-encoded in a syntax the destination accepted."""
+
+
+def store_files(
+    local: LocalAE,
+    peer: DicomPeer,
+    name: str,
+    paths: Sequence[Path],
+    *,
+    should_cancel: Callable[[], bool] = _never,
+    on_progress: Callable[[StoreProgress], None] = _ignore,
+) -> StoreResult:
+    """C-STORE each file to `peer` over one association, in order.
+
+    `name` is the destination's id, for messages. `should_cancel` is asked
+    before every instance: once it says yes, the association is released and
+    the result says ``canceled``. `on_progress` gets the counts after every
+    instance (the caller decides how often to write them anywhere).
+    """
+    result = StoreResult()
+    files: list[_File] = []
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+            files.append(_File(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        except FileNotFoundError:
+            result._fail("the file is no longer in the cache")
+        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+            result._fail(f"the cached file is not readable DICOM ({type(exc).__name__})")
+    if not files:
+        return result
+    if should_cancel():
+        result.canceled = True
+        return result
+
+    contexts = [build_context(sop_class, list(syntaxes))
+                for sop_class, syntaxes in proposed_contexts((f.sop_class, f.transfer_syntax) for f in files)]
+    try:
+        assoc = _associate(local, peer, contexts, "Storage (C-STORE)", on_connect=_prompt)
+    except (PacsUnreachable, PacsBusy, PacsTimeout, AssociationAborted, AssociationRejected,
+            ServiceNotSupported) as exc:
+        raise _association_failure(name, peer, local, exc) from None
+    accepted: dict[str, set[str]] = defaultdict(set)
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
+            accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
+
+    started = time.perf_counter()
+    try:
+        with _stream_from_files:
+            for number, file in enumerate(files):
+                if number and should_cancel():
+                    result.canceled = True
+                    break
+                _store_one(assoc, peer, name, file, accepted[file.sop_class], number % 0xFFFF + 1, result)
+                on_progress(result.progress())
+    except BaseException:
+        # A C-STORE may be half sent: a release would wait on a response that may never come.
+        if assoc.is_established:
+            assoc.abort()
+        raise
+    _release(assoc)
+    LOG.info("C-STORE to %s (%s): %d stored (%d with warnings, %d converted), %d failed%s in %.2f s",
+             name, peer, result.stored, result.warnings, result.converted, result.failed,
+             " (canceled)" if result.canceled else "", time.perf_counter() - started)
+    return result
+
+
+def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, accepted: set[str], message_id: int,
+               result: StoreResult) -> None:
+    choice = choose_syntax(file.transfer_syntax, accepted)
+    sop_name = UID(file.sop_class).name
+    if choice is None:
+        result._fail(f"the destination accepted {sop_name} in none of the transfer syntaxes proposed")
+        return
+    payload: Path | Dataset = file.path
+    try:
+        size = file.path.stat().st_size
+        if choice.convert:
+            payload = _converted(file.path, UID(choice.transfer_syntax))
+    except FileNotFoundError:
+        result._fail("the file is no longer in the cache")
+        return
+    except _Unconvertible as exc:
+        result._fail(str(exc))
+        return
+    if choice.convert:
+        result.converted += 1
+    waited_from = time.monotonic()
+    try:
+        status = assoc.send_c_store(payload, msg_id=message_id)
+    except RuntimeError:
+        raise DestinationLost(name, peer) from None
+    except FileNotFoundError:
+        result._fail("the file is no longer in the cache")
+        return
+    except (ValueError, AttributeError, OSError) as exc:
+        # No usable context after all, or the file could not be encoded or read.
+        result._fail(f"could not send {sop_name} ({type(exc).__name__})")
+        return
+    if "Status" not in status:
+        limit = min(peer.dimse_timeout, peer.network_timeout)
+        if not assoc.is_established or time.monotonic() - waited_from < limit * 0.95:
+            raise DestinationLost(name, peer)
+        raise DestinationTimeout(name, peer, limit)
+    code = int(status.Status)
+    category = code_to_category(code)
+    if category == "Success":
+        result.stored += 1
+    elif category == "Warning":
+        result.stored += 1
+        result.warnings += 1
+        result.last_status = code
+    elif 0xA700 <= code <= 0xA7FF:
+        raise DestinationBusy(name, peer, f"C-STORE status 0x{code:04X}, {_status_text(code)}", status=code)
+    else:
+        comment = str(status.get("ErrorComment", "") or "")
+        # The comment is the destination's own text; keep it short and free of identifiers we know of.
+        detail = f": {comment[:80]}" if comment and not any(c.isdigit() for c in comment) else ""
+        result._fail(f"status 0x{code:04X} ({_status_text(code)}{detail}) for {sop_name}", status=code)
+        return
+    result.bytes += size
+
+
+def _converted(path: Path, target: UID) -> Dataset:
+    """The instance decoded and made ready to encode in `target` (uncompressed).
+
+    Lossless stored data keep their pixel values exactly; lossy data are
+    decoded as they would be displayed (colour JPEG becomes RGB). The SOP
+    Instance UID is kept: it is the same image, in another encoding."""
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, ValueError, EOFError) as exc:
+        raise _Unconvertible(f"the cached file could not be decoded for conversion ({type(exc).__name__})") from None
+    stored = UID(ds.file_meta.TransferSyntaxUID)
+    if stored.is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)
+        except Exception as exc:  # any decoder plugin error means the same thing here
+            raise _Unconvertible(
+                f"the destination refused {stored.name} and its pixel data could not be decompressed "
+                f"({type(exc).__name__}); ask the destination's admin to accept {stored.name}"
+            ) from None
+    elif not stored.is_little_endian:
+        raise _Unconvertible(f"the destination refused {stored.name}, which mi2b2 does not convert; "
+                             f"ask the destination's admin to accept it")
+    ds.file_meta.TransferSyntaxUID = target
+    # pynetdicom checks that the dataset's encoding matches the syntax it is sent in.
+    ds.set_original_encoding(target.is_implicit_VR, True, ds.original_character_set)
+    return ds
+
+
+class _StreamFromFiles:
+    """While entered, pynetdicom sends a file path's bytes as they are, without decoding them.
+
+    ``STORE_SEND_CHUNKED_DATASET`` is a process-wide switch, read when
+    `Association.send_c_store` is called with a path (never for a Dataset,
+    never on the receiving side). With it on, a path goes out only over a
+    context with exactly its stored syntax; with it off, pynetdicom decodes
+    the file first. Rather than flip it for the whole process for good (which
+    would change how any other code here sends paths, e.g. the demo loader),
+    it is on only while at least one forward is sending, and the previous
+    value comes back after the last one. Per call toggling would race between
+    concurrent forwards; a reference count does not. Code elsewhere in this
+    process that sends a *path* during a forward would be streamed too; no
+    mi2b2 code in a server or worker process does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = _config.STORE_SEND_CHUNKED_DATASET
+                _config.STORE_SEND_CHUNKED_DATASET = True
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = self._saved
+
+
+_stream_from_files = _StreamFromFiles()
+
+
+def _prompt(event: evt.Event) -> None:
+    _prompt_dul(event.assoc)
+
+
+def _status_text(code: int) -> str:
+    known = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
+    if known is not None:
+        return known[1]
+    if 0xA700 <= code <= 0xA7FF:
+        return "Out of resources"
+    if 0xA900 <= code <= 0xA9FF:
+        return "Data set does not match SOP class"
+    if 0xC000 <= code <= 0xCFFF:
+        return "Cannot understand"
+    return code_to_category(code)

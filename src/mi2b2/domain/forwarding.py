@@ -1,0 +1,217 @@
+"""Forwarding cached studies to other DICOM nodes, as pure rules.
+
+A forward sends a study (or some of its series) from a project's cache to a
+destination configured by the site (XNAT, OsiriX, a research PACS). These
+functions decide who may forward, which queued forwards start now, which
+transfer syntax each instance goes out in, and how a finished forward is
+judged. No network, no database, no clock: the services pass all of it in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from mi2b2.domain.governance import Denial, ProjectPolicy, irb_active
+from mi2b2.domain.requests import Outcome, RequestState
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+# Every DICOM storage SCP must accept Implicit VR Little Endian (PS3.5 10.1)
+# and nearly all take Explicit: the fallbacks when the stored syntax is refused.
+UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+MAX_CONTEXTS = 128  # PS3.8: presentation context ids are the odd numbers 1-255
+
+
+# --- who may forward where -----------------------------------------------------------
+
+
+def forward_denial(policy: ProjectPolicy, login: str, is_admin: bool, today: date) -> Denial | None:
+    """Why ``login`` may not forward from this project now, or None.
+
+    Any member (lead or researcher) may forward, and so may a site admin who
+    is not a member; nobody may once the IRB approval has lapsed, because
+    sending data out is use of the data the protocol no longer covers."""
+    if login not in policy.members and not is_admin:
+        return Denial.NOT_MEMBER
+    if not policy.active:
+        return Denial.PROJECT_INACTIVE
+    if not irb_active(policy.expires, today):
+        return Denial.IRB_EXPIRED
+    return None
+
+
+def destination_allows(allowed_projects: Collection[str], project_id: str) -> bool:
+    """A destination's ``projects`` list names who may use it; an empty list means every project."""
+    return not allowed_projects or project_id in allowed_projects
+
+
+# --- scheduling ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DestinationRules:
+    """What the site configuration says about one destination now."""
+
+    destination_id: str
+    configured: bool  # False: the destination was removed from the configuration
+    max_concurrent: int
+    projects: frozenset[str] = frozenset()  # empty = every project
+
+
+@dataclass(frozen=True)
+class ForwardCandidate:
+    """A scheduled forward waiting for its destination."""
+
+    request_id: int
+    project_id: str
+    priority: int
+    created_at: datetime
+    not_before: datetime | None = None
+    patient_allowed: bool = True
+    study_busy: bool = False  # the same study is being forwarded to this destination for another request
+
+
+@dataclass
+class ForwardPlan:
+    starts: list[int] = field(default_factory=list)  # request ids, in start order
+    waiting: dict[int, str] = field(default_factory=dict)  # request id -> why it waits
+    cancel: dict[int, str] = field(default_factory=dict)  # the project may no longer forward at all
+    fail: dict[int, str] = field(default_factory=dict)  # this forward is no longer allowed
+    last_project: str | None = None  # the round-robin cursor after this plan
+
+
+def plan_destination(
+    now: datetime,
+    rules: DestinationRules,
+    active: int,
+    closed_projects: Mapping[str, str | None],
+    candidates: Sequence[ForwardCandidate],
+    last_project: str | None,
+) -> ForwardPlan:
+    """Which forwards to one destination start now, and why the others do not.
+
+    ``closed_projects`` maps every known project to None (open) or the reason
+    it may not forward (IRB expired, project removed); a project missing from
+    it is no longer configured. At most ``rules.max_concurrent`` forwards run
+    at once; projects take turns after ``last_project``; inside a project the
+    highest priority goes first, then the oldest request.
+
+    A closed project's forwards are canceled (as retrievals are when the IRB
+    lapses); a forward the destination no longer accepts, or of a patient no
+    longer on the allow-list, fails with the reason, so its owner is told.
+    """
+    plan = ForwardPlan(last_project=last_project)
+    queues: dict[str, list[ForwardCandidate]] = {}
+    for c in candidates:
+        if c.project_id not in closed_projects:
+            plan.cancel[c.request_id] = "the project is no longer configured"
+        elif closed_projects[c.project_id]:
+            plan.cancel[c.request_id] = str(closed_projects[c.project_id])
+        elif not rules.configured:
+            plan.fail[c.request_id] = f"destination {rules.destination_id!r} is no longer configured"
+        elif not destination_allows(rules.projects, c.project_id):
+            plan.fail[c.request_id] = (
+                f"destination {rules.destination_id!r} no longer accepts forwards from project {c.project_id!r}"
+            )
+        elif not c.patient_allowed:
+            plan.fail[c.request_id] = "the patient is no longer on the project's IRB allow-list"
+        elif c.not_before is not None and c.not_before > now:
+            plan.waiting[c.request_id] = (
+                f"retry after a transient failure, not before {c.not_before:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        elif c.study_busy:
+            plan.waiting[c.request_id] = "the same study is being forwarded to this destination by another request"
+        else:
+            queues.setdefault(c.project_id, []).append(c)
+    for queue in queues.values():
+        queue.sort(key=lambda c: (-c.priority, c.created_at, c.request_id))
+
+    running = active
+    while queues and running < rules.max_concurrent:
+        project_id = _next_in_turn(sorted(queues), plan.last_project)
+        queue = queues[project_id]
+        plan.starts.append(queue.pop(0).request_id)
+        plan.last_project = project_id
+        running += 1
+        if not queue:
+            del queues[project_id]
+    busy = f"destination busy: {running} of {rules.max_concurrent} forwards active"
+    for queue in queues.values():
+        plan.waiting.update({c.request_id: busy for c in queue})
+    return plan
+
+
+def _next_in_turn(project_ids: list[str], last_project: str | None) -> str:
+    """The first project after ``last_project`` in a fixed cyclic order."""
+    if last_project is not None:
+        for project_id in project_ids:
+            if project_id > last_project:
+                return project_id
+    return project_ids[0]
+
+
+# --- transfer syntaxes ---------------------------------------------------------------
+
+
+def proposed_contexts(instances: Iterable[tuple[str, str]]) -> list[tuple[str, tuple[str, ...]]]:
+    """Presentation contexts to propose for instances given as (SOP class, stored transfer syntax).
+
+    Per SOP class: one context for each stored syntax alone, so that a
+    destination accepting it gets the files byte for byte; then one context
+    with the uncompressed syntaxes not already proposed, the fallback a
+    conversion needs. Stored-syntax contexts come first: if a study has more
+    classes than an association can carry, fallbacks are what is dropped.
+    """
+    stored: dict[str, list[str]] = {}
+    for sop_class, syntax in instances:
+        syntaxes = stored.setdefault(sop_class, [])
+        if syntax not in syntaxes:
+            syntaxes.append(syntax)
+    contexts = [(sop_class, (syntax,)) for sop_class, syntaxes in stored.items() for syntax in syntaxes]
+    for sop_class, syntaxes in stored.items():
+        fallback = tuple(s for s in UNCOMPRESSED if s not in syntaxes)
+        if fallback:
+            contexts.append((sop_class, fallback))
+    return contexts[:MAX_CONTEXTS]
+
+
+@dataclass(frozen=True)
+class SyntaxChoice:
+    transfer_syntax: str
+    convert: bool  # decode and re-encode: the destination refused the stored syntax
+
+
+def choose_syntax(stored: str, accepted: Collection[str]) -> SyntaxChoice | None:
+    """The syntax to send an instance in, given those the destination accepted for its SOP class.
+
+    The stored syntax if accepted (the file is streamed unchanged), else the
+    first accepted uncompressed one (the instance is converted); None if the
+    destination accepted neither."""
+    if stored in accepted:
+        return SyntaxChoice(stored, convert=False)
+    for syntax in UNCOMPRESSED:
+        if syntax in accepted:
+            return SyntaxChoice(syntax, convert=True)
+    return None
+
+
+# --- judging -------------------------------------------------------------------------
+
+
+def forward_outcome(expected: int, stored: int, failed: int, first_problem: str | None = None) -> Outcome:
+    """Judge a forward that ran to its end (not canceled, no transient error).
+
+    ``expected`` counts the instances selected from the cache, ``stored``
+    those the destination acknowledged (success or warning), ``failed`` the
+    rest (refused by the destination, unreadable or gone from the cache)."""
+    why = f" (first problem: {first_problem})" if first_problem else ""
+    if expected == 0:
+        return Outcome(RequestState.FAILED, "no instance of the study is in the project's cache any more")
+    if stored == 0:
+        return Outcome(RequestState.FAILED, f"the destination stored none of the {expected} instances{why}")
+    missing = max(expected - stored, failed, 0)
+    if missing:
+        return Outcome(RequestState.INCOMPLETE, f"{missing} of {expected} instances were not stored{why}")
+    return Outcome(RequestState.COMPLETED, None)

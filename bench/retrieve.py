@@ -20,7 +20,7 @@ MaximumPduLength 131072). Then it times
 checks that both received every instance (count, bytes within the size of a
 file meta header, pixel data of a sample), and prints the throughputs
 (MB = 10^6 bytes). Then it requests the big study alone and reports
-``rss_mb``, the peak resident set of the ``mi2b2 serve`` process while it
+``rss_mb``, the peak resident set of the ``mi2b2 serve`` process (with its receiver child) while it
 received it (target < 300), and last ``ratio: <mi2b2 MB/s / storescp MB/s>``
 (target >= 0.8). Both sides get one untimed warm-up study first.
 Everything it starts is stopped, and its work folder removed, on exit.
@@ -441,31 +441,46 @@ def _utc(value: str) -> datetime:
 
 
 class RssWatch:
-    """Peak resident set of a process: VmHWM after a reset, cross-checked by sampling VmRSS."""
+    """Peak resident set of a process and its children (`mi2b2 serve` runs its
+    receiver as a child): the sum of each one's VmHWM after a reset,
+    cross-checked by sampling the summed VmRSS."""
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
+        self.pids = [pid, *self._children(pid)]
         self.sampled_kb = 0
         self.reset_ok = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _status(self, field: str) -> int:
-        with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        with suppress(OSError, ValueError):
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return []
+
+    def _status(self, pid: int, field: str) -> int:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
         return 0
 
+    def _total(self, field: str) -> int:
+        total = 0
+        for pid in self.pids:
+            with suppress(OSError, ValueError):
+                total += self._status(pid, field)
+        return total
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            with suppress(OSError, ValueError):
-                self.sampled_kb = max(self.sampled_kb, self._status("VmRSS"))
+            self.sampled_kb = max(self.sampled_kb, self._total("VmRSS"))
             self._stop.wait(0.02)
 
     def __enter__(self) -> RssWatch:
         try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for pid in self.pids:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             self.reset_ok = True
         except OSError:
             self.reset_ok = False
@@ -479,8 +494,7 @@ class RssWatch:
     def peak_mb(self) -> float:
         peak = self.sampled_kb
         if self.reset_ok:
-            with suppress(OSError, ValueError):
-                peak = max(peak, self._status("VmHWM"))
+            peak = max(peak, self._total("VmHWM"))
         return peak * 1024 / MB
 
 

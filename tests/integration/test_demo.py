@@ -24,7 +24,7 @@ from support.pacs import free_port
 
 pytestmark = pytest.mark.pacs
 
-START_TIMEOUT = 45.0
+START_TIMEOUT = 90.0  # first run: generates and loads ~900 instances; slow on a busy machine
 STOP_TIMEOUT = 15.0
 
 

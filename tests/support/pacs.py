@@ -46,6 +46,7 @@ __all__ = [
     "start_dcmqrscp",
     "start_orthanc",
     "start_qrscp",
+    "start_storescp",
 ]
 
 MAX_PDU = 131072
@@ -197,6 +198,31 @@ def start_orthanc(
     pacs = RunningPacs("orthanc", ae_title, "127.0.0.1", port, http_port, workdir, log_path, process)
     _wait_ready(pacs, lambda: _http_ok(f"http://127.0.0.1:{http_port}/system") and _tcp_ok(port))
     return pacs
+
+
+# --- DCMTK storescp (a forward destination) ---------------------------------------------
+
+
+def start_storescp(workdir: Path, ae_title: str = "DEST", implicit_only: bool = False) -> RunningPacs:
+    """storescp writing every received instance under ``workdir/received``.
+
+    Bit-preserving (``+B``): each file holds the data set exactly as it came
+    over the wire, so a test can compare bytes with what was sent. Accepts
+    every transfer syntax it knows (``+xa``), or only Implicit VR Little
+    Endian (``+xi``): a destination that refuses compressed and explicit data.
+    Caveat: DCMTK 3.6.7 has no bind option, so it listens on all interfaces.
+    """
+    workdir = Path(workdir)
+    received = workdir / "received"
+    received.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "storescp.log"
+    argv = ["storescp", "-v", "--aetitle", ae_title, "--max-pdu", str(MAX_PDU), "-od", str(received), "+B",
+            "+xi" if implicit_only else "+xa", str(port)]
+    process = _spawn(argv, workdir, log_path)
+    peer = RunningPacs("storescp", ae_title, "127.0.0.1", port, None, workdir, log_path, process)
+    _wait_ready(peer, lambda: _echo_ok(ae_title, port))
+    return peer
 
 
 # --- DCMTK dcmqrscp -------------------------------------------------------------------

@@ -10,6 +10,10 @@ from fastapi.routing import APIRoute
 from mi2b2 import __version__
 from mi2b2.api.errors import install_error_handlers
 from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
+from mi2b2.api.routers import dicomweb as dicomweb_router
+from mi2b2.api.routers import download as download_router
+from mi2b2.api.routers import forward as forward_router
+from mi2b2.api.routers import viewer as viewer_router
 from mi2b2.services.context import ServiceContext
 
 
@@ -35,10 +39,15 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     for module in (auth, projects, search, requests, audit, admin, cache, notifications):
         api.include_router(module.router)
     api.include_router(cache.admin_router)
+    api.include_router(forward_router.router)
+    api.include_router(download_router.router)
+    api.include_router(viewer_router.router)
 
     @api.get("/health", tags=["health"])
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     app.include_router(api)
+    app.include_router(viewer_router.page_router)  # the viewer page, /viewer/
+    app.include_router(dicomweb_router.router)  # /dicomweb/projects/{project}/...
     return app

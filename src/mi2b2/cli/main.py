@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mi2b2.cli import admin, audit, cache, requests, search
+from mi2b2.cli import admin, audit, cache, download, forward, requests, search, view
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SERVER,
@@ -40,6 +40,11 @@ app.add_typer(search.app, name="search")
 app.add_typer(cache.app, name="cache")
 app.add_typer(requests.app, name="request")
 app.command("notifications")(cache.notifications)
+app.command("forward")(forward.forward)
+app.command("destinations")(forward.destinations)
+app.command("download")(download.download)
+app.command("decrypt")(download.decrypt)
+app.command("view")(view.view)
 admin.app.command("fsck")(cache.fsck)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -136,3 +137,94 @@ class Mi2b2Client:
 
     def pacs_state(self) -> list[dict[str, Any]]:
         return self._call("GET", "/pacs/state")  # type: ignore[no-any-return]
+
+    # --- forwarding --------------------------------------------------------------------
+
+    def destinations(self, project: str) -> list[dict[str, Any]]:
+        """The DICOM destinations this project may forward to."""
+        return self._call("GET", f"/projects/{quote(project, safe='')}/destinations")  # type: ignore[no-any-return]
+
+    def forward(self, project: str, destination: str, study_uids: list[str], series_uids: list[str] | None = None,
+                priority: int = 0) -> dict[str, Any]:
+        """Queue forwards of cached studies; follow them with `requests(project)`."""
+        body = {"destination": destination, "study_uids": study_uids, "series_uids": series_uids or [],
+                "priority": priority}
+        return self._call("POST", f"/projects/{quote(project, safe='')}/forward", json=body)  # type: ignore[no-any-return]
+
+    # --- downloads ---------------------------------------------------------------------
+
+    def download_manifest(self, project: str, study_uids: list[str], all_studies: bool = False,
+                          encryption: str | None = None) -> dict[str, Any]:
+        """Files (readable path, size, SHA-256) of a download and a download_id per study; audited as a download."""
+        body = {"study_uids": study_uids, "all": all_studies, "encryption": encryption}
+        return self._call("POST", f"/projects/{quote(project, safe='')}/download/manifest", json=body)  # type: ignore[no-any-return]
+
+    def download_instance(self, project: str, download_id: int, study_uid: str, sop_uid: str,
+                          chunk_size: int | None = None) -> Iterator[bytes]:
+        """One cached file in chunks; errors are raised on the first ``next()``."""
+        body = {"download_id": download_id, "study_uid": study_uid, "sop_uid": sop_uid}
+        return self._stream("POST", f"/projects/{quote(project, safe='')}/download/instance", body, chunk_size)
+
+    def download_zip(self, project: str, study_uids: list[str], all_studies: bool = False,
+                     passphrase: str | None = None, recipients: list[str] | None = None,
+                     chunk_size: int | None = None) -> Iterator[bytes]:
+        """The download as a ZIP, streamed; encrypted with age when a passphrase or recipients are given."""
+        encryption = None
+        if passphrase is not None or recipients:
+            encryption = {"passphrase": passphrase, "recipients": recipients or []}
+        body = {"study_uids": study_uids, "all": all_studies, "encryption": encryption}
+        return self._stream("POST", f"/projects/{quote(project, safe='')}/download", body, chunk_size)
+
+    def _stream(self, method: str, path: str, body: dict[str, Any], chunk_size: int | None) -> Iterator[bytes]:
+        # chunk_size None hands on what the socket gave: re-chunking in httpx costs about half the throughput.
+        try:
+            with self._http.stream(method, path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        message = response.json().get("error", response.text)
+                    except ValueError:
+                        message = response.text or response.reason_phrase
+                    raise ERRORS.get(response.status_code, Mi2b2Error)(message)
+                yield from response.iter_bytes(chunk_size)
+        except httpx.ConnectError:
+            raise RetriableError(f"cannot reach the mi2b2 server at {self.base_url}; is `mi2b2 serve` running?") from None
+        except httpx.TimeoutException:
+            raise RetriableError(f"the mi2b2 server at {self.base_url} did not answer in time") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            raise RetriableError(f"the connection to {self.base_url} broke off during the transfer; "
+                                 "run the download again") from None
+
+    # --- viewer --------------------------------------------------------------------------
+
+    def viewer_tree(self, project: str) -> dict[str, Any]:
+        """Patients and their cached studies (with window presets), for the viewer."""
+        return self._call("GET", f"/projects/{quote(project, safe='')}/viewer/tree")  # type: ignore[no-any-return]
+
+    def viewer_study(self, project: str, study_uid: str) -> dict[str, Any]:
+        """A cached study's series and images in order (opening it is audited as a view)."""
+        path = f"/projects/{quote(project, safe='')}/viewer/studies/{quote(study_uid, safe='')}"
+        return self._call("GET", path)  # type: ignore[no-any-return]
+
+    def viewer_tags(self, project: str, sop_uid: str) -> dict[str, Any]:
+        path = f"/projects/{quote(project, safe='')}/viewer/instances/{quote(sop_uid, safe='')}/tags"
+        return self._call("GET", path)  # type: ignore[no-any-return]
+
+    def viewer_frame(self, project: str, sop_uid: str, frame: int = 1, center: float | None = None,
+                     width: float | None = None, preset: str | None = None) -> bytes:
+        """Frame ``frame`` (from 1) rendered as PNG bytes, windowed as asked (default: the image's own window)."""
+        path = f"/projects/{quote(project, safe='')}/viewer/instances/{quote(sop_uid, safe='')}/frames/{int(frame)}.png"
+        params = {k: v for k, v in (("center", center), ("width", width), ("preset", preset)) if v is not None}
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.ConnectError:
+            raise RetriableError(f"cannot reach the mi2b2 server at {self.base_url}; is `mi2b2 serve` running?") from None
+        except httpx.TimeoutException:
+            raise RetriableError(f"the mi2b2 server at {self.base_url} did not answer in time") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text or response.reason_phrase
+            raise ERRORS.get(response.status_code, Mi2b2Error)(message)
+        return response.content

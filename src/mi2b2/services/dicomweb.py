@@ -32,7 +32,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,6 @@ class _Instance:
     number: int | None
     path: Path
     size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DicomWeb:
@@ -574,6 +573,9 @@ class DicomWeb:
             raise NotFound(f"{what} is not in the cache of project {project_id!r}")
         found.sort(key=lambda i: (i.series_uid, i.number is None, i.number or 0, i.sop_uid))
         present = [i for i in found if i.path.is_file()]
+        if len(present) < len(found):
+            LOG.warning("%d of %d indexed files of a DICOMweb request are missing from the cache; "
+                        "`mi2b2 admin fsck --repair` reconciles index and disk", len(found) - len(present), len(found))
         if not present:
             raise NotFound("the files of this request are missing from the cache; "
                            "an admin can reconcile index and disk with `mi2b2 admin fsck --repair`")

@@ -272,6 +272,9 @@ def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, acce
     except FileNotFoundError:
         result._fail("the file is no longer in the cache")
         return
+    except OSError as exc:
+        result._fail(f"the cached file could not be read ({type(exc).__name__}); run `mi2b2 admin fsck`")
+        return
     except _Unconvertible as exc:
         result._fail(str(exc))
         return
@@ -306,7 +309,7 @@ def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, acce
         raise DestinationBusy(name, peer, f"C-STORE status 0x{code:04X}, {_status_text(code)}", status=code)
     else:
         comment = str(status.get("ErrorComment", "") or "")
-        # The comment is the destination's own text; keep it short and free of identifiers we know of.
+        # The destination's own text may quote what it refused: kept only when short and free of digits (UIDs, MRNs).
         detail = f": {comment[:80]}" if comment and not any(c.isdigit() for c in comment) else ""
         result._fail(f"status 0x{code:04X} ({_status_text(code)}{detail}) for {sop_name}", status=code)
         return

@@ -314,18 +314,25 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
     _require_member(ctx, who, project_id, "download")
     with ctx.sessions() as session:
         event = session.get(AuditEvent, download_id)
-        if (event is None or event.action != Action.DOWNLOAD.value or event.outcome != Outcome.OK.value
-                or event.actor != who.login or event.project_id != project_id or event.study_uid != study_uid
-                or json.loads(event.detail).get("via") != VIA_FILES
-                or datetime.fromisoformat(event.occurred_at) < ctx.clock.now() - timedelta(hours=TICKET_HOURS)):
-            raise AccessDenied("this download_id does not cover that study (or is older than "
-                               f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
-        relative = session.scalar(
-            select(CachedInstance.relative_path)
-            .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
-            .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid,
-                   CachedInstance.sop_instance_uid == sop_uid)
-        )
+        ticket_ok = (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value
+                     and event.actor == who.login and event.project_id == project_id and event.study_uid == study_uid
+                     and json.loads(event.detail).get("via") == VIA_FILES
+                     and datetime.fromisoformat(event.occurred_at) >= ctx.clock.now() - timedelta(hours=TICKET_HOURS))
+        relative = None
+        if ticket_ok:
+            relative = session.scalar(
+                select(CachedInstance.relative_path)
+                .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
+                .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid,
+                       CachedInstance.sop_instance_uid == sop_uid)
+            )
+    if not ticket_ok:
+        # A member fetching outside an audited download: refused, and the attempt is on record.
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, study_uid=study_uid,
+                         detail={"reason": "no download covers this file", "operation": "download",
+                                 "download_id": download_id})
+        raise AccessDenied("this download_id does not cover that study (or is older than "
+                           f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
     if relative is None:
         raise NotFound("that image is no longer in the project's cache (deleted since the manifest was made)")
     path = CacheStore(ctx.config.cache_dir()).absolute(relative)

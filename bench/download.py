@@ -1,0 +1,307 @@
+"""Benchmark: downloading a project's cache, plain and age-encrypted, vs. reading the same files from disk.
+
+    python bench/download.py [--megabytes N]
+
+Generates synthetic CT studies (512x512, ~0.5 MB per instance) straight into
+the cache of a fresh site, indexes them as the receiver would, starts
+`mi2b2 serve` in a subprocess and creates a researcher with a token. Before
+each run the files are dropped from the page cache (posix_fadvise
+DONTNEED), so every run reads from disk, as a download of a big cache does.
+It times
+
+  (a) reference: reading every file (all bytes, 1 MiB reads, one thread),
+  (b) ``POST /api/v1/projects/P/download``: the plain ZIP, consumed with httpx,
+  (c) the same, encrypted to an age public key (recipients mode),
+  (d) ``mi2b2 download P --all --to DIR -r age1...``: the CLI's encrypted folder
+      download (a real subprocess: its ~2-3 s start-up is included),
+
+checks that the ZIPs and the folder hold every file, prints MB/s and ends
+with ``ratio: <(c) MB/s / (b) MB/s>`` (target >= 0.7; plain_vs_disk target >= 0.8).
+Everything it starts is stopped, and its temp folder removed, on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import httpx  # noqa: E402
+import pyrage  # noqa: E402
+
+from mi2b2.adapters.db.engine import transaction  # noqa: E402
+from mi2b2.adapters.dicom.files import read_instance_header  # noqa: E402
+from mi2b2.config import load_config  # noqa: E402
+from mi2b2.domain.principal import SYSTEM  # noqa: E402
+from mi2b2.services.cache import cache_store, index_instance  # noqa: E402
+from mi2b2.services.context import build_context  # noqa: E402
+from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
+from support.pacs import free_port  # noqa: E402
+
+PROJECT = "bench"
+SERVER_TIMEOUT = 60.0
+INSTANCE_BYTES = 525_636  # one 512x512 16-bit CT instance as mi2b2.synthetic writes it
+PER_SERIES = 25
+
+
+class BenchFailure(RuntimeError):
+    pass
+
+
+def write_site(folder: Path) -> Path:
+    (folder / "bench.mrns").write_text("".join(f"BENCH{i:04d}\n" for i in range(1, 1000)), encoding="utf-8")
+    path = folder / "mi2b2.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [server]
+        http_port = {free_port()}
+        database_url = "sqlite:///mi2b2.db"
+        cache_dir = "cache"
+
+        [dicom]
+        ae_title = "MI2B2"
+        port = {free_port()}
+
+        [[institutions]]
+        id = "bench"
+
+        [[institutions.departments]]
+        id = "radiology"
+
+        [[institutions.departments.pacs]]
+        id = "unused"
+        ae_title = "UNUSED"
+        host = "127.0.0.1"
+        port = {free_port()}
+
+        [[projects]]
+        id = "{PROJECT}"
+        title = "Download benchmark"
+        irb = "BENCH-0002"
+        expires = 2099-12-31
+        mrn_file = "bench.mrns"
+        quota = "100 GiB"
+        institutions = ["bench"]
+        members = [{{ login = "bench" }}]
+        """), encoding="utf-8")
+    return path
+
+
+def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path]]:
+    """Synthetic studies generated in the cache's incoming folder, placed and indexed as the receiver does."""
+    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    try:
+        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
+        token = ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
+        store = cache_store(ctx)
+        studies = max(1, round(megabytes * 1_000_000 / (INSTANCE_BYTES * PER_SERIES * 2)))
+        placed: list[Path] = []
+        for n in range(1, studies + 1):
+            study = SyntheticStudy(
+                patient_id=f"BENCH{n:04d}", patient_name=f"BENCH^PATIENT{n:04d}", birth_date="19700101", sex="O",
+                accession=f"BD{n:08d}", study_date="20240101", modality="CT", description="BENCH CT",
+                series_count=2, instances_per_series=PER_SERIES, rows=512, cols=512,
+            )
+            generated = write_study(study, store.incoming_dir() / "generated")
+            with transaction(ctx.sessions) as session:
+                for file in generated:
+                    header = read_instance_header(file)
+                    relative = store.relative_path(PROJECT, header.study_uid, header.series_uid,
+                                                   header.sop_instance_uid)
+                    size = store.place(file, relative)
+                    index_instance(session, PROJECT, header, relative, size, ctx.clock.now(), "bench", "unused")
+                    placed.append(store.absolute(relative))
+        shutil.rmtree(store.incoming_dir(), ignore_errors=True)
+        return token, placed
+    finally:
+        ctx.engine.dispose()
+
+
+@contextmanager
+def mi2b2_server(config_path: Path) -> Iterator[str]:
+    config = load_config(config_path)
+    url = f"http://127.0.0.1:{config.server.http_port}"
+    log_path = config_path.parent / "server.log"
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
+            cwd=config_path.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                raise BenchFailure(f"mi2b2 serve exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files from the page cache, so the next run reads them from disk."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm_up(url: str, token: str) -> None:
+    """One small download first: the server loads its DICOM, ZIP and age code on the first one."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
+        studies = http.get(f"/api/v1/projects/{PROJECT}/cache").json()["studies"]
+        response = http.post(f"/api/v1/projects/{PROJECT}/download", json={"study_uids": [studies[0]["study_uid"]]})
+        if response.status_code != 200:
+            raise BenchFailure(f"warm-up download failed: HTTP {response.status_code} {response.text[:500]}")
+
+
+def time_disk(paths: list[Path]) -> tuple[float, int]:
+    evict(paths)
+    total = 0
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as file:
+            while chunk := file.read(1 << 20):
+                total += len(chunk)
+    return time.perf_counter() - started, total
+
+
+def time_zip(url: str, token: str, paths: list[Path], out: Path, encryption: dict[str, object] | None) -> tuple[float, int]:
+    """Consume the streamed ZIP (kept on disk only to check it afterwards, outside the timing)."""
+    evict(paths)
+    body = {"all": True, "encryption": encryption}
+    total = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
+        started = time.perf_counter()
+        with http.stream("POST", f"/api/v1/projects/{PROJECT}/download", json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                raise BenchFailure(f"download failed: HTTP {response.status_code} {response.text[:500]}")
+            parts = []
+            for chunk in response.iter_raw():
+                total += len(chunk)
+                parts.append(chunk)
+        elapsed = time.perf_counter() - started
+    out.write_bytes(b"".join(parts))
+    return elapsed, total
+
+
+def time_cli(url: str, token: str, paths: list[Path], target: Path, recipient: str) -> float:
+    evict(paths)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "mi2b2", "download", PROJECT, "--all", "--to", str(target), "-r", recipient,
+         "--server", url, "--token", token],
+        capture_output=True, text=True, timeout=1800, check=False, env={**os.environ, "COLUMNS": "120"})
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise BenchFailure(f"mi2b2 download failed ({result.returncode}): {result.stderr[-1500:]}")
+    return elapsed
+
+
+def cli_startup() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mi2b2", "--help"], capture_output=True, check=True, timeout=120)
+    return time.perf_counter() - started
+
+
+def check_zip(path: Path, expected: int, encrypted: bool) -> None:
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".dcm.age" if encrypted else ".dcm")]
+        if len(names) != expected:
+            raise BenchFailure(f"{path.name} holds {len(names)} images, expected {expected}")
+        if archive.testzip() is not None:
+            raise BenchFailure(f"{path.name} has a damaged member")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=int, default=300)
+    megabytes = parser.parse_args().megabytes
+    root = Path(tempfile.mkdtemp(prefix="mi2b2-bench-download-"))
+    identity = pyrage.x25519.Identity.generate()
+    recipient = str(identity.to_public())
+    try:
+        with ExitStack() as stack:
+            site = root / "site"
+            site.mkdir()
+            config_path = write_site(site)
+            t0 = time.perf_counter()
+            token, paths = fill_cache(config_path, megabytes)
+            size = sum(p.stat().st_size for p in paths)
+            print(f"setup: {len(paths)} instances, {size / 1e6:.0f} MB generated and indexed in "
+                  f"{time.perf_counter() - t0:.1f} s")
+            url = stack.enter_context(mi2b2_server(config_path))
+            warm_up(url, token)
+
+            disk, read = time_disk(paths)
+            plain, plain_bytes = time_zip(url, token, paths, root / "plain.zip", None)
+            check_zip(root / "plain.zip", len(paths), encrypted=False)
+            encrypted, encrypted_bytes = time_zip(url, token, paths, root / "encrypted.zip", {"recipients": [recipient]})
+            check_zip(root / "encrypted.zip", len(paths), encrypted=True)
+            (root / "plain.zip").unlink()
+            (root / "encrypted.zip").unlink()
+            cli = time_cli(url, token, paths, root / "folder", recipient)
+            stored = [p for p in (root / "folder").rglob("*.dcm.age")]
+            if len(stored) != len(paths):
+                raise BenchFailure(f"the CLI download holds {len(stored)} images, expected {len(paths)}")
+            startup = cli_startup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    if read != size:
+        raise BenchFailure(f"read {read} bytes from disk, expected {size}")
+
+    def rate(seconds: float) -> float:
+        return size / 1e6 / seconds
+
+    print(f"reference, reading the files from disk (page cache dropped): {disk:.2f} s, {rate(disk):.0f} MB/s")
+    print(f"mi2b2 API, plain ZIP: {plain:.2f} s, {rate(plain):.0f} MB/s of images ({plain_bytes / 1e6:.0f} MB ZIP)")
+    print(f"mi2b2 API, age-encrypted ZIP (recipients): {encrypted:.2f} s, {rate(encrypted):.0f} MB/s of images "
+          f"({encrypted_bytes / 1e6:.0f} MB ZIP)")
+    print(f"mi2b2 CLI, age-encrypted folder download: {cli:.2f} s, {rate(cli):.0f} MB/s of images "
+          f"(includes the command's start-up, {startup:.2f} s alone)")
+    print(f"plain_vs_disk: {rate(plain) / rate(disk):.3f}")
+    print(f"cli_encrypted_vs_plain: {rate(cli) / rate(plain):.3f}")
+    print(f"ratio: {rate(encrypted) / rate(plain):.3f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchFailure as failure:
+        print(f"FAILED: {failure}", file=sys.stderr)
+        sys.exit(1)

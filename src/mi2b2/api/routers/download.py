@@ -1,0 +1,71 @@
+"""Downloads: a streamed ZIP, or a manifest and then single files (the CLI's resumable folder download).
+
+All POST: study UIDs, passphrases and keys travel in bodies, never in URLs
+that proxies and access logs keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from mi2b2.api.deps import ContextDep, CurrentUser
+from mi2b2.services.export import download
+
+router = APIRouter(prefix="/projects/{project_id}/download", tags=["download"])
+
+
+class EncryptionBody(BaseModel):
+    passphrase: str | None = Field(default=None, max_length=1000)
+    recipients: list[str] = Field(default_factory=list, max_length=20)
+
+
+class DownloadBody(BaseModel):
+    study_uids: list[str] = Field(default_factory=list, max_length=download.MAX_STUDIES)
+    all: bool = False
+    encryption: EncryptionBody | None = None
+
+
+class ManifestBody(BaseModel):
+    study_uids: list[str] = Field(default_factory=list, max_length=download.MAX_STUDIES)
+    all: bool = False
+    encryption: str | None = Field(default=None, description="what the client will do: 'passphrase', 'recipients' or null")
+
+
+class InstanceBody(BaseModel):
+    download_id: int
+    study_uid: str = Field(max_length=64)
+    sop_uid: str = Field(max_length=64)
+
+
+@router.post("", response_class=StreamingResponse,
+             responses={200: {"content": {"application/zip": {}}, "description": "the ZIP, streamed"}})
+def download_zip(project_id: str, body: DownloadBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
+    encryption = None
+    if body.encryption is not None:
+        encryption = download.Encryption(body.encryption.passphrase, tuple(body.encryption.recipients))
+    result = download.zip_download(ctx, user, project_id, body.study_uids, body.all, encryption)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{result.filename}"',
+        "X-Mi2b2-Studies": str(result.studies),
+        "X-Mi2b2-Files": str(result.files),
+        "X-Mi2b2-Bytes": str(result.bytes),
+        "Cache-Control": "no-store",
+    }
+    return StreamingResponse(result.chunks, media_type="application/zip", headers=headers)
+
+
+@router.post("/manifest")
+def download_manifest(project_id: str, body: ManifestBody, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+    return download.download_manifest(ctx, user, project_id, body.study_uids, body.all, body.encryption)
+
+
+@router.post("/instance", response_class=StreamingResponse,
+             responses={200: {"content": {"application/dicom": {}}, "description": "one cached DICOM file"}})
+def download_instance(project_id: str, body: InstanceBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
+    result = download.download_instance(ctx, user, project_id, body.download_id, body.study_uid, body.sop_uid)
+    return StreamingResponse(result.chunks, media_type="application/dicom",
+                             headers={"Content-Length": str(result.size), "Cache-Control": "no-store"})

@@ -306,3 +306,27 @@ def test_python_client_reads_the_viewer(ctx: ServiceContext, cached: Cached) -> 
             assert image.size == (16, 16) and image.mode == "L"
         with Mi2b2Client(url, cached.tokens["carol"]) as carol, pytest.raises(AccessDenied, match="not a member"):
             carol.viewer_frame("alpha", MR)
+
+
+def test_local_library_reads_what_the_fast_header_parser_cannot(tmp_path: Path) -> None:
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from mi2b2.errors import InvalidInput
+    from mi2b2.services.viewer import LocalLibrary, PlainFolder, open_local
+
+    folder = tmp_path / "download"
+    folder.mkdir()
+    shutil.copy(str(get_testdata_file("MR_small_bigendian.dcm")), folder / "big-endian")  # any name, no .dcm
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / ".hidden.dcm").write_bytes(b"left out")
+    library = LocalLibrary(open_local(folder))
+    assert isinstance(library.source, PlainFolder)
+    (entry,) = library.instances.values()
+    assert library.skipped == 1
+    study = library.study(entry.study_uid)
+    assert study["series"][0]["instances"][0]["sop_uid"] == entry.sop_uid
+    assert library.frame(entry.sop_uid, 1).window is not None
+    with pytest.raises(InvalidInput, match="not an encrypted download"):
+        open_local(folder, passphrase="anything at all")

@@ -65,3 +65,21 @@ def test_wildcards_and_overlong_values_are_invalid_not_cleaned() -> None:
     parsed = parse_identifier_text("00042\nA*\n" + "9" * 65)
     assert parsed.unique == ["00042"]
     assert [e.line for e in parsed.invalid] == [2, 3]
+
+
+def test_receipt_door_checks_originator_patient_list_series_and_quota() -> None:
+    from mi2b2.domain.receipt import InFlight, StoreStatus, judge_receipt
+
+    request = InFlight(1, "alpha", "main", "77", frozenset({"1.2.3"}), True, quota_bytes=1000, used_bytes=900)
+    assert judge_receipt(request, "77", "1.2.3", 50, None, "MI2B2") is None
+    assert judge_receipt(request, "77", "1.2.3", 50, "MI2B2", "MI2B2") is None
+    assert judge_receipt(request, "77", "1.2.3", 50, "PACS", "MI2B2", peer_ae="PACS") is None  # qrscp names itself
+    assert judge_receipt(request, "77", "1.2.3", 50, "OTHER", "MI2B2", peer_ae="PACS").reason.startswith(
+        "sent for a C-MOVE issued by 'OTHER'")
+    assert judge_receipt(None, "77", "1.2.3", 50, None, "MI2B2").status == StoreStatus.REFUSED_NOT_AUTHORIZED
+    assert "PatientID differs" in judge_receipt(request, "78", "1.2.3", 50, None, "MI2B2").reason
+    assert "series not among" in judge_receipt(request, "77", "9.9", 50, None, "MI2B2").reason
+    full = judge_receipt(request, "77", "1.2.3", 200, None, "MI2B2")
+    assert full.status == StoreStatus.OUT_OF_RESOURCES and not full.security
+    delisted = InFlight(1, "alpha", "main", "77", frozenset(), False, 1000, 0)
+    assert judge_receipt(delisted, "77", "4.5", 10, None, "MI2B2").reason == "patient not on the project's IRB allow-list"

@@ -45,10 +45,13 @@ def judge_receipt(
     size: int,
     move_originator_ae: str | None,
     our_ae: str,
+    peer_ae: str = "",
 ) -> Refusal | None:
     """None when the instance may be stored, else why not."""
-    if move_originator_ae and move_originator_ae.strip() != our_ae:
-        return _security(f"sent for a C-MOVE issued by {move_originator_ae.strip()!r}, not by mi2b2")
+    originator = (move_originator_ae or "").strip()
+    # pynetdicom's qrscp names itself as the originator; only a third AE is suspicious.
+    if originator and originator not in (our_ae, peer_ae.strip()):
+        return _security(f"sent for a C-MOVE issued by {originator!r}, not by mi2b2")
     if request is None:
         return _security("no retrieval in progress for this study from the calling AE")
     if patient_id != request.patient_id:

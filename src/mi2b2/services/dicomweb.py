@@ -251,10 +251,16 @@ def _read_header(path: Path) -> Dataset | None:
 
 
 def _passes(record: Record, filters: Mapping[str, str]) -> bool:
-    return all(matches(keyword, pattern, record.value(keyword)) for keyword, pattern in filters.items())
+    with quiet():  # values are converted on first access, and pydicom's warnings would quote them
+        return all(matches(keyword, pattern, record.value(keyword)) for keyword, pattern in filters.items())
 
 
 def _json(record: Record, keywords: Sequence[str], include_all: bool, extra: Sequence[str] = ()) -> dict[str, Any]:
+    with quiet():
+        return _dataset(record, keywords, include_all, extra).to_json_dict(suppress_invalid_tags=True)
+
+
+def _dataset(record: Record, keywords: Sequence[str], include_all: bool, extra: Sequence[str]) -> Dataset:
     ds = Dataset()
     wanted = list(dict.fromkeys([*keywords, *extra]))
     for keyword in wanted:
@@ -275,8 +281,7 @@ def _json(record: Record, keywords: Sequence[str], include_all: bool, extra: Seq
         for element in header:
             if element.tag not in ds and element.tag.group != 0x0002 and not _bulky(element):
                 ds.add(element)
-    with quiet():
-        return ds.to_json_dict(suppress_invalid_tags=True)
+    return ds
 
 
 def _bulky(element: DataElement) -> bool:
@@ -444,7 +449,8 @@ class DicomWeb:
         if encapsulated and wanted and media not in wanted and "*/*" not in wanted:
             raise NotAcceptable(f"the frames are stored as {media} ({syntax}) and mi2b2 does not transcode; "
                                 f'ask with Accept: multipart/related; type="{media}"')
-        parts = [_frame_bytes(ds, n - 1, frames, encapsulated) for n in numbers]
+        with quiet():
+            parts = [_frame_bytes(ds, n - 1, frames, encapsulated) for n in numbers]
         self._downloaded(who, project_id, instance, "frames", 1, sum(len(p) for p in parts), series_uid, once=True)
         boundary = uuid.uuid4().hex
         part_type = f"{media}; transfer-syntax={syntax}" if encapsulated else media

@@ -66,7 +66,7 @@ class ReceiverSink:
         request = self._in_flight(instance.peer_ae, header.study_uid)
         refusal = judge_receipt(
             request, header.patient_id, header.series_uid, instance.size,
-            instance.move_originator_ae, self.ctx.config.dicom.ae_title,
+            instance.move_originator_ae, self.ctx.config.dicom.ae_title, instance.peer_ae,
         )
         if refusal is not None:
             self._refuse(instance, request, refusal)

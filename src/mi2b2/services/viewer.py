@@ -307,26 +307,23 @@ class CacheViewer:
 
 
 def _series_label(source: Path | bytes) -> SeriesLabel:
-    try:
-        with quiet():
+    with quiet():  # values are converted on access; pydicom's warnings would quote them
+        try:
             if isinstance(source, Path):
                 ds = dcmread(source, stop_before_pixels=True, specific_tags=_SERIES_TAGS)
             else:
                 ds = read_dataset(source, stop_before_pixels=True)
-    except (UnrenderableImage, OSError, ValueError, EOFError, KeyError, TypeError):
-        return SeriesLabel(None, "", "", None)
-    number = ds.get("SeriesNumber")
-    frames = ds.get("NumberOfFrames")
+        except (UnrenderableImage, OSError, ValueError, EOFError, KeyError, TypeError):
+            return SeriesLabel(None, "", "", None)
+        return SeriesLabel(_whole(ds.get("SeriesNumber")), str(ds.get("SeriesDescription", "") or ""),
+                           str(ds.get("Modality", "") or ""), _whole(ds.get("NumberOfFrames")) or 1)
+
+
+def _whole(value: Any) -> int | None:
     try:
-        series_number = int(number) if number not in (None, "") else None
+        return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
-        series_number = None
-    try:
-        frame_count = int(frames) if frames not in (None, "") else 1
-    except (TypeError, ValueError):
-        frame_count = None
-    return SeriesLabel(series_number, str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or ""),
-                       frame_count)
+        return None
 
 
 # --- a download folder on the researcher's machine ----------------------------------------------
@@ -411,27 +408,12 @@ class LocalLibrary:
             return header
         if head_of is not None:
             data = self.source.read(entry)
-        try:
-            ds = read_dataset(data, stop_before_pixels=True)
-        except UnrenderableImage:
-            return None
-        if not (ds.get("SOPInstanceUID") and ds.get("StudyInstanceUID") and ds.get("SeriesInstanceUID")):
-            return None
-        number = ds.get("InstanceNumber")
-        try:
-            instance_number = int(number) if number not in (None, "") else None
-        except (TypeError, ValueError):
-            instance_number = None
-        meta = getattr(ds, "file_meta", None)
-        return InstanceHeader(
-            sop_class_uid=str(ds.get("SOPClassUID", "") or ""), sop_instance_uid=str(ds.SOPInstanceUID),
-            study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-            patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
-            accession=str(ds.get("AccessionNumber", "") or ""), study_date=str(ds.get("StudyDate", "") or ""),
-            study_description=str(ds.get("StudyDescription", "") or ""), modality=str(ds.get("Modality", "") or ""),
-            series_number=None, instance_number=instance_number,
-            transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-        )
+        with quiet():
+            try:
+                ds = read_dataset(data, stop_before_pixels=True)
+            except UnrenderableImage:
+                return None
+            return _header_of(ds)
 
     def tree(self) -> dict[str, Any]:
         studies: dict[str, list[InstanceEntry]] = defaultdict(list)
@@ -499,6 +481,22 @@ class LocalLibrary:
             decoded = decode_frame(self.source.read(entry), index)
             self.frames.put(key, decoded)
         return render_frame(decoded, center, width, preset)
+
+
+def _header_of(ds: Any) -> InstanceHeader | None:
+    """The identifiers of a file the fast header parser could not read (pydicom read it instead)."""
+    if not (ds.get("SOPInstanceUID") and ds.get("StudyInstanceUID") and ds.get("SeriesInstanceUID")):
+        return None
+    meta = getattr(ds, "file_meta", None)
+    return InstanceHeader(
+        sop_class_uid=str(ds.get("SOPClassUID", "") or ""), sop_instance_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+        patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
+        accession=str(ds.get("AccessionNumber", "") or ""), study_date=str(ds.get("StudyDate", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""), modality=str(ds.get("Modality", "") or ""),
+        series_number=_whole(ds.get("SeriesNumber")), instance_number=_whole(ds.get("InstanceNumber")),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+    )
 
 
 def open_local(path: Path, passphrase: str | None = None, identities: Iterable[str | Path] = ()) -> DownloadSource:

@@ -59,6 +59,7 @@ from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
+from mi2b2.services.request_rows import mark_backing_off, mark_ended, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
 from mi2b2.services.search import allowed_values, load_policy
 
@@ -357,13 +358,7 @@ def _cursor(session: Session, destination_id: str) -> SchedulerCursor:
 def _apply(session: Session, starts: list[int], waiting: dict[int, str], worker_id: str, now: datetime) -> None:
     for request_id in starts:
         row = session.get_one(Request, request_id)
-        row.state = RequestState.PROCESSING
-        row.worker = worker_id
-        row.started_at = now
-        row.attempts += 1
-        row.waiting_reason = None
-        row.received = row.failed = row.warnings = row.bytes = 0
-        row.last_status = None
+        mark_started(row, worker_id, now)
     if waiting:
         for row in session.execute(select(Request).where(Request.id.in_(list(waiting)))).scalars():
             if row.waiting_reason != waiting[row.id]:
@@ -496,14 +491,7 @@ def _transient(ctx: ServiceContext, job: _Job, dest: DestinationConfig, exc: Ret
             canceled = True
         else:
             # Nothing of this attempt counts: the next one sends the whole study again.
-            row.state = RequestState.SCHEDULED
-            row.worker = None
-            row.not_before = retry_at
-            row.last_error = str(exc)
-            row.last_status = status
-            row.received = row.failed = row.warnings = row.bytes = 0
-            row.waiting_reason = (f"attempt {job.attempts} failed ({type(exc).__name__}); "
-                                  f"retrying after {retry_at:%H:%M:%S} UTC")
+            mark_backing_off(row, exc, retry_at, status)
             canceled = False
     if canceled:
         _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {})
@@ -530,12 +518,7 @@ def _end(
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         row = session.get_one(Request, job.request_id)
-        row.state = state
-        row.ended_at = now
-        row.waiting_reason = None
-        row.cancel_requested = False
-        row.last_error = reason
-        row.last_status = result.last_status if result is not None else status
+        mark_ended(row, state, reason, result.last_status if result is not None else status, now)
         if expected is not None:
             row.expected_instances = expected
         if result is not None:

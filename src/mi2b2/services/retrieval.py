@@ -28,6 +28,7 @@ from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receiver import ReceiverSink
+from mi2b2.services.request_rows import mark_backing_off, mark_ended
 
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
@@ -177,11 +178,7 @@ def _transient(ctx: ServiceContext, job: _Job, exc: RetriableError) -> str:
         if row.cancel_requested:
             row.state, row.ended_at, row.last_error = RequestState.CANCELED, now, "canceled by a user"
             return RequestState.CANCELED
-        row.state = RequestState.SCHEDULED
-        row.worker = None
-        row.not_before = retry_at
-        row.last_error = str(exc)
-        row.waiting_reason = f"attempt {job.attempts} failed ({type(exc).__name__}); retrying after {retry_at:%H:%M:%S} UTC"
+        mark_backing_off(row, exc, retry_at)
     ctx.audit.record("worker", Action.RETRIEVE, Outcome.FAILED, project_id=job.project_id, pacs_id=job.pacs.id,
                      patient_id=job.patient_id, study_uid=job.study_uid,
                      detail={"request": job.request_id, "event": "transient failure", "attempt": job.attempts,
@@ -203,12 +200,7 @@ def _end(
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         row = session.get_one(Request, job.request_id)
-        row.state = state
-        row.ended_at = now
-        row.waiting_reason = None
-        row.cancel_requested = False
-        row.last_error = reason
-        row.last_status = status
+        mark_ended(row, state, reason, status, now)
         if result is not None:
             row.failed = result.failed
             row.warnings = result.warning

@@ -27,6 +27,7 @@ from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, pla
 from mi2b2.domain.windows import Limits, limits_at
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.request_rows import mark_started
 
 
 @dataclass
@@ -233,13 +234,7 @@ def _apply_starts(
 ) -> None:
     for request_id in ids:
         row = session.get_one(Request, request_id)
-        row.state = RequestState.PROCESSING
-        row.worker = worker_id
-        row.started_at = now
-        row.attempts += 1
-        row.waiting_reason = None
-        row.received = row.failed = row.warnings = row.bytes = 0
-        row.last_status = None
+        mark_started(row, worker_id, now)
         session.add(PacsStart(pacs_id=pacs_id, project_id=row.project_id, request_id=row.id, started_at=now))
         b = budgets[row.project_id]
         # Later PACS in this same pass must see this study's space as taken.

@@ -1,0 +1,43 @@
+"""The state changes every kind of request goes through, on its database row.
+
+Retrievals and forwards run differently but start, back off and end the same
+way; these helpers keep that one way. They change the row in the caller's
+transaction and commit nothing themselves.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from mi2b2.adapters.db.tables import Request
+from mi2b2.domain.requests import RequestState
+
+
+def mark_started(row: Request, worker_id: str, now: datetime) -> None:
+    row.state = RequestState.PROCESSING
+    row.worker = worker_id
+    row.started_at = now
+    row.attempts += 1
+    row.waiting_reason = None
+    row.received = row.failed = row.warnings = row.bytes = 0
+    row.last_status = None
+
+
+def mark_backing_off(row: Request, error: Exception, retry_at: datetime, status: int | None = None) -> None:
+    """Back to the queue after a transient failure; nothing of this attempt counts."""
+    row.state = RequestState.SCHEDULED
+    row.worker = None
+    row.not_before = retry_at
+    row.last_error = str(error)
+    row.last_status = status
+    row.received = row.failed = row.warnings = row.bytes = 0
+    row.waiting_reason = f"attempt {row.attempts} failed ({type(error).__name__}); retrying after {retry_at:%H:%M:%S} UTC"
+
+
+def mark_ended(row: Request, state: RequestState, reason: str | None, status: int | None, now: datetime) -> None:
+    row.state = state
+    row.ended_at = now
+    row.waiting_reason = None
+    row.cancel_requested = False
+    row.last_error = reason
+    row.last_status = status

@@ -339,13 +339,13 @@ def usage_in(session: Session, project_id: str) -> Usage:
 
 
 def project_usage(ctx: ServiceContext, who: Principal, project_id: str) -> Usage:
-    _require_member(ctx, who, project_id, "read cache usage")
+    require_member(ctx, who, project_id, "read cache usage")
     with ctx.sessions() as session:
         return usage_in(session, project_id)
 
 
 def list_studies(ctx: ServiceContext, who: Principal, project_id: str) -> list[CachedStudyView]:
-    _require_member(ctx, who, project_id, "list the cache")
+    require_member(ctx, who, project_id, "list the cache")
     with ctx.sessions() as session:
         rows = session.scalars(
             select(CachedStudy).where(CachedStudy.project_id == project_id).order_by(CachedStudy.id.desc())
@@ -354,7 +354,7 @@ def list_studies(ctx: ServiceContext, who: Principal, project_id: str) -> list[C
 
 
 def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid: str) -> StudyDetail:
-    _require_member(ctx, who, project_id, "show a cached study")
+    require_member(ctx, who, project_id, "show a cached study")
     with ctx.sessions() as session:
         study = session.scalar(
             select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
@@ -387,7 +387,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return as_utc(value) if value is not None else None
 
 
-def _require_member(ctx: ServiceContext, who: Principal, project_id: str, operation: str) -> None:
+def require_member(ctx: ServiceContext, who: Principal, project_id: str, operation: str) -> None:
     """Members (any project role) and site admins. An expired IRB does not matter here."""
     policy = load_policy(ctx, project_id)
     if who.is_admin or who.login in policy.members:
@@ -411,7 +411,7 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
     bad = [uid for uid in wanted if len(uid) > 64 or not UID.match(uid)]
     if bad:
         raise InvalidInput(f"not StudyInstanceUIDs (digits and dots): {', '.join(repr(b) for b in bad[:10])}")
-    _require_member(ctx, who, project_id, "delete from the cache")
+    require_member(ctx, who, project_id, "delete from the cache")
     store = cache_store(ctx)
     done: list[tuple[str, str, int, int, int]] = []  # study, patient, instances, indexed bytes, bytes on disk
     with transaction(ctx.sessions) as session:

@@ -52,7 +52,7 @@ from mi2b2.adapters.dicom.render import frame_count, quiet
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import _require_member, cache_store  # one membership door for cache, viewer, DICOMweb
+from mi2b2.services.cache import cache_store, require_member  # one membership door for cache, viewer, DICOMweb
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.viewer import VIEW_AUDIT_HOURS, OnceLog, check_uid
 
@@ -329,7 +329,7 @@ class DicomWeb:
     # search ---------------------------------------------------------------------------------------
 
     def search_studies(self, who: Principal, project_id: str, query: Query, base: str) -> SearchResult:
-        _require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
         if "Modality" in query.filters and "ModalitiesInStudy" not in query.filters:
             # Modality is a series attribute; at study level it can only mean "a series of this modality".
             filters = dict(query.filters)
@@ -349,7 +349,7 @@ class DicomWeb:
 
     def search_series(self, who: Principal, project_id: str, study_uid: str | None, query: Query,
                       base: str) -> SearchResult:
-        _require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
         filters = dict(query.filters)
         if study_uid is not None:
             filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
@@ -364,7 +364,7 @@ class DicomWeb:
 
     def search_instances(self, who: Principal, project_id: str, study_uid: str | None, series_uid: str | None,
                          query: Query, base: str) -> SearchResult:
-        _require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
         filters = dict(query.filters)
         if study_uid is not None:
             filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
@@ -555,7 +555,7 @@ class DicomWeb:
             check_uid(series_uid, "SeriesInstanceUID")
         if sop_uid is not None:
             check_uid(sop_uid, "SOPInstanceUID")
-        _require_member(self.ctx, who, project_id, operation)
+        require_member(self.ctx, who, project_id, operation)
         store = cache_store(self.ctx)
         with self.ctx.sessions() as session:
             study = session.scalar(

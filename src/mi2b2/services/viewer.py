@@ -49,7 +49,7 @@ from mi2b2.domain.clock import Clock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import _require_member, cache_store  # one membership door for cache and viewer
+from mi2b2.services.cache import cache_store, require_member  # one membership door for cache and viewer
 from mi2b2.services.context import ServiceContext
 
 VIEW_AUDIT_HOURS = 8
@@ -185,7 +185,7 @@ class CacheViewer:
 
     def tree(self, who: Principal, project_id: str) -> dict[str, Any]:
         """Patients > studies of the cache; series and images come with ``study``."""
-        _require_member(self.ctx, who, project_id, "view the cache")
+        require_member(self.ctx, who, project_id, "view the cache")
         with self.ctx.sessions() as session:
             series_counts = dict(session.execute(
                 select(CachedInstance.cached_study_id, func.count(func.distinct(CachedInstance.series_uid)))
@@ -210,7 +210,7 @@ class CacheViewer:
 
     def study(self, who: Principal, project_id: str, study_uid: str) -> dict[str, Any]:
         check_uid(study_uid, "StudyInstanceUID")
-        _require_member(self.ctx, who, project_id, "view a cached study")
+        require_member(self.ctx, who, project_id, "view a cached study")
         with self.ctx.sessions() as session:
             study = session.scalar(
                 select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
@@ -265,7 +265,7 @@ class CacheViewer:
 
     def _locate(self, who: Principal, project_id: str, sop_uid: str, operation: str) -> Located:
         check_uid(sop_uid, "SOPInstanceUID")
-        _require_member(self.ctx, who, project_id, operation)  # every time: membership can change
+        require_member(self.ctx, who, project_id, operation)  # every time: membership can change
         with self._places_lock:
             known = self._places.get((project_id, sop_uid))
             if known is not None:

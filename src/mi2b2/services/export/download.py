@@ -41,10 +41,10 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
 from mi2b2.adapters.dicom.files import read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
-from mi2b2.domain.governance import Denial
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.cache import require_member
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.export.layout import (
     IDENTITY,
@@ -60,7 +60,6 @@ from mi2b2.services.export.layout import (
     plan_paths,
     readme_text,
 )
-from mi2b2.services.search import load_policy
 
 CHUNK = 1 << 20  # 1 MiB: Starlette's 64 KiB default costs about 4x the throughput
 MAX_STUDIES = 5000
@@ -129,7 +128,7 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
                   all_studies: bool = False) -> DownloadPlan:
     """Which files, in which order, under which readable names; every file checked to be on disk."""
     wanted = _check_uids(study_uids, all_studies)
-    _require_member(ctx, who, project_id, "download")
+    require_member(ctx, who, project_id, "download")
     store = CacheStore(ctx.config.cache_dir())
     with ctx.sessions() as session:
         query = select(CachedStudy).where(CachedStudy.project_id == project_id)
@@ -179,16 +178,6 @@ def _check_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
     if bad:
         raise InvalidInput(f"not StudyInstanceUIDs (digits and dots): {', '.join(repr(b) for b in bad[:10])}")
     return wanted
-
-
-def _require_member(ctx: ServiceContext, who: Principal, project_id: str, operation: str) -> None:
-    """Members (any role) and site admins; an expired IRB does not matter, as for the cache itself."""
-    policy = load_policy(ctx, project_id)
-    if who.is_admin or who.login in policy.members:
-        return
-    ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
-                     detail={"reason": Denial.NOT_MEMBER.value, "operation": operation})
-    raise AccessDenied(f"project {project_id!r}: {Denial.NOT_MEMBER.value}")
 
 
 def _series_infos(store: CacheStore, instances: list[InstanceInfo]) -> dict[str, SeriesInfo]:
@@ -311,7 +300,7 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
     _check_uids([study_uid], False)
     if not UID.match(sop_uid) or len(sop_uid) > 64:
         raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
-    _require_member(ctx, who, project_id, "download")
+    require_member(ctx, who, project_id, "download")
     with ctx.sessions() as session:
         event = session.get(AuditEvent, download_id)
         ticket_ok = (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value

@@ -514,6 +514,7 @@ def _print_banner(folder: Path, config_path: Path, url: str, token: str, pacs: d
     print(f"""
 mi2b2 demo is running at {url}   (ready in {seconds:.1f} s)
   API docs:  {url}/api/v1/docs
+  viewer:    {url}/viewer/   (images in a project's cache; log in as researcher)
   folder:    {folder}   (config {config_path.name}, server log server.log)
 
 Demo PACS (pynetdicom qrscp), {len(PATIENTS)} patients, {instances} instances:

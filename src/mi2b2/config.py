@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from datetime import date, time
+from datetime import date, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from mi2b2.domain.identifiers import parse_identifier_text
+from mi2b2.domain.requests import RetryPolicy
 from mi2b2.domain.windows import WEEKDAYS, GovernanceWindow
 from mi2b2.errors import ConfigError, InvalidInput
 
@@ -109,6 +110,9 @@ class RetryConfig(Strict):
     max_attempts: int = Field(5, ge=1)
     first_delay: float = Field(30.0, gt=0, description="seconds")
     max_delay: float = Field(1800.0, gt=0, description="seconds")
+
+    def to_domain(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, timedelta(seconds=self.first_delay), timedelta(seconds=self.max_delay))
 
 
 class WindowConfig(Strict):

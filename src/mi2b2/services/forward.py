@@ -28,7 +28,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,14 @@ from mi2b2.domain.forwarding import (
 from mi2b2.domain.governance import Denial, irb_active
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
-from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState, RetryPolicy
+from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import notifications
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
-from mi2b2.services.request_rows import mark_backing_off, mark_ended, mark_started
+from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
 from mi2b2.services.search import allowed_values, load_policy
 
@@ -476,23 +476,14 @@ class _Watch:
 
 
 def _transient(ctx: ServiceContext, job: _Job, dest: DestinationConfig, exc: RetriableError) -> str:
-    r = dest.retries
-    policy = RetryPolicy(r.max_attempts, timedelta(seconds=r.first_delay), timedelta(seconds=r.max_delay))
     now = ctx.clock.now()
-    retry_at = policy.next_try(job.attempts, now)
+    retry_at = dest.retries.to_domain().next_try(job.attempts, now)
     status = getattr(exc, "status", None)
     if retry_at is None:
         return _end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {exc}", status=status)
     with transaction(ctx.sessions) as session:
-        row = session.get_one(Request, job.request_id)
-        if row.cancel_requested:
-            row.state, row.ended_at, row.last_error = RequestState.CANCELED, now, "canceled by a user"
-            row.cancel_requested = False
-            canceled = True
-        else:
-            # Nothing of this attempt counts: the next one sends the whole study again.
-            mark_backing_off(row, exc, retry_at, status)
-            canceled = False
+        # Nothing of this attempt counts: the next one sends the whole study again.
+        canceled = not back_off_unless_canceled(session.get_one(Request, job.request_id), exc, retry_at, now, status)
     if canceled:
         _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {})
         return RequestState.CANCELED

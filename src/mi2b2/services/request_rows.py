@@ -41,3 +41,15 @@ def mark_ended(row: Request, state: RequestState, reason: str | None, status: in
     row.cancel_requested = False
     row.last_error = reason
     row.last_status = status
+
+
+def back_off_unless_canceled(
+    row: Request, error: Exception, retry_at: datetime, now: datetime, status: int | None = None
+) -> bool:
+    """After a transient failure: back to the queue, or end as canceled if a
+    user asked for that meanwhile. True when it went back to the queue."""
+    if row.cancel_requested:
+        mark_ended(row, RequestState.CANCELED, "canceled by a user", status, now)
+        return False
+    mark_backing_off(row, error, retry_at, status)
+    return True

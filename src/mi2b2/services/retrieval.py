@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from sqlalchemy import select
 
@@ -22,13 +21,13 @@ from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_
 from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.receipt import StoreStatus
-from mi2b2.domain.requests import RequestState, RetryPolicy, retrieval_outcome
+from mi2b2.domain.requests import RequestState, retrieval_outcome
 from mi2b2.errors import Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receiver import ReceiverSink
-from mi2b2.services.request_rows import mark_backing_off, mark_ended
+from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended
 
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
@@ -167,18 +166,13 @@ def _judge(ctx: ServiceContext, job: _Job, result: RetrieveResult) -> str:
 
 
 def _transient(ctx: ServiceContext, job: _Job, exc: RetriableError) -> str:
-    r = job.pacs.retries
-    policy = RetryPolicy(r.max_attempts, timedelta(seconds=r.first_delay), timedelta(seconds=r.max_delay))
     now = ctx.clock.now()
-    retry_at = policy.next_try(job.attempts, now)
+    retry_at = job.pacs.retries.to_domain().next_try(job.attempts, now)
     if retry_at is None:
         return _end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {exc}")
     with transaction(ctx.sessions) as session:
-        row = session.get_one(Request, job.request_id)
-        if row.cancel_requested:
-            row.state, row.ended_at, row.last_error = RequestState.CANCELED, now, "canceled by a user"
+        if not back_off_unless_canceled(session.get_one(Request, job.request_id), exc, retry_at, now):
             return RequestState.CANCELED
-        mark_backing_off(row, exc, retry_at)
     ctx.audit.record("worker", Action.RETRIEVE, Outcome.FAILED, project_id=job.project_id, pacs_id=job.pacs.id,
                      patient_id=job.patient_id, study_uid=job.study_uid,
                      detail={"request": job.request_id, "event": "transient failure", "attempt": job.attempts,

@@ -26,17 +26,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 import zipfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
 import pyrage  # noqa: E402
+from _server import BenchFailure, mi2b2_server  # noqa: E402
 
 from mi2b2.adapters.db.engine import transaction  # noqa: E402
 from mi2b2.adapters.dicom.files import read_instance_header  # noqa: E402
@@ -55,13 +52,9 @@ from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
 from support.pacs import free_port  # noqa: E402
 
 PROJECT = "bench"
-SERVER_TIMEOUT = 60.0
 INSTANCE_BYTES = 525_636  # one 512x512 16-bit CT instance as mi2b2.synthetic writes it
 PER_SERIES = 25
 
-
-class BenchFailure(RuntimeError):
-    pass
 
 
 def write_site(folder: Path) -> Path:
@@ -130,43 +123,6 @@ def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path]]:
         return token, placed
     finally:
         ctx.engine.dispose()
-
-
-@contextmanager
-def mi2b2_server(config_path: Path) -> Iterator[str]:
-    config = load_config(config_path)
-    url = f"http://127.0.0.1:{config.server.http_port}"
-    log_path = config_path.parent / "server.log"
-    with log_path.open("ab") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
-            cwd=config_path.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                raise BenchFailure(f"mi2b2 serve exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
 
 
 def evict(paths: list[Path]) -> None:

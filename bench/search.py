@@ -23,20 +23,18 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+
+from _server import BenchFailure, mi2b2_server  # noqa: E402
 
 from mi2b2.config import load_config  # noqa: E402
 from mi2b2.domain.principal import SYSTEM  # noqa: E402
@@ -47,14 +45,10 @@ from support.pacs import RunningPacs, free_port, start_orthanc  # noqa: E402
 
 PROJECT = "bench"
 PACS_ID = "orthanc"
-SERVER_TIMEOUT = 60.0
 # findscu -v logs the request identifier, then each pending answer's identifier
 # after a "Find Response" line; the PatientID lines after the first such line are answers.
 _PATIENT_ID_LINE = re.compile(r"^I: \(0010,0020\) LO \[(?P<value>[^\]]*)\]", re.MULTILINE)
 
-
-class BenchFailure(RuntimeError):
-    pass
 
 
 def mrn(i: int) -> str:
@@ -121,43 +115,6 @@ def researcher_token(config_path: Path) -> str:
         return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
     finally:
         ctx.engine.dispose()
-
-
-@contextmanager
-def mi2b2_server(config_path: Path) -> Iterator[str]:
-    config = load_config(config_path)
-    url = f"http://127.0.0.1:{config.server.http_port}"
-    log_path = config_path.parent / "server.log"
-    with log_path.open("ab") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
-            cwd=config_path.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                raise BenchFailure(f"mi2b2 serve exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
 
 
 def time_mi2b2(url: str, token: str, mrns: list[str]) -> tuple[float, set[str]]:

@@ -11,6 +11,7 @@ from mi2b2.cli.common import (
     DEFAULT_SERVER,
     ConfigOption,
     FormatOption,
+    ProjectArg,
     ServerOption,
     TokenOption,
     api_client,
@@ -23,7 +24,6 @@ from mi2b2.cli.common import (
 
 app = typer.Typer(help="Your project's cache: how full it is, what is in it, deleting from it.", no_args_is_help=True)
 
-ProjectArg = Annotated[str, typer.Argument(help="project id (see `mi2b2 projects`)")]
 STUDY_COLUMNS = ["patient_id", "accession", "study_date", "modalities", "description", "instance_count", "size",
                  "fetched_by", "fetched_at", "last_downloaded_by", "last_downloaded_at", "study_uid"]
 

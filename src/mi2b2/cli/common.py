@@ -34,6 +34,7 @@ TokenOption = Annotated[
     str | None, typer.Option("--token", envvar="MI2B2_TOKEN", help="API token (create one with `mi2b2 admin token create`)")
 ]
 FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, csv or json")]
+ProjectArg = Annotated[str, typer.Argument(help="project id (see `mi2b2 projects`)")]
 
 DEFAULT_CONFIG = Path("mi2b2.toml")
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -94,3 +95,8 @@ def read_list_argument(values: list[str] | None, file: Path | None, what: str) -
     if not os.isatty(0):
         return typer.get_text_stream("stdin").read()
     raise InvalidInput(f"give {what}s as arguments, with --file, or on standard input")
+
+
+def read_uid_list(values: list[str] | None, file: Path | None) -> list[str]:
+    """StudyInstanceUIDs from arguments, a file or standard input, one per line."""
+    return [u.strip() for u in read_list_argument(values, file, "StudyInstanceUID").splitlines() if u.strip()]

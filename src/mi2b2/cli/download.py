@@ -17,12 +17,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mi2b2.cli.common import DEFAULT_SERVER, ServerOption, TokenOption, api_client, console, errors
+from mi2b2.cli.common import DEFAULT_SERVER, ProjectArg, ServerOption, TokenOption, api_client, console, errors
 from mi2b2.errors import InvalidInput
 
 PASSPHRASE_ENV = "MI2B2_PASSPHRASE"
 
-ProjectArg = Annotated[str, typer.Argument(help="project id (see `mi2b2 projects`)")]
 PassphraseFlag = Annotated[bool, typer.Option(
     "--passphrase", help=f"encrypt with a passphrase (asked for, or taken from ${PASSPHRASE_ENV})")]
 PassphraseFile = Annotated[Path | None, typer.Option(

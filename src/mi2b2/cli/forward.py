@@ -10,17 +10,16 @@ import typer
 from mi2b2.cli.common import (
     DEFAULT_SERVER,
     FormatOption,
+    ProjectArg,
     ServerOption,
     TokenOption,
     api_client,
     console,
     emit,
     errors,
-    read_list_argument,
+    read_uid_list,
 )
 from mi2b2.errors import InvalidInput
-
-ProjectArg = Annotated[str, typer.Argument(help="project id (see `mi2b2 projects`)")]
 
 
 def forward(
@@ -38,7 +37,7 @@ def forward(
     Follow them with `mi2b2 request list PROJECT`; cancel or retry them with `mi2b2 request`."""
     if not to:
         raise InvalidInput(f"name the destination with --to (see `mi2b2 destinations {project}`)")
-    uids = [u.strip() for u in read_list_argument(study_uids, file, "StudyInstanceUID").splitlines() if u.strip()]
+    uids = read_uid_list(study_uids, file)
     with api_client(server, token) as client:
         report = client.forward(project, to, uids, list(series or []), priority)
     console.print(f"{len(report['created'])} forwards to {to} queued (batch {report['batch_id']})", style="green")

@@ -14,19 +14,19 @@ from rich.table import Table
 from mi2b2.cli.common import (
     DEFAULT_SERVER,
     FormatOption,
+    ProjectArg,
     ServerOption,
     TokenOption,
     api_client,
     console,
     emit,
     errors,
-    read_list_argument,
+    read_uid_list,
 )
 from mi2b2.errors import InvalidInput
 
 app = typer.Typer(help="Request studies into the project cache and manage the request queue.", no_args_is_help=True)
 
-ProjectArg = Annotated[str, typer.Argument(help="project id (see `mi2b2 projects`)")]
 IdsArg = Annotated[list[int], typer.Argument(help="request ids")]
 COLUMNS = ["id", "state", "priority", "user", "pacs_id", "patient_id", "accession", "received", "expected_instances",
            "bytes", "attempts", "waiting_reason", "last_error", "study_uid"]
@@ -47,7 +47,7 @@ def add(
     """Request studies into the project cache (the paper's "Move to Repository")."""
     if not pacs:
         raise InvalidInput("name the PACS with --pacs (see `mi2b2 pacs list`)")
-    uids = [u.strip() for u in read_list_argument(study_uids, file, "StudyInstanceUID").splitlines() if u.strip()]
+    uids = read_uid_list(study_uids, file)
     if series and len(uids) != 1:
         raise InvalidInput("--series picks series of one study; give exactly one StudyInstanceUID with it")
     studies = [{"study_uid": uid, "series_uids": list(series or [])} for uid in uids]

@@ -513,8 +513,8 @@ def _print_banner(folder: Path, config_path: Path, url: str, token: str, pacs: d
     users = "\n".join(f"  {u.login:11s} password {u.password:16s} ({u.role})" for u in USERS)
     print(f"""
 mi2b2 demo is running at {url}   (ready in {seconds:.1f} s)
+  client:    {url}/app/   (open it in a browser; log in as researcher, admin or auditor below)
   API docs:  {url}/api/v1/docs
-  viewer:    {url}/viewer/   (images in a project's cache; log in as researcher)
   folder:    {folder}   (config {config_path.name}, server log server.log)
 
 Demo PACS (pynetdicom qrscp), {len(PATIENTS)} patients, {instances} instances:

@@ -22,10 +22,11 @@ from mi2b2.errors import AccessDenied, Mi2b2Error, NotFound
 from mi2b2.services.viewer import CacheViewer, LocalLibrary, frame_headers
 
 NO_STORE = "no-store"
-# The page loads nothing from elsewhere and may not be framed; blob: is for the rendered frames.
+# The page loads nothing from elsewhere and may be framed only by mi2b2's own client (Tab 4);
+# blob: is for the rendered frames.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+                               "base-uri 'none'; frame-ancestors 'self'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the local viewer's URL carries its token
     "Cache-Control": NO_STORE,

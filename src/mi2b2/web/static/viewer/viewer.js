@@ -11,6 +11,8 @@
 
 (() => {
   const server = location.pathname.startsWith("/viewer/");
+  const params = new URLSearchParams(location.search);
+  const embedded = params.has("embedded");
   const $ = (id) => document.getElementById(id);
   const state = {
     api: server ? null : "api/",
@@ -95,7 +97,8 @@
     if (!projects.length) throw new Error("you are not a member of any project");
     const wanted = new URLSearchParams(location.search).get("project");
     if (wanted && projects.some((p) => p.id === wanted)) select.value = wanted;
-    $("project-box").hidden = false;
+    // Inside the client's Tab 4 the client's own picker chooses the project.
+    $("project-box").hidden = embedded;
     return select.value;
   }
 
@@ -143,13 +146,24 @@
         if (studies.length === 1) studies[0].open = true;
       }
     }
+    openWanted(params.get("study"));
     const count = tree.patients.reduce((n, p) => n + p.studies.length, 0);
     status(`${tree.patients.length} patient${tree.patients.length === 1 ? "" : "s"}, ${count} stud${count === 1 ? "y" : "ies"}`
       + (tree.skipped_files ? ` (${tree.skipped_files} files that are not DICOM instances left out)` : ""));
   }
 
+  /** Open the study named in the URL (the client's "view" button) and so its first series. */
+  function openWanted(studyUid) {
+    const node = [...$("tree").querySelectorAll("details[data-study]")].find((n) => n.dataset.study === studyUid);
+    if (!node) return;
+    node.parentElement.open = true;
+    node.open = true;
+    node.scrollIntoView({ block: "nearest" });
+  }
+
   function studyNode(study) {
     const node = element("details");
+    node.dataset.study = study.study_uid;
     const label = [date(study.study_date), study.modalities, study.description || study.accession].filter(Boolean).join(" · ");
     const summary = element("summary", label || study.study_uid);
     summary.title = `${study.series_count} series, ${study.instance_count} images\n${study.study_uid}`;

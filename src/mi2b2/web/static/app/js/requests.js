@@ -1,0 +1,121 @@
+// Tab 5, Request Log: every retrieval and forward of the project, updated live.
+// The server announces changes over server-sent events; the tab then re-reads
+// the list, so what is shown is always what the API says.
+
+import { element, enc, get, post } from "./api.js";
+import { FacetTable } from "./table.js";
+
+const FINISHED = new Set(["completed", "incomplete", "failed", "canceled"]);
+
+function progressOf(row) {
+  const expected = row.expected_instances || 0;
+  const label = `${row.received}${expected ? ` / ${expected}` : ""} images${row.failed ? `, ${row.failed} failed` : ""}`;
+  return element("span", { class: "progress-cell" },
+    element("progress", { max: expected || 1, value: expected ? Math.min(row.received, expected) : (FINISHED.has(row.state) ? 1 : 0),
+      "aria-label": label }),
+    ` ${label}`);
+}
+
+export function requestsTab(app) {
+  let events = null;
+  let loading = null;
+  let again = false;
+  const live = element("span", { class: "live muted", role: "status", text: "" });
+  const refresh = element("button", { type: "button", text: "Refresh", onclick: () => app.run(refresh, load) });
+  const cancel = element("button", { type: "button", text: "Cancel selected", disabled: true,
+    onclick: () => change(cancel, "/requests/cancel", {}, "canceled") });
+  const retry = element("button", { type: "button", text: "Retry selected", disabled: true,
+    onclick: () => change(retry, "/requests/retry", {}, "retried") });
+  const priority = element("input", { type: "number", min: -9, max: 9, value: 0, class: "short", "aria-label": "new priority" });
+  const setPriority = element("button", { type: "button", text: "Set priority", disabled: true,
+    onclick: () => change(setPriority, "/requests/priority", { priority: Number(priority.value || 0) }, "changed") });
+
+  const table = new FacetTable({
+    name: "requests",
+    key: (row) => String(row.id),
+    empty: "no requests in this project yet",
+    columns: [
+      { key: "id", label: "#", type: "number" },
+      { key: "kind", label: "Kind", type: "set", facet: true },
+      { key: "state", label: "State", type: "set", facet: true },
+      { key: "waiting_reason", label: "Waiting because", type: "text",
+        value: (row) => (FINISHED.has(row.state) ? (row.last_error || "") : (row.waiting_reason || "")) },
+      { key: "patient_id", label: "MRN", type: "text", facet: true },
+      { key: "study", label: "Study", type: "text", value: (row) => row.accession || row.study_uid },
+      { key: "where", label: "PACS / destination", type: "set", facet: true, value: (row) => row.destination_id || row.pacs_id },
+      { key: "progress", label: "Progress", type: "number", value: (row) => row.received,
+        render: progressOf, csv: (row) => `${row.received}/${row.expected_instances}` },
+      { key: "bytes", label: "Received", type: "bytes", facet: true },
+      { key: "priority", label: "Priority", type: "number", facet: true },
+      { key: "user", label: "By", type: "set", facet: true },
+      { key: "created_at", label: "Created", type: "date", facet: true },
+      { key: "ended_at", label: "Ended", type: "date" },
+    ],
+    onSelect: (rows) => {
+      cancel.disabled = !rows.some((r) => !FINISHED.has(r.state));
+      retry.disabled = !rows.some((r) => ["failed", "incomplete", "canceled"].includes(r.state));
+      setPriority.disabled = !rows.some((r) => !FINISHED.has(r.state));
+    },
+  });
+
+  async function load() {
+    if (!app.projectId()) return;
+    if (loading) { again = true; return; } // one read at a time; a change meanwhile reads once more
+    loading = get(`/projects/${enc(app.projectId())}/requests?limit=10000`);
+    try {
+      table.setRows(await loading);
+    } finally {
+      loading = null;
+    }
+    if (again) { again = false; await load(); }
+  }
+
+  async function change(button, path, extra, verb) {
+    const ids = table.selectedRows().map((r) => r.id);
+    await app.run(button, async () => {
+      const result = await post(path, { ids, ...extra });
+      const changed = result[verb] || [];
+      app.notify(`${changed.length} of ${ids.length} request(s) ${verb}` +
+        (changed.length < ids.length ? " (the others were not in a state that allows it)" : ""), "ok");
+      await load();
+    });
+  }
+
+  function listen() {
+    stop();
+    if (!app.projectId()) return;
+    events = new EventSource(`/api/v1/projects/${enc(app.projectId())}/requests/events`);
+    events.addEventListener("requests", () => load().catch(app.fail));
+    events.addEventListener("open", () => { live.textContent = "● live"; live.className = "live ok"; });
+    events.addEventListener("error", () => {
+      if (events && events.readyState === EventSource.CLOSED) {
+        live.textContent = "live updates stopped; use Refresh";
+        live.className = "live error";
+      } else {
+        live.textContent = "reconnecting…";
+        live.className = "live muted";
+      }
+    });
+  }
+
+  function stop() {
+    if (events) events.close();
+    events = null;
+    live.textContent = "";
+  }
+
+  app.onContext(() => { table.setRows([]); if (!page.element.hidden) { listen(); load().catch(app.fail); } });
+
+  const page = {
+    id: "requests",
+    label: "5 · Request Log",
+    element: element("section", { "aria-label": "Request log" },
+      element("h2", {}, "Request log ", live, refresh),
+      element("div", { class: "actions" }, cancel, retry, element("label", {}, "priority ", priority), setPriority),
+      table.element),
+    table,
+    show: async () => { listen(); await load(); },
+    hide: stop,
+  };
+  return page;
+}

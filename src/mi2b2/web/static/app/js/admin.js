@@ -20,7 +20,7 @@ export function adminPage(app) {
       { key: "institution_name", label: "Institution", type: "set", facet: true },
       { key: "department_name", label: "Department", type: "set", facet: true },
       { key: "ae_title", label: "AE title", type: "text" },
-      { key: "echo", label: "C-ECHO", type: "set", facet: true, value: (row) => echoText(row.id) },
+      { key: "echo", label: "C-ECHO", type: "set", facet: true, value: (row) => echoStatus(row.id), render: (row) => echoText(row.id) },
       { key: "window", label: "Window now", type: "text",
         value: (row) => (row.state ? `${row.state.limits.window}${row.state.limits.closed ? " (closed)" : ""}` : "") },
       { key: "active", label: "Active / cap", type: "text",
@@ -32,6 +32,11 @@ export function adminPage(app) {
       { key: "queued", label: "Queued", type: "number", value: (row) => row.state?.queued },
     ],
   });
+
+  function echoStatus(id) {
+    const report = echoes.get(id);
+    return !report ? "not checked" : report.reachable ? "ok" : "failed";
+  }
 
   function echoText(id) {
     const report = echoes.get(id);

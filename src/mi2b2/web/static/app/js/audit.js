@@ -31,7 +31,8 @@ export function auditPage(app) {
       { key: "pacs_id", label: "PACS", type: "set", facet: true },
       { key: "patient_id", label: "MRN", type: "text" },
       { key: "study_uid", label: "Study", type: "text" },
-      { key: "detail", label: "Detail", type: "text", value: (row) => (row.detail && Object.keys(row.detail).length ? JSON.stringify(row.detail) : "") },
+      { key: "detail", label: "Detail", type: "text",
+        value: (row) => (typeof row.detail === "string" ? row.detail : JSON.stringify(row.detail ?? "")).replace(/^\{\}$/, "") },
     ],
   });
 

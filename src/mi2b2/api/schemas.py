@@ -72,3 +72,9 @@ class RequestIdsBody(Body):
 
 class PriorityBody(RequestIdsBody):
     priority: int = Field(ge=-9, le=9)
+
+
+class AllowListBody(Body):
+    mrns: str = Field(max_length=50_000_000,
+                      description="the project's whole new MRN allow-list, as pasted text or file contents: "
+                                  "one per line, separated by , ; or tabs, or a CSV with an MRN column")

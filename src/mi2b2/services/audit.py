@@ -48,6 +48,7 @@ class Action(StrEnum):
     USER_ADMIN = "user_admin"
     TOKEN_ADMIN = "token_admin"
     CACHE_CHECK = "cache_check"  # fsck: index and disk compared (and repaired)
+    ALLOW_LIST = "allow_list"  # an admin replaced a project's MRN allow-list (detail: counts only)
 
 
 class Outcome(StrEnum):

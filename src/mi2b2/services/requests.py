@@ -8,12 +8,13 @@ project's allow-list. The request then waits for the scheduler.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, Request
@@ -126,6 +127,36 @@ def list_requests(
     with ctx.sessions() as session:
         rows = session.execute(query.order_by(Request.id.desc()).limit(limit)).scalars().all()
         return [request_view(r) for r in rows]
+
+
+def requests_version(ctx: ServiceContext, who: Principal, project_id: str) -> str:
+    """A short fingerprint of the project's request list, for the live request log:
+    it changes whenever something list_requests shows changes, so a client re-fetches only then.
+
+    One aggregate query, grouped by state and waiting reason. Per group it sums the
+    ids (a request moving between groups shows), priority weighted by id (two
+    requests swapping priorities show) and every counter a user sees. Checked at
+    list_requests' door on every call, so a member taken off the project stops
+    getting updates at the next tick."""
+    _require_member(ctx, who, project_id)
+    groups = (
+        select(
+            Request.state, Request.waiting_reason, func.count(), func.sum(Request.id),
+            func.sum(Request.id * Request.priority), func.sum(Request.received), func.sum(Request.failed),
+            func.sum(Request.warnings), func.sum(Request.bytes), func.sum(Request.attempts),
+            func.sum(Request.expected_instances), func.sum(Request.expected_bytes),
+            func.sum(case((Request.cancel_requested.is_(True), Request.id), else_=0)),
+            func.sum(func.length(func.coalesce(Request.last_error, ""))), func.max(Request.last_status),
+            func.max(Request.started_at), func.max(Request.ended_at), func.max(Request.not_before),
+        )
+        .where(Request.project_id == project_id)
+        .group_by(Request.state, Request.waiting_reason)
+        .order_by(Request.state, Request.waiting_reason)
+    )
+    with ctx.sessions() as session:
+        rows = session.execute(groups).all()
+    text = "\n".join("|".join(str(value) for value in row) for row in rows)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
@@ -316,5 +347,5 @@ def _retry(row: Request, now: Any) -> None:
 
 __all__ = [
     "ENDED", "AddReport", "StudyPick", "add_requests", "cancel_requests", "list_requests", "request_view",
-    "retry_requests", "set_priority", "show_request",
+    "requests_version", "retry_requests", "set_priority", "show_request",
 ]

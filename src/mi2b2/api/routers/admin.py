@@ -6,7 +6,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from mi2b2.api.deps import AdminUser, ContextDep
-from mi2b2.api.schemas import UserBody
+from mi2b2.api.schemas import AllowListBody, UserBody
+from mi2b2.services import admin as service
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -14,6 +15,20 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 @router.post("/config/reload")
 def reload_config(user: AdminUser, ctx: ContextDep) -> dict[str, Any]:
     return {"status": "reloaded", **ctx.reload_config(user).summary()}
+
+
+@router.get("/projects")
+def list_projects(user: AdminUser, ctx: ContextDep) -> list[dict[str, Any]]:
+    """Every project, configured or not: IRB, expiry, members, quota and cache use, allow-list size."""
+    return [asdict(p) for p in service.list_projects(ctx, user)]
+
+
+@router.post("/projects/{project_id}/mrns")
+def replace_allow_list(project_id: str, body: AllowListBody, user: AdminUser, ctx: ContextDep) -> dict[str, Any]:
+    """Replace the project's MRN allow-list: written to its mrn_file, then the configuration is reloaded.
+
+    Every line must be a usable MRN, or nothing is written."""
+    return asdict(service.replace_allow_list(ctx, user, project_id, body.mrns))
 
 
 @router.get("/users")

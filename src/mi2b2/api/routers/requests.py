@@ -1,17 +1,31 @@
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from mi2b2.api.deps import ContextDep, CurrentUser
 from mi2b2.api.schemas import PriorityBody, RequestAddBody, RequestIdsBody
+from mi2b2.domain.principal import Principal
+from mi2b2.errors import Mi2b2Error
 from mi2b2.services import requests as service
+from mi2b2.services.context import ServiceContext
 from mi2b2.services.requests import StudyPick
 from mi2b2.services.scheduler import pacs_states
 
 router = APIRouter(tags=["requests"])
+LOG = logging.getLogger(__name__)
+
+TICK_SECONDS = 1.0  # how often the live request log looks for a change
+KEEP_ALIVE_TICKS = 15  # quiet ticks before a comment line, so proxies do not close an idle stream
+EVENT_STREAM = "text/event-stream"
 
 
 def _wake_worker(http: Request) -> None:
@@ -37,6 +51,60 @@ def list_requests(
     limit: Annotated[int, Query(ge=1, le=100000)] = 1000,
 ) -> list[dict[str, Any]]:
     return service.list_requests(ctx, user, project_id, state or [], limit)
+
+
+@router.get(
+    "/projects/{project_id}/requests/events",
+    response_class=StreamingResponse,
+    responses={200: {"description": "Server-Sent Events; or, without `Accept: text/event-stream`, one JSON object",
+                     "content": {EVENT_STREAM: {}, "application/json": {"example": {"version": "3f2a9c0d1e4b5a6f"}}}}},
+)
+async def request_events(project_id: str, user: CurrentUser, ctx: ContextDep, http: Request) -> Response:
+    """The live request log: `event: requests` with `data: {"version": "..."}` at once and whenever the
+    project's requests change (re-fetch the list then), `: keep-alive` comments while nothing does.
+
+    A client that does not ask for `text/event-stream` gets the current version once as JSON: a plain
+    HTTP client reading the whole body would otherwise wait forever."""
+    # The door, before a byte is streamed: a non-member gets a 403 answer, not a stream.
+    version = await run_in_threadpool(service.requests_version, ctx, user, project_id)
+    if EVENT_STREAM not in http.headers.get("accept", ""):
+        return JSONResponse({"version": version}, headers={"Cache-Control": "no-store"})
+    return StreamingResponse(
+        _version_events(http, ctx, user, project_id, version), media_type=EVENT_STREAM,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},  # nginx would otherwise buffer events
+    )
+
+
+async def _version_events(
+    http: Request, ctx: ServiceContext, user: Principal, project_id: str, version: str
+) -> AsyncIterator[str]:
+    sent = None
+    quiet_ticks = 0
+    while True:
+        if version != sent:
+            yield _event("requests", {"version": version})
+            sent, quiet_ticks = version, 0
+        elif quiet_ticks >= KEEP_ALIVE_TICKS:
+            yield ": keep-alive\n\n"
+            quiet_ticks = 0
+        await anyio.sleep(TICK_SECONDS)
+        quiet_ticks += 1
+        if await http.is_disconnected():
+            return
+        try:  # the query runs in a worker thread: the event loop keeps serving everyone else
+            version = await run_in_threadpool(service.requests_version, ctx, user, project_id)
+        except Mi2b2Error as error:  # e.g. taken off the project since the stream began
+            yield _event("stop", {"error": str(error)})
+            return
+        except Exception as error:
+            # The type only, as the API's error handler does: the text may carry identifiers from SQL.
+            LOG.error("the live request log stopped on %s", type(error).__name__)
+            yield _event("stop", {"error": "internal error; the server log has details"})
+            return
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
 @router.get("/requests/{request_id}")

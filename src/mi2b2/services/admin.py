@@ -1,0 +1,209 @@
+"""Site administration over the API: every project at a glance, and replacing a project's MRN allow-list.
+
+The site configuration stays the source of truth for allow-lists: an uploaded
+list is written to the file the project's ``mrn_file`` names, then applied by
+the same reload as ``POST /admin/config/reload``. So the file, the running
+configuration and the database (which every worker and receiver reads) agree
+again as soon as the call returns, and a later reload or restart keeps the list.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from mi2b2.adapters.db.tables import Project, ProjectMember, ProjectMrn
+from mi2b2.config import ProjectConfig, SiteConfig, load_config
+from mi2b2.domain.governance import irb_active
+from mi2b2.domain.identifiers import IdentifierList, parse_identifier_text
+from mi2b2.domain.principal import Principal
+from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, Mi2b2Error, NotFound, PermanentError
+from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.cache import usage_in
+from mi2b2.services.context import ServiceContext
+
+
+@dataclass(frozen=True)
+class MemberView:
+    login: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ProjectOverview:
+    id: str
+    title: str
+    irb: str
+    expires: str  # ISO date: the last day the approval covers
+    expired: bool
+    active: bool  # False once the project is gone from the configuration
+    institutions: list[str]
+    members: list[MemberView]
+    quota_bytes: int
+    used_bytes: int
+    in_flight_bytes: int
+    allow_list_size: int
+    max_studies_per_patient: int | None
+    mrn_file: str | None  # where the allow-list lives; None for a project no longer configured
+
+
+@dataclass(frozen=True)
+class AllowListReport:
+    project_id: str
+    allow_list_size: int
+    duplicates: int  # lines repeating an MRN, kept once
+    file: str
+    reload: dict[str, Any]
+
+
+def list_projects(ctx: ServiceContext, who: Principal) -> list[ProjectOverview]:
+    _require_admin(ctx, who, "list all projects")
+    today = ctx.clock.now().date()
+    files = {p.id: str(ctx.config.resolve(p.mrn_file)) for p in ctx.config.projects}
+    with ctx.sessions() as session:
+        projects = session.scalars(select(Project).order_by(Project.id)).all()
+        members: dict[str, list[MemberView]] = defaultdict(list)
+        for member in session.scalars(select(ProjectMember).order_by(ProjectMember.project_id, ProjectMember.login)):
+            members[member.project_id].append(MemberView(member.login, member.role))
+        sizes = _allow_list_sizes(session)
+        usage = {p.id: usage_in(session, p.id) for p in projects}
+    return [
+        ProjectOverview(
+            id=p.id, title=p.title, irb=p.irb_number, expires=p.expires_on.isoformat(),
+            expired=not irb_active(p.expires_on, today), active=p.active, institutions=list(p.institutions),
+            members=members[p.id], quota_bytes=p.quota_bytes, used_bytes=usage[p.id].used_bytes,
+            in_flight_bytes=usage[p.id].in_flight_bytes, allow_list_size=sizes.get(p.id, 0),
+            max_studies_per_patient=p.max_studies_per_patient, mrn_file=files.get(p.id),
+        )
+        for p in projects
+    ]
+
+
+def replace_allow_list(ctx: ServiceContext, who: Principal, project_id: str, text: str) -> AllowListReport:
+    """Validate the whole list, write the project's MRN file atomically, reload, audit.
+
+    Nothing is written unless every line is a usable MRN: a silently dropped
+    line would leave a patient off (or a typo on) the IRB list."""
+    _require_admin(ctx, who, "replace an allow-list")
+    config = _config_on_disk(ctx)
+    project = _configured_project(config, project_id)
+    path = config.resolve(project.mrn_file)
+    _check_not_shared(config, project, path)
+    parsed = _parse_strictly(text)
+    previous = path.read_bytes() if path.exists() else None
+    _write_atomically(path, _file_text(parsed, project_id, who, ctx).encode("utf-8"))
+    try:
+        changes = ctx.reload_config(who)
+    except Mi2b2Error as exc:
+        # Put the old list back so the file and the database still agree.
+        _restore(path, previous)
+        raise ConfigError(f"the allow-list of project {project_id!r} was not changed: {exc}") from None
+    with ctx.sessions() as session:
+        size = _allow_list_sizes(session).get(project_id, 0)
+    # Counts only: the MRNs themselves are in the file and the database, not in the trail's detail.
+    ctx.audit.record(who, Action.ALLOW_LIST, project_id=project_id,
+                     detail={"op": "replace", "count": size, "duplicates": len(parsed.duplicates)})
+    return AllowListReport(project_id, size, len(parsed.duplicates), str(path), changes.summary())
+
+
+# helpers -------------------------------------------------------------------------------
+
+
+def _require_admin(ctx: ServiceContext, who: Principal, operation: str) -> None:
+    if not who.is_admin:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, detail={"reason": "not an admin", "operation": operation})
+        raise AccessDenied(f"only a site admin may {operation}")
+
+
+def _allow_list_sizes(session: Any) -> dict[str, int]:
+    rows = session.execute(select(ProjectMrn.project_id, func.count()).group_by(ProjectMrn.project_id)).all()
+    return {project_id: int(count) for project_id, count in rows}
+
+
+def _config_on_disk(ctx: ServiceContext) -> SiteConfig:
+    """The configuration as the reload will read it: a broken file fails here, before anything is written,
+    and a project's ``mrn_file`` edited since the last reload is the one written."""
+    if ctx.config.source is None:
+        raise InvalidInput("this server was started without a configuration file, so there is no allow-list file "
+                           "to write; start it with --config")
+    return load_config(ctx.config.source)
+
+
+def _configured_project(config: SiteConfig, project_id: str) -> ProjectConfig:
+    for project in config.projects:
+        if project.id == project_id:
+            return project
+    known = ", ".join(p.id for p in config.projects) or "none"
+    raise NotFound(f"no project {project_id!r} in the site configuration {config.source}; configured projects: "
+                   f"{known}. Add the project there (and reload) before uploading its allow-list")
+
+
+def _check_not_shared(config: SiteConfig, project: ProjectConfig, path: Path) -> None:
+    sharing = [p.id for p in config.projects if p.id != project.id and config.resolve(p.mrn_file) == path]
+    if sharing:
+        raise InvalidInput(f"project {project.id!r} shares its MRN file {path} with {', '.join(sharing)}; "
+                           f"give project {project.id!r} its own mrn_file in {config.source} before uploading")
+
+
+def _parse_strictly(text: str) -> IdentifierList:
+    parsed = parse_identifier_text(text, kind="MRN")
+    if parsed.invalid:
+        first = parsed.invalid[0]
+        others = len(parsed.invalid) - 1
+        more = f" (and {others} more invalid line{'s' if others > 1 else ''})" if others else ""
+        raise InvalidInput(f"line {first.line}: {first.value[:20]!r} {first.reason}{more}; "
+                           "correct or remove it and upload again. Nothing was changed")
+    return parsed
+
+
+def _file_text(parsed: IdentifierList, project_id: str, who: Principal, ctx: ServiceContext) -> str:
+    # One MRN per line reads back to exactly this list; the comment line comes first so that an MRN
+    # spelled like a CSV header ("MRN") is never taken for one. No commas: they would make it look like CSV.
+    stamp = ctx.clock.now().strftime("%Y-%m-%d %H:%M UTC")
+    header = f"# IRB allow-list of project {project_id} written by {who.login} through the admin API at {stamp}"
+    return "\n".join([header, *parsed.unique]) + "\n"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file beside it, fsync, rename, fsync the folder: a reader (or a crash) sees the old list or the new."""
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise PermanentError(f"cannot write into {path.parent} ({exc.strerror}); check its permissions") from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, mode)  # keep whatever access the site gave the old file
+        os.replace(temp, path)
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise PermanentError(f"cannot write the allow-list {path} ({exc.strerror or type(exc).__name__}); "
+                             "check the disk and the folder's permissions") from None
+
+
+def _restore(path: Path, previous: bytes | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write_atomically(path, previous)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)

@@ -166,6 +166,7 @@ export function adminPage(app) {
 
   async function show() {
     await Promise.all([loadPacs(), loadProjects(), loadUsers()]);
+    loadPacs(true).catch(app.fail); // C-ECHO may wait for a PACS that is down: the rest is shown meanwhile
     clearInterval(timer);
     timer = setInterval(() => { if (!page.element.hidden) loadPacs().catch(() => {}); }, 5000);
   }

@@ -40,8 +40,11 @@ export function studiesTab(app) {
       { key: "accession", label: "Accession", type: "text" },
       { key: "series_count", label: "Series", type: "number" },
       { key: "instance_count", label: "Images", type: "number", facet: true },
-      { key: "institution_id", label: "Institution", type: "set", facet: true },
-      { key: "department_id", label: "Department", type: "set", facet: true },
+      { key: "institution_id", label: "Institution", type: "set", facet: true,
+        value: (row) => app.pacsNodes.find((n) => n.institution === row.institution_id)?.institution_name || row.institution_id },
+      { key: "department_id", label: "Department", type: "set", facet: true,
+        value: (row) => app.pacsNodes.find((n) => n.institution === row.institution_id && n.department === row.department_id)
+          ?.department_name || row.department_id },
       { key: "series_picked", label: "Series picked", type: "text",
         value: (row) => (seriesPicks.has(row.study_uid) ? `${seriesPicks.get(row.study_uid).size} of ${row.series_count ?? "?"}` : "all") },
     ],

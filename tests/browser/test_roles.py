@@ -1,0 +1,66 @@
+"""The admin and auditor pages in Chromium, and what a researcher cannot reach."""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import Page, expect
+
+from support.browser_site import ADMIN, AUDITOR, PACS_ID, RESEARCHER, Catalog, login, screenshot
+
+
+def test_an_admin_reloads_the_configuration_and_sees_the_pacs_governance_now(page: Page) -> None:
+    login(page, ADMIN)
+    page.goto("/app/#admin")
+    expect(page.locator("#tab-admin")).to_have_attribute("aria-current", "page")
+    page.get_by_role("button", name="Reload configuration").click()
+    result = page.locator(".reload-result")
+    expect(result).to_contain_text("Configuration reloaded")
+    expect(result).to_contain_text("allow-list sizes: alpha 5")
+
+    pacs = page.locator(f'[data-table="admin-pacs"] tr[data-key="{PACS_ID}"]')
+    expect(pacs.locator("td[data-col=echo]")).to_have_text(re.compile(r"^ok \(\d+ ms\)$"))
+    expect(pacs.locator("td[data-col=active]")).to_have_text(re.compile(r"^0 / \d+$"))
+    expect(pacs.locator("td[data-col=minute]")).to_have_text(re.compile(r"^\d+ / (\d+|∞)$"))
+    expect(pacs.locator("td[data-col=window]")).not_to_be_empty()
+    projects = page.locator('[data-table="admin-projects"]')
+    expect(projects.locator('tr[data-key="beta"] td[data-col=status]')).to_have_text("IRB expired")
+    expect(projects.locator('tr[data-key="alpha"] td[data-col=allow_list_size]')).to_have_text("5")
+    screenshot(page, "admin")
+
+
+def test_an_auditor_verifies_the_chain(page: Page) -> None:
+    login(page, AUDITOR)
+    page.goto("/app/#audit")
+    page.get_by_role("button", name="Verify the chain").click()
+    expect(page.locator(".verdict")).to_have_text(re.compile(r"^Chain verified: \d+ events, every hash matches\.$"))
+    page.get_by_label("action (e.g. search/patients)").fill("login")
+    page.get_by_role("button", name="Search", exact=True).click()
+    actions = page.locator('[data-table="audit"] tbody td[data-col=action]')
+    expect(actions.first).to_have_text("login")
+    assert set(actions.all_inner_texts()) == {"login"}
+    screenshot(page, "audit")
+
+
+def test_a_researcher_reaches_neither_admin_nor_audit_pages_nor_another_project(
+        page: Page, catalog: Catalog) -> None:
+    login(page, RESEARCHER)
+    page.goto("/app/#admin")
+    expect(page.locator("#messages")).to_contain_text("the admin page needs the admin role")
+    expect(page.locator("#tab-patients")).to_have_attribute("aria-current", "page")
+    expect(page.locator("#tab-admin")).to_have_count(0)
+    page.goto("/app/#audit")
+    expect(page.locator("#messages")).to_contain_text("the audit page needs the auditor or admin role")
+    expect(page.locator("#tab-audit")).to_have_count(0)
+    expect(page.locator("#project option")).to_have_text([re.compile(r"^alpha ")])
+
+    # the API behind the pages says no as well, with the browser's own session
+    for path in ("/api/v1/admin/projects", "/api/v1/admin/users", "/api/v1/audit/verify"):
+        answer = page.request.get(path)
+        assert answer.status == 403, (path, answer.status)
+    for path in ("/api/v1/projects/beta/cache", "/api/v1/projects/beta/requests", "/api/v1/projects/beta/viewer/tree"):
+        answer = page.request.get(path)
+        assert answer.status == 403 and "not a member" in answer.json()["error"], (path, answer.text())
+    search = page.request.post("/api/v1/search/patients", data={"project": "beta", "pacs": PACS_ID,
+                                                                "mrns": catalog.on_list[0]})
+    assert search.status == 403, search.text()

@@ -128,6 +128,14 @@ def test_the_whole_path(page: Page, catalog: Catalog, mi2b2_server: Mi2b2Server,
     expect(frame.locator("#width")).not_to_have_value(before)
     frame.wait_for_function("() => document.getElementById('image').naturalWidth > 0")
     expect(frame.locator("#overlay-bottom")).to_contain_text(f"W {frame.locator('#width').input_value()}")
+    # slices: a key and the wheel step through the series
+    first_series = next(s for s in picked if s.uid == frame.locator("#tree a.series.active").get_attribute("title"))
+    expect(frame.locator("#overlay-top")).to_contain_text(f"image 1 / {first_series.instance_count}")
+    frame.locator("#stage").press("ArrowDown")
+    expect(frame.locator("#overlay-top")).to_contain_text(f"image 2 / {first_series.instance_count}")
+    page.mouse.move(x, y)
+    page.mouse.wheel(0, -120)
+    expect(frame.locator("#overlay-top")).to_contain_text(f"image 1 / {first_series.instance_count}")
     screenshot(page, "tab4-view-images")
 
     # --- Tab 3 again: download it encrypted to an age key, then open it with `age` -----------------

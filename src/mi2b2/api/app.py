@@ -9,12 +9,13 @@ from fastapi.routing import APIRoute
 
 from mi2b2 import __version__
 from mi2b2.api.errors import install_error_handlers
-from mi2b2.api.routers import admin, audit, auth, cache, client, notifications, projects, requests, search
+from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
 from mi2b2.api.routers import dicomweb as dicomweb_router
 from mi2b2.api.routers import download as download_router
 from mi2b2.api.routers import forward as forward_router
 from mi2b2.api.routers import viewer as viewer_router
 from mi2b2.services.context import ServiceContext
+from mi2b2.web import pages as client_pages
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -48,7 +49,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     app.include_router(api)
-    app.include_router(client.router)  # the browser client, /app/
+    app.include_router(client_pages.router)  # the browser client, /app/
     app.include_router(viewer_router.page_router)  # the viewer page, /viewer/
     app.include_router(dicomweb_router.router)  # /dicomweb/projects/{project}/...
     return app

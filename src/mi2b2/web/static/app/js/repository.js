@@ -67,12 +67,13 @@ export function repositoryTab(app) {
     const segment = (name, size) => {
       const node = element("span", { class: name });
       node.style.width = percent(size);
+      if (size > 0) node.style.minWidth = "3px"; // a few MB of a terabyte quota still shows
       return node;
     };
     bar.replaceChildren(segment("used", usage.used_bytes - selected), segment("selection", selected),
       segment("in-flight", usage.in_flight_bytes));
     const text = `Used ${bytes(usage.used_bytes)} of ${bytes(usage.quota_bytes)} · in flight ${bytes(usage.in_flight_bytes)}`
-      + ` · free ${bytes(usage.free_bytes)} · ${usage.study_count} studies`
+      + ` · free ${bytes(usage.free_bytes)} · ${usage.study_count} stud${usage.study_count === 1 ? "y" : "ies"}`
       + (selectedCount ? ` · selection ${bytes(selectedBytes)} in ${selectedCount} stud${selectedCount === 1 ? "y" : "ies"}` : "")
       + (usage.over_quota ? " · over quota: new retrievals wait until space is freed" : "");
     legend.textContent = text;

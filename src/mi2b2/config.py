@@ -13,6 +13,7 @@ from datetime import date, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -241,6 +242,18 @@ class ServerConfig(Strict):
     run_receiver: bool = True
     receiver_process: bool = Field(True, description="run the DICOM receiver in its own process (uses a second core)")
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often the scheduler looks for work")
+    public_url: str | None = Field(None, description="the address users reach mi2b2 at, e.g. https://mi2b2.example.org; "
+                                                     "DICOMweb RetrieveURLs are built from it, not from the Host header")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment:
+            raise ValueError(f"public_url {value!r} must be an http(s) address such as https://mi2b2.example.org")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

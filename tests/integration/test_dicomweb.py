@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import get_frame
@@ -17,6 +18,7 @@ from requests.exceptions import HTTPError
 
 from mi2b2.adapters.db.tables import CachedStudy
 from mi2b2.api.app import create_app
+from mi2b2.config import ServerConfig
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.synthetic import series_instance_uid, sop_instance_uid
@@ -220,3 +222,21 @@ def test_only_members_and_admins_read_a_project(server: str, cached: Cached) -> 
         client(server, cached, "alice").retrieve_study(studies.uid(studies.BRAIN_FOLLOW_UP))
     assert hidden.value.response.status_code == 404
     assert len(client(server, cached, "alice", "beta").search_for_studies()) == 1
+
+
+def test_retrieve_urls_follow_the_configured_public_url_not_the_host_header(tmp_path: Path) -> None:
+    config = load_site(tmp_path / "site")
+    config = config.model_copy(update={"server": ServerConfig(public_url="https://mi2b2.example.org/")})
+    ctx = build_context(config, clock=FakeClock())
+    cached = fill(ctx, tmp_path / "files")
+    api = TestClient(create_app(ctx))
+    answer = api.get("/dicomweb/projects/alpha/studies", params={"PatientID": "000123"},
+                     headers={**cached.headers("alice"), "Host": "attacker.example"})
+    assert answer.status_code == 200
+    assert answer.json()[0]["00081190"]["Value"] == [f"https://mi2b2.example.org/dicomweb/projects/alpha/studies/{BRAIN}"]
+
+
+@pytest.mark.parametrize("wrong", ["mi2b2.example.org", "ftp://mi2b2.example.org", "https://x.org/?a=1"])
+def test_a_public_url_that_is_not_an_http_address_is_refused(wrong: str) -> None:
+    with pytest.raises(ValueError, match="must be an http\\(s\\) address"):
+        ServerConfig(public_url=wrong)

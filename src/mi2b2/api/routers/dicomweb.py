@@ -48,7 +48,10 @@ DicomWebDep = Annotated[DicomWeb, Depends(get_dicomweb)]
 
 
 def _base(request: Request, project_id: str) -> str:
-    return f"{str(request.base_url).rstrip('/')}/dicomweb/projects/{quote(project_id, safe='')}"
+    # With [server] public_url set, a forged Host header cannot point a viewer's RetrieveURL elsewhere.
+    public = request.app.state.context.config.server.public_url
+    root = public or str(request.base_url).rstrip("/")
+    return f"{root}/dicomweb/projects/{quote(project_id, safe='')}"
 
 
 def _search(result: SearchResult) -> Response:

@@ -9,14 +9,14 @@ from playwright.sync_api import Page, expect
 from support.browser_site import ADMIN, AUDITOR, PACS_ID, RESEARCHER, Catalog, login, screenshot
 
 
-def test_an_admin_reloads_the_configuration_and_sees_the_pacs_governance_now(page: Page) -> None:
+def test_an_admin_reloads_the_configuration_and_sees_the_pacs_governance_now(page: Page, catalog: Catalog) -> None:
     login(page, ADMIN)
     page.goto("/app/#admin")
     expect(page.locator("#tab-admin")).to_have_attribute("aria-current", "page")
     page.get_by_role("button", name="Reload configuration").click()
     result = page.locator(".reload-result")
     expect(result).to_contain_text("Configuration reloaded")
-    expect(result).to_contain_text("allow-list sizes: alpha 5")
+    expect(result).to_contain_text(f"allow-list sizes: alpha {len(catalog.allow_list)}")
 
     pacs = page.locator(f'[data-table="admin-pacs"] tr[data-key="{PACS_ID}"]')
     expect(pacs.locator("td[data-col=echo]")).to_have_text(re.compile(r"^ok \(\d+ ms\)$"))
@@ -25,8 +25,23 @@ def test_an_admin_reloads_the_configuration_and_sees_the_pacs_governance_now(pag
     expect(pacs.locator("td[data-col=window]")).not_to_be_empty()
     projects = page.locator('[data-table="admin-projects"]')
     expect(projects.locator('tr[data-key="beta"] td[data-col=status]')).to_have_text("IRB expired")
-    expect(projects.locator('tr[data-key="alpha"] td[data-col=allow_list_size]')).to_have_text("5")
+    expect(projects.locator('tr[data-key="alpha"] td[data-col=allow_list_size]')).to_have_text(str(len(catalog.allow_list)))
     screenshot(page, "admin")
+
+    # replace alpha's allow-list from the page: the overview follows
+    page.get_by_label("project whose allow-list to replace").select_option("alpha")
+    page.get_by_label("new allow-list, one MRN per line").fill("\n".join([*catalog.allow_list, "NEW-7"]))
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Replace allow-list").click()
+    expect(page.locator("#messages")).to_contain_text(f"allow-list of alpha now holds {len(catalog.allow_list) + 1} MRNs")
+    expect(projects.locator('tr[data-key="alpha"] td[data-col=allow_list_size]')).to_have_text(
+        str(len(catalog.allow_list) + 1))
+    page.get_by_label("new allow-list, one MRN per line").fill("000123\nBAD*MRN")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Replace allow-list").click()
+    expect(page.locator("#messages .message.error")).to_contain_text("line 2")
+    expect(projects.locator('tr[data-key="alpha"] td[data-col=allow_list_size]')).to_have_text(
+        str(len(catalog.allow_list) + 1))
 
 
 def test_an_auditor_verifies_the_chain(page: Page) -> None:

@@ -64,6 +64,8 @@ export function requestsTab(app) {
     loading = get(`/projects/${enc(app.projectId())}/requests?limit=10000`);
     try {
       table.setRows(await loading);
+      // A long log is re-read at most every few seconds however often it changes.
+      if (table.rows.length > 1000) await new Promise((resolve) => setTimeout(resolve, 3000));
     } finally {
       loading = null;
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mi2b2.client import Mi2b2Client
@@ -96,6 +98,12 @@ def test_demo_serves_searches_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     try:
         output.wait_for(f"is running at http://127.0.0.1:{port}", demo, START_TIMEOUT)
         output.wait_for("Press Ctrl-C", demo, 5)
+
+        # The printed client URL opens the browser client.
+        client_url = re.search(r"client:\s+(http://\S+)", output.text())
+        assert client_url is not None, output.text()
+        page = httpx.get(client_url.group(1), timeout=10)
+        assert page.status_code == 200 and '<script type="module" src="js/main.js">' in page.text
 
         # The printed command, as a user would paste it.
         command = _printed_command(output.text(), " search patients ")

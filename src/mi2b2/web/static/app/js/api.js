@@ -11,6 +11,14 @@ export class ApiError extends Error {
 }
 
 const API = "/api/v1";
+let pending = 0;
+
+/** The header's "working…" sign: a PACS search for a long MRN list can take a while. */
+function busy(change) {
+  pending += change;
+  const sign = document.getElementById("busy");
+  if (sign) sign.hidden = pending === 0;
+}
 
 async function send(method, path, body) {
   const options = { method, credentials: "same-origin", cache: "no-store", headers: {} };
@@ -19,10 +27,13 @@ async function send(method, path, body) {
     options.body = JSON.stringify(body);
   }
   let response;
+  busy(+1);
   try {
     response = await fetch(API + path, options);
   } catch (_) {
     throw new ApiError(0, "the mi2b2 server cannot be reached; check that it is running and try again");
+  } finally {
+    busy(-1);
   }
   if (!response.ok) throw await errorOf(response);
   return response;

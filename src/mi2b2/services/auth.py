@@ -19,6 +19,7 @@ from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.audit import Action, AuditTrail, Outcome
 
 LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NOT_A_LOGIN = "(not a login name)"
 MIN_PASSWORD = 10
 
 
@@ -111,11 +112,13 @@ class Accounts:
             if user is not None and wait is None:
                 user.failed_logins = 0 if ok else user.failed_logins + 1
                 user.last_failed_login = None if ok else now
+        # Whatever anyone types reaches the trail only if it could be a login name.
+        actor = login if LOGIN.match(login) else NOT_A_LOGIN
         if wait is not None:
-            self._audit.record(login, Action.LOGIN, Outcome.DENIED, detail={"client": client, "reason": "throttled"})
+            self._audit.record(actor, Action.LOGIN, Outcome.DENIED, detail={"client": client, "reason": "throttled"})
             raise AccessDenied(f"too many failed logins; try again in {int(wait.total_seconds()) + 1} s")
         if not ok or user is None:
-            self._audit.record(login, Action.LOGIN, Outcome.FAILED, detail={"client": client})
+            self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail={"client": client})
             raise AccessDenied("wrong login or password")
         principal = Principal(user.login, Role(user.role), user.display_name, client)
         issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime)

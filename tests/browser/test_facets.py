@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 from playwright.sync_api import Page, expect
 
@@ -83,6 +84,7 @@ TEN_THOUSAND = """async () => {
   const rows = Array.from({ length: 10000 }, (_, id) => ({ id, kind: ["CT", "MR", "US"][id % 3], size: id % 1000 }));
   document.getElementById("pages").replaceChildren(table.element);
   table.setRows(rows);
+  window.loadTable = table;
 }"""
 
 
@@ -108,3 +110,21 @@ def test_ten_thousand_rows_keep_one_page_in_the_document(page: Page) -> None:
     expect(table.locator(".table-summary")).to_have_text(f"{expected} of 10000 rows · showing 101–200")
     expect(kind.locator("label", has_text="MR").locator(".count")).to_have_text(
         f"({sum(1 for i in range(10000) if i % 3 == 1 and 100 <= i % 1000 <= 199)})")
+
+    # the keyboard stays where it was when a tick redraws the table
+    first_box = table.locator("tbody tr[data-key] input[type=checkbox]").first
+    first_box.focus()
+    page.keyboard.press("Space")
+    expect(table.locator("tbody tr[data-key]").first.locator("input[type=checkbox]")).to_be_focused()
+    expect(table.locator(".table-summary")).to_contain_text("1 selected")
+
+    # a ticked value whose rows are all gone keeps its box, so it can be unticked
+    page.evaluate("window.loadTable.setRows(window.loadTable.rows.filter((row) => row.kind !== 'CT'))")
+    ct = kind.locator("label", has_text="CT")
+    expect(ct.locator("input")).to_be_checked()
+    expect(ct.locator(".count")).to_have_text("(0)")
+    expect(table.locator(".table-summary")).to_have_text(re.compile(r"^0 of 6666 rows"))
+    ct.locator("input").click()  # unticked, the value has no rows left and leaves the list
+    expect(ct).to_have_count(0)
+    expect(table.locator(".table-summary")).to_have_text(re.compile(r"^\d+ of 6666 rows"))
+    assert table.locator("tbody tr[data-key]").count() > 0

@@ -18,6 +18,11 @@ def test_a_lead_works_by_keyboard_and_sees_the_expired_irb_refused(page: Page, c
     page.keyboard.press("Enter")
     expect(page.locator("#tab-patients")).to_have_attribute("aria-current", "page")
 
+    # what was found under alpha does not stay on screen under beta
+    page.locator("#mrn-input").fill(catalog.on_list[0])
+    page.get_by_role("button", name="Search patients").click()
+    expect(page.locator("#page-patients tbody tr[data-key]")).to_have_count(1)
+
     # both projects are offered; the expired one says so
     options = page.locator("#project option")
     expect(options).to_have_count(2)
@@ -27,8 +32,11 @@ def test_a_lead_works_by_keyboard_and_sees_the_expired_irb_refused(page: Page, c
     expect(page.locator("#project")).to_have_value("beta")
     expect(page.locator("#irb-state")).to_have_class("error")
     expect(page.locator("#irb-state")).to_contain_text("expired")
+    expect(page.locator("#page-patients tbody tr[data-key]")).to_have_count(0)
+    expect(page.locator("#page-patients .stats")).to_be_empty()
 
     # search by keyboard: the MRN field, then Tab to the button, Enter
+    page.locator("#mrn-input").fill("")
     page.locator("#mrn-input").focus()
     page.keyboard.type(catalog.on_list[0])
     page.keyboard.press("Tab")  # the file chooser

@@ -126,8 +126,10 @@ def test_the_whole_path(page: Page, catalog: Catalog, mi2b2_server: Mi2b2Server,
     page.mouse.move(x + 120, y + 40, steps=6)
     page.mouse.up()
     expect(frame.locator("#width")).not_to_have_value(before)
+    # The drag's last render has landed when the overlay names the window the field shows.
+    frame.wait_for_function("() => document.getElementById('overlay-bottom').textContent"
+                            ".includes('W ' + document.getElementById('width').value)")
     frame.wait_for_function("() => document.getElementById('image').naturalWidth > 0")
-    expect(frame.locator("#overlay-bottom")).to_contain_text(f"W {frame.locator('#width').input_value()}")
     # slices: a key and the wheel step through the series
     first_series = next(s for s in picked if s.uid == frame.locator("#tree a.series.active").get_attribute("title"))
     expect(frame.locator("#overlay-top")).to_contain_text(f"image 1 / {first_series.instance_count}")

@@ -124,6 +124,12 @@
 
   async function openProject(project) {
     state.api = `/api/v1/projects/${uid(project)}/viewer/`;
+    // Nothing of the last project's patient may stay on screen, nor be stepped through by the keys.
+    Object.assign(state, { stack: [], position: 0, frame: 0, window: null, shown: null, activeSeries: null,
+      series: null, tags: new Map() });
+    setImage(null);
+    for (const id of ["overlay-top", "overlay-bottom", "message"]) $(id).textContent = "";
+    $("tag-table").tBodies[0].replaceChildren();
     await loadTree();
   }
 

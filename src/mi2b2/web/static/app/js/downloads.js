@@ -1,9 +1,11 @@
 // Downloads started in this browser: Tab 3 starts them, Tab 4 lists them with
 // their progress. The ZIP arrives through fetch so its progress can be shown;
-// the browser keeps large blobs on disk, not in memory.
+// what has arrived is folded into Blobs every 64 MB, which the browser may keep
+// on disk; for many gigabytes `mi2b2 download` (resumable) is the better tool.
 
 import { bytes, element, errorOf } from "./api.js";
 
+const FOLD_BYTES = 64 * 1024 * 1024;
 const entries = [];
 const listeners = new Set();
 let nextId = 1;
@@ -37,13 +39,16 @@ export async function startDownload(projectId, studyUids, encryption, label) {
     if (!response.ok) throw await errorOf(response);
     entry.total = Number(response.headers.get("X-Mi2b2-Bytes") || 0); // image bytes: the ZIP is a little larger
     entry.state = "running";
-    const parts = [];
+    let parts = [];
+    let held = 0;
     const reader = response.body.getReader();
     let lastShown = 0;
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
       parts.push(value);
+      held += value.byteLength;
+      if (held > FOLD_BYTES) { parts = [new Blob(parts)]; held = 0; } // a Blob may live on disk; chunks do not
       entry.received += value.byteLength;
       if (performance.now() - lastShown > 250) { lastShown = performance.now(); changed(); }
     }

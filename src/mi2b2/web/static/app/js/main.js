@@ -63,14 +63,20 @@ const app = {
 // --- login ------------------------------------------------------------------------------------
 
 function showLogin(reason = "") {
-  for (const page of app.pages.values()) page.element.hidden = true;
+  // Nothing of the ended session stays in the page, not even behind Back: start() rebuilds it all.
+  if (app.current && app.current.hide) app.current.hide();
+  app.current = null;
+  app.user = null;
+  app.pages.clear();
+  $("pages").replaceChildren();
   $("tabs").hidden = true;
   $("pickers").hidden = true;
   $("logout").hidden = true;
   $("who").textContent = "";
+  const wasHidden = $("login").hidden;
   $("login").hidden = false;
   $("login-error").textContent = reason;
-  $("login").elements.login.focus();
+  if (wasHidden) $("login").elements.login.focus(); // not while someone is typing into it
 }
 
 $("login").addEventListener("submit", async (event) => {

@@ -41,9 +41,10 @@ export function patientsTab(app) {
     event.preventDefault();
     if (!app.projectId() || !app.pacsId) { app.notify("choose a project and a PACS first", "error"); return; }
     if (!mrns.value.trim()) { app.notify("paste or upload at least one MRN", "error"); return; }
+    const project = app.projectId();
     const report = await app.run(searchButton, () =>
-      post("/search/patients", { project: app.projectId(), pacs: app.pacsId, mrns: mrns.value }));
-    if (!report) return;
+      post("/search/patients", { project, pacs: app.pacsId, mrns: mrns.value }));
+    if (!report || app.projectId() !== project) return; // the project changed meanwhile
     table.setRows(report.patients);
     table.select(report.patients.map((p) => p.patient_id));
     showStats(report);
@@ -64,6 +65,9 @@ export function patientsTab(app) {
       return details;
     }), ...report.warnings.map((w) => element("p", { class: "warning", text: w })));
   }
+
+  // Another project, another IRB: nothing found under the last one may stay on screen.
+  app.onContext(() => { table.setRows([]); stats.replaceChildren(); });
 
   const form = element("form", { class: "search-form", onsubmit: search },
     element("label", { class: "stacked" }, "MRNs", mrns),

@@ -86,6 +86,7 @@ export function repositoryTab(app) {
     const project = app.projectId();
     const [cache, destinations] = await Promise.all([
       get(`/projects/${enc(project)}/cache`), get(`/projects/${enc(project)}/destinations`)]);
+    if (app.projectId() !== project) return; // switched meanwhile: the new project's load draws
     usage = cache.usage;
     table.setRows(cache.studies);
     const chosen = destination.value;
@@ -147,7 +148,13 @@ export function repositoryTab(app) {
     });
   }
 
-  app.onContext(() => { table.setRows([]); usage = null; if (!page.element.hidden) load().catch(app.fail); });
+  app.onContext(() => {
+    usage = null;
+    bar.replaceChildren();
+    legend.textContent = "";
+    table.setRows([]);
+    if (!page.element.hidden) load().catch(app.fail);
+  });
 
   const page = {
     id: "repository",

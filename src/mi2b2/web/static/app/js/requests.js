@@ -6,6 +6,12 @@ import { element, enc, get, post } from "./api.js";
 import { FacetTable } from "./table.js";
 
 const FINISHED = new Set(["completed", "incomplete", "failed", "canceled"]);
+// What the server allows (services/requests.py); a call with any other row is refused whole.
+const ALLOWED = {
+  cancel: (row) => row.state === "scheduled" || row.state === "processing",
+  retry: (row) => row.state === "failed" || row.state === "incomplete",
+  priority: (row) => row.state === "scheduled",
+};
 
 function progressOf(row) {
   const expected = row.expected_instances || 0;
@@ -23,12 +29,13 @@ export function requestsTab(app) {
   const live = element("span", { class: "live muted", role: "status", text: "" });
   const refresh = element("button", { type: "button", text: "Refresh", onclick: () => app.run(refresh, load) });
   const cancel = element("button", { type: "button", text: "Cancel selected", disabled: true,
-    onclick: () => change(cancel, "/requests/cancel", {}, "canceled") });
+    onclick: () => change(cancel, "/requests/cancel", {}, "canceled", ALLOWED.cancel) });
   const retry = element("button", { type: "button", text: "Retry selected", disabled: true,
-    onclick: () => change(retry, "/requests/retry", {}, "retried") });
+    onclick: () => change(retry, "/requests/retry", {}, "retried", ALLOWED.retry) });
   const priority = element("input", { type: "number", min: -9, max: 9, value: 0, class: "short", "aria-label": "new priority" });
   const setPriority = element("button", { type: "button", text: "Set priority", disabled: true,
-    onclick: () => change(setPriority, "/requests/priority", { priority: Number(priority.value || 0) }, "changed") });
+    onclick: () => change(setPriority, "/requests/priority", { priority: Number(priority.value || 0) }, "changed",
+      ALLOWED.priority) });
 
   const table = new FacetTable({
     name: "requests",
@@ -52,18 +59,20 @@ export function requestsTab(app) {
       { key: "ended_at", label: "Ended", type: "date" },
     ],
     onSelect: (rows) => {
-      cancel.disabled = !rows.some((r) => !FINISHED.has(r.state));
-      retry.disabled = !rows.some((r) => ["failed", "incomplete", "canceled"].includes(r.state));
-      setPriority.disabled = !rows.some((r) => !FINISHED.has(r.state));
+      cancel.disabled = !rows.some(ALLOWED.cancel);
+      retry.disabled = !rows.some(ALLOWED.retry);
+      setPriority.disabled = !rows.some(ALLOWED.priority);
     },
   });
 
   async function load() {
     if (!app.projectId()) return;
     if (loading) { again = true; return; } // one read at a time; a change meanwhile reads once more
-    loading = get(`/projects/${enc(app.projectId())}/requests?limit=10000`);
+    const project = app.projectId();
+    loading = get(`/projects/${enc(project)}/requests?limit=10000`);
     try {
-      table.setRows(await loading);
+      const rows = await loading;
+      if (app.projectId() === project) table.setRows(rows);
       // A long log is re-read at most every few seconds however often it changes.
       if (table.rows.length > 1000) await new Promise((resolve) => setTimeout(resolve, 3000));
     } finally {
@@ -72,13 +81,15 @@ export function requestsTab(app) {
     if (again) { again = false; await load(); }
   }
 
-  async function change(button, path, extra, verb) {
-    const ids = table.selectedRows().map((r) => r.id);
+  async function change(button, path, extra, verb, allowed) {
+    const selected = table.selectedRows();
+    const ids = selected.filter(allowed).map((r) => r.id);
     await app.run(button, async () => {
       const result = await post(path, { ids, ...extra });
       const changed = result[verb] || [];
-      app.notify(`${changed.length} of ${ids.length} request(s) ${verb}` +
-        (changed.length < ids.length ? " (the others were not in a state that allows it)" : ""), "ok");
+      const skipped = selected.length - ids.length;
+      app.notify(`${changed.length} request(s) ${verb}` +
+        (skipped ? `; ${skipped} selected request(s) left as they were (their state does not allow it)` : ""), "ok");
       await load();
     });
   }
@@ -89,6 +100,11 @@ export function requestsTab(app) {
     events = new EventSource(`/api/v1/projects/${enc(app.projectId())}/requests/events`);
     events.addEventListener("requests", () => load().catch(app.fail));
     events.addEventListener("open", () => { live.textContent = "● live"; live.className = "live ok"; });
+    events.addEventListener("stop", (event) => { // e.g. taken off the project: the server says why
+      stop();
+      live.textContent = `live updates stopped: ${JSON.parse(event.data).error}`;
+      live.className = "live error";
+    });
     events.addEventListener("error", () => {
       if (events && events.readyState === EventSource.CLOSED) {
         live.textContent = "live updates stopped; use Refresh";

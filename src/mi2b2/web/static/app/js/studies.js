@@ -75,8 +75,9 @@ export function studiesTab(app) {
 
   async function run(button, path, body) {
     if (!app.projectId() || !app.pacsId) { app.notify("choose a project and a PACS first", "error"); return; }
-    const report = await app.run(button, () => post(path, { project: app.projectId(), pacs: app.pacsId, ...body }));
-    if (!report) return;
+    const project = app.projectId();
+    const report = await app.run(button, () => post(path, { project, pacs: app.pacsId, ...body }));
+    if (!report || app.projectId() !== project) return; // the project changed meanwhile
     if (replace.checked) { seriesPicks.clear(); table.expanded.clear(); table.setRows(report.studies); }
     else table.appendRows(report.studies);
     showStats(report);
@@ -121,6 +122,8 @@ export function studiesTab(app) {
       table.clearSelection();
     });
   }
+
+  app.onContext(() => { seriesPicks.clear(); table.expanded.clear(); table.setRows([]); stats.replaceChildren(); });
 
   const form = element("form", { class: "search-form", onsubmit: (event) => { event.preventDefault(); run(searchButton, "/search/accessions", { accessions: accessions.value }); } },
     element("label", { class: "stacked" }, "Accession numbers", accessions),

@@ -210,6 +210,7 @@ export class FacetTable {
   }
 
   refresh() {
+    const focus = this.focusMark();
     const failing = this.failingCounts();
     const shown = this.sorted(this.rows.filter((_, index) => failing[index] === 0));
     this.drawFacets(failing);
@@ -226,16 +227,45 @@ export class FacetTable {
       this.allBox.indeterminate = selectedShown > 0 && selectedShown < shown.length;
     }
     this.drawPager(pages);
+    this.restoreFocus(focus);
     this.onSelect(this.selectedRows());
+  }
+
+  /** Which redrawn control has the keyboard focus, so that a redraw does not throw it to the top. */
+  focusMark() {
+    const active = document.activeElement;
+    if (!active || !this.element || !this.element.contains(active)) return null;
+    // A control inside an expanded row's details is the same node after the redraw, only moved.
+    if (active.closest("tr.detail")) return { node: active };
+    const row = active.closest("tr[data-key]");
+    if (row && this.body.contains(row)) return { key: row.dataset.key, control: active.classList.contains("disclose") ? "button.disclose" : "input[type=checkbox]" };
+    if (this.pager.contains(active)) return { pager: active.dataset.pager };
+    return null;
+  }
+
+  restoreFocus(mark) {
+    if (!mark) return;
+    let target = null;
+    if (mark.node) {
+      target = mark.node.isConnected ? mark.node : null;
+    } else if (mark.pager) {
+      target = this.pager.querySelector(`[data-pager="${mark.pager}"]:not(:disabled)`) || this.pager.querySelector("button:not(:disabled)");
+    } else {
+      const row = [...this.body.querySelectorAll("tr[data-key]")].find((r) => r.dataset.key === mark.key);
+      target = row ? row.querySelector(mark.control) : null;
+    }
+    if (target && document.activeElement !== target) target.focus();
   }
 
   drawPager(pages) {
     if (pages <= 1) { this.pager.replaceChildren(); return; }
     const go = (page) => { this.page = page; this.refresh(); };
     this.pager.replaceChildren(
-      element("button", { type: "button", text: "‹ previous", disabled: this.page === 0, onclick: () => go(this.page - 1) }),
+      element("button", { type: "button", text: "‹ previous", "data-pager": "previous", disabled: this.page === 0,
+        onclick: () => go(this.page - 1) }),
       element("span", { text: ` page ${this.page + 1} of ${pages} ` }),
-      element("button", { type: "button", text: "next ›", disabled: this.page >= pages - 1, onclick: () => go(this.page + 1) }),
+      element("button", { type: "button", text: "next ›", "data-pager": "next", disabled: this.page >= pages - 1,
+        onclick: () => go(this.page + 1) }),
     );
   }
 
@@ -353,8 +383,10 @@ export class FacetTable {
         if (counted) counts.set(value, counts.get(value) + 1);
       }
     });
-    const values = [...counts.keys()].sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
     const ticked = this.filters[column.key]?.values || new Set();
+    // A ticked value whose rows are gone still filters: keep its box, so it can be unticked.
+    for (const value of ticked) if (!counts.has(value)) counts.set(value, 0);
+    const values = [...counts.keys()].sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
     if (node.values !== values.join("\u0000")) {
       node.values = values.join("\u0000");
       node.boxes = new Map();

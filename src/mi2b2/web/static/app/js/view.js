@@ -18,13 +18,16 @@ export function viewTab(app) {
     frame.src = `/viewer/?${params}`;
   }
 
-  app.onContext(() => { shownProject = null; if (!page.element.hidden) show(); });
+  // A PACS change does not concern the viewer; a project change does.
+  app.onContext(() => { if (app.projectId() !== shownProject && !page.element.hidden) show(); });
+  const refresh = element("button", { type: "button", text: "Refresh the tree",
+    title: "show studies retrieved since the viewer opened", onclick: () => { shownProject = null; show(); } });
 
   const page = {
     id: "view",
     label: "4 · View Images",
     element: element("section", { "aria-label": "View images", class: "view-page" },
-      frame,
+      element("div", { class: "actions" }, refresh), frame,
       element("details", { class: "downloads-box", open: true },
         element("summary", { text: "Downloads in this session" }), downloadsPanel())),
     show: () => show(),

@@ -177,6 +177,7 @@ function buildPages() {
   nav.replaceChildren();
   $("pages").replaceChildren();
   app.pages.clear();
+  app.contextListeners = []; // the pages of an earlier login are gone: so are their listeners
   for (const make of pagesFor(app.user.role)) {
     const page = make(app);
     page.element.id = `page-${page.id}`;

@@ -44,6 +44,11 @@ class TransitionRefused(Exception):
     """A user asked for a state change the request's state does not allow."""
 
 
+def allowed_changes(state: str) -> dict[str, bool]:
+    """What a user may do to a request in this state; the checks below refuse the rest."""
+    return {"cancel": state in CANCELABLE, "retry": state in RETRYABLE, "priority": state == RequestState.SCHEDULED}
+
+
 def check_cancel(state: str) -> None:
     if state not in CANCELABLE:
         raise TransitionRefused(f"a {state} request cannot be canceled: only scheduled or processing ones can")
@@ -55,7 +60,7 @@ def check_retry(state: str) -> None:
 
 
 def check_priority_change(state: str) -> None:
-    if state != RequestState.SCHEDULED:
+    if not allowed_changes(state)["priority"]:
         raise TransitionRefused(f"the priority of a {state} request cannot change: only scheduled ones can")
 
 

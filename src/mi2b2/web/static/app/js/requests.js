@@ -6,12 +6,9 @@ import { element, enc, get, post } from "./api.js";
 import { FacetTable } from "./table.js";
 
 const FINISHED = new Set(["completed", "incomplete", "failed", "canceled"]);
-// What the server allows (services/requests.py); a call with any other row is refused whole.
-const ALLOWED = {
-  cancel: (row) => row.state === "scheduled" || row.state === "processing",
-  retry: (row) => row.state === "failed" || row.state === "incomplete",
-  priority: (row) => row.state === "scheduled",
-};
+// Each row says what its state allows (row.allowed, from the server's own rules); a call
+// naming any other row is refused whole, so only those rows are sent.
+const may = (action) => (row) => row.allowed[action];
 
 function progressOf(row) {
   const expected = row.expected_instances || 0;
@@ -29,13 +26,13 @@ export function requestsTab(app) {
   const live = element("span", { class: "live muted", role: "status", text: "" });
   const refresh = element("button", { type: "button", text: "Refresh", onclick: () => app.run(refresh, load) });
   const cancel = element("button", { type: "button", text: "Cancel selected", disabled: true,
-    onclick: () => change(cancel, "/requests/cancel", {}, "canceled", ALLOWED.cancel) });
+    onclick: () => change(cancel, "/requests/cancel", {}, "canceled", may("cancel")) });
   const retry = element("button", { type: "button", text: "Retry selected", disabled: true,
-    onclick: () => change(retry, "/requests/retry", {}, "retried", ALLOWED.retry) });
+    onclick: () => change(retry, "/requests/retry", {}, "retried", may("retry")) });
   const priority = element("input", { type: "number", min: -9, max: 9, value: 0, class: "short", "aria-label": "new priority" });
   const setPriority = element("button", { type: "button", text: "Set priority", disabled: true,
     onclick: () => change(setPriority, "/requests/priority", { priority: Number(priority.value || 0) }, "changed",
-      ALLOWED.priority) });
+      may("priority")) });
 
   const table = new FacetTable({
     name: "requests",
@@ -59,9 +56,9 @@ export function requestsTab(app) {
       { key: "ended_at", label: "Ended", type: "date" },
     ],
     onSelect: (rows) => {
-      cancel.disabled = !rows.some(ALLOWED.cancel);
-      retry.disabled = !rows.some(ALLOWED.retry);
-      setPriority.disabled = !rows.some(ALLOWED.priority);
+      cancel.disabled = !rows.some(may("cancel"));
+      retry.disabled = !rows.some(may("retry"));
+      setPriority.disabled = !rows.some(may("priority"));
     },
   });
 

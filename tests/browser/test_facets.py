@@ -16,7 +16,10 @@ from support.browser_site import RESEARCHER, Catalog, login, screenshot
 def studies_of_everyone_allowed(page: Page, catalog: Catalog) -> None:
     login(page, RESEARCHER)
     page.goto("/app/#patients")
-    page.locator("#mrn-input").fill("\n".join(catalog.on_list))
+    mrn_list = "\n".join(catalog.on_list)
+    page.get_by_label("upload an MRN list").set_input_files(
+        files=[{"name": "mrns.txt", "mimeType": "text/plain", "buffer": mrn_list.encode()}])
+    expect(page.locator("#mrn-input")).to_have_value(mrn_list)  # read in the browser, sent in the POST body
     page.get_by_role("button", name="Search patients").click()
     in_pacs = {s.patient_id for s in catalog.studies_of(*catalog.on_list)}
     expect(page.locator("#page-patients tbody tr[data-key]")).to_have_count(len(in_pacs))

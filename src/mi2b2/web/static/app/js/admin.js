@@ -2,7 +2,7 @@
 // projects with their IRB, quota and allow-list, users and tokens, and
 // reloading the site configuration.
 
-import { del, element, enc, get, post, readTextFile, when } from "./api.js";
+import { del, element, enc, get, post, textFileInput, when } from "./api.js";
 import { FacetTable } from "./table.js";
 
 const rate = (count, limit) => `${count} / ${limit ?? "∞"}`;
@@ -70,12 +70,7 @@ export function adminPage(app) {
   });
   const mrnProject = element("select", { "aria-label": "project whose allow-list to replace" });
   const mrnText = element("textarea", { rows: 4, spellcheck: "false", "aria-label": "new allow-list, one MRN per line" });
-  const mrnFile = element("input", { type: "file", accept: ".txt,.csv,text/plain,text/csv", "aria-label": "upload an allow-list file",
-    onchange: async (event) => {
-      const file = event.target.files[0];
-      if (file) mrnText.value = await readTextFile(file).catch((error) => { app.fail(error); return mrnText.value; });
-      event.target.value = "";
-    } });
+  const mrnFile = textFileInput(mrnText, "upload an allow-list file", app.fail);
   const mrnButton = element("button", { type: "submit", text: "Replace allow-list" });
   const mrnForm = element("form", { class: "actions", onsubmit: (event) => { event.preventDefault(); uploadMrns(); } },
     element("label", {}, "project ", mrnProject), element("label", { class: "stacked" }, "MRNs (this replaces the whole list)", mrnText),

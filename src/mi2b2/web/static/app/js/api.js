@@ -118,8 +118,17 @@ export function csv(columns, rows) {
   return lines.join("\r\n") + "\r\n";
 }
 
-/** Read an uploaded text file (an MRN or accession list) in the browser. */
-export function readTextFile(file) {
+/** A file chooser that puts a chosen text file (an MRN or accession list) into ``target``, read in the browser. */
+export function textFileInput(target, label, onError) {
+  return element("input", { type: "file", accept: ".txt,.csv,text/plain,text/csv", "aria-label": label,
+    onchange: async (event) => {
+      const file = event.target.files[0];
+      if (file) target.value = await readTextFile(file).catch((error) => { onError(error); return target.value; });
+      event.target.value = "";
+    } });
+}
+
+function readTextFile(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
     reader.onload = () => resolve(String(reader.result));

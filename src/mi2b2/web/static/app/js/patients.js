@@ -1,19 +1,14 @@
 // Tab 1, Search for Patients: paste or upload MRNs, see who the PACS knows,
 // and what was refused (not on the IRB list), not found or given twice.
 
-import { element, post, readTextFile } from "./api.js";
+import { element, post, textFileInput } from "./api.js";
 import { FacetTable } from "./table.js";
 
 export function patientsTab(app) {
   const mrns = element("textarea", { id: "mrn-input", rows: 8, spellcheck: "false",
     "aria-label": "MRNs, one per line (or separated by commas, semicolons or tabs)",
     placeholder: "one MRN per line, or separated by , ; or tabs" });
-  const upload = element("input", { type: "file", accept: ".txt,.csv,text/plain,text/csv", "aria-label": "upload an MRN list",
-    onchange: async (event) => {
-      const file = event.target.files[0];
-      if (file) mrns.value = await readTextFile(file).catch((error) => { app.fail(error); return mrns.value; });
-      event.target.value = "";
-    } });
+  const upload = textFileInput(mrns, "upload an MRN list", app.fail);
   const searchButton = element("button", { type: "submit", text: "Search patients" });
   const stats = element("div", { class: "stats", "aria-live": "polite" });
   const findStudies = element("button", { type: "button", text: "Find studies for selected patients", disabled: true,

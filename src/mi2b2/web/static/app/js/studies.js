@@ -2,7 +2,7 @@
 // pasted accession numbers. Expand a study to tick only some of its series, then
 // "Move to repository" queues retrievals that the scheduler paces.
 
-import { csv, element, post, readTextFile, saveFile } from "./api.js";
+import { csv, element, post, saveFile, textFileInput } from "./api.js";
 import { FacetTable } from "./table.js";
 
 const splitModalities = (text) => (text || "").split(/[\\,/ ]+/).filter(Boolean);
@@ -11,12 +11,7 @@ export function studiesTab(app) {
   const seriesPicks = new Map(); // study uid -> Set of series uids ticked; absent = the whole study
   const accessions = element("textarea", { rows: 4, spellcheck: "false", "aria-label": "accession numbers",
     placeholder: "accession numbers, one per line" });
-  const upload = element("input", { type: "file", accept: ".txt,.csv,text/plain,text/csv", "aria-label": "upload accession numbers",
-    onchange: async (event) => {
-      const file = event.target.files[0];
-      if (file) accessions.value = await readTextFile(file).catch((error) => { app.fail(error); return accessions.value; });
-      event.target.value = "";
-    } });
+  const upload = textFileInput(accessions, "upload accession numbers", app.fail);
   const replace = element("input", { type: "radio", name: "study-results", value: "replace", checked: true });
   const append = element("input", { type: "radio", name: "study-results", value: "append" });
   const searchButton = element("button", { type: "submit", text: "Search accessions" });

@@ -23,15 +23,20 @@ MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; cha
 router = APIRouter(include_in_schema=False)
 
 
-def _asset(relative: str) -> Response:
+def static_file(folder: str, relative: str, headers: dict[str, str], label: str) -> Response:
+    """A page, script or style sheet of mi2b2/web/static/<folder>; nothing else, and nothing outside it."""
     parts = relative.split("/")
     suffix = "." + relative.rsplit(".", 1)[-1] if "." in relative else ""
     if suffix not in MEDIA_TYPES or any(part in ("", ".", "..") for part in parts):
-        raise NotFound(f"no client file {relative!r}")
-    file = resources.files("mi2b2.web").joinpath("static", "app", *parts)
+        raise NotFound(f"no {label} file {relative!r}")
+    file = resources.files("mi2b2.web").joinpath("static", folder, *parts)
     if not file.is_file():
-        raise NotFound(f"no client file {relative!r}")
-    return Response(file.read_bytes(), media_type=MEDIA_TYPES[suffix], headers=PAGE_HEADERS)
+        raise NotFound(f"no {label} file {relative!r}")
+    return Response(file.read_bytes(), media_type=MEDIA_TYPES[suffix], headers=headers)
+
+
+def _asset(relative: str) -> Response:
+    return static_file("app", relative, PAGE_HEADERS, "client")
 
 
 @router.get("/")

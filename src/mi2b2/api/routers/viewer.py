@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import threading
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -18,8 +17,9 @@ from fastapi.routing import APIRoute
 
 from mi2b2.api.deps import CurrentUser
 from mi2b2.api.errors import install_error_handlers, status_for
-from mi2b2.errors import AccessDenied, Mi2b2Error, NotFound
+from mi2b2.errors import AccessDenied, Mi2b2Error
 from mi2b2.services.viewer import CacheViewer, LocalLibrary, frame_headers
+from mi2b2.web.pages import static_file
 
 NO_STORE = "no-store"
 # The page loads nothing from elsewhere and may be framed only by mi2b2's own client (Tab 4);
@@ -31,8 +31,6 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",  # the local viewer's URL carries its token
     "Cache-Control": NO_STORE,
 }
-ASSETS = {"index.html": "text/html; charset=utf-8", "viewer.js": "text/javascript; charset=utf-8",
-          "viewer.css": "text/css; charset=utf-8"}
 
 
 class NoStoreRoute(APIRoute):
@@ -114,10 +112,7 @@ def frame(project_id: str, sop_uid: str, number: int, user: CurrentUser, viewer:
 
 
 def asset(name: str) -> Response:
-    if name not in ASSETS:
-        raise NotFound(f"no viewer file {name!r}")
-    body = resources.files("mi2b2.web").joinpath("static", "viewer", name).read_bytes()
-    return Response(body, media_type=ASSETS[name], headers=PAGE_HEADERS)
+    return static_file("viewer", name, PAGE_HEADERS, "viewer")
 
 
 @page_router.get("/viewer")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import threading
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -15,6 +17,23 @@ SESSION_COOKIE = "mi2b2_session"
 
 class NotAuthenticated(AccessDenied):
     """No valid token or session: the API answers 401 rather than 403."""
+
+
+_CREATE = threading.Lock()
+T = TypeVar("T")
+
+
+def app_service(request: Request, name: str, create: Callable[[ServiceContext], T]) -> T:
+    """One ``create(context)`` per app, made on first use: for services that keep memory between calls."""
+    state = request.app.state
+    service = getattr(state, name, None)
+    if service is None:
+        with _CREATE:
+            service = getattr(state, name, None)
+            if service is None:
+                service = create(state.context)
+                setattr(state, name, service)
+    return service  # type: ignore[no-any-return]
 
 
 def get_context(request: Request) -> ServiceContext:

@@ -8,14 +8,13 @@ answer carries ``Cache-Control: no-store``.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mi2b2.api.deps import CurrentUser
+from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.routers.viewer import NO_STORE, NoStoreRoute, get_viewer, png_response
 from mi2b2.errors import InvalidInput
 from mi2b2.services.dicomweb import (
@@ -28,20 +27,12 @@ from mi2b2.services.dicomweb import (
 )
 
 router = APIRouter(prefix="/dicomweb/projects/{project_id}", tags=["dicomweb"], route_class=NoStoreRoute)
-_CREATE = threading.Lock()
 DICOM_JSON = "application/dicom+json"
 Accept = Annotated[str | None, Header()]
 
 
 def get_dicomweb(request: Request) -> DicomWeb:
-    state = request.app.state
-    service = getattr(state, "dicomweb", None)
-    if service is None:
-        with _CREATE:
-            service = getattr(state, "dicomweb", None)
-            if service is None:
-                service = state.dicomweb = DicomWeb(state.context)
-    return service  # type: ignore[no-any-return]
+    return app_service(request, "dicomweb", DicomWeb)
 
 
 DicomWebDep = Annotated[DicomWeb, Depends(get_dicomweb)]

@@ -7,7 +7,6 @@ data, and neither the browser nor a proxy should keep a copy on disk.
 from __future__ import annotations
 
 import hmac
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from mi2b2.api.deps import CurrentUser
+from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.errors import install_error_handlers, status_for
 from mi2b2.errors import AccessDenied, Mi2b2Error
 from mi2b2.services.viewer import CacheViewer, LocalLibrary, frame_headers
@@ -55,7 +54,6 @@ class NoStoreRoute(APIRoute):
 
 router = APIRouter(prefix="/projects/{project_id}/viewer", tags=["viewer"], route_class=NoStoreRoute)
 page_router = APIRouter(tags=["viewer"], include_in_schema=False)
-_CREATE = threading.Lock()
 
 Center = Annotated[float | None, Query(description="window centre (after RescaleSlope/Intercept)")]
 Width = Annotated[float | None, Query(description="window width, > 0")]
@@ -65,14 +63,7 @@ PresetName = Annotated[str | None, Query(description="brain, subdural, stroke, s
 
 def get_viewer(request: Request) -> CacheViewer:
     """One viewer per app: it holds the decoded-frame memory and the audit de-duplication."""
-    state = request.app.state
-    viewer = getattr(state, "viewer", None)
-    if viewer is None:
-        with _CREATE:
-            viewer = getattr(state, "viewer", None)
-            if viewer is None:
-                viewer = state.viewer = CacheViewer(state.context)
-    return viewer  # type: ignore[no-any-return]
+    return app_service(request, "viewer", CacheViewer)
 
 
 ViewerDep = Annotated[CacheViewer, Depends(get_viewer)]

@@ -9,9 +9,6 @@ again as soon as the call returns, and a later reload or restart keeps the list.
 
 from __future__ import annotations
 
-import os
-import stat
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from mi2b2.adapters.db.tables import Project, ProjectMember, ProjectMrn
+from mi2b2.adapters.storage.durable import replace_durably
 from mi2b2.config import ProjectConfig, SiteConfig, load_config
 from mi2b2.domain.governance import irb_active
 from mi2b2.domain.identifiers import IdentifierList, parse_identifier_text
@@ -172,22 +170,10 @@ def _file_text(parsed: IdentifierList, project_id: str, who: Principal, ctx: Ser
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file beside it, fsync, rename, fsync the folder: a reader (or a crash) sees the old list or the new."""
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
+    """A reader (or a crash) sees the old list or the new."""
     try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        replace_durably(path, data)
     except OSError as exc:
-        raise PermanentError(f"cannot write into {path.parent} ({exc.strerror}); check its permissions") from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, mode)  # keep whatever access the site gave the old file
-        os.replace(temp, path)
-        _fsync_folder(path.parent)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
         raise PermanentError(f"cannot write the allow-list {path} ({exc.strerror or type(exc).__name__}); "
                              "check the disk and the folder's permissions") from None
 
@@ -197,13 +183,3 @@ def _restore(path: Path, previous: bytes | None) -> None:
         path.unlink(missing_ok=True)
     else:
         _write_atomically(path, previous)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a folder; the rename itself is still atomic
-    finally:
-        os.close(fd)

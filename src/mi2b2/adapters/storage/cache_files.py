@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mi2b2.adapters.process import pid_alive
+from mi2b2.adapters.storage.durable import fsync_dir
 from mi2b2.config import IDENTIFIER
 from mi2b2.errors import InvalidInput, PermanentError
 
@@ -73,16 +74,6 @@ def _storage_error(action: str, where: str, exc: OSError) -> CacheStorageError:
                              "check the permissions and health of server.cache_dir", exc.errno)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot sync directories
-            raise
-    finally:
-        os.close(fd)
 
 
 
@@ -188,7 +179,7 @@ class CacheStore:
             folders.add(path.parent)
         for folder in folders:
             try:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             except OSError as exc:
                 raise _storage_error("sync", str(folder.relative_to(self.root)), exc) from None
         return gone
@@ -203,7 +194,7 @@ class CacheStore:
         self.root.mkdir(parents=True, exist_ok=True)
         for path in reversed(missing):
             path.mkdir(exist_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     # removing ----------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""What the benchmarks share: a `mi2b2 serve` subprocess, and how they fail."""
+"""What the benchmarks share: a `mi2b2 serve` subprocess, stopping a process group, and how they fail."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from mi2b2.config import load_config
@@ -22,22 +23,33 @@ class BenchFailure(RuntimeError):
     pass
 
 
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self) -> str:
+        return log_tail(self.log_path)
+
+
 @contextmanager
-def mi2b2_server(config_path: Path) -> Iterator[str]:
+def mi2b2_server(config_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
     config = load_config(config_path)
     url = f"http://127.0.0.1:{config.server.http_port}"
     log_path = config_path.parent / "server.log"
     with log_path.open("ab") as log:
-        server = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
-            cwd=config_path.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=config_path.parent, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    server = Server(url, process, log_path)
     try:
         deadline = time.monotonic() + SERVER_TIMEOUT
         while True:
-            if server.poll() is not None:
-                raise BenchFailure(f"mi2b2 serve exited with {server.returncode}:\n{log_path.read_text()[-2000:]}")
+            if process.poll() is not None:
+                raise BenchFailure(f"mi2b2 serve exited with {process.returncode}:\n{server.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
                     if response.status == 200:
@@ -45,15 +57,27 @@ def mi2b2_server(config_path: Path) -> Iterator[str]:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s")
+                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s:\n{server.log_tail()}")
             time.sleep(0.1)
-        yield url
+        yield server
     finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process's group, then SIGKILL if it has not gone within 15 s."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         with suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
+            os.killpg(process.pid, sig)
         try:
-            server.wait(timeout=15)
+            process.wait(timeout=grace)
+            return
         except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
+            continue
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

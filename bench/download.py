@@ -220,7 +220,7 @@ def main() -> None:
             size = sum(p.stat().st_size for p in paths)
             print(f"setup: {len(paths)} instances, {size / 1e6:.0f} MB generated and indexed in "
                   f"{time.perf_counter() - t0:.1f} s")
-            url = stack.enter_context(mi2b2_server(config_path))
+            url = stack.enter_context(mi2b2_server(config_path)).url
             warm_up(url, token)
 
             disk, read = time_disk(paths)

@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from _server import BenchFailure, Server, log_tail, mi2b2_server, stop_group  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
@@ -67,15 +68,10 @@ PROJECT = "bench"
 PACS_ID = "orthanc"
 MI2B2_AE = "MI2B2"
 REFERENCE_AE = "STORESCP"
-SERVER_TIMEOUT = 60.0
 STALL_SECONDS = 60.0  # no new instance for this long = something is stuck
 POLL_SECONDS = 0.25
 DATA_VERSION = "2"  # bump when the generated files change
 MB = 1e6
-
-
-class BenchFailure(RuntimeError):
-    pass
 
 
 # --- synthetic studies ---------------------------------------------------------------------
@@ -193,24 +189,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @contextmanager
 def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[RunningPacs]:
     """Orthanc as start_orthanc (tests/support/pacs.py) configures it, but without --verbose --trace-dicom:
@@ -249,7 +227,7 @@ def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[
             time.sleep(0.1)
         yield pacs
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @contextmanager
@@ -267,58 +245,17 @@ def storescp(folder: Path, port: int) -> Iterator[Path]:
         deadline = time.monotonic() + 20
         while True:
             if process.poll() is not None:
-                raise BenchFailure(f"storescp exited with {process.returncode}:\n{_tail(log_path)}")
+                raise BenchFailure(f"storescp exited with {process.returncode}:\n{log_tail(log_path)}")
             echo = subprocess.run(["echoscu", "-aec", REFERENCE_AE, "127.0.0.1", str(port)], env=_env(),
                                   capture_output=True, timeout=10, check=False)
             if echo.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                raise BenchFailure(f"storescp did not answer C-ECHO on port {port}:\n{_tail(log_path)}")
+                raise BenchFailure(f"storescp did not answer C-ECHO on port {port}:\n{log_tail(log_path)}")
             time.sleep(0.1)
         yield out
     finally:
-        _stop(process)
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self) -> str:
-        return _tail(self.log_path)
-
-
-@contextmanager
-def mi2b2_server(config_path: Path) -> Iterator[Server]:
-    config = load_config(config_path)
-    url = f"http://127.0.0.1:{config.server.http_port}"
-    log_path = config_path.parent / "server.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
-            cwd=config_path.parent, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(url, process, log_path)
-    try:
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise BenchFailure(f"mi2b2 serve exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s:\n{server.log_tail()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        _stop(process)
+        stop_group(process)
 
 
 # --- (a) reference ----------------------------------------------------------------------------
@@ -630,7 +567,7 @@ def main() -> None:
             config_path = write_site(site, pacs, dicom_port, [s.patient_id for s in [*studies, big, warmup]],
                                      args.concurrency)
             token = researcher_token(config_path)
-            server = stack.enter_context(mi2b2_server(config_path))
+            server = stack.enter_context(mi2b2_server(config_path, env=_env()))
             cache = load_config(config_path).cache_dir()
             movescu(pacs, warmup, args.timeout)  # untimed warm-ups: first association, first C-MOVE, imports
             retrieve(server, token, [warmup], args.timeout)

@@ -185,7 +185,7 @@ def main() -> None:
             site.mkdir()
             config_path = write_site(site, pacs, count)
             token = researcher_token(config_path)
-            url = stack.enter_context(mi2b2_server(config_path))
+            url = stack.enter_context(mi2b2_server(config_path)).url
 
             ours, found_ours = time_mi2b2(url, token, mrns)
             reference, found_reference = time_findscu(pacs, mrns)

@@ -7,12 +7,10 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
@@ -28,8 +26,8 @@ from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.synthetic import SyntheticStudy, write_study
 from mi2b2.testing import FakeClock
 from support import studies
-from support.pacs import free_port
 from support.site import load_site
+from support.viewing import serving
 
 ALICE = Principal("alice", Role.RESEARCHER)  # lead of alpha, member of beta
 BOB = Principal("bob", Role.RESEARCHER)  # researcher in alpha
@@ -369,19 +367,8 @@ def test_cache_api(ctx: ServiceContext, api: TestClient, source: Path) -> None:
 @pytest.fixture
 def live_server(ctx: ServiceContext) -> Iterator[str]:
     """The API on a free 127.0.0.1 port, in this process so it shares the test's context."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(ctx)) as url:
+        yield url
 
 
 def mi2b2(*args: str) -> subprocess.CompletedProcess[str]:

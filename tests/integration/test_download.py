@@ -16,33 +16,30 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyrage
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import select
 
 from mi2b2.adapters.crypto.age_files import DecryptionFailed
-from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy
 from mi2b2.adapters.dicom.files import read_instance_header
 from mi2b2.api.app import create_app
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, InvalidInput
-from mi2b2.services import cache
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.export import decrypt_download, download, open_download
 from mi2b2.synthetic import SyntheticStudy, write_study
 from mi2b2.testing import FakeClock
 from support import studies
-from support.pacs import free_port
 from support.site import load_site
+from support.viewing import place, serving
 
 ROOT = Principal("root", Role.ADMIN)
 BOB = Principal("bob", Role.RESEARCHER)  # member of alpha
@@ -70,17 +67,10 @@ def lite(tmp_path: Path) -> ServiceContext:
 
 def receive(ctx: ServiceContext, project: str, study: SyntheticStudy, source: Path) -> dict[str, Path]:
     """Place and index a study as the receiver does; SOP UID -> file in the cache."""
-    store = cache.cache_store(ctx)
     placed = {}
     for file in write_study(study, source):
-        header = read_instance_header(file)
-        relative = store.relative_path(project, header.study_uid, header.series_uid, header.sop_instance_uid)
-        temp = store.incoming_dir() / f"{header.sop_instance_uid}.part"
-        shutil.copyfile(file, temp)
-        size = store.place(temp, relative)
-        with transaction(ctx.sessions) as session:
-            cache.index_instance(session, project, header, relative, size, ctx.clock.now(), "alice", "main")
-        placed[header.sop_instance_uid] = store.absolute(relative)
+        cached = place(ctx, project, file)
+        placed[read_instance_header(cached).sop_instance_uid] = cached
     return placed
 
 
@@ -375,22 +365,6 @@ class Gate:
         await self.app(scope, receive, half_then_wait)
 
 
-def serve(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def cli_env(tmp_path: Path) -> dict[str, str]:
     temp = tmp_path / "cli-tmp"
     temp.mkdir(exist_ok=True)
@@ -414,7 +388,7 @@ def test_cli_folder_download_and_resume_after_a_kill(lite: ServiceContext, tmp_p
     gate = Gate(create_app(lite), stall_after=5)
     env = cli_env(tmp_path)
     target = tmp_path / "downloads"
-    for url in serve(gate):
+    with serving(gate, log_level="critical") as url:
         argv = [sys.executable, "-m", "mi2b2", "download", "alpha", "--all", "--to", str(target),
                 "--workers", "1", "--server", url, "--token", tokens["bob"]]
         process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -500,7 +474,7 @@ def test_cli_encrypted_download_with_passphrase(lite: ServiceContext, tmp_path: 
     secret.write_text(PASSPHRASE + "\n")
     target = tmp_path / "encrypted"
     incoming = lite.config.cache_dir() / ".incoming"
-    for url in serve(Gate(create_app(lite), delay=0.02)):
+    with serving(Gate(create_app(lite), delay=0.02), log_level="critical") as url:
         with PlaintextWatch([target, Path(env["TMPDIR"]), incoming], [Path(tempfile.gettempdir())]) as watch:
             done = mi2b2("download", "alpha", "--all", "--to", str(target), "--passphrase-file", str(secret),
                          "--server", url, "--token", tokens["bob"], env=env)
@@ -561,7 +535,7 @@ def test_cli_encrypted_download_to_recipients(lite: ServiceContext, tmp_path: Pa
     ssh = ssh_key(tmp_path)
     target = tmp_path / "encrypted"
     incoming = lite.config.cache_dir() / ".incoming"
-    for url in serve(Gate(create_app(lite), delay=0.02)):
+    with serving(Gate(create_app(lite), delay=0.02), log_level="critical") as url:
         common = ["--server", url, "--token", tokens["bob"]]
         with PlaintextWatch([target, Path(env["TMPDIR"]), incoming], [Path(tempfile.gettempdir())]) as watch:
             done = mi2b2("download", "alpha", studies.uid(studies.BRAIN), studies.uid(BIG), "--to", str(target),

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import pydicom
 import pynetdicom._config
 import pynetdicom.association
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -41,7 +39,6 @@ from mi2b2.api.app import create_app
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied
-from mi2b2.services.cache import cache_store, index_instance
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.forward import add_forwards, schedule_forwards
 from mi2b2.services.requests import cancel_requests, list_requests, retry_requests, show_request
@@ -52,6 +49,7 @@ from support.pacs import RunningPacs, free_port, start_orthanc, start_storescp
 from support.pipeline import Pipeline
 from support.proxy import Proxy
 from support.site import write_site
+from support.viewing import place, serving
 
 ROOT = Principal("root", Role.ADMIN)
 ALICE = Principal("alice", Role.RESEARCHER)  # lead of alpha, member of beta
@@ -81,17 +79,10 @@ def site(folder: Path, *destinations: str, database_url: str | None = None, expi
 
 def put_in_cache(ctx: ServiceContext, project: str, files: list[Path]) -> dict[str, Path]:
     """What the receiver does per instance: place the file, index it. Returns SOP -> cached file."""
-    store = cache_store(ctx)
     placed = {}
     for file in files:
-        header = read_instance_header(file)
-        relative = store.relative_path(project, header.study_uid, header.series_uid, header.sop_instance_uid)
-        temp = store.incoming_dir() / f"{header.sop_instance_uid}.part"
-        shutil.copyfile(file, temp)
-        size = store.place(temp, relative)
-        with transaction(ctx.sessions) as session:
-            index_instance(session, project, header, relative, size, ctx.clock.now(), "alice", "main")
-        placed[header.sop_instance_uid] = store.absolute(relative)
+        cached = place(ctx, project, file)
+        placed[read_instance_header(cached).sop_instance_uid] = cached
     return placed
 
 
@@ -344,24 +335,8 @@ def test_per_instance_statuses_out_of_resources_retries_warnings_and_failures_co
 @pytest.fixture
 def live_server() -> Iterator[Callable[[ServiceContext], str]]:
     """The API on a free 127.0.0.1 port, in this process so it shares the test's context."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def serve(ctx: ServiceContext) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "the API server did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with ExitStack() as servers:
+        yield lambda ctx: servers.enter_context(serving(create_app(ctx)))
 
 
 def mi2b2(*args: str) -> subprocess.CompletedProcess[str]:

@@ -114,10 +114,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app: object) -> Iterator[str]:
+def serving(app: object, log_level: str = "warning") -> Iterator[str]:
     """Run an ASGI app with uvicorn in a thread on 127.0.0.1; yield its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level,  # type: ignore[arg-type]
                                            access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

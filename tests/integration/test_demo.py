@@ -130,7 +130,9 @@ def test_demo_serves_searches_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         with Mi2b2Client(f"http://127.0.0.1:{port}", token) as client:
             deadline = time.monotonic() + 60
             while (rows := client.requests("brain-mri"))[0]["state"] in ("scheduled", "processing"):
-                assert time.monotonic() < deadline, rows
+                assert time.monotonic() < deadline, (
+                    {k: rows[0][k] for k in ("state", "waiting_reason", "last_error", "attempts", "received", "not_before")},
+                    output.text(), _tail(folder / "server.log"))
                 time.sleep(0.3)
             assert rows[0]["state"] == "completed" and rows[0]["received"] == rows[0]["expected_instances"] > 0
             assert [s["patient_id"] for s in client.cache("brain-mri")["studies"]] == ["000123"]
@@ -157,3 +159,8 @@ def test_demo_serves_searches_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         if demo.stdout is not None:
             demo.stdout.close()
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    """The end of the demo server's log, for a failure message."""
+    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]) if log.exists() else ""

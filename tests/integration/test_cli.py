@@ -20,12 +20,13 @@ from support.site import pacs_block, write_site
 ENV_PASSWORD = "a long enough password"
 
 
-def mi2b2(*args: str, config: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def mi2b2(*args: str, config: Path | None = None, stdin: str | None = None,
+          columns: int = 200) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "mi2b2", *args]
     if config is not None:
         argv += ["--config", str(config)]
     result = subprocess.run(argv, capture_output=True, text=True, input=stdin, timeout=120, check=False,
-                            env={"PATH": "/usr/bin:/bin", "MI2B2_PASSWORD": ENV_PASSWORD, "COLUMNS": "200"})
+                            env={"PATH": "/usr/bin:/bin", "MI2B2_PASSWORD": ENV_PASSWORD, "COLUMNS": str(columns)})
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     return result
 
@@ -201,7 +202,12 @@ def test_request_watch_cache_and_notifications_from_the_command_line(server: tup
     watched = mi2b2("request", "list", "alpha", "--watch", "--interval", "0.3", *common)
     assert watched.returncode == 0 and "1 completed" in watched.stdout, watched.stdout
     listed = mi2b2("request", "list", "alpha", "--format", "csv", *common).stdout.splitlines()
-    assert listed[0].startswith("id,state,priority") and ",completed," in listed[1] and ",6,6," in listed[1]
+    assert listed[0].startswith("id,state,accession") and ",completed," in listed[1] and ",6,6," in listed[1]
+    # A terminal too narrow for every column shows the leading ones whole, and says what it left out.
+    narrow = mi2b2("request", "list", "alpha", *common, columns=80)
+    assert all(len(line) <= 80 for line in narrow.stdout.splitlines()), narrow.stdout
+    assert "completed" in narrow.stdout and studies.BRAIN.accession in narrow.stdout, narrow.stdout
+    assert "columns not shown" in narrow.stderr and "study_uid" in narrow.stderr, narrow.stderr
 
     usage = mi2b2("cache", "usage", "alpha", *common)
     assert usage.returncode == 0, usage.stderr

@@ -72,14 +72,32 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = 
         writer.writerows(rows)
         typer.echo(buffer.getvalue(), nl=False)
     elif fmt == "table":
+        cells = [["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]
+        shown = fitting_columns(columns, cells, console.width)
         table = Table(title=title or None, show_lines=False)
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        for column in columns[:shown]:
+            table.add_column(column, overflow="ellipsis", no_wrap=True)
+        for line in cells:
+            table.add_row(*line[:shown])
         console.print(table)
+        if shown < len(columns):
+            errors.print(f"{len(columns) - shown} columns not shown in {console.width} characters "
+                         f"({', '.join(columns[shown:])}); use a wider terminal or --format csv / json")
     else:
         raise InvalidInput(f"unknown format {fmt!r}; use table, csv or json")
+
+
+def fitting_columns(columns: list[str], cells: list[list[str]], width: int, widest_cell: int = 40) -> int:
+    """How many leading columns fit in `width` characters. Columns come in order of
+    importance, so a narrow terminal loses the last ones rather than getting every
+    value folded over several lines; at least two are always shown."""
+    used = 1  # the table's left border
+    for index, column in enumerate(columns):
+        natural = max([len(column), *(min(len(line[index]), widest_cell) for line in cells)])
+        used += natural + 3  # padding either side and a border
+        if used > width and index >= 2:
+            return index
+    return len(columns)
 
 
 def read_list_argument(values: list[str] | None, file: Path | None, what: str) -> str:

@@ -28,8 +28,9 @@ from mi2b2.errors import InvalidInput
 app = typer.Typer(help="Request studies into the project cache and manage the request queue.", no_args_is_help=True)
 
 IdsArg = Annotated[list[int], typer.Argument(help="request ids")]
-COLUMNS = ["id", "state", "priority", "user", "pacs_id", "patient_id", "accession", "received", "expected_instances",
-           "bytes", "attempts", "waiting_reason", "last_error", "study_uid"]
+# Most telling first: a narrow terminal shows only the leading columns.
+COLUMNS = ["id", "state", "accession", "received", "expected_instances", "waiting_reason", "last_error", "priority",
+           "patient_id", "user", "pacs_id", "bytes", "attempts", "study_uid"]
 ACTIVE = ("scheduled", "processing")
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mi2b2.config import load_config
+from mi2b2.domain.principal import SYSTEM
+from mi2b2.services.context import build_context
 
 SERVER_TIMEOUT = 60.0
 
@@ -81,3 +83,13 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def researcher_token(config_path: Path) -> str:
+    """The site's database migrated, user "bench" (a member of the benchmark project) added; its API token."""
+    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    try:
+        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
+        return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
+    finally:
+        ctx.engine.dispose()

@@ -40,12 +40,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
 import pyrage  # noqa: E402
-from _server import BenchFailure, mi2b2_server  # noqa: E402
+from _server import BenchFailure, mi2b2_server, researcher_token  # noqa: E402
 
 from mi2b2.adapters.db.engine import transaction  # noqa: E402
 from mi2b2.adapters.dicom.files import read_instance_header  # noqa: E402
 from mi2b2.config import load_config  # noqa: E402
-from mi2b2.domain.principal import SYSTEM  # noqa: E402
 from mi2b2.services.cache import cache_store, index_instance  # noqa: E402
 from mi2b2.services.context import build_context  # noqa: E402
 from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
@@ -97,10 +96,9 @@ def write_site(folder: Path) -> Path:
 
 def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path]]:
     """Synthetic studies generated in the cache's incoming folder, placed and indexed as the receiver does."""
-    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    token = researcher_token(config_path)
+    ctx = build_context(load_config(config_path))
     try:
-        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
-        token = ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
         store = cache_store(ctx)
         studies = max(1, round(megabytes * 1_000_000 / (INSTANCE_BYTES * PER_SERIES * 2)))
         placed: list[Path] = []

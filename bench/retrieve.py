@@ -55,13 +55,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-from _server import BenchFailure, Server, log_tail, mi2b2_server, stop_group  # noqa: E402
+from _server import BenchFailure, Server, log_tail, mi2b2_server, researcher_token, stop_group  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from mi2b2.config import load_config  # noqa: E402
-from mi2b2.domain.principal import SYSTEM  # noqa: E402
-from mi2b2.services.context import build_context  # noqa: E402
 from support.pacs import MAX_PDU, RunningPacs, free_port  # noqa: E402
 
 PROJECT = "bench"
@@ -362,15 +360,6 @@ def write_site(folder: Path, pacs: RunningPacs, dicom_port: int, patients: list[
         members = [{{ login = "bench" }}]
         """), encoding="utf-8")
     return path
-
-
-def researcher_token(config_path: Path) -> str:
-    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
-    try:
-        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
-        return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
-    finally:
-        ctx.engine.dispose()
 
 
 def _utc(value: str) -> datetime:

@@ -34,11 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from _server import BenchFailure, mi2b2_server  # noqa: E402
+from _server import BenchFailure, mi2b2_server, researcher_token  # noqa: E402
 
-from mi2b2.config import load_config  # noqa: E402
-from mi2b2.domain.principal import SYSTEM  # noqa: E402
-from mi2b2.services.context import build_context  # noqa: E402
 from mi2b2.services.search import STUDY_KEYS  # noqa: E402
 from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
 from support.pacs import RunningPacs, free_port, start_orthanc  # noqa: E402
@@ -106,15 +103,6 @@ def write_site(folder: Path, pacs: RunningPacs, count: int) -> Path:
         members = [{{ login = "bench" }}]
         """), encoding="utf-8")
     return path
-
-
-def researcher_token(config_path: Path) -> str:
-    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
-    try:
-        ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")
-        return ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
-    finally:
-        ctx.engine.dispose()
 
 
 def time_mi2b2(url: str, token: str, mrns: list[str]) -> tuple[float, set[str]]:

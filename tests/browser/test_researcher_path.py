@@ -168,6 +168,9 @@ def test_the_whole_path(page: Page, catalog: Catalog, mi2b2_server: Mi2b2Server,
     page.get_by_role("button", name="Delete selected").click()
     expect(page.locator(f'#page-repository tr[data-key="{study.uid}"]')).to_have_count(0)
     expect(page.locator(".usage-legend")).to_have_attribute("data-usage", "0")
+    # Nothing is selected any more, so nothing may be deleted, downloaded or forwarded.
+    for action in ("Delete selected", "Download selected", "Forward selected"):
+        expect(page.get_by_role("button", name=action)).to_be_disabled()
     assert not (mi2b2_server.cache_dir / "alpha" / study.uid).exists()
     assert not [line for line in console if line.startswith("pageerror")], console
 

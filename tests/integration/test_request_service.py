@@ -114,11 +114,15 @@ def test_priority_then_age_and_who_may_change_what(ctx: ServiceContext) -> None:
     with pytest.raises(InvalidInput, match="only scheduled ones"):
         set_priority(ctx, ALICE, [second], 1)
     cancel_requests(ctx, ALICE, [first])  # a lead may cancel a member's request
-    with pytest.raises(InvalidInput, match="cannot be retried"):
+    with pytest.raises(InvalidInput, match="a processing request cannot be retried"):
         retry_requests(ctx, ALICE, [second])
     with ctx.sessions() as session:
         assert session.get_one(Request, first).state == "canceled"
         assert session.get_one(Request, second).state == "processing"
+    assert retry_requests(ctx, BOB, [first]) == [first]  # canceled is not final: retry queues it again
+    with ctx.sessions() as session:
+        assert session.get_one(Request, first).state == "scheduled"
+    cancel_requests(ctx, BOB, [first])
     cancel_requests(ctx, ALICE, [second])
     with ctx.sessions() as session:
         assert session.get_one(Request, second).cancel_requested  # the running worker sends C-CANCEL

@@ -237,15 +237,18 @@ def set_move_destination(pacs: RunningPacs, ae_title: str, port: int) -> None:
 
 
 def write_browser_site(folder: Path, pacs: RunningPacs, http_port: int, dicom_port: int,
-                       users: dict[str, User] = USERS, receiver_process: bool = False, server_extra: str = "") -> Path:
+                       users: dict[str, User] = USERS, receiver_process: bool = False, server_extra: str = "",
+                       pacs_extra: str = "", site_extra: str = "") -> Path:
     """write_site's two institutions and projects (alpha: alice lead, bob; beta: carol, alice, IRB expired),
     one Orthanc PACS, alpha's allow-list ALLOW_LIST; the database initialised and `users` created with passwords.
 
     The receiver runs inside `mi2b2 serve` unless `receiver_process`: a second Python process
     costs ~2 s of start-up per server on the two-core CI machine, and the browser tests do not
-    depend on where it runs. `server_extra` adds lines to [server]."""
-    block = pacs_block(PACS_ID, pacs.ae_title, pacs.port, f'name = "{PACS_NAME}"\n')
-    site = write_site(folder, pacs_blocks=block, allowed_a=list(ALLOW_LIST), dicom_port=dicom_port)
+    depend on where it runs. `server_extra` adds lines to [server]; `pacs_extra` adds TOML right
+    after the Orthanc PACS (more [[institutions.departments.pacs]] of General Hospital's radiology);
+    `site_extra` adds TOML at the end of the file (e.g. [[destinations]])."""
+    block = pacs_block(PACS_ID, pacs.ae_title, pacs.port, f'name = "{PACS_NAME}"\n') + pacs_extra
+    site = write_site(folder, pacs_blocks=block, allowed_a=list(ALLOW_LIST), dicom_port=dicom_port, extra=site_extra)
     server = (f"[server]\nhttp_port = {http_port}\nworker_poll_seconds = 0.2\n"
               f"receiver_process = {str(receiver_process).lower()}\n{server_extra}")
     site.write_text(site.read_text().replace("[server]\n", server, 1))
@@ -331,14 +334,16 @@ def start_server(site: Path) -> Mi2b2Server:
 
 @contextlib.contextmanager
 def serve(folder: Path, pacs: RunningPacs, users: dict[str, User] = USERS, receiver_process: bool = False,
-          server_extra: str = "") -> Iterator[Mi2b2Server]:
+          server_extra: str = "", pacs_extra: str = "", site_extra: str = "") -> Iterator[Mi2b2Server]:
     """A fresh site in `folder` served by `mi2b2 serve`, with `pacs` moving studies to its receiver.
+    `server_extra`, `pacs_extra` and `site_extra` go into the site file as write_browser_site says.
 
     Orthanc's C-MOVE destination RECEIVER_AE is re-pointed at this server's receiver, so one
     PACS serves one server at a time."""
     http_port, dicom_port = free_port(), free_port()
     set_move_destination(pacs, RECEIVER_AE, dicom_port)
-    site = write_browser_site(folder, pacs, http_port, dicom_port, users, receiver_process, server_extra)
+    site = write_browser_site(folder, pacs, http_port, dicom_port, users, receiver_process, server_extra,
+                              pacs_extra, site_extra)
     server = start_server(site)
     try:
         yield server

@@ -32,4 +32,5 @@ def test_the_usual_states() -> None:
     assert allowed_changes(RequestState.SCHEDULED) == {"cancel": True, "retry": False, "priority": True}
     assert allowed_changes(RequestState.PROCESSING) == {"cancel": True, "retry": False, "priority": False}
     assert allowed_changes(RequestState.FAILED) == {"cancel": False, "retry": True, "priority": False}
+    assert allowed_changes(RequestState.CANCELED) == {"cancel": False, "retry": True, "priority": False}
     assert allowed_changes(RequestState.COMPLETED) == {"cancel": False, "retry": False, "priority": False}

@@ -110,7 +110,7 @@ def cancel(ids: IdsArg, server: ServerOption = DEFAULT_SERVER, token: TokenOptio
 
 @app.command("retry")
 def retry(ids: IdsArg, server: ServerOption = DEFAULT_SERVER, token: TokenOption = None) -> None:
-    """Queue failed or incomplete requests again."""
+    """Queue failed, incomplete or canceled requests again."""
     with api_client(server, token) as client:
         result = client.retry_requests(ids)
     console.print(f"queued again: {', '.join(map(str, result['retried']))}", style="green")

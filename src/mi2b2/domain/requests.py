@@ -4,7 +4,7 @@
         │              │
         └──────────────┴──> canceled
 
-A failed or incomplete request may be retried (back to scheduled); a
+A failed, incomplete or canceled request may be retried (back to scheduled); a
 processing request that meets a transient failure goes back to scheduled with
 a ``not_before`` time (exponential backoff) until its attempts run out.
 """
@@ -32,7 +32,9 @@ class RequestKind(StrEnum):
 
 ENDED = frozenset({RequestState.COMPLETED, RequestState.INCOMPLETE, RequestState.FAILED, RequestState.CANCELED})
 CANCELABLE = frozenset({RequestState.SCHEDULED, RequestState.PROCESSING})
-RETRYABLE = frozenset({RequestState.FAILED, RequestState.INCOMPLETE})
+# A canceled request may be queued again too: canceling is how a user pauses a
+# retrieval (a PACS busy today, a wrong priority), and retry resumes it.
+RETRYABLE = frozenset({RequestState.FAILED, RequestState.INCOMPLETE, RequestState.CANCELED})
 
 # Until an instance has arrived we know only how many to expect; this is a
 # CT/MR slice with headroom. Once bytes arrive the estimate follows them.
@@ -56,7 +58,7 @@ def check_cancel(state: str) -> None:
 
 def check_retry(state: str) -> None:
     if state not in RETRYABLE:
-        raise TransitionRefused(f"a {state} request cannot be retried: only failed or incomplete ones can")
+        raise TransitionRefused(f"a {state} request cannot be retried: only failed, incomplete or canceled ones can")
 
 
 def check_priority_change(state: str) -> None:

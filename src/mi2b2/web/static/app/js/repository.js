@@ -104,7 +104,11 @@ export function repositoryTab(app) {
       app.notify(`deleted ${report.deleted.length} stud${report.deleted.length === 1 ? "y" : "ies"}, ${bytes(report.bytes_freed)} freed`, "ok");
       await load();
     });
+    resync();
   }
+
+  // app.run ends by enabling the button it ran; what is selected now decides instead.
+  function resync() { table.onSelect(table.selectedRows()); }
 
   function encryption() {
     if (mode.value === "passphrase") {
@@ -132,6 +136,7 @@ export function repositoryTab(app) {
       passphraseAgain.value = "";
       await load();
     });
+    resync();
   }
 
   async function forwardSelected() {
@@ -146,6 +151,7 @@ export function repositoryTab(app) {
       if (report.not_permitted.length) notes.push(`${report.not_permitted.length} refused: patient not on the IRB list`);
       app.notify(`${report.created.length} forward request(s) queued to ${destination.value}${notes.length ? "; " + notes.join(", ") : ""}. Follow them in the Request Log.`, "ok");
     });
+    resync();
   }
 
   app.onContext(() => {

@@ -89,6 +89,8 @@ export function requestsTab(app) {
         (skipped ? `; ${skipped} selected request(s) left as they were (their state does not allow it)` : ""), "ok");
       await load();
     });
+    // app.run ends by enabling the button it ran; what the selected rows allow now decides instead.
+    table.onSelect(table.selectedRows());
   }
 
   function listen() {

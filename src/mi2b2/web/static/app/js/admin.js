@@ -103,7 +103,7 @@ export function adminPage(app) {
       { key: "display_name", label: "Name", type: "text" },
       { key: "role", label: "Role", type: "set", facet: true },
       { key: "email", label: "E-mail", type: "text" },
-      { key: "disabled", label: "Disabled", type: "set", facet: true, value: (row) => (row.disabled ? "disabled" : "enabled") },
+      { key: "disabled", label: "Status", type: "set", facet: true, value: (row) => (row.disabled ? "disabled" : "enabled") },
     ],
   });
   const tokenTable = new FacetTable({

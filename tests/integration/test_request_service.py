@@ -104,6 +104,32 @@ def test_window_cap_and_waiting_reasons(ctx: ServiceContext, clock: FakeClock) -
     assert (state.active, state.starts_last_minute, state.queued, state.limits.window) == (1, 1, 1, "office hours")
 
 
+def test_a_retrieval_the_pacs_has_finished_sending_frees_its_slot(ctx: ServiceContext, clock: FakeClock) -> None:
+    first, second = add_requests(ctx, ALICE, "alpha", "main", [StudyPick("1.1"), StudyPick("1.2")]).created
+    assert schedule_once(ctx, "w1").started == [first]
+    assert schedule_once(ctx, "w1").started == []  # max_concurrent = 1
+    # The C-MOVE has answered; the first request still waits for its last instances to be counted.
+    with transaction(ctx.sessions) as session:
+        session.get_one(Request, first).pacs_done_at = clock.now()
+    assert schedule_once(ctx, "w1").started == [second]
+    with ctx.sessions() as session:
+        assert [session.get_one(Request, i).state for i in (first, second)] == ["processing", "processing"]
+    (state,) = pacs_states(ctx)
+    assert state.active == 1  # only the second loads the PACS
+    # A retry starts afresh: the new attempt holds the slot until its PACS is done again.
+    with transaction(ctx.sessions) as session:
+        row = session.get_one(Request, first)
+        row.state, row.ended_at = "failed", clock.now()
+    with transaction(ctx.sessions) as session:
+        session.get_one(Request, second).pacs_done_at = clock.now()
+    retry_requests(ctx, ALICE, [first])
+    assert schedule_once(ctx, "w1").started == [first]
+    with ctx.sessions() as session:
+        assert session.get_one(Request, first).pacs_done_at is None
+    (state,) = pacs_states(ctx)
+    assert state.active == 1
+
+
 def test_priority_then_age_and_who_may_change_what(ctx: ServiceContext) -> None:
     first = add_requests(ctx, BOB, "alpha", "main", [StudyPick("1.1")]).created[0]
     second = add_requests(ctx, ALICE, "alpha", "main", [StudyPick("1.2")]).created[0]

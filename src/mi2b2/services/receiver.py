@@ -187,6 +187,10 @@ class Indexer:
 
     MAX_BATCH = 400
     MAX_WAIT = 0.1  # seconds a batch may wait to grow
+    # A PACS sends the instances of a study back to back (~2 ms apart on a
+    # fast link); a pause this long means it has stopped, and the retrieval
+    # waiting for its last instances to be counted should not wait MAX_WAIT.
+    IDLE_GAP = 0.01
 
     def __init__(self, ctx: ServiceContext, store: CacheStore) -> None:
         self.ctx = ctx
@@ -238,7 +242,7 @@ class Indexer:
         deadline = time.monotonic() + self.MAX_WAIT
         while len(batch) < self.MAX_BATCH:
             try:
-                batch.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                batch.append(self._queue.get(timeout=max(min(deadline - time.monotonic(), self.IDLE_GAP), 0)))
             except queue.Empty:
                 break
         return batch

@@ -17,6 +17,7 @@ def mark_started(row: Request, worker_id: str, now: datetime) -> None:
     row.state = RequestState.PROCESSING
     row.worker = worker_id
     row.started_at = now
+    row.pacs_done_at = None
     row.attempts += 1
     row.waiting_reason = None
     row.received = row.failed = row.warnings = row.bytes = 0

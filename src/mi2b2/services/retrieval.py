@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
@@ -45,8 +46,11 @@ class _Job:
     attempts: int
 
 
-def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> str:
-    """Returns the request's state afterwards."""
+def run_retrieval(
+    ctx: ServiceContext, request_id: int, sink: ReceiverSink, pacs_freed: Callable[[], None] = lambda: None
+) -> str:
+    """Returns the request's state afterwards. ``pacs_freed`` is called once the
+    PACS has finished sending, when its slot may go to the next request."""
     job = _load(ctx, request_id)
     if job is None:
         return RequestState.CANCELED
@@ -60,10 +64,19 @@ def run_retrieval(ctx: ServiceContext, request_id: int, sink: ReceiverSink) -> s
         # of its own; ours is the reason worth showing.
         status = exc.status if isinstance(exc, DimseFailure) else None
         return _end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status)
+    _free_the_pacs(ctx, job)
+    pacs_freed()
     _await_counts(ctx, job, sink, result.completed + result.warning)
     if result.canceled:
         return _end(ctx, job, RequestState.CANCELED, "canceled by a user", status=result.status)
     return _judge(ctx, job, result)
+
+
+def _free_the_pacs(ctx: ServiceContext, job: _Job) -> None:
+    """The PACS is done with us: the scheduler may start the next retrieval on it
+    while this one waits for its last instances to be made durable and counted."""
+    with transaction(ctx.sessions) as session:
+        session.execute(update(Request).where(Request.id == job.request_id).values(pacs_done_at=ctx.clock.now()))
 
 
 def _await_counts(ctx: ServiceContext, job: _Job, sink: ReceiverSink, acknowledged: int) -> None:
@@ -77,7 +90,7 @@ def _await_counts(ctx: ServiceContext, job: _Job, sink: ReceiverSink, acknowledg
             received = session.execute(select(Request.received).where(Request.id == job.request_id)).scalar_one()
         if received >= acknowledged:
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:

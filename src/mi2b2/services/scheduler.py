@@ -191,7 +191,8 @@ def _studies_in_flight(session: Session) -> dict[str, set[str]]:
 def _pacs_load(session: Session, pacs: PacsConfig, now: datetime) -> PacsLoad:
     active = session.execute(
         select(func.count()).where(
-            Request.pacs_id == pacs.id, Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE
+            Request.pacs_id == pacs.id, Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE,
+            Request.pacs_done_at.is_(None),  # finishing on our side only: the PACS slot is free
         )
     ).scalar_one()
     starts = session.execute(

@@ -118,7 +118,10 @@ class Worker:
 
     def _run(self, request_id: int, forward: bool = False) -> str:
         try:
-            state = run_forward(self.ctx, request_id) if forward else run_retrieval(self.ctx, request_id, self.sink)
+            if forward:
+                state = run_forward(self.ctx, request_id)
+            else:
+                state = run_retrieval(self.ctx, request_id, self.sink, pacs_freed=self._wake.set)
         except Exception as exc:
             LOG.exception("request %s: %s crashed", request_id, "forward" if forward else "retrieval")
             fail_unexpectedly(self.ctx, request_id, exc)

@@ -181,6 +181,10 @@ class Request(Base):
     worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # When the PACS finished sending (its C-MOVE or C-GET answered): from then on
+    # the request no longer loads the PACS, though it stays processing until its
+    # last instances are durable and counted.
+    pacs_done_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

@@ -38,6 +38,14 @@ class Mi2b2Client:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """JSON or text, as the server answered."""
+        response = self._send(method, path, **kwargs)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The server's answer; an unreachable server or an error status becomes the matching Mi2b2Error."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError:
@@ -50,9 +58,7 @@ class Mi2b2Client:
             except ValueError:
                 message = response.text or response.reason_phrase
             raise ERRORS.get(response.status_code, Mi2b2Error)(message)
-        if response.headers.get("content-type", "").startswith("application/json"):
-            return response.json()
-        return response.text
+        return response
 
     def login(self, login: str, password: str) -> dict[str, Any]:
         return self._call("POST", "/auth/login", json={"login": login, "password": password})  # type: ignore[no-any-return]
@@ -215,16 +221,4 @@ class Mi2b2Client:
         """Frame ``frame`` (from 1) rendered as PNG bytes, windowed as asked (default: the image's own window)."""
         path = f"/projects/{quote(project, safe='')}/viewer/instances/{quote(sop_uid, safe='')}/frames/{int(frame)}.png"
         params = {k: v for k, v in (("center", center), ("width", width), ("preset", preset)) if v is not None}
-        try:
-            response = self._http.get(path, params=params)
-        except httpx.ConnectError:
-            raise RetriableError(f"cannot reach the mi2b2 server at {self.base_url}; is `mi2b2 serve` running?") from None
-        except httpx.TimeoutException:
-            raise RetriableError(f"the mi2b2 server at {self.base_url} did not answer in time") from None
-        if response.status_code >= 400:
-            try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text or response.reason_phrase
-            raise ERRORS.get(response.status_code, Mi2b2Error)(message)
-        return response.content
+        return self._send("GET", path, params=params).content

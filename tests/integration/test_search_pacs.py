@@ -121,6 +121,8 @@ def test_accessions_of_off_list_patients_are_not_permitted(api: tuple[TestClient
                                          "accessions": "ACC-1002\nACC-9001\nACC-3001\nACC-NONE"})
     report = response.json()
     assert [s["accession"] for s in report["studies"]] == ["ACC-1002"]
+    # Every PACS gives the modality and series count, whether it supports ModalitiesInStudy or not.
+    assert [(s["modalities"], s["series_count"]) for s in report["studies"]] == [("MR", 1)]
     assert sorted(report["not_permitted"]) == ["ACC-3001", "ACC-9001"]  # 123 is not 000123
     assert report["not_found"] == ["ACC-NONE"]
 

@@ -128,3 +128,28 @@ def test_each_search_is_stored_and_audited(ctx: ServiceContext) -> None:
     report = search.search_studies(ctx, ALICE, "alpha", "main", "77")
     queries = ctx.audit.list(ADMIN, AuditFilter(action="query", patient_id="77"))
     assert len(queries) == 1 and f'"query":{report.query_id}' in queries[0].detail
+
+
+def test_modalities_and_series_count_a_pacs_leaves_out_come_from_its_series(tmp_path: Path) -> None:
+    bare = [{k: v for k, v in s.items() if k != "ModalitiesInStudy"} for s in STUDIES]
+    pacs = FakeFindSession(bare, series=[
+        {"StudyInstanceUID": "1.4", "SeriesInstanceUID": "1.4.1", "Modality": "CT"},
+        {"StudyInstanceUID": "1.4", "SeriesInstanceUID": "1.4.2", "Modality": "SR"},
+        {"StudyInstanceUID": "1.4", "SeriesInstanceUID": "1.4.3", "Modality": "CT"},
+        {"StudyInstanceUID": "1.5", "SeriesInstanceUID": "1.5.1", "Modality": "MR"},
+    ])
+    ctx = build_context(load_site(tmp_path), clock=FakeClock(), open_find=lambda _c, _p: pacs)
+    (hit,) = search.search_accessions(ctx, ALICE, "alpha", "main", "ACC77\nACCOFF").studies
+    assert (hit.accession, hit.modalities, hit.series_count) == ("ACC77", "CT\\SR", 3)
+    # The off-list patient's study was refused before anything more was asked about it.
+    series_queries = [keys for _m, level, keys in pacs.queries if level == "SERIES"]
+    assert [q["StudyInstanceUID"] for q in series_queries] == ["1.4"]
+    (by_mrn,) = search.search_studies(ctx, ALICE, "alpha", "main", "77").studies
+    assert (by_mrn.modalities, by_mrn.series_count) == ("CT\\SR", 3)
+
+
+def test_a_pacs_that_gives_modalities_is_not_asked_again(ctx: ServiceContext, pacs: FakeFindSession) -> None:
+    pacs.studies = [dict(s, NumberOfStudyRelatedSeries="1") for s in STUDIES]
+    report = search.search_studies(ctx, ALICE, "alpha", "main", "000123")
+    assert [s.modalities for s in report.studies] == ["MR", "MR"]
+    assert {level for _m, level, _k in pacs.queries} == {"STUDY"}

@@ -135,7 +135,7 @@ def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id
             answers = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "PatientID": mrn}, today, report.warnings)
             kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), lambda pid, mrn=mrn: pid == mrn)
             dropped.extend(_trace(rejected))
-            studies.extend(_study_hit(a, door) for a in kept)
+            studies.extend(_study_hit(a, door) for a in _fill_from_series(pacs, kept))
             if not kept:
                 report.not_found.append(mrn)
     report.studies, report.capped = cap_per_patient(
@@ -164,6 +164,9 @@ def search_accessions(
             answers.extend(found)
     allowed = allowed_values(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
     kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
+    if kept:
+        with ctx.open_find(ctx.config, door.pacs) as pacs:
+            kept = _fill_from_series(pacs, kept)
     report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
     for answer in rejected:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
@@ -381,6 +384,27 @@ def _find_split(
     middle = first + timedelta(days=(last - first).days // 2)
     return (_find_split(pacs, keys, config, first, middle, warnings)
             + _find_split(pacs, keys, config, middle + timedelta(days=1), last, warnings))
+
+
+def _fill_from_series(pacs: FindSessionPort, answers: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Modalities and series count from a series-level query, for studies whose PACS
+    left them out (pynetdicom's qrscp and others do not support ModalitiesInStudy):
+    without them the Modality facet has nothing to filter on. Only permitted
+    studies get here, one small C-FIND each, and only when something is missing."""
+    filled = []
+    for answer in answers:
+        if answer.get("ModalitiesInStudy") and answer.get("NumberOfStudyRelatedSeries"):
+            filled.append(answer)
+            continue
+        keys = {"StudyInstanceUID": answer.get("StudyInstanceUID", ""), "SeriesInstanceUID": "", "Modality": ""}
+        series = {a.get("SeriesInstanceUID", ""): a.get("Modality", "") for a in pacs.find(STUDY_ROOT, "SERIES", keys)
+                  if a.get("StudyInstanceUID", keys["StudyInstanceUID"]) == keys["StudyInstanceUID"]}
+        filled.append({
+            **answer,
+            "ModalitiesInStudy": answer.get("ModalitiesInStudy") or "\\".join(sorted({m for m in series.values() if m})),
+            "NumberOfStudyRelatedSeries": answer.get("NumberOfStudyRelatedSeries") or (str(len(series)) if series else ""),
+        })
+    return filled
 
 
 def count_instances(pacs: FindSessionPort, study_uid: str, series_uid: str) -> int:

@@ -23,7 +23,7 @@ def test_two_columns_are_shown_however_narrow() -> None:
 
 
 def test_a_long_value_counts_only_up_to_the_widest_cell() -> None:
-    # The UID is cut to 40 characters with an ellipsis, so 30 + 43 = 73 characters show all four.
+    # The UID may wrap after 40 characters, so 30 + 43 = 73 characters show all four.
     assert fitting_columns(COLUMNS, CELLS, 73) == 4
     assert fitting_columns(COLUMNS, CELLS, 72) == 3
 

@@ -76,7 +76,7 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = 
         shown = fitting_columns(columns, cells, console.width)
         table = Table(title=title or None, show_lines=False)
         for column in columns[:shown]:
-            table.add_column(column, overflow="ellipsis", no_wrap=True)
+            table.add_column(column, overflow="fold")  # a long value (an error naming its fix) wraps, whole
         for line in cells:
             table.add_row(*line[:shown])
         console.print(table)
@@ -90,7 +90,8 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = 
 def fitting_columns(columns: list[str], cells: list[list[str]], width: int, widest_cell: int = 40) -> int:
     """How many leading columns fit in `width` characters. Columns come in order of
     importance, so a narrow terminal loses the last ones rather than getting every
-    value folded over several lines; at least two are always shown."""
+    value folded over several lines; at least two are always shown. A value longer
+    than `widest_cell` counts as that wide: it wraps within its column, whole."""
     used = 1  # the table's left border
     for index, column in enumerate(columns):
         natural = max([len(column), *(min(len(line[index]), widest_cell) for line in cells)])

@@ -9,7 +9,7 @@ are filtered again against the allow-list. Each search is stored and audited.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -135,13 +135,14 @@ def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id
             answers = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "PatientID": mrn}, today, report.warnings)
             kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), lambda pid, mrn=mrn: pid == mrn)
             dropped.extend(_trace(rejected))
-            studies.extend(_study_hit(a, door) for a in _fill_from_series(pacs, kept))
+            studies.extend(_study_hit(a, door) for a in kept)
             if not kept:
                 report.not_found.append(mrn)
-    report.studies, report.capped = cap_per_patient(
-        _unique_studies(studies), lambda s: s.patient_id, lambda s: s.study_date + s.study_time,
-        door.policy.max_studies_per_patient,
-    )
+        report.studies, report.capped = cap_per_patient(
+            _unique_studies(studies), lambda s: s.patient_id, lambda s: s.study_date + s.study_time,
+            door.policy.max_studies_per_patient,
+        )
+        report.studies = _fill_from_series(pacs, report.studies)
     return _finish(ctx, who, door, report, {"mrns": mrns}, len(report.studies), dropped)
 
 
@@ -164,9 +165,6 @@ def search_accessions(
             answers.extend(found)
     allowed = allowed_values(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
     kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
-    if kept:
-        with ctx.open_find(ctx.config, door.pacs) as pacs:
-            kept = _fill_from_series(pacs, kept)
     report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
     for answer in rejected:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
@@ -177,6 +175,9 @@ def search_accessions(
         _unique_studies(_study_hit(a, door) for a in kept), lambda s: s.patient_id,
         lambda s: s.study_date + s.study_time, door.policy.max_studies_per_patient,
     )
+    if report.studies:
+        with ctx.open_find(ctx.config, door.pacs) as pacs:
+            report.studies = _fill_from_series(pacs, report.studies)
     return _finish(ctx, who, door, report, {"accessions": parsed.unique}, len(report.studies), [])
 
 
@@ -386,24 +387,25 @@ def _find_split(
             + _find_split(pacs, keys, config, middle + timedelta(days=1), last, warnings))
 
 
-def _fill_from_series(pacs: FindSessionPort, answers: list[dict[str, str]]) -> list[dict[str, str]]:
+def _fill_from_series(pacs: FindSessionPort, studies: list[StudyHit]) -> list[StudyHit]:
     """Modalities and series count from a series-level query, for studies whose PACS
     left them out (pynetdicom's qrscp and others do not support ModalitiesInStudy):
-    without them the Modality facet has nothing to filter on. Only permitted
-    studies get here, one small C-FIND each, and only when something is missing."""
+    without them the Modality facet has nothing to filter on. Only the permitted
+    studies the report keeps get here, one small C-FIND each, and only when
+    something is missing."""
     filled = []
-    for answer in answers:
-        if answer.get("ModalitiesInStudy") and answer.get("NumberOfStudyRelatedSeries"):
-            filled.append(answer)
+    for study in studies:
+        if study.modalities and study.series_count is not None:
+            filled.append(study)
             continue
-        keys = {"StudyInstanceUID": answer.get("StudyInstanceUID", ""), "SeriesInstanceUID": "", "Modality": ""}
+        keys = {"StudyInstanceUID": study.study_uid, "SeriesInstanceUID": "", "Modality": ""}
         series = {a.get("SeriesInstanceUID", ""): a.get("Modality", "") for a in pacs.find(STUDY_ROOT, "SERIES", keys)
-                  if a.get("StudyInstanceUID", keys["StudyInstanceUID"]) == keys["StudyInstanceUID"]}
-        filled.append({
-            **answer,
-            "ModalitiesInStudy": answer.get("ModalitiesInStudy") or "\\".join(sorted({m for m in series.values() if m})),
-            "NumberOfStudyRelatedSeries": answer.get("NumberOfStudyRelatedSeries") or (str(len(series)) if series else ""),
-        })
+                  if a.get("StudyInstanceUID", study.study_uid) == study.study_uid}
+        filled.append(replace(
+            study,
+            modalities=study.modalities or "\\".join(sorted({m for m in series.values() if m})),
+            series_count=study.series_count if study.series_count is not None else (len(series) or None),
+        ))
     return filled
 
 

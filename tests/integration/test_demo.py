@@ -121,6 +121,8 @@ def test_demo_serves_searches_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             report = client.search_accessions("brain-mri", "lakeside-pacs", "LK2300781\nLK2402020")
         assert [s["patient_id"] for s in report["studies"]] == ["LC0002201"]
         assert report["studies"][0]["accession"] == "LK2300781"
+        # qrscp has no ModalitiesInStudy; the series tell them, so the client's Modality facet works on the demo.
+        assert (report["studies"][0]["modalities"], report["studies"][0]["series_count"]) == ("MR", 4)
         assert report["not_permitted"] == ["LK2402020"]
 
         # Move a study into the cache with the printed command; the demo's worker and receiver deliver it.

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import AuditEvent, Notification, Request, Worker
+from mi2b2.adapters.db.tables import AuditEvent, CachedStudy, Notification, Request, Worker
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.context import ServiceContext, build_context
@@ -149,6 +149,16 @@ def test_priority_then_age_and_who_may_change_what(ctx: ServiceContext) -> None:
     with ctx.sessions() as session:
         assert session.get_one(Request, first).state == "scheduled"
     cancel_requests(ctx, BOB, [first])
+    # Asked for again meanwhile: the old request may not fetch the same study a second time.
+    (again,) = add_requests(ctx, BOB, "alpha", "main", [StudyPick("1.1")]).created
+    with pytest.raises(InvalidInput, match=f"request {first}: its study is already being fetched"):
+        retry_requests(ctx, BOB, [first])
+    # ...and once that one has brought the whole study into the cache, there is nothing to fetch.
+    with transaction(ctx.sessions) as session:
+        session.get_one(Request, again).state = "completed"
+        session.add(CachedStudy(project_id="alpha", study_uid="1.1", patient_id="000123"))
+    with pytest.raises(InvalidInput, match=f"request {first}: its study is already in the project's cache"):
+        retry_requests(ctx, BOB, [first])
     cancel_requests(ctx, ALICE, [second])
     with ctx.sessions() as session:
         assert session.get_one(Request, second).cancel_requested  # the running worker sends C-CANCEL

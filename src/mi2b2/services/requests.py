@@ -23,6 +23,7 @@ from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import (
     CANCELABLE,
     ENDED,
+    RETRYABLE,
     RequestKind,
     RequestState,
     TransitionRefused,
@@ -178,6 +179,7 @@ def cancel_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[i
 
 
 def retry_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[int]) -> list[int]:
+    _refuse_fetching_twice(ctx, request_ids)
     return _change(ctx, who, request_ids, "retry", check_retry, _retry)
 
 
@@ -217,6 +219,24 @@ def _check_picks(picks: Sequence[StudyPick], priority: int) -> None:
     bad = [uid for p in picks for uid in (p.study_uid, *p.series_uids) if not looks_like_uid(uid)]
     if bad:
         raise InvalidInput(f"{bad[0]!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+
+
+def _refuse_fetching_twice(ctx: ServiceContext, request_ids: Sequence[int]) -> None:
+    """A retried retrieval must not ask the PACS again for a study another request
+    is fetching, or has already brought whole into the cache."""
+    with ctx.sessions() as session:
+        # Only ended ones: _change refuses the others with the reason their state gives.
+        rows = session.execute(select(Request.id, Request.project_id, Request.study_uid).where(
+            Request.id.in_(list(request_ids)), Request.kind == RequestKind.RETRIEVE,
+            Request.state.in_(list(RETRYABLE)))).all()
+    for request_id, project_id, study_uid in rows:
+        busy, cached = _queued_and_cached(ctx, project_id, [study_uid])
+        if busy:
+            raise InvalidInput(f"request {request_id}: its study is already being fetched by another request; "
+                               "follow that one in the request log")
+        if cached:
+            raise InvalidInput(f"request {request_id}: its study is already in the project's cache, "
+                               "complete; nothing to fetch again")
 
 
 def _queued_and_cached(ctx: ServiceContext, project_id: str, study_uids: list[str]) -> tuple[set[str], set[str]]:

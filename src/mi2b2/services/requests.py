@@ -229,12 +229,16 @@ def _refuse_fetching_twice(ctx: ServiceContext, request_ids: Sequence[int]) -> N
         rows = session.execute(select(Request.id, Request.project_id, Request.study_uid).where(
             Request.id.in_(list(request_ids)), Request.kind == RequestKind.RETRIEVE,
             Request.state.in_(list(RETRYABLE)))).all()
-    for request_id, project_id, study_uid in rows:
-        busy, cached = _queued_and_cached(ctx, project_id, [study_uid])
-        if busy:
+    by_project: dict[str, list[str]] = {}
+    for _, project_id, study_uid in rows:
+        by_project.setdefault(project_id, []).append(study_uid)
+    taken = {project_id: _queued_and_cached(ctx, project_id, uids) for project_id, uids in by_project.items()}
+    for request_id, project_id, study_uid in sorted(rows):
+        busy, cached = taken[project_id]
+        if study_uid in busy:
             raise InvalidInput(f"request {request_id}: its study is already being fetched by another request; "
                                "follow that one in the request log")
-        if cached:
+        if study_uid in cached:
             raise InvalidInput(f"request {request_id}: its study is already in the project's cache, "
                                "complete; nothing to fetch again")
 

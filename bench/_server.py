@@ -1,69 +1,34 @@
-"""What the benchmarks share: a `mi2b2 serve` subprocess, stopping a process group, and how they fail."""
+"""What the benchmarks share: `mi2b2 serve` (support.server's launcher), stopping a process group, how they fail."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 from mi2b2.config import load_config
 from mi2b2.domain.principal import SYSTEM
 from mi2b2.services.context import build_context
-
-SERVER_TIMEOUT = 60.0
+from support.server import Mi2b2Server, start_server  # the benchmarks put tests/ on sys.path
 
 
 class BenchFailure(RuntimeError):
     pass
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self) -> str:
-        return log_tail(self.log_path)
-
-
 @contextmanager
-def mi2b2_server(config_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    config = load_config(config_path)
-    url = f"http://127.0.0.1:{config.server.http_port}"
-    log_path = config_path.parent / "server.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "serve", "--config", str(config_path)],
-            cwd=config_path.parent, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(url, process, log_path)
+def mi2b2_server(config_path: Path, env: dict[str, str] | None = None) -> Iterator[Mi2b2Server]:
     try:
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise BenchFailure(f"mi2b2 serve exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise BenchFailure(f"mi2b2 serve did not answer on {url} within {SERVER_TIMEOUT:g} s:\n{server.log_tail()}")
-            time.sleep(0.1)
+        server = start_server(config_path, env)
+    except RuntimeError as exc:  # it has stopped what it started
+        raise BenchFailure(str(exc)) from None
+    try:
         yield server
     finally:
-        stop_group(process)
+        server.stop()
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:

@@ -55,12 +55,13 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-from _server import BenchFailure, Server, log_tail, mi2b2_server, researcher_token, stop_group  # noqa: E402
+from _server import BenchFailure, log_tail, mi2b2_server, researcher_token, stop_group  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from mi2b2.config import load_config  # noqa: E402
 from support.pacs import MAX_PDU, RunningPacs, free_port  # noqa: E402
+from support.server import Mi2b2Server  # noqa: E402
 
 PROJECT = "bench"
 PACS_ID = "orthanc"
@@ -425,7 +426,7 @@ class RssWatch:
         return peak * 1024 / MB
 
 
-def retrieve(server: Server, token: str, studies: list[Study], timeout: float) -> tuple[float, list[dict[str, Any]]]:
+def retrieve(server: Mi2b2Server, token: str, studies: list[Study], timeout: float) -> tuple[float, list[dict[str, Any]]]:
     """Request `studies` in one call, wait until all completed; (seconds from the call to the last end, rows)."""
     import httpx
 
@@ -490,7 +491,7 @@ def check_mi2b2(studies: list[Study], rows: list[dict[str, Any]], cache: Path) -
     return total
 
 
-def run_mi2b2(server: Server, token: str, studies: list[Study], cache: Path, timeout: float) -> tuple[float, int]:
+def run_mi2b2(server: Mi2b2Server, token: str, studies: list[Study], cache: Path, timeout: float) -> tuple[float, int]:
     """Request the studies in one call (emptying them from the cache first); (seconds, bytes received)."""
     import httpx
 

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +27,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.context import build_context
 from mi2b2.synthetic import SyntheticStudy, write_study
 from support.pacs import RunningPacs, free_port
+from support.server import Mi2b2Server, start_server
 from support.site import ALLOWED_A, pacs_block, write_site
 
 if TYPE_CHECKING:
@@ -45,7 +41,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 PACS_ID = "main"
 PACS_NAME = "General Hospital PACS"
 RECEIVER_AE = "MI2B2"  # mi2b2's [dicom] ae_title in write_site, and Orthanc's C-MOVE destination name
-SERVER_TIMEOUT = 60.0
 
 
 # --- users ------------------------------------------------------------------------------
@@ -262,76 +257,6 @@ def write_browser_site(folder: Path, pacs: RunningPacs, http_port: int, dicom_po
     return site
 
 
-@dataclass
-class Mi2b2Server:
-    url: str  # http://127.0.0.1:<port>, no trailing slash
-    http_port: int
-    dicom_port: int  # mi2b2's receiver (AE RECEIVER_AE); Orthanc moves to it
-    site: Path  # the mi2b2.toml
-    folder: Path  # the site's folder: database, cache, MRN files, server.log
-    log_path: Path
-    process: subprocess.Popen[bytes]
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.folder / "cache"
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM to the server's process group (it and its receiver child); SIGKILL if it lingers."""
-        if self._stopped:
-            return
-        self._stopped = True
-        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):  # a child that outlived the leader
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-
-def start_server(site: Path) -> Mi2b2Server:
-    """`python -m mi2b2 serve --config site` in its own process group; returns once /api/v1/health answers."""
-    config = load_config(site)
-    url = f"http://127.0.0.1:{config.server.http_port}"
-    log_path = site.parent / "server.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "serve", "--config", str(site)],
-            cwd=site.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        )
-    server = Mi2b2Server(url, config.server.http_port, config.dicom.port, site, site.parent, log_path, process)
-    deadline = time.monotonic() + SERVER_TIMEOUT
-    while not _healthy(url):
-        if process.poll() is not None:
-            server.stop()
-            raise RuntimeError(f"mi2b2 serve exited with {process.returncode} during start-up; "
-                               f"log {log_path}:\n{server.log_tail()}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"mi2b2 serve did not answer on {url}/api/v1/health within {SERVER_TIMEOUT:g} s; "
-                               f"log {log_path}:\n{server.log_tail()}")
-        time.sleep(0.1)
-    return server
-
-
 @contextlib.contextmanager
 def serve(folder: Path, pacs: RunningPacs, users: dict[str, User] = USERS, receiver_process: bool = False,
           server_extra: str = "", pacs_extra: str = "", site_extra: str = "") -> Iterator[Mi2b2Server]:
@@ -349,14 +274,6 @@ def serve(folder: Path, pacs: RunningPacs, users: dict[str, User] = USERS, recei
         yield server
     finally:
         server.stop()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 # --- browser helpers -----------------------------------------------------------------------

@@ -74,9 +74,6 @@ def _storage_error(action: str, where: str, exc: OSError) -> CacheStorageError:
                              "check the permissions and health of server.cache_dir", exc.errno)
 
 
-
-
-
 class CacheStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, ProjectMrn, Request, SchedulerCursor
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request, SchedulerCursor
 from mi2b2.adapters.dicom.scu import DicomPeer
 from mi2b2.adapters.dicom.store_scu import StoreProgress, StoreResult, store_files
 from mi2b2.config import DestinationConfig
@@ -55,6 +55,7 @@ from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import notifications
+from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
@@ -92,6 +93,7 @@ class _Study:
     series_uids: tuple[str, ...]  # empty: the whole study
     instances: int
     bytes: int
+    pacs_id: str  # the PACS it came from: the allow-list names patients per institution
 
 
 # --- the door --------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def add_forwards(
         raise InvalidInput(f"series {sorted(unknown_series)[0]!r} is not in the project's cache for the studies "
                            f"named; see `mi2b2 cache show {project_id} STUDY_UID`")
     busy = _queued(ctx, project_id, destination_id, studies)
-    allowed = allowed_values(ctx, project_id, {s.patient_id for s in cached.values()})
+    allowed = {uid for uid, s in cached.items() if allowed_values(ctx, project_id, s.pacs_id, {s.patient_id})}
     wanted: list[_Study] = []
     for study_uid in studies:
         study = cached.get(study_uid)
@@ -156,7 +158,7 @@ def add_forwards(
             report.not_cached.append(study_uid)
         elif study_uid in busy:
             report.already_queued.append(study_uid)
-        elif study.patient_id not in allowed:
+        elif study_uid not in allowed:
             report.not_permitted.append(study_uid)
             ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, patient_id=study.patient_id,
                              study_uid=study_uid, detail={"reason": Denial.PATIENT_NOT_ALLOWED.value,
@@ -224,7 +226,7 @@ def _cached(ctx: ServiceContext, project_id: str, study_uids: list[str], series:
             if not series:
                 if study.instance_count:
                     found[study.study_uid] = _Study(study.study_uid, study.patient_id, study.accession, (),
-                                                    study.instance_count, study.bytes)
+                                                    study.instance_count, study.bytes, study.pacs_id)
                 continue
             per_series = session.execute(
                 select(CachedInstance.series_uid, func.count(), func.coalesce(func.sum(CachedInstance.bytes), 0))
@@ -234,7 +236,7 @@ def _cached(ctx: ServiceContext, project_id: str, study_uids: list[str], series:
             if per_series:
                 found[study.study_uid] = _Study(
                     study.study_uid, study.patient_id, study.accession, tuple(sorted(s for s, _, _ in per_series)),
-                    sum(int(n) for _, n, _ in per_series), sum(int(b) for _, _, b in per_series),
+                    sum(int(n) for _, n, _ in per_series), sum(int(b) for _, _, b in per_series), study.pacs_id,
                 )
     return found
 
@@ -324,11 +326,7 @@ def _closed_projects(session: Session, now: datetime) -> dict[str, str | None]:
 
 
 def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:
-    allowed = (
-        select(ProjectMrn.mrn)
-        .where(ProjectMrn.project_id == Request.project_id, ProjectMrn.mrn == Request.patient_id)
-        .exists()
-    )
+    allowed = on_allow_list(Request.project_id, Request.pacs_id, Request.patient_id)
     queued: dict[str, list[ForwardCandidate]] = defaultdict(list)
     for rid, project_id, destination_id, priority, created, not_before, ok, study_uid in session.execute(
         select(Request.id, Request.project_id, Request.destination_id, Request.priority, Request.created_at,

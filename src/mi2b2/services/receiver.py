@@ -21,12 +21,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, ProjectMrn, Request
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.store_scp import ReceivedInstance
 from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.domain.receipt import InFlight, Refusal, StoreStatus, judge_receipt
 from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
+from mi2b2.services.allow_list import patient_allowed
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache import Arrival, index_arrivals
 from mi2b2.services.context import ServiceContext
@@ -108,7 +109,7 @@ class ReceiverSink:
             if row is None:
                 return None
             project = session.get_one(Project, row.project_id)
-            allowed = session.get(ProjectMrn, (row.project_id, row.patient_id)) is not None
+            allowed = patient_allowed(session, row.project_id, row.pacs_id, row.patient_id)
             used = session.execute(
                 select(func.coalesce(func.sum(CachedStudy.bytes), 0)).where(CachedStudy.project_id == row.project_id)
             ).scalar_one()

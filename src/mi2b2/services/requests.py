@@ -86,7 +86,7 @@ def add_requests(
         study = found.get(pick.study_uid)
         if study is None:
             report.not_found.append(pick.study_uid)
-        elif not allowed_values(ctx, project_id, {study.patient_id}):
+        elif not allowed_values(ctx, project_id, pacs_id, {study.patient_id}):
             report.not_permitted.append(pick.study_uid)
             ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
                              patient_id=study.patient_id, study_uid=pick.study_uid,

@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
-from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, ProjectMrn, Request, SchedulerCursor, Worker
+from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, Request, SchedulerCursor, Worker
 from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig
 from mi2b2.domain.clock import as_utc
@@ -25,6 +25,7 @@ from mi2b2.domain.governance import irb_active
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
 from mi2b2.domain.windows import Limits, limits_at
+from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.request_rows import mark_started
@@ -202,11 +203,7 @@ def _pacs_load(session: Session, pacs: PacsConfig, now: datetime) -> PacsLoad:
 
 
 def _candidates(session: Session, pacs_id: str, busy: set[str]) -> list[Candidate]:
-    allowed = (
-        select(ProjectMrn.mrn)
-        .where(ProjectMrn.project_id == Request.project_id, ProjectMrn.mrn == Request.patient_id)
-        .exists()
-    )
+    allowed = on_allow_list(Request.project_id, Request.pacs_id, Request.patient_id)
     rows = session.execute(
         select(Request.id, Request.project_id, Request.priority, Request.created_at, Request.expected_bytes,
                allowed, Request.not_before, Request.study_uid)

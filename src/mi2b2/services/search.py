@@ -16,13 +16,14 @@ from typing import Any
 from sqlalchemy import select
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import Project, ProjectMember, ProjectMrn, Query
+from mi2b2.adapters.db.tables import Project, ProjectMember, Query
 from mi2b2.adapters.dicom.errors import ResultsTruncated
 from mi2b2.config import InstitutionConfig, PacsConfig
 from mi2b2.domain.governance import ProjectPolicy, cap_per_patient, filter_answers, project_access, split_allowed
 from mi2b2.domain.identifiers import parse_identifier_text
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.services.allow_list import allowed_patients
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
 
@@ -163,7 +164,7 @@ def search_accessions(
             if not found:
                 report.not_found.append(accession)
             answers.extend(found)
-    allowed = allowed_values(ctx, door.policy.project_id, {a.get("PatientID", "") for a in answers})
+    allowed = allowed_values(ctx, door.policy.project_id, door.pacs.id, {a.get("PatientID", "") for a in answers})
     kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
     report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
     for answer in rejected:
@@ -198,7 +199,7 @@ def search_series(
                 report.not_found.append(study_uid)
                 continue
             patient = owners[0].get("PatientID", "")
-            if not allowed_values(ctx, door.policy.project_id, {patient}):
+            if not allowed_values(ctx, door.policy.project_id, door.pacs.id, {patient}):
                 report.not_permitted.append(study_uid)
                 ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
                                  pacs_id=door.pacs.id, patient_id=patient, study_uid=study_uid,
@@ -284,7 +285,7 @@ def _screen_mrns(
 ) -> tuple[SearchReport, list[str]]:
     """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS."""
     parsed = parse_identifier_text(mrn_text, kind="MRN")
-    allowed = allowed_values(ctx, door.policy.project_id, parsed.unique)
+    allowed = allowed_values(ctx, door.policy.project_id, door.pacs.id, parsed.unique)
     mrns, refused = split_allowed(parsed.unique, allowed.__contains__)
     for mrn in refused:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
@@ -295,16 +296,9 @@ def _screen_mrns(
     return report, mrns
 
 
-def allowed_values(ctx: ServiceContext, project_id: str, values: Iterable[str]) -> set[str]:
-    candidates = sorted({v for v in values if v})
-    allowed: set[str] = set()
+def allowed_values(ctx: ServiceContext, project_id: str, pacs_id: str, values: Iterable[str]) -> set[str]:
     with ctx.sessions() as session:
-        for start in range(0, len(candidates), 500):
-            chunk = candidates[start:start + 500]
-            allowed.update(session.scalars(
-                select(ProjectMrn.mrn).where(ProjectMrn.project_id == project_id, ProjectMrn.mrn.in_(chunk))
-            ))
-    return allowed
+        return allowed_patients(session, project_id, pacs_id, values)
 
 
 def _finish(

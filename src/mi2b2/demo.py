@@ -30,7 +30,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from types import FrameType
 
-from mi2b2.config import SiteConfig, load_config
+from mi2b2.config import load_config
 from mi2b2.demo_pacs import DemoPacs, free_port, launch_qrscp, port_is_free, stop_process_group, store_files
 from mi2b2.domain.clock import SystemClock
 from mi2b2.domain.principal import SYSTEM
@@ -415,9 +415,13 @@ def _iso(day: date) -> str:
 
 def _prepare_accounts(config_path: Path) -> str:
     """Create the demo users if missing and a fresh API token for the researcher; return the token."""
-    _write_audit_key(load_config(config_path))
-    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    config = load_config(config_path)
+    ctx = build_context(config, migrate=True, sync_config=True, audit_key=config.audit_key_file().exists())
     try:
+        if not ctx.audit.keyed:
+            # As `mi2b2 audit init-key` does: a new demo site gets a fresh key, and a demo folder
+            # from a version without keyed audit has its trail verified and sealed under one.
+            ctx.audit.init_key(SYSTEM, config.audit_key_file())
         existing = {user.login for user in ctx.accounts.list_users()}
         for user in USERS:
             if user.login not in existing:
@@ -426,18 +430,6 @@ def _prepare_accounts(config_path: Path) -> str:
     finally:
         ctx.engine.dispose()
     return issued.secret
-
-
-def _write_audit_key(config: SiteConfig) -> None:
-    """The demo site's audit key, as `mi2b2 audit init-key` writes it: a new site gets a fresh one, and
-    a demo folder from a version without keyed audit has its trail verified and sealed under one."""
-    if config.audit_key_file().exists():
-        return
-    ctx = build_context(config, migrate=True, sync_config=False, audit_key=False)
-    try:
-        ctx.audit.init_key(SYSTEM, config.audit_key_file())
-    finally:
-        ctx.engine.dispose()
 
 
 # the server -----------------------------------------------------------------------------

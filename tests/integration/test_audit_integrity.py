@@ -328,17 +328,17 @@ def test_the_key_and_checkpoint_files_follow_the_setting(tmp_path: Path, databas
 
 
 def test_the_demo_writes_its_key_and_seals_an_older_demo_folder(tmp_path: Path, database_url: str) -> None:
-    from mi2b2.demo import _write_audit_key
+    from mi2b2.demo import _prepare_accounts
 
     site = write_site(tmp_path / "site", database_url=database_url)
     _legacy_trail(site, 2)  # a demo folder left by a version without keyed audit
-    _write_audit_key(load_config(site))
+    _prepare_accounts(site)
     ctx = build_context(load_config(site), clock=FakeClock())
     verdict = ctx.audit.verify(ROOT)
     assert verdict.ok and verdict.keyed_from == 3
     ctx.engine.dispose()
     key_bytes = load_config(site).audit_key_file().read_bytes()
-    _write_audit_key(load_config(site))  # a second run keeps the key it has
+    _prepare_accounts(site)  # a second run keeps the key it has
     assert load_config(site).audit_key_file().read_bytes() == key_bytes
 
 

@@ -15,7 +15,7 @@ from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput
-from mi2b2.services.audit import Action, AuditTrail
+from mi2b2.services.audit import Action, AuditTrail, load_audit_key
 from mi2b2.services.auth import Accounts
 from mi2b2.services.site import ConfigChanges, apply_config
 
@@ -43,8 +43,9 @@ class ServiceContext:
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)
 
-    def reload_config(self, by: Principal) -> ConfigChanges:
-        """Re-read the configuration file, apply it, and audit the reload.
+    def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
+        """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
+        events, written in the same transaction).
 
         A file with errors changes nothing: the running configuration stays."""
         if self.config.source is None:
@@ -52,8 +53,11 @@ class ServiceContext:
         new_config = load_config(self.config.source)
         with transaction(self.sessions) as session:
             changes = apply_config(session, new_config)
+            self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()},
+                              session=session)
+            if also_record is not None:
+                also_record(session)
         self.config = new_config
-        self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()})
         return changes
 
 
@@ -63,7 +67,9 @@ def build_context(
     open_find: FindOpener | None = None,
     migrate: bool = True,
     sync_config: bool = True,
+    audit_key: bool = True,
 ) -> ServiceContext:
+    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks."""
     clock = clock or SystemClock()
     engine = make_engine(config.database_url())
     if migrate:
@@ -72,6 +78,7 @@ def build_context(
     if sync_config:
         with transaction(sessions) as session:
             apply_config(session, config)
-    audit = AuditTrail(sessions, clock)
+    key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
+    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
     accounts = Accounts(sessions, clock, audit, config.server.session_hours)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

@@ -180,7 +180,7 @@ def test_an_upload_replaces_the_allow_list_and_changes_who_can_be_searched(
     assert "DOE" not in written and "ROE" not in written
     assert allow_list(ctx, "alpha") == {"000123", "NEW-1"}
     (alpha,) = [p for p in ctx.config.projects if p.id == "alpha"]
-    assert ctx.config.allow_list(alpha) == ["000123", "NEW-1"]  # the running configuration too
+    assert ctx.config.allow_list(alpha) == [("general", "000123"), ("general", "NEW-1")]  # the running configuration too
     assert allow_list(ctx, "beta") == set(ALLOWED_B)
 
     after = search("77\nNEW-1")
@@ -190,7 +190,7 @@ def test_an_upload_replaces_the_allow_list_and_changes_who_can_be_searched(
 
     (event,) = audit_events(ctx, "allow_list")
     assert (event.actor, event.project_id, event.outcome, event.patient_id) == ("root", "alpha", "ok", None)
-    assert json.loads(event.detail) == {"op": "replace", "count": 2, "duplicates": 1}
+    assert json.loads(event.detail) == {"op": "replace", "institution": "general", "count": 2, "duplicates": 1}
     for logged in (event, *audit_events(ctx, "config_reload")):
         assert not [mrn for mrn in ("000123", "NEW-1", *ALLOWED_A) if mrn in logged.detail], logged.detail
 

@@ -38,6 +38,7 @@ class IdentifierList:
     unique: list[str]
     duplicates: list[str] = field(default_factory=list)
     invalid: list[InvalidEntry] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # where each unique value was first given
 
 
 def problem_with(value: str) -> str | None:
@@ -88,6 +89,7 @@ def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
     seen: set[str] = set()
     duplicates: list[str] = []
     invalid: list[InvalidEntry] = []
+    lines: dict[str, int] = {}
     for line, raw in column:
         value = raw.strip().strip('"').strip()
         if not value or value.startswith("#"):
@@ -100,6 +102,7 @@ def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
         else:
             seen.add(value)
             unique.append(value)
+            lines[value] = line
     if not unique and not invalid:
         raise InvalidInput(f"no {kind}s found; give one {kind} per line (or a CSV with a {kind} column)")
     if not unique:
@@ -108,7 +111,7 @@ def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
             f"no usable {kind}s: line {first.line} {first.value[:20]!r} {first.reason}"
             + (f" (and {len(invalid) - 1} more invalid)" if len(invalid) > 1 else "")
         )
-    return IdentifierList(unique=unique, duplicates=duplicates, invalid=invalid)
+    return IdentifierList(unique=unique, duplicates=duplicates, invalid=invalid, lines=lines)
 
 
 def institution_rows(text: str) -> list[tuple[int, str, str, str]] | None:

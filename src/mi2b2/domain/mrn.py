@@ -165,7 +165,7 @@ def parse_allow_list(
         parsed = parse_identifier_text(text, kind="MRN")
         if parsed.invalid:
             _raise_invalid(parsed.invalid)
-        rows = [(0, institution, mrn, "") for mrn in parsed.unique]
+        rows = [(parsed.lines.get(mrn, 0), institution, mrn, "") for mrn in parsed.unique]
         duplicates = len(parsed.duplicates)
     known_ids = set(known)
     entries: list[AllowedMrn] = []

@@ -68,5 +68,6 @@ def downgrade() -> None:
     )
     if rows:
         op.bulk_insert(table, [{"project_id": p, "mrn": m} for p, m in rows])
-    with op.batch_alter_table('institutions', schema=None) as batch_op:
-        batch_op.drop_column('settings')
+    # Not a batch (copy-and-move) on SQLite: departments refer to institutions, and the copy would
+    # break that foreign key. SQLite drops a column in place since 3.35.
+    op.execute("ALTER TABLE institutions DROP COLUMN settings")

@@ -329,7 +329,7 @@ def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str
     # A forward names no PACS; the cached study's does, and tells which institution's patient it is.
     source = select(CachedStudy.pacs_id).where(
         CachedStudy.project_id == Request.project_id, CachedStudy.study_uid == Request.study_uid,
-    ).scalar_subquery()
+    ).correlate(Request).scalar_subquery()
     allowed = on_allow_list(Request.project_id, func.coalesce(Request.pacs_id, source), Request.patient_id)
     queued: dict[str, list[ForwardCandidate]] = defaultdict(list)
     for rid, project_id, destination_id, priority, created, not_before, ok, study_uid in session.execute(

@@ -31,8 +31,8 @@ def _institutions(value: object) -> list[str]:
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('institutions', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('settings', sa.JSON(), nullable=False, server_default=sa.text("'{}'")))
+    # In place, not a batch (copy-and-move) on SQLite: departments refer to institutions.
+    op.add_column('institutions', sa.Column('settings', sa.JSON(), nullable=False, server_default=sa.text("'{}'")))
 
     connection = op.get_bind()
     reached = {pid: _institutions(inst) for pid, inst in connection.execute(sa.text("select id, institutions from projects"))}
@@ -68,6 +68,5 @@ def downgrade() -> None:
     )
     if rows:
         op.bulk_insert(table, [{"project_id": p, "mrn": m} for p, m in rows])
-    # Not a batch (copy-and-move) on SQLite: departments refer to institutions, and the copy would
-    # break that foreign key. SQLite drops a column in place since 3.35.
+    # In place, as in upgrade(); SQLite drops a column in place since 3.35.
     op.execute("ALTER TABLE institutions DROP COLUMN settings")

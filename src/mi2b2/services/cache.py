@@ -569,7 +569,7 @@ def _repair(
 ) -> list[_Removal]:
     now = ctx.clock.now()
     removals: list[_Removal] = []
-    allowed: dict[str, set[str]] = {}
+    projects: set[str] = set()  # those known to exist
     with transaction(ctx.sessions) as session:
         for path in report.missing_files:
             if _disk_size(store, path) is None:  # look again: it may have been placed since
@@ -596,7 +596,7 @@ def _repair(
             if _study_of(store, path) in in_flight:
                 report.being_received.append(path)
                 continue
-            reason, header = _adoptable(session, store, path, allowed)
+            reason, header = _adoptable(session, store, path, projects)
             if reason is None and header is not None:
                 size = _disk_size(store, path)
                 project_id = path.split("/")[0]
@@ -640,7 +640,7 @@ def _header(store: CacheStore, path: str) -> InstanceHeader | None:
 
 
 def _adoptable(
-    session: Session, store: CacheStore, path: str, allowed: dict[str, set[str]]
+    session: Session, store: CacheStore, path: str, projects: set[str]
 ) -> tuple[str | None, InstanceHeader | None]:
     """(why the file must go, or None if it may be indexed; its header if readable)."""
     place = _study_of(store, path)
@@ -656,10 +656,10 @@ def _adoptable(
         expected = None
     if expected != path:
         return "its header does not match its place in the cache", header
-    if project_id not in allowed:
+    if project_id not in projects:
         if session.get(Project, project_id) is None:
             return "no such project", header
-        allowed[project_id] = set()
+        projects.add(project_id)
     if not patient_allowed(session, project_id, _source_pacs(session, project_id, header.study_uid), header.patient_id):
         return Denial.PATIENT_NOT_ALLOWED.value, header
     return None, header

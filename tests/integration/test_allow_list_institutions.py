@@ -13,6 +13,7 @@ as they are, and names itself as Issuer of Patient ID.
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,14 +26,17 @@ from sqlalchemy import func, select
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy, Request
+from mi2b2.adapters.dicom.files import read_instance_header
+from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.config import load_config
 from mi2b2.domain.requests import RequestKind, RequestState
-from mi2b2.services import search
+from mi2b2.services import cache, search
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.requests import StudyPick, add_requests
 from mi2b2.synthetic import SyntheticStudy, study_instance_uid, write_study
 from mi2b2.testing import FakeClock
 from support.pacs import RunningPacs, free_port, start_dcmqrscp, start_orthanc
+from support.pipeline import ADMIN as ROOT
 from support.pipeline import ALICE, Pipeline, cache_files
 
 pytestmark = pytest.mark.pacs
@@ -243,6 +247,28 @@ def test_the_receiver_refuses_the_other_person_while_the_allowed_one_is_in_fligh
         assert len(reasons) == 3
 
 
+def test_fsck_adopts_an_orphan_by_the_institution_its_study_came_from(
+    site: Path, sites: TwoSites, tmp_path: Path
+) -> None:
+    with Pipeline(site, worker=False) as pipe:
+        alice = add_requests(pipe.ctx, ALICE, "alpha", "north-pacs", [StudyPick(_uid(ALICE_NORTH))]).created
+        _force_processing(pipe.ctx, alice)
+        _forge_request(pipe.ctx, "lake-pacs", BOB_LAKE, RequestState.FAILED)
+        assert _send(pipe, "NORTHPACS", sites.files["NORTH^ALICE"][0]) == 0x0000
+        assert pipe.sink.indexer.flush(10)
+        with transaction(pipe.ctx.sessions) as session:
+            session.get_one(Request, alice[0]).state = RequestState.INCOMPLETE  # no longer arriving
+        # Files that reached the cache without an index row (a crash between rename and commit).
+        store = cache.cache_store(pipe.ctx)
+        placed = {name: _place(store, sites.files[name][1]) for name in ("NORTH^ALICE", "LAKE^BOB")}
+        fixed = cache.fsck(pipe.ctx, ROOT, repair=True)
+        assert fixed.orphans_indexed == [placed["NORTH^ALICE"]]
+        assert fixed.files_deleted == [placed["LAKE^BOB"]]  # Bob's MRN, from Lakeside: not on the list
+        with pipe.ctx.sessions() as session:
+            assert session.execute(select(CachedStudy.study_uid, CachedStudy.pacs_id, CachedStudy.instance_count)).all() \
+                == [(_uid(ALICE_NORTH), "north-pacs", 2)]
+
+
 def test_retrieval_brings_the_allowed_person_and_the_scheduler_never_starts_the_other(
     site: Path, sites: TwoSites
 ) -> None:
@@ -299,6 +325,15 @@ def _force_processing(ctx: ServiceContext, ids: list[int]) -> None:
             row = session.get_one(Request, request_id)
             row.state = RequestState.PROCESSING
             row.worker = "test"
+
+
+def _place(store: CacheStore, file: Path) -> str:
+    header = read_instance_header(file)
+    relative = store.relative_path("alpha", header.study_uid, header.series_uid, header.sop_instance_uid)
+    temp = store.incoming_dir() / f"{header.sop_instance_uid}.part"
+    shutil.copyfile(file, temp)
+    store.place(temp, relative)
+    return relative
 
 
 def _relabel(path: Path, out: Path, **changes: str) -> Path:

@@ -78,3 +78,6 @@ class AllowListBody(Body):
     mrns: str = Field(max_length=50_000_000,
                       description="the project's whole new MRN allow-list, as pasted text or file contents: "
                                   "one per line, separated by , ; or tabs, or a CSV with an MRN column")
+    institution: str | None = Field(None, max_length=64,
+                                    description="the institution whose list this is; required when the project "
+                                                "reaches several")

@@ -45,6 +45,8 @@ class Institution(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # MRN format and Issuer of Patient ID: every process judges patients by the same rules.
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Department(Base):
@@ -95,10 +97,13 @@ class Project(Base):
 
 
 class ProjectMrn(Base):
-    """The IRB allow-list, in the database so every worker and receiver sees the same list."""
+    """The IRB allow-list, in the database so every worker and receiver sees the same list.
+
+    An entry is (institution, MRN): the MRN in the institution's canonical form."""
 
     __tablename__ = "project_mrns"
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    institution_id: Mapped[str] = mapped_column(ForeignKey("institutions.id"), primary_key=True)
     mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 

@@ -8,8 +8,9 @@ from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 # Every id and number from a path, query or body is checked against its column's range here, so that
-# none reaches the database out of range (SQLite raises OverflowError on 2**63, PostgreSQL a DataError).
-MAX_ROW_ID = 2**63 - 1  # BIGINT / SQLite INTEGER
+# none reaches the database out of range (SQLite raises OverflowError from 2**63, PostgreSQL a DataError
+# from 2**31 on an INTEGER column): ids are INTEGER columns, so the portable range is PostgreSQL's.
+MAX_ROW_ID = 2**31 - 1
 MAX_PAGE = 100_000
 _ID_RANGE = f"a row id, 1 to {MAX_ROW_ID}"
 RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID, description=_ID_RANGE)]

@@ -48,9 +48,9 @@ def relative_name(name: object, what: str = "a file name") -> PurePosixPath:
         elif any(part in ("", ".", "..") for part in parts):
             problem = "has an empty, '.' or '..' part"
     if problem is not None:
-        raise InvalidInput(f"{what} {shown} {problem}; mi2b2 writes only inside the folder you chose, so "
-                           "this download was refused and nothing was written (it is damaged, or was forged "
-                           "by someone holding your public key: do not use it)")
+        raise InvalidInput(f"{what} {shown}, which {problem}; mi2b2 writes only inside the folder you chose, "
+                           "so this download was refused and nothing was written (it is damaged or forged: "
+                           "anyone holding your public key can forge an encrypted download; do not use it)")
     return PurePosixPath(name)
 
 

@@ -202,8 +202,8 @@ def _checked_listing(manifest: Any) -> tuple[dict[str, int], list[dict[str, Any]
                     and isinstance(f["sop_uid"], str) and isinstance(f["series_uid"], str)):
                 raise ValueError
     except (KeyError, TypeError, ValueError):
-        raise InvalidInput(f"{what} is not an mi2b2 download manifest; is --server an mi2b2 server? "
-                           "Nothing was written") from None
+        raise InvalidInput(f"{what} is not an mi2b2 download manifest (is --server an mi2b2 server?); "
+                           "nothing was written") from None
     check_all((f["path"] for f in files), f"{what} names")
     for f in files:
         if not f["path"].lower().endswith(PLAIN_SUFFIX):

@@ -28,7 +28,8 @@ def relative_name(name: object, what: str = "a file name") -> PurePosixPath:
     backslash, a NUL or other control character, a ``.`` or ``..`` part, an
     empty part (``a//b``), or absurdly long."""
     if not isinstance(name, str) or not name:
-        raise InvalidInput(f"{what} is empty or not text; the download's listing is damaged or forged")
+        raise InvalidInput(f"{what} is empty or not text; the download's listing is damaged or forged, "
+                           "so it was refused and nothing was written")
     shown = repr(name[:120])
     problem = None
     if len(name) > MAX_PATH:

@@ -20,6 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 CLI_TIMEOUT = 90
 LEGIT = "P1/20240101_ACC1/001_MR/0001.dcm"  # listed first: not even this may be written
@@ -56,13 +59,30 @@ def age_encrypt(data: bytes, public: str) -> bytes:
     return subprocess.run(["age", "-r", public], input=data, capture_output=True, check=True).stdout
 
 
+def tiny_image(n: int) -> bytes:
+    """A real DICOM image, so that a viewer that does not refuse the download would show it."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = f"1.2.3.4.{n}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = "1.2.3", "1.2.3.4", "P1"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(range(64))
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def forge(folder: Path, public: str, files: list[tuple[str, str]], stored_in: Path | None = None) -> Path:
     """An encrypted download as mi2b2 makes one, naming (stored name, readable path) pairs; the image
     files are written where the stored names point (from `stored_in`, the folder by default)."""
     folder.mkdir(parents=True)
     entries = []
     for n, (stored, readable) in enumerate(files, start=1):
-        data = f"forged image {n}".encode()
+        data = tiny_image(n)
         target = (stored_in or folder) / stored
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(age_encrypt(data, public))
@@ -102,7 +122,7 @@ def test_decrypt_refuses_a_forged_manifest_and_writes_nothing(tmp_path: Path, ke
     done = run_cli("decrypt", str(source), "--to", str(tmp_path / "out"), "--identity", str(key.file))
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
-    assert "nothing was written" in output and "forged" in output, output
+    assert "refused and nothing was written" in output, output
     assert every_file(tmp_path) == before  # not the escape, not the legitimate file, not even --to
 
 
@@ -123,7 +143,7 @@ def test_a_proper_download_still_decrypts(tmp_path: Path, key: Key) -> None:
     source = forge(tmp_path / "download", key.public, [(STORED.format(n=1), LEGIT)])
     done = run_cli("decrypt", str(source), "--to", str(tmp_path / "out"), "--identity", str(key.file))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "out" / LEGIT).read_bytes() == b"forged image 1"
+    assert (tmp_path / "out" / LEGIT).read_bytes() == tiny_image(1)
 
 
 @pytest.mark.parametrize("stored", ["../outside.dcm.age", "dot-dot"])
@@ -137,7 +157,7 @@ def test_view_refuses_a_forged_download_at_once(tmp_path: Path, key: Key, stored
         done = run_cli("view", str(source), "--identity", str(key.file), timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail("mi2b2 view served a forged download instead of refusing it")
-    assert done.returncode != 0 and "forged" in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.returncode != 0 and "was refused" in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 # --- a lying server -----------------------------------------------------------------------------

@@ -69,6 +69,7 @@ MAX_PARAMETERS = 64  # query parameters in one request
 MAX_VALUE_CHARS = 8192  # one parameter's value (a list of UIDs fits ~120)
 MAX_LIST_VALUES = 500  # values in one UID or code list
 MAX_PATTERN_CHARS = 256  # one value with * or ? (DICOM values are at most 64 characters a component)
+MAX_WILDCARD_VALUES = 32  # values with * or ? in one query: each is matched against every candidate
 MAX_INCLUDE_FIELDS = 200
 MAX_FRAMES = 1000  # distinct frames in one WADO-RS frame request
 
@@ -148,6 +149,7 @@ def parse_query(items: Sequence[tuple[str, str]]) -> Query:
     limit: int | None = None
     offset = 0
     warnings: list[str] = []
+    wildcards = 0
     for name, value in items:
         lowered = name.lower()
         if len(value) > MAX_VALUE_CHARS or len(name) > 64:
@@ -182,12 +184,16 @@ def parse_query(items: Sequence[tuple[str, str]]) -> Query:
                 warnings.append('299 mi2b2 "fuzzymatching is not supported; only literal matching was performed"')
         else:
             keyword = _keyword(name)
-            _check_pattern(keyword, value)
+            wildcards += _check_pattern(keyword, value)
+            if wildcards > MAX_WILDCARD_VALUES:
+                raise LimitExceeded(f"more than {MAX_WILDCARD_VALUES} values with * or ? in one search; "
+                                    "narrow the search, or run several")
             filters[keyword] = value
     return Query(filters, frozenset(include), include_all, limit, offset, tuple(warnings))
 
 
-def _check_pattern(keyword: str, value: str) -> None:
+def _check_pattern(keyword: str, value: str) -> int:
+    """How many of the value's patterns have wildcards; LimitExceeded over a list or pattern limit."""
     listed = _list_values(value) if _is_list(keyword, value) else [value.strip()]
     if len(listed) > MAX_LIST_VALUES:
         raise LimitExceeded(f"{keyword} lists {len(listed)} values; at most {MAX_LIST_VALUES} are accepted in one "
@@ -196,6 +202,7 @@ def _check_pattern(keyword: str, value: str) -> None:
         if ("*" in pattern or "?" in pattern) and len(pattern) > MAX_PATTERN_CHARS:
             raise LimitExceeded(f"a {keyword} value with wildcards is {len(pattern)} characters long; at most "
                                 f"{MAX_PATTERN_CHARS} are accepted")
+    return sum(1 for pattern in listed if "*" in pattern or "?" in pattern)
 
 
 def _values(value: Any) -> list[str]:

@@ -2,8 +2,8 @@
 
 ``BodyLimit`` wraps the whole app, so every route has it. A body is refused
 with 413 before any of it is read when its Content-Length says it is too
-large, and otherwise counted while it streams in, so a chunked body stops at
-the limit too. Callers without valid credentials get a small limit
+large; a chunked body (no length) is counted while it streams in and stopped
+at the limit. Callers without valid credentials get a small limit
 (``[server] max_anonymous_body``: a login is tiny); only an authenticated
 caller may send up to ``[server] max_body``. The credentials are checked here,
 before the body is read, only when a body could be over the small limit.
@@ -71,7 +71,7 @@ class BodyLimit:
         if declared is not None and declared > limit:
             await _too_large(send, _anonymous_message(limit))
             return
-        if declared is None and not chunked:
+        if not chunked:  # the HTTP server delivers no more than Content-Length said, checked above
             await self.app(scope, receive, send)
             return
 

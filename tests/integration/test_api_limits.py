@@ -126,6 +126,10 @@ def test_the_body_limits_follow_the_site_configuration(tmp_path: Path, database_
         assert anonymous.status_code == 413 and "2 KiB" in anonymous.json()["error"]
         assert api.post(post, content=padded, headers={"Content-Type": "application/json", **_as(token)}).json() == {
             "marked": 0}
+        ctx.accounts.add_user(ROOT, "bob", "researcher", "a long enough password 1")
+        cookie = ctx.accounts.login("bob", "a long enough password 1")[1].secret  # a browser session counts too
+        assert api.post(post, content=padded, headers={"Content-Type": "application/json",
+                                                       "Cookie": f"mi2b2_session={cookie}"}).status_code == 200
         huge = b'{"ids": [], "all": true}' + b" " * (300 * 1024)
         refused = api.post(post, content=huge, headers={"Content-Type": "application/json", **_as(token)})
         assert refused.status_code == 413 and "256 KiB" in refused.json()["error"]

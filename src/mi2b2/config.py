@@ -298,6 +298,11 @@ class ServerConfig(Strict):
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often the scheduler looks for work")
     public_url: str | None = Field(None, description="the address users reach mi2b2 at, e.g. https://mi2b2.example.org; "
                                                      "DICOMweb RetrieveURLs are built from it, not from the Host header")
+    max_body: ByteSize = Field(64 * 1024 * 1024, ge=1024, description="largest request body any caller may send "
+                                                                  "(an allow-list upload is the largest); over it: 413")
+    max_anonymous_body: ByteSize = Field(64 * 1024, ge=1024, description="largest body read before the caller is "
+                                                                       "authenticated (a login is tiny); over it: 413")
+    max_list_identifiers: int = Field(100_000, ge=1, description="most MRNs or accession numbers one search takes")
 
     @field_validator("public_url")
     @classmethod

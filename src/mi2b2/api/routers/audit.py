@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import Body
+from mi2b2.api.schemas import MAX_ROW_ID, Body, PageLimit, PageOffset
 from mi2b2.services.audit import EXPORT_COLUMNS, AuditEvent, AuditFilter
 
 router = APIRouter(prefix="/audit", tags=["audit"])
@@ -31,7 +31,7 @@ class AuditQueryBody(Body):
     since: datetime | None = None
     until: datetime | None = None
     limit: int = Field(default=1000, ge=1, le=10000)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_ROW_ID)
 
     def to_filter(self) -> AuditFilter:
         def text(value: str | None) -> str | None:
@@ -44,7 +44,8 @@ class AuditQueryBody(Body):
 @router.get("")
 def list_events(user: CurrentUser, ctx: ContextDep, actor: str | None = None, project: str | None = None,
                 action: str | None = None, patient: str | None = None, since: datetime | None = None,
-                until: datetime | None = None, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
+                until: datetime | None = None, limit: PageLimit = 1000,
+                offset: PageOffset = 0) -> list[dict[str, Any]]:
     rows = ctx.audit.list(user, _filter(actor, project, action, patient, since, until, limit, offset))
     return [_event_json(row) for row in rows]
 

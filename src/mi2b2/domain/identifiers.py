@@ -108,7 +108,7 @@ def parse_identifier_text(text: str, kind: str = "MRN") -> IdentifierList:
     return IdentifierList(unique=unique, duplicates=duplicates, invalid=invalid)
 
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 
 
 def looks_like_uid(value: str) -> bool:

@@ -73,5 +73,5 @@ def build_context(
         with transaction(sessions) as session:
             apply_config(session, config)
     audit = AuditTrail(sessions, clock)
-    accounts = Accounts(sessions, clock, audit, config.server.session_hours)
+    accounts = Accounts(sessions, clock, audit, config.server.session_hours, config.server.max_token_days)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

@@ -48,7 +48,9 @@ def exception_text(error: BaseException) -> str:
     parts = []
     for index, exc in enumerate(reversed(chain)):
         if index:
-            parts.append("\nDuring handling of the above exception, another exception occurred:\n\n")
+            parts.append("\nThe above exception was the direct cause of the following exception:\n\n"
+                         if exc.__cause__ is not None else
+                         "\nDuring handling of the above exception, another exception occurred:\n\n")
         parts.append("Traceback (most recent call last):\n")
         parts.extend(traceback.format_tb(exc.__traceback__))
         parts.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {WITHHELD}\n")

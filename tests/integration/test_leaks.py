@@ -120,3 +120,24 @@ def test_cli_csv_cannot_carry_a_spreadsheet_formula(tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(listed.stdout)))
     assert [r["display_name"] for r in rows if r["login"] == "eve"] == ["'" + formula]
     assert _mode(tmp_path / "mi2b2.db") == 0o600  # the CLI, too, creates the database privately
+
+
+def test_the_python_client_searches_the_audit_trail_without_a_patient_in_the_url(tmp_path: Path) -> None:
+    from mi2b2.client import Mi2b2Client
+
+    ctx = build_context(load_site(tmp_path))
+    ctx.accounts.add_user(ROOT, "audrey", "auditor", None)
+    token = ctx.accounts.create_token(ROOT, "audrey", "test", 1).secret
+    urls: list[str] = []
+    app = create_app(ctx)
+
+    async def watched(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def, type-arg]
+        if scope["type"] == "http":
+            urls.append(scope["path"] + "?" + scope["query_string"].decode())
+        await app(scope, receive, send)
+
+    with serving(watched, log_level="critical") as url, Mi2b2Client(url, token) as client:
+        client.audit(patient=SECRET_MRN)  # an auditor's patient filter
+        found = client.audit(patient=SECRET_MRN)
+    assert [e["patient_id"] for e in found] == [SECRET_MRN] * 2  # both searches, each audited with its filter
+    assert urls and not any(SECRET_MRN in u for u in urls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import statistics
 import threading
 import time
@@ -20,6 +21,7 @@ from mi2b2.api.app import create_app
 from mi2b2.config import load_config
 from mi2b2.domain.principal import RESERVED_LOGINS, Principal, Role
 from mi2b2.errors import AccessDenied, ConfigError, InvalidInput
+from mi2b2.services import auth
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock
@@ -189,6 +191,32 @@ def test_unknown_and_known_logins_take_the_same_time(ctx: ServiceContext) -> Non
     known, unknown, disabled = (statistics.median(times[k]) for k in ("alice", "ghost", "dora"))
     assert 0.6 < unknown / known < 1.67, (known, unknown)
     assert 0.6 < disabled / known < 1.67, (known, disabled)
+
+
+def test_argon2_runs_outside_the_sqlite_write_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a password is hashed or checked, another connection can take SQLite's write lock at once."""
+    context = build_context(load_site(tmp_path), clock=FakeClock())
+    probes: list[str] = []
+
+    def write_lock_is_free(what: str) -> None:
+        other = sqlite3.connect(tmp_path / "mi2b2.db", timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" at once if a transaction holds the lock
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        probes.append(what)
+
+    real_hash, real_verify = auth.hash_password, auth.verify_password
+    monkeypatch.setattr(auth, "hash_password", lambda password: (write_lock_is_free("hash"), real_hash(password))[1])
+    monkeypatch.setattr(auth, "verify_password",
+                        lambda stored, password: (write_lock_is_free("verify"), real_verify(stored, password))[1])
+    context.accounts.add_user(ROOT, "alice", "researcher", PASSWORD)
+    context.accounts.login("alice", PASSWORD, "10.0.0.1")
+    _fail(context, "alice", "10.0.0.1")
+    _fail(context, "ghost", "10.0.0.1")
+    context.accounts.reset_password(ROOT, "alice", "a brand new password")
+    assert probes == ["hash", "verify", "verify", "verify", "hash"]
 
 
 # reserved logins ----------------------------------------------------------------------------------------

@@ -105,3 +105,13 @@ def test_refused_admin_calls_are_audited(client: TestClient, method: str, path: 
     denied = ctx.audit.list(ROOT, AuditFilter(actor="alice", action="denied"))
     assert len(denied) == 1 and denied[0].outcome == "denied"
     assert f'"operation":"{route}"' in denied[0].detail  # the route's template: no id from the URL
+
+
+def test_revoking_another_users_token_is_refused_and_audited(client: TestClient) -> None:
+    ctx = client.app.state.context  # type: ignore[attr-defined]
+    theirs = ctx.accounts.create_token(ROOT, "root", "admin's", 1)
+    _login(client, "alice")
+    assert client.delete(f"/api/v1/auth/tokens/{theirs.id}").status_code == 403
+    assert ctx.accounts.authenticate(theirs.secret) is not None
+    denied = ctx.audit.list(ROOT, AuditFilter(actor="alice", action="denied"))
+    assert len(denied) == 1 and "revoke another user's token" in denied[0].detail

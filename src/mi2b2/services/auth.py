@@ -190,9 +190,14 @@ class Accounts:
             if token is None:
                 raise NotFound(f"no token with id {token_id}; list them with `mi2b2 admin token list`")
             owner = session.get(User, token.user_id)
-            if not by.is_admin and (owner is None or owner.login != by.login):
-                raise AccessDenied("you may revoke only your own tokens")
-            token.revoked_at = token.revoked_at or self._clock.now()
+            allowed = by.is_admin or (owner is not None and owner.login == by.login)
+            if allowed:
+                token.revoked_at = token.revoked_at or self._clock.now()
+        if not allowed:
+            self._audit.record(by, Action.DENIED, Outcome.DENIED,
+                               detail={"reason": "not an admin", "operation": "revoke another user's token",
+                                       "token": token_id})
+            raise AccessDenied("you may revoke only your own tokens")
         self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "revoke", "token": token_id})
 
     def authenticate(self, secret: str, client: str = "") -> Principal | None:

@@ -29,14 +29,15 @@ from pydantic import (
 
 from mi2b2.domain.identifiers import problem_with
 from mi2b2.domain.mrn import AllowedMrn, InstitutionRules, MrnFormat, parse_allow_list
+from mi2b2.domain.principal import login_problem
 from mi2b2.domain.requests import RetryPolicy
 from mi2b2.domain.windows import WEEKDAYS, GovernanceWindow
 from mi2b2.errors import ConfigError, InvalidInput
 
-AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")  # printable ASCII but backslash
-IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}\Z")  # printable ASCII but backslash
+IDENTIFIER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\Z")
 WILDCARD_CHARS = set("*?\\")
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*\Z", re.IGNORECASE)
 SIZE_UNITS = {
     "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
@@ -256,6 +257,14 @@ class MemberConfig(Strict):
     login: str = Field(min_length=1, max_length=64)
     role: MemberRole = MemberRole.RESEARCHER
 
+    @field_validator("login")
+    @classmethod
+    def _user_login(cls, value: str) -> str:
+        problem = login_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class ProjectConfig(Strict):
     id: Identifier
@@ -292,6 +301,7 @@ class ServerConfig(Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     session_hours: float = Field(12, gt=0)
+    max_token_days: float = Field(90, gt=0, le=3650, description="the longest lifetime an API token may be given")
     run_worker: bool = True
     run_receiver: bool = True
     receiver_process: bool = Field(True, description="run the DICOM receiver in its own process (uses a second core)")

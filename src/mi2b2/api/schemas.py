@@ -31,7 +31,7 @@ class LoginBody(Body):
 
 class TokenBody(Body):
     name: str = Field("api token", max_length=200)
-    days: float | None = Field(90, gt=0, le=3650)
+    days: float | None = Field(None, gt=0, description="lifetime; at most, and by default, server.max_token_days")
 
 
 class MrnSearchBody(Body):

@@ -151,7 +151,7 @@ def institution_rows(text: str) -> list[tuple[int, str, str, str]] | None:
     return found
 
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 
 
 def looks_like_uid(value: str) -> bool:

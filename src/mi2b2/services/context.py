@@ -80,5 +80,6 @@ def build_context(
             apply_config(session, config)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
     audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
-    accounts = Accounts(sessions, clock, audit, config.server.session_hours)
+    accounts = Accounts(sessions, clock, audit, config.server.session_hours,
+                        config.server.max_token_days)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

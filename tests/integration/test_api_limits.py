@@ -55,7 +55,6 @@ ID_DOORS = [
     ("POST", "/api/v1/notifications/read", {"ids": ["{n}"]}),
     ("GET", "/api/v1/notifications?limit={n}", None),
     ("GET", "/api/v1/projects/alpha/queries?limit={n}", None),
-    ("GET", "/api/v1/audit?offset={n}", None),
     ("POST", "/api/v1/audit/search", {"offset": "{n}"}),
     ("POST", "/api/v1/projects/alpha/download/instance", {"download_id": "{n}", "study_uid": "1.2.3", "sop_uid": "1.2.3.4"}),
     ("GET", "/api/v1/projects/alpha/viewer/instances/1.2.3.4/frames/{n}.png", None),

@@ -1,0 +1,196 @@
+"""Every C-FIND mi2b2 sends passes here: the PACS's query limits, shared by all processes.
+
+`governed_opener` wraps the find opener of the service context: opening a find
+session first takes a query lease on the PACS (waiting up to
+``search.wait_seconds`` for one), and each C-FIND then waits for its slot.
+Slots are reserved from the database in runs (about half a second's worth), so
+the per-query cost is a sleep, not a database round trip. The decisions are
+the pure functions of domain/query_governance.py; this module owns the
+transactions, under a lock every process shares (PostgreSQL: an advisory
+lock; SQLite: the write lock ``BEGIN IMMEDIATE`` takes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import QueryLease, QueryPacer
+from mi2b2.adapters.process import pid_alive
+from mi2b2.config import PacsConfig, SiteConfig
+from mi2b2.domain.clock import Clock, as_utc
+from mi2b2.domain.query_governance import (
+    QueryLimits,
+    SlotRun,
+    batch_size,
+    may_open_association,
+    next_usable,
+    query_limits_at,
+    reserve_slots,
+    returned_cursor,
+)
+from mi2b2.errors import RetriableError
+from mi2b2.services.context import FindOpener, FindSessionPort
+
+QUERY_LOCK = 0x6D693251  # "mi2Q": one key for every process that governs queries
+POLL_SECONDS = (0.02, 0.25)  # first and longest pause between two tries for a lease
+
+
+def query_limits(pacs: PacsConfig, now: datetime) -> QueryLimits:
+    return query_limits_at([w.to_domain() for w in pacs.windows], now, ZoneInfo(pacs.timezone),
+                           pacs.default_max_concurrent_queries, pacs.default_queries_per_second)
+
+
+@dataclass
+class Lease:
+    id: int
+    pacs: PacsConfig
+    lease_seconds: float
+    run: SlotRun | None = None
+    used: int = 0  # slots of `run` taken or skipped
+
+
+class QueryGovernor:
+    def __init__(self, sessions: sessionmaker[Session], clock: Clock) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.holder = f"{self.host}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._sleep: Callable[[float], None] = getattr(clock, "sleep", time.sleep)
+
+    # --- leases: query associations open at once ----------------------------------------
+
+    def acquire(self, pacs: PacsConfig, lease_seconds: float, wait_seconds: float) -> Lease:
+        """A query lease on the PACS, or RetriableError naming why after ``wait_seconds``."""
+        started = self.clock.monotonic()
+        pause = POLL_SECONDS[0]
+        while True:
+            lease_id, reason = self._try_acquire(pacs, lease_seconds)
+            if lease_id is not None:
+                return Lease(lease_id, pacs, lease_seconds)
+            if self.clock.monotonic() - started >= wait_seconds:
+                raise RetriableError(f"PACS {pacs.id!r}: {reason}; the search was not sent, try again later")
+            self._sleep(pause)
+            pause = min(pause * 2, POLL_SECONDS[1])
+
+    def _try_acquire(self, pacs: PacsConfig, lease_seconds: float) -> tuple[int | None, str]:
+        now = self.clock.now()
+        with transaction(self.sessions) as session:
+            _lock(session)
+            live = self._live_leases(session, pacs.id, now)
+            reason = may_open_association(query_limits(pacs, now), live)
+            if reason is not None:
+                return None, reason
+            lease = QueryLease(pacs_id=pacs.id, holder=self.holder, host=self.host, pid=os.getpid(),
+                               acquired_at=now, expires_at=now + timedelta(seconds=lease_seconds))
+            session.add(lease)
+            session.flush()
+            return lease.id, ""
+
+    def _live_leases(self, session: Session, pacs_id: str, now: datetime) -> int:
+        """Count the PACS's leases after dropping the expired ones and those of dead processes here."""
+        session.execute(delete(QueryLease).where(QueryLease.expires_at < now))
+        here = session.execute(
+            select(QueryLease.id, QueryLease.pid).where(QueryLease.pacs_id == pacs_id, QueryLease.host == self.host)
+        ).all()
+        dead = [lease_id for lease_id, pid in here if pid != os.getpid() and not pid_alive(pid)]
+        if dead:
+            session.execute(delete(QueryLease).where(QueryLease.id.in_(dead)))
+        return session.execute(select(func.count()).where(QueryLease.pacs_id == pacs_id)).scalar_one()
+
+    def release(self, lease: Lease) -> None:
+        now = self.clock.now()
+        with transaction(self.sessions) as session:
+            _lock(session)
+            if lease.run is not None:
+                pacer = session.get(QueryPacer, lease.pacs.id)
+                if pacer is not None:
+                    cursor = as_utc(pacer.next_slot_at) if pacer.next_slot_at else None
+                    pacer.next_slot_at = returned_cursor(cursor, lease.run, lease.used, now)
+            session.execute(delete(QueryLease).where(QueryLease.id == lease.id))
+
+    # --- slots: C-FINDs per second ---------------------------------------------------------
+
+    def take_slot(self, lease: Lease) -> None:
+        """Return when one C-FIND may be sent on this lease's association."""
+        while True:
+            now = self.clock.now()
+            usable = next_usable(lease.run, lease.used, now) if lease.run is not None else None
+            if usable is None:
+                lease.run, lease.used = self._reserve(lease), 0
+                continue
+            index, wait = usable
+            if wait > timedelta(0):
+                lease.used = index
+                self._sleep(wait.total_seconds())
+                continue  # re-check: a sleep that overslept must not send late
+            lease.used = index + 1
+            return
+
+    def _reserve(self, lease: Lease) -> SlotRun:
+        now = self.clock.now()
+        with transaction(self.sessions) as session:
+            _lock(session)
+            limits = query_limits(lease.pacs, now)
+            if limits.closed:
+                raise RetriableError(f"PACS {lease.pacs.id!r} is closed to queries now (governance window "
+                                     f"{limits.window!r}); the search stopped and can be run again when it opens")
+            row = session.get(QueryLease, lease.id)
+            if row is None:  # expired while we were not looking: take a slot again, or stop
+                reason = may_open_association(limits, self._live_leases(session, lease.pacs.id, now))
+                if reason is not None:
+                    raise RetriableError(f"PACS {lease.pacs.id!r}: {reason}; the search stopped, try again later")
+                row = QueryLease(id=lease.id, pacs_id=lease.pacs.id, holder=self.holder, host=self.host,
+                                 pid=os.getpid(), acquired_at=now, expires_at=now)
+                session.add(row)
+            row.expires_at = now + timedelta(seconds=lease.lease_seconds)
+            pacer = session.get(QueryPacer, lease.pacs.id)
+            if pacer is None:
+                pacer = QueryPacer(pacs_id=lease.pacs.id, next_slot_at=None)
+                session.add(pacer)
+            run = reserve_slots(now, as_utc(pacer.next_slot_at) if pacer.next_slot_at else None, limits,
+                                batch_size(limits))
+            if limits.per_second:
+                pacer.next_slot_at = run.end
+            return run
+
+
+class GovernedFindSession:
+    def __init__(self, governor: QueryGovernor, lease: Lease, inner: FindSessionPort) -> None:
+        self.governor = governor
+        self.lease = lease
+        self.inner = inner
+
+    def find(self, model: str, level: str, keys: Mapping[str, str | None]) -> list[dict[str, str]]:
+        self.governor.take_slot(self.lease)
+        return self.inner.find(model, level, keys)
+
+
+def governed_opener(governor: QueryGovernor, inner: FindOpener) -> FindOpener:
+    """A find opener whose sessions hold a query lease and send each C-FIND in its slot."""
+
+    @contextmanager
+    def open_governed(config: SiteConfig, pacs: PacsConfig) -> Iterator[GovernedFindSession]:
+        lease = governor.acquire(pacs, config.search.lease_seconds, config.search.wait_seconds)
+        try:
+            with inner(config, pacs) as session:
+                yield GovernedFindSession(governor, lease, session)
+        finally:
+            governor.release(lease)
+
+    return open_governed
+
+
+def _lock(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": QUERY_LOCK})

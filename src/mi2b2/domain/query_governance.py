@@ -8,20 +8,21 @@ holds one budget per PACS.
 * Concurrency: each open query association holds a **lease** (a database row
   with an expiry, renewed while it is used). A process killed mid-search stops
   renewing; its slot comes back when the lease expires, or at once when a
-  process on the same host sees that its pid is gone.
-* Rate: C-FIND **slots** are handed out one after another, at most
-  ``queries_per_second`` apart, from one pacing cursor per PACS (the time of
-  the next free slot). A process reserves a run of slots at once, so it pays
-  one database round trip per batch, not per C-FIND.
-* Two margins keep the promise at the PACS's end of the wire, not only on
-  paper: slots are paced ``PACING_HEADROOM`` slower than the configured rate,
-  and a slot is good only until ``SLOT_TOLERANCE`` after its time (a thread
-  that wakes up later skips it and takes its next one). Any second at the PACS
-  then holds at most the configured number of queries, whatever the jitter.
+  process on the same host sees that its pid is gone. Searches waiting for a
+  lease are served in the order they asked.
+* Rate: time is cut into **buckets** (at most 20 a second) and each bucket may
+  hold ``per_bucket`` queries, so few that any one second (which overlaps at
+  most one bucket more than it holds) sees no more than ``queries_per_second``.
+  Several associations share a bucket, so together they can use the whole rate
+  even when one association alone is slower than it. A process takes a part of
+  a bucket in one database round trip and spends it without asking again.
+* A query is sent only in the first part of its bucket (``GUARD`` before its
+  end), so that it reaches the PACS inside the same bucket: the promise holds
+  at the PACS's end of the wire, not only on our side.
 * A window that closes the PACS closes it to searches too: the window is the
   site's word that the PACS belongs to clinical work then, and a 20,000-MRN
   cohort is the last thing it wants. Jobs wait for the window to open;
-  interactive searches are refused with the time of the window's name.
+  interactive searches are refused, naming the window.
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from mi2b2.domain.windows import GovernanceWindow
 
-PACING_HEADROOM = 0.05  # pace 5% slower than allowed...
-# ...so that a slot used up to 25 ms late, and reaching the PACS up to 25 ms after that, still
-# leaves every second at the PACS within the rate (late + wire <= headroom x one second).
-SLOT_TOLERANCE = timedelta(milliseconds=25)
-BATCH_SECONDS = 0.5  # a reservation covers about this much time at the paced rate
-UNPACED_BATCH = 256  # slots per reservation when no rate is set (the lease is renewed with each)
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # buckets are counted from here, the same in every process
+MAX_BUCKETS_PER_SECOND = 20
+GUARD = timedelta(milliseconds=15)  # no query is sent this close to its bucket's end
+UNPACED_BATCH = 256  # queries per grant when no rate is set (the lease is renewed with each grant)
+UNPACED_RENEWAL = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,6 @@ class QueryLimits:
     closed: bool
     max_concurrent: int
     per_second: float | None
-
-    @property
-    def interval(self) -> timedelta:
-        """Time between two slots, with the headroom."""
-        if not self.per_second:
-            return timedelta(0)
-        return timedelta(seconds=(1 + PACING_HEADROOM) / self.per_second)
 
 
 def query_limits_at(
@@ -77,65 +70,86 @@ def query_limits_at(
     return QueryLimits("default", False, default_max_concurrent, default_rate)
 
 
-def may_open_association(limits: QueryLimits, live_leases: int) -> str | None:
-    """None if one more query association may open now, else why it must wait."""
+def may_open_association(limits: QueryLimits, open_now: int, waiting_ahead: int = 0) -> str | None:
+    """None if one more query association may open now, else why it must wait.
+
+    Searches are served in the order they asked: one that has others waiting
+    ahead of it waits too, so a job that gives its association back between
+    batches cannot take it again before an interactive search that was waiting."""
     if limits.closed:
         return f"the PACS is closed to queries now (governance window {limits.window!r})"
-    if live_leases >= limits.max_concurrent:
-        return f"{live_leases} query associations are open, the most this PACS allows now"
+    if open_now >= limits.max_concurrent:
+        return f"{open_now} query associations are open, the most this PACS allows now"
+    if open_now + waiting_ahead >= limits.max_concurrent:
+        return f"{waiting_ahead} searches are waiting ahead for this PACS's {limits.max_concurrent} query associations"
     return None
 
 
 @dataclass(frozen=True)
-class SlotRun:
-    """``count`` C-FIND slots: the first at ``first``, then one every ``interval``."""
+class Pacing:
+    bucket: timedelta  # length of one bucket
+    per_bucket: int  # queries one bucket may hold
+    usable: timedelta  # queries are sent only in the first `usable` of their bucket
 
-    first: datetime
-    interval: timedelta
+
+def pacing_for(per_second: float) -> Pacing:
+    """Buckets for a rate. A half-open second overlaps at most m + 1 buckets of 1/m s,
+    so m + 1 buckets' worth of queries must fit in the rate. Below 2 per second one
+    query per bucket, and buckets twice as long as the gap the rate asks for."""
+    if per_second >= 2:
+        per_second_buckets = max(1, min(MAX_BUCKETS_PER_SECOND, math.floor(per_second) - 1))
+        bucket = timedelta(seconds=1 / per_second_buckets)
+        return Pacing(bucket, math.floor(per_second / (per_second_buckets + 1)), bucket - GUARD)
+    bucket = timedelta(seconds=2 * max(1.0, 1 / per_second))
+    return Pacing(bucket, 1, bucket / 2 - GUARD)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """``count`` queries that may be sent from ``start`` until ``deadline`` (never after)."""
+
+    start: datetime
+    deadline: datetime
     count: int
-
-    def at(self, index: int) -> datetime:
-        return self.first + self.interval * index
-
-    @property
-    def end(self) -> datetime:
-        """Where the pacing cursor stands after this run."""
-        return self.at(self.count)
+    bucket: int | None  # None when no rate is set
 
 
-def batch_size(limits: QueryLimits, wanted: int | None = None) -> int:
-    """How many slots one reservation takes: about BATCH_SECONDS worth, never fewer than one."""
-    size = max(1, math.ceil(limits.per_second * BATCH_SECONDS)) if limits.per_second else UNPACED_BATCH
-    return min(size, wanted) if wanted else size
+@dataclass(frozen=True)
+class PacerState:
+    """The shared counter of one PACS: the latest bucket handed out and how full it is."""
+
+    bucket: int | None
+    used: int
 
 
-def reserve_slots(now: datetime, cursor: datetime | None, limits: QueryLimits, count: int) -> SlotRun:
-    """The next ``count`` slots on a PACS whose pacing cursor stands at ``cursor``.
+def grant_queries(now: datetime, state: PacerState, limits: QueryLimits) -> tuple[Grant, PacerState]:
+    """The next queries one association may send, and the counter after handing them out.
 
-    A cursor in the past is not credit: slots never start before ``now``, so an
-    idle PACS does not earn a burst."""
-    if count < 1:
-        raise ValueError("reserve at least one slot")
-    first = now if cursor is None or cursor < now else cursor
-    return SlotRun(first, limits.interval, count)
-
-
-def next_usable(run: SlotRun, index: int, now: datetime) -> tuple[int, timedelta] | None:
-    """From slot ``index`` on, the first slot still good at ``now`` and how long to wait for it;
-    None when the run is used up. Slots more than SLOT_TOLERANCE in the past are skipped."""
-    if run.interval == timedelta(0):
-        return (index, timedelta(0)) if index < run.count else None
-    while index < run.count:
-        slot = run.at(index)
-        if now <= slot + SLOT_TOLERANCE:
-            return index, max(timedelta(0), slot - now)
+    One association takes its share of a bucket (the bucket split among the
+    associations allowed at once), so the others find room in the same bucket."""
+    if not limits.per_second:
+        return Grant(now, now + UNPACED_RENEWAL, UNPACED_BATCH, None), state
+    pacing = pacing_for(limits.per_second)
+    index = (now - EPOCH) // pacing.bucket
+    if now >= _bucket_start(index, pacing) + pacing.usable:
         index += 1
-    return None
+    used = 0
+    if state.bucket is not None and state.bucket >= index:
+        index, used = state.bucket, state.used
+    if used >= pacing.per_bucket:
+        index, used = index + 1, 0
+    share = max(1, math.ceil(pacing.per_bucket / max(1, limits.max_concurrent)))
+    count = min(share, pacing.per_bucket - used)
+    start = _bucket_start(index, pacing)
+    return Grant(max(start, now), start + pacing.usable, count, index), PacerState(index, used + count)
 
 
-def returned_cursor(cursor: datetime | None, run: SlotRun, used: int, now: datetime) -> datetime | None:
-    """Give back the unused tail of a run, if nobody reserved after it: the cursor moves back
-    to the first unused slot (never before now, so nothing at the PACS can bunch up)."""
-    if cursor is None or cursor != run.end or used >= run.count:
-        return cursor
-    return max(run.at(used), now)
+def returned(state: PacerState, grant: Grant, unused: int, now: datetime) -> PacerState:
+    """Give back what a grant did not use, while its bucket is still the latest and open."""
+    if grant.bucket is None or unused <= 0 or state.bucket != grant.bucket or now >= grant.deadline:
+        return state
+    return PacerState(state.bucket, max(0, state.used - unused))
+
+
+def _bucket_start(index: int, pacing: Pacing) -> datetime:
+    return EPOCH + pacing.bucket * index

@@ -3,8 +3,9 @@
 `governed_opener` wraps the find opener of the service context: opening a find
 session first takes a query lease on the PACS (waiting up to
 ``search.wait_seconds`` for one), and each C-FIND then waits for its slot.
-Slots are reserved from the database in runs (about half a second's worth), so
-the per-query cost is a sleep, not a database round trip. The decisions are
+Queries are granted from the database a share of a rate bucket at a time, so
+the per-query cost is a counter in memory (and at most a sleep), not a
+database round trip. The decisions are
 the pure functions of domain/query_governance.py; this module owns the
 transactions, under a lock every process shares (PostgreSQL: an advisory
 lock; SQLite: the write lock ``BEGIN IMMEDIATE`` takes).
@@ -28,22 +29,22 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import QueryLease, QueryPacer
 from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig, SiteConfig
-from mi2b2.domain.clock import Clock, as_utc
+from mi2b2.domain.clock import Clock
 from mi2b2.domain.query_governance import (
+    Grant,
+    PacerState,
     QueryLimits,
-    SlotRun,
-    batch_size,
+    grant_queries,
     may_open_association,
-    next_usable,
     query_limits_at,
-    reserve_slots,
-    returned_cursor,
+    returned,
 )
 from mi2b2.errors import RetriableError
 from mi2b2.services.context import FindOpener, FindSessionPort
 
 QUERY_LOCK = 0x6D693251  # "mi2Q": one key for every process that governs queries
 POLL_SECONDS = (0.02, 0.25)  # first and longest pause between two tries for a lease
+PLACE_IN_LINE = timedelta(seconds=5)  # a waiting search that stops asking loses its place after this
 
 
 def query_limits(pacs: PacsConfig, now: datetime) -> QueryLimits:
@@ -56,8 +57,8 @@ class Lease:
     id: int
     pacs: PacsConfig
     lease_seconds: float
-    run: SlotRun | None = None
-    used: int = 0  # slots of `run` taken or skipped
+    grant: Grant | None = None
+    left: int = 0  # queries of `grant` not sent yet
 
 
 class QueryGovernor:
@@ -74,31 +75,45 @@ class QueryGovernor:
         """A query lease on the PACS, or RetriableError naming why after ``wait_seconds``."""
         started = self.clock.monotonic()
         pause = POLL_SECONDS[0]
-        while True:
-            lease_id, reason = self._try_acquire(pacs, lease_seconds)
-            if lease_id is not None:
-                return Lease(lease_id, pacs, lease_seconds)
-            if self.clock.monotonic() - started >= wait_seconds:
-                raise RetriableError(f"PACS {pacs.id!r}: {reason}; the search was not sent, try again later")
-            self._sleep(pause)
-            pause = min(pause * 2, POLL_SECONDS[1])
+        ticket: int | None = None
+        try:
+            while True:
+                ticket, granted, reason = self._try_acquire(pacs, lease_seconds, ticket)
+                if granted:
+                    return Lease(ticket, pacs, lease_seconds)
+                if self.clock.monotonic() - started >= wait_seconds:
+                    raise RetriableError(f"PACS {pacs.id!r}: {reason}; the search was not sent, try again later")
+                self._sleep(pause)
+                pause = min(pause * 2, POLL_SECONDS[1])
+        except BaseException:
+            if ticket is not None:
+                self._drop(ticket)
+            raise
 
-    def _try_acquire(self, pacs: PacsConfig, lease_seconds: float) -> tuple[int | None, str]:
+    def _try_acquire(self, pacs: PacsConfig, lease_seconds: float, ticket: int | None) -> tuple[int, bool, str]:
+        """Take our place in line (or keep it), and the lease if our turn has come."""
         now = self.clock.now()
         with transaction(self.sessions) as session:
             _lock(session)
-            live = self._live_leases(session, pacs.id, now)
-            reason = may_open_association(query_limits(pacs, now), live)
-            if reason is not None:
-                return None, reason
-            lease = QueryLease(pacs_id=pacs.id, holder=self.holder, host=self.host, pid=os.getpid(),
-                               acquired_at=now, expires_at=now + timedelta(seconds=lease_seconds))
-            session.add(lease)
-            session.flush()
-            return lease.id, ""
+            granted = self._live_leases(session, pacs.id, now)
+            row = session.get(QueryLease, ticket) if ticket is not None else None
+            if row is None:  # first try, or our place expired: join the end of the line
+                row = QueryLease(pacs_id=pacs.id, holder=self.holder, host=self.host, pid=os.getpid(),
+                                 granted=False, acquired_at=now, expires_at=now)
+                session.add(row)
+                session.flush()
+            row.expires_at = now + PLACE_IN_LINE
+            ahead = session.execute(select(func.count()).where(
+                QueryLease.pacs_id == pacs.id, QueryLease.granted.is_(False), QueryLease.id < row.id,
+            )).scalar_one()
+            reason = may_open_association(query_limits(pacs, now), granted, ahead)
+            if reason is None:
+                row.granted, row.acquired_at = True, now
+                row.expires_at = now + timedelta(seconds=lease_seconds)
+            return row.id, reason is None, reason or ""
 
     def _live_leases(self, session: Session, pacs_id: str, now: datetime) -> int:
-        """Count the PACS's leases after dropping the expired ones and those of dead processes here."""
+        """Granted leases of the PACS, after dropping expired rows and those of dead processes here."""
         session.execute(delete(QueryLease).where(QueryLease.expires_at < now))
         here = session.execute(
             select(QueryLease.id, QueryLease.pid).where(QueryLease.pacs_id == pacs_id, QueryLease.host == self.host)
@@ -106,17 +121,23 @@ class QueryGovernor:
         dead = [lease_id for lease_id, pid in here if pid != os.getpid() and not pid_alive(pid)]
         if dead:
             session.execute(delete(QueryLease).where(QueryLease.id.in_(dead)))
-        return session.execute(select(func.count()).where(QueryLease.pacs_id == pacs_id)).scalar_one()
+        return session.execute(
+            select(func.count()).where(QueryLease.pacs_id == pacs_id, QueryLease.granted.is_(True))
+        ).scalar_one()
+
+    def _drop(self, ticket: int) -> None:
+        with transaction(self.sessions) as session:
+            session.execute(delete(QueryLease).where(QueryLease.id == ticket))
 
     def release(self, lease: Lease) -> None:
         now = self.clock.now()
         with transaction(self.sessions) as session:
             _lock(session)
-            if lease.run is not None:
+            if lease.grant is not None and lease.left:
                 pacer = session.get(QueryPacer, lease.pacs.id)
                 if pacer is not None:
-                    cursor = as_utc(pacer.next_slot_at) if pacer.next_slot_at else None
-                    pacer.next_slot_at = returned_cursor(cursor, lease.run, lease.used, now)
+                    state = returned(PacerState(pacer.bucket, pacer.used), lease.grant, lease.left, now)
+                    pacer.bucket, pacer.used = state.bucket, state.used
             session.execute(delete(QueryLease).where(QueryLease.id == lease.id))
 
     # --- slots: C-FINDs per second ---------------------------------------------------------
@@ -125,19 +146,17 @@ class QueryGovernor:
         """Return when one C-FIND may be sent on this lease's association."""
         while True:
             now = self.clock.now()
-            usable = next_usable(lease.run, lease.used, now) if lease.run is not None else None
-            if usable is None:
-                lease.run, lease.used = self._reserve(lease), 0
-                continue
-            index, wait = usable
-            if wait > timedelta(0):
-                lease.used = index
-                self._sleep(wait.total_seconds())
-                continue  # re-check: a sleep that overslept must not send late
-            lease.used = index + 1
-            return
+            grant = lease.grant
+            if grant is not None and lease.left > 0 and now < grant.deadline:
+                if now < grant.start:
+                    self._sleep((grant.start - now).total_seconds())
+                    continue  # re-check: a sleep that overslept must not send late
+                lease.left -= 1
+                return
+            lease.grant = self._reserve(lease)
+            lease.left = lease.grant.count
 
-    def _reserve(self, lease: Lease) -> SlotRun:
+    def _reserve(self, lease: Lease) -> Grant:
         now = self.clock.now()
         with transaction(self.sessions) as session:
             _lock(session)
@@ -151,18 +170,16 @@ class QueryGovernor:
                 if reason is not None:
                     raise RetriableError(f"PACS {lease.pacs.id!r}: {reason}; the search stopped, try again later")
                 row = QueryLease(id=lease.id, pacs_id=lease.pacs.id, holder=self.holder, host=self.host,
-                                 pid=os.getpid(), acquired_at=now, expires_at=now)
+                                 pid=os.getpid(), granted=True, acquired_at=now, expires_at=now)
                 session.add(row)
             row.expires_at = now + timedelta(seconds=lease.lease_seconds)
             pacer = session.get(QueryPacer, lease.pacs.id)
             if pacer is None:
-                pacer = QueryPacer(pacs_id=lease.pacs.id, next_slot_at=None)
+                pacer = QueryPacer(pacs_id=lease.pacs.id, bucket=None, used=0)
                 session.add(pacer)
-            run = reserve_slots(now, as_utc(pacer.next_slot_at) if pacer.next_slot_at else None, limits,
-                                batch_size(limits))
-            if limits.per_second:
-                pacer.next_slot_at = run.end
-            return run
+            grant, state = grant_queries(now, PacerState(pacer.bucket, pacer.used), limits)
+            pacer.bucket, pacer.used = state.bucket, state.used
+            return grant
 
 
 class GovernedFindSession:

@@ -318,9 +318,10 @@ class AuditHead(Base):
 
 
 class QueryLease(Base):
-    """One open query association on a PACS: searches count these against
-    ``max_concurrent_queries``. A lease nobody renews expires, so a killed
-    process cannot hold a slot for ever."""
+    """One open query association on a PACS (``granted``), or a search waiting for
+    one: searches count the granted ones against ``max_concurrent_queries`` and
+    are served in the order they asked. A lease nobody renews expires, so a
+    killed process cannot hold a slot, or its place in line, for ever."""
 
     __tablename__ = "query_leases"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -328,17 +329,20 @@ class QueryLease(Base):
     holder: Mapped[str] = mapped_column(String(128))
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    granted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     __table_args__ = (Index("ix_query_leases_pacs_expires", "pacs_id", "expires_at"),)
 
 
 class QueryPacer(Base):
-    """Per PACS, the time of the next free C-FIND slot (see domain/query_governance.py)."""
+    """Per PACS, the latest rate bucket handed out and how many queries it holds
+    (see domain/query_governance.py)."""
 
     __tablename__ = "query_pacers"
     pacs_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    next_slot_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    bucket: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class SearchJob(Base):

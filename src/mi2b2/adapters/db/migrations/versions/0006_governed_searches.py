@@ -21,6 +21,7 @@ def upgrade() -> None:
     sa.Column('holder', sa.String(length=128), nullable=False),
     sa.Column('host', sa.String(length=255), nullable=False),
     sa.Column('pid', sa.Integer(), nullable=False),
+    sa.Column('granted', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.Column('acquired_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_query_leases'))
@@ -28,7 +29,8 @@ def upgrade() -> None:
     op.create_index('ix_query_leases_pacs_expires', 'query_leases', ['pacs_id', 'expires_at'], unique=False)
     op.create_table('query_pacers',
     sa.Column('pacs_id', sa.String(length=64), nullable=False),
-    sa.Column('next_slot_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('bucket', sa.BigInteger(), nullable=True),
+    sa.Column('used', sa.Integer(), nullable=False),
     sa.PrimaryKeyConstraint('pacs_id', name=op.f('pk_query_pacers'))
     )
     op.create_table('search_jobs',

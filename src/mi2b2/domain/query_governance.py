@@ -12,7 +12,8 @@ holds one budget per PACS.
   lease are served in the order they asked.
 * Rate: time is cut into **buckets** (at most 20 a second) and each bucket may
   hold ``per_bucket`` queries, so few that any one second (which overlaps at
-  most one bucket more than it holds) sees no more than ``queries_per_second``.
+  most one bucket more than it holds), even with a query held up on the wire
+  for a whole bucket, sees no more than ``queries_per_second``.
   Several associations share a bucket, so together they can use the whole rate
   even when one association alone is slower than it. A process takes a part of
   a bucket in one database round trip and spends it without asking again.
@@ -38,6 +39,7 @@ from mi2b2.domain.windows import GovernanceWindow
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # buckets are counted from here, the same in every process
 MAX_BUCKETS_PER_SECOND = 20
 GUARD = timedelta(milliseconds=15)  # no query is sent this close to its bucket's end
+LOW_RATE_USABLE = timedelta(milliseconds=100)
 UNPACED_BATCH = 256  # queries per grant when no rate is set (the lease is renewed with each grant)
 UNPACED_RENEWAL = timedelta(seconds=10)
 
@@ -93,15 +95,19 @@ class Pacing:
 
 
 def pacing_for(per_second: float) -> Pacing:
-    """Buckets for a rate. A half-open second overlaps at most m + 1 buckets of 1/m s,
-    so m + 1 buckets' worth of queries must fit in the rate. Below 2 per second one
-    query per bucket, and buckets twice as long as the gap the rate asks for."""
-    if per_second >= 2:
-        per_second_buckets = max(1, min(MAX_BUCKETS_PER_SECOND, math.floor(per_second) - 1))
-        bucket = timedelta(seconds=1 / per_second_buckets)
-        return Pacing(bucket, math.floor(per_second / (per_second_buckets + 1)), bucket - GUARD)
-    bucket = timedelta(seconds=2 * max(1.0, 1 / per_second))
-    return Pacing(bucket, 1, bucket / 2 - GUARD)
+    """Buckets for a rate. A half-open second overlaps at most m + 1 buckets of 1/m s;
+    m + 2 buckets' worth of queries must fit in the rate, so that a query held up
+    on its way to the PACS by as much as a whole bucket still cannot make any
+    second there exceed the rate. Below 3 per second: one query per bucket, sent
+    in its first LOW_RATE_USABLE, buckets so long that two queries are always more
+    than a second (or 1/rate) and LOW_RATE_USABLE apart."""
+    if per_second >= 3:
+        # As many buckets as use the most of the rate (ties: the finer).
+        buckets = max(range(1, MAX_BUCKETS_PER_SECOND + 1), key=lambda m: (m * math.floor(per_second / (m + 2)), m))
+        bucket = timedelta(seconds=1 / buckets)
+        return Pacing(bucket, math.floor(per_second / (buckets + 2)), bucket - GUARD)
+    bucket = timedelta(seconds=max(1.0, 1 / per_second)) + 2 * LOW_RATE_USABLE
+    return Pacing(bucket, 1, LOW_RATE_USABLE)
 
 
 @dataclass(frozen=True)

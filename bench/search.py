@@ -155,7 +155,7 @@ def time_job(url: str, token: str, mrns: list[str]) -> tuple[float, set[str]]:
             raise BenchFailure(f"mi2b2 did not start a search job: HTTP {response.status_code} {response.text[:500]}")
         job_id = response.json()["job_id"]
         while (status := http.get(f"/api/v1/search/jobs/{job_id}").json())["state"] in ("queued", "running"):
-            time.sleep(0.05)
+            time.sleep(0.1)
         elapsed = time.perf_counter() - started
         if status["state"] != "completed":
             raise BenchFailure(f"search job {job_id} {status['state']}: {status.get('error')}")

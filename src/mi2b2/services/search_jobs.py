@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from sqlalchemy import func, insert, select, update
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import SearchJob, SearchJobItem, SearchJobPart, User, Worker
 from mi2b2.adapters.process import pid_alive
+from mi2b2.config import PacsConfig, SiteConfig
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import cap_per_patient
 from mi2b2.domain.identifiers import parse_identifier_text
@@ -33,7 +35,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import search
 from mi2b2.services.audit import Action, Outcome
-from mi2b2.services.context import ServiceContext
+from mi2b2.services.context import FindSessionPort, ServiceContext
 
 KINDS: dict[str, Callable[[ServiceContext, Principal, str, str, str], search.SearchReport]] = {
     "patients": search.search_patients,
@@ -43,6 +45,7 @@ KINDS: dict[str, Callable[[ServiceContext, Principal, str, str, str], search.Sea
 QUEUED, RUNNING, COMPLETED, CANCELED, FAILED = "queued", "running", "completed", "canceled", "failed"
 ACTIVE = (QUEUED, RUNNING)
 RETRY_PAUSE = 2.0  # seconds a job waits after the PACS was closed or busy, checking for cancel meanwhile
+KEEP_ASSOCIATION_SECONDS = 5.0  # a job keeps its query association across batches this long, then gives it back
 
 
 @dataclass(frozen=True)
@@ -217,9 +220,53 @@ def _orphaned(job: SearchJob, workers: dict[str, Worker], now: datetime) -> bool
     return worker.host == socket.gethostname() and not pid_alive(worker.pid)
 
 
+class _KeptAssociation:
+    """The job's governed find session, kept from one batch to the next (no new
+    association per batch) but given back every KEEP_ASSOCIATION_SECONDS, so a
+    search waiting in line for the PACS gets its turn."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.opener = ctx.open_find
+        self.clock = ctx.clock
+        self._stack: ExitStack | None = None
+        self._session: FindSessionPort | None = None
+        self._opened_at = 0.0
+
+    @contextmanager
+    def open(self, config: SiteConfig, pacs: PacsConfig) -> Iterator[FindSessionPort]:
+        if self._session is None:
+            stack = ExitStack()
+            self._session = stack.enter_context(self.opener(config, pacs))
+            self._stack, self._opened_at = stack, self.clock.monotonic()
+        try:
+            yield self._session
+        except BaseException:
+            self.close()
+            raise
+
+    def between_batches(self) -> None:
+        if self.clock.monotonic() - self._opened_at >= KEEP_ASSOCIATION_SECONDS:
+            self.close()
+
+    def close(self) -> None:
+        stack, self._stack, self._session = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
 def run_job(ctx: ServiceContext, job_id: int, worker_id: str, stopping: Callable[[], bool] = lambda: False) -> str:
     """Search batch after batch until the job is done, canceled, refused or this worker stops."""
+    kept = _KeptAssociation(ctx)
+    try:
+        return _run_batches(replace(ctx, open_find=kept.open), job_id, worker_id, stopping, kept)
+    finally:
+        kept.close()
+
+
+def _run_batches(ctx: ServiceContext, job_id: int, worker_id: str, stopping: Callable[[], bool],
+                 kept: _KeptAssociation) -> str:
     while not stopping():
+        kept.between_batches()
         job = _still_mine(ctx, job_id, worker_id)
         if job is None:
             return "gone"
@@ -234,6 +281,7 @@ def run_job(ctx: ServiceContext, job_id: int, worker_id: str, stopping: Callable
         except AccessDenied as exc:  # removed from the project, IRB expired, ...: already audited by the door
             return _finish(ctx, job_id, worker_id, CANCELED, f"stopped: {exc}")
         except RetriableError as exc:  # PACS closed, busy or unreachable: wait, then try the same batch again
+            kept.close()
             _wait(ctx, job_id, worker_id, str(exc), stopping)
             continue
         except Mi2b2Error as exc:

@@ -296,6 +296,7 @@ class SearchConfig(Strict):
 
     job_threshold: int = Field(200, ge=1, description="more identifiers than this run as a search job")
     job_batch: int = Field(100, ge=1, description="identifiers a job searches between two IRB checks")
+    max_identifiers: int = Field(100_000, ge=1, description="identifiers one search may name at most")
     lease_seconds: float = Field(60, gt=0, description="a query slot of a killed process frees after this")
     wait_seconds: float = Field(30, ge=0, description="how long an interactive search waits for a query slot")
 

@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import SearchJob
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
-from mi2b2.errors import AccessDenied, NotFound, RetriableError
+from mi2b2.errors import AccessDenied, InvalidInput, NotFound, RetriableError
 from mi2b2.services import search, search_jobs
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
@@ -197,6 +198,18 @@ def test_a_closed_window_holds_searches_and_jobs(tmp_path: Path, database_url: s
         worker.join(30)
     assert job_state(ctx, ticket.job_id).state == "running" and job_state(ctx, ticket.job_id).done == 0
     assert proxy.seen.finds == [] and proxy.seen.opened_at == []  # the PACS saw nothing at all
+
+
+def test_a_list_too_long_is_refused_naming_the_fix(tmp_path: Path, database_url: str, orthanc: RunningPacs,
+                                                   proxy: Proxy) -> None:
+    path = site(tmp_path, database_url, proxy, orthanc, "", cohort(10), "max_identifiers = 500\n")
+    (ctx,) = contexts(path, 1)
+    huge = "\n".join(f"ACC{i}" for i in range(501))
+    with pytest.raises(InvalidInput, match="501 accession numbers .* at most 500 .* split the list"):
+        search_jobs.submit(ctx, ALICE, "accessions", "alpha", "main", huge)
+    with ctx.sessions() as session:
+        assert session.scalars(select(SearchJob)).all() == []
+    assert proxy.seen.finds == []
 
 
 def _run_until(ctx: ServiceContext, job_id: int, done_at_least: int) -> tuple[threading.Thread, threading.Event]:

@@ -28,7 +28,6 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import SearchJob, SearchJobItem, SearchJobPart, User, Worker
 from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig, SiteConfig
-from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import cap_per_patient
 from mi2b2.domain.identifiers import parse_identifier_text
 from mi2b2.domain.principal import Principal, Role
@@ -65,7 +64,11 @@ def submit(ctx: ServiceContext, who: Principal, kind: str, project_id: str, pacs
     if kind not in KINDS:
         raise InvalidInput(f"unknown search kind {kind!r}; use one of {sorted(KINDS)}")
     what = "accession number" if kind == "accessions" else "MRN"
-    if len(parse_identifier_text(text, kind=what).unique) <= ctx.config.search.job_threshold:
+    count = len(parse_identifier_text(text, kind=what).unique)
+    if count > ctx.config.search.max_identifiers:
+        raise InvalidInput(f"{count} {what}s in one search; at most {ctx.config.search.max_identifiers} are taken at "
+                           "once: split the list into several searches")
+    if count <= ctx.config.search.job_threshold:
         return KINDS[kind](ctx, who, project_id, pacs_id, text)
     return create_job(ctx, who, kind, project_id, pacs_id, text)
 
@@ -203,7 +206,7 @@ def claim_jobs(ctx: ServiceContext, worker_id: str, limit: int) -> list[int]:
         workers = {w.id: w for w in session.scalars(select(Worker))}
         claimed = []
         for job in session.scalars(select(SearchJob).where(SearchJob.state.in_(ACTIVE)).order_by(SearchJob.id)):
-            if job.state == RUNNING and not _orphaned(job, workers, now):
+            if job.state == RUNNING and not _orphaned(job, workers):
                 continue
             job.state, job.worker, job.lease_until = RUNNING, worker_id, now + lease
             job.started_at = job.started_at or now
@@ -213,9 +216,12 @@ def claim_jobs(ctx: ServiceContext, worker_id: str, limit: int) -> list[int]:
     return claimed
 
 
-def _orphaned(job: SearchJob, workers: dict[str, Worker], now: datetime) -> bool:
+def _orphaned(job: SearchJob, workers: dict[str, Worker]) -> bool:
+    """Its worker is gone: no worker row (retired, or dropped when its heartbeat went stale),
+    or a process on this host that no longer exists. A live worker's job is never taken
+    from it, however long one batch takes on a slow PACS."""
     worker = workers.get(job.worker or "")
-    if worker is None or job.lease_until is None or as_utc(job.lease_until) < now:
+    if worker is None:
         return True
     return worker.host == socket.gethostname() and not pid_alive(worker.pid)
 
@@ -252,6 +258,14 @@ class _KeptAssociation:
         stack, self._stack, self._session = self._stack, None, None
         if stack is not None:
             stack.close()
+
+
+def release_job(ctx: ServiceContext, job_id: int, worker_id: str) -> None:
+    """Give a job back to the queue (its runner failed unexpectedly); it resumes where its results end."""
+    with transaction(ctx.sessions) as session:
+        job = session.get(SearchJob, job_id)
+        if job is not None and job.state == RUNNING and job.worker == worker_id:
+            job.state, job.worker, job.lease_until = QUEUED, None, None
 
 
 def run_job(ctx: ServiceContext, job_id: int, worker_id: str, stopping: Callable[[], bool] = lambda: False) -> str:

@@ -7,6 +7,7 @@ every decision is taken under the database's scheduling lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,8 +82,9 @@ class Worker:
         try:
             return search_jobs.run_job(self.ctx, job_id, self.worker_id, self._stop.is_set)
         except Exception:
-            # Left running: its lease expires and a worker picks it up where its stored results end.
             LOG.exception("search job %s crashed", job_id)
+            with contextlib.suppress(Exception):  # else it waits for this worker to be gone
+                search_jobs.release_job(self.ctx, job_id, self.worker_id)
             return "crashed"
         finally:
             self._wake.set()

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from mi2b2.adapters.db.tables import SearchJob
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
-from mi2b2.errors import AccessDenied, InvalidInput, NotFound, RetriableError
+from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services import search, search_jobs
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
@@ -175,14 +175,13 @@ def test_small_searches_pass_the_same_limits(tmp_path: Path, database_url: str, 
     assert time.monotonic() - started >= (24 - 8) / 8
 
 
-def test_a_closed_window_holds_searches_and_jobs(tmp_path: Path, database_url: str, orthanc: RunningPacs,
-                                                 proxy: Proxy) -> None:
-    closed = '\n[[institutions.departments.pacs.windows]]\nname = "clinical day"\nclosed = true\n'
-    path = site(tmp_path, database_url, proxy, orthanc, closed, cohort(300),
-                "wait_seconds = 0.3\njob_threshold = 200\n")
+def test_a_closed_window_holds_jobs_while_small_searches_run_within_the_limits(
+    tmp_path: Path, database_url: str, orthanc: RunningPacs, proxy: Proxy
+) -> None:
+    closed = ('\n[[institutions.departments.pacs.windows]]\nname = "clinical day"\nclosed = true\n'
+              "max_concurrent_queries = 1\nqueries_per_second = 4\n")
+    path = site(tmp_path, database_url, proxy, orthanc, closed, cohort(300), "job_threshold = 200\n")
     (ctx,) = contexts(path, 1)
-    with pytest.raises(RetriableError, match="closed to queries now .*clinical day"):
-        search.search_studies(ctx, ALICE, "alpha", "main", "000123")
     ticket = search_jobs.submit(ctx, ALICE, "studies", "alpha", "main", "\n".join(cohort(300)))
     assert isinstance(ticket, search_jobs.JobTicket)
     stop = threading.Event()
@@ -190,14 +189,19 @@ def test_a_closed_window_holds_searches_and_jobs(tmp_path: Path, database_url: s
     worker.start()
     try:
         deadline = time.monotonic() + 20
-        while not (job_state(ctx, ticket.job_id).waiting_reason or "").count("clinical day"):
+        while "clinical day" not in (job_state(ctx, ticket.job_id).waiting_reason or ""):
             assert time.monotonic() < deadline, "the job never said why it waits"
             time.sleep(0.1)
+        started = time.monotonic()
+        report = search.search_studies(ctx, ALICE, "alpha", "main", "\n".join(KNOWN))
+        assert {s.patient_id for s in report.studies} == FOUND
+        assert time.monotonic() - started >= 0.5  # paced at the window's 4 a second
     finally:
         stop.set()
         worker.join(30)
     assert job_state(ctx, ticket.job_id).state == "running" and job_state(ctx, ticket.job_id).done == 0
-    assert proxy.seen.finds == [] and proxy.seen.opened_at == []  # the PACS saw nothing at all
+    assert sorted(proxy.seen.find_keys) == sorted(KNOWN)  # the small search only; the job sent nothing
+    assert proxy.finds_within(1.0) <= 4
 
 
 def test_a_list_too_long_is_refused_naming_the_fix(tmp_path: Path, database_url: str, orthanc: RunningPacs,

@@ -13,6 +13,7 @@ from mi2b2.domain.query_governance import (
     PacerState,
     QueryLimits,
     grant_queries,
+    job_held,
     may_open_association,
     pacing_for,
     query_limits_at,
@@ -32,14 +33,17 @@ def test_limits_come_from_the_window_then_the_pacs_defaults() -> None:
     assert query_limits_at([night, day], NOON, UTC_ZONE, 2, 20) == QueryLimits("day", False, 2, 20)
     assert query_limits_at([night, day], NOON.replace(hour=23), UTC_ZONE, 2, 20) == QueryLimits("night", False, 8, 100)
     assert query_limits_at([], NOON, UTC_ZONE, 3, 0) == QueryLimits("default", False, 3, None)  # 0 = no rate cap
-    assert query_limits_at([night], NOON, UTC_ZONE, 2, 20).closed  # outside every listed window
+    outside = query_limits_at([night], NOON, UTC_ZONE, 2, 20)  # outside every listed window
+    assert outside.closed and (outside.max_concurrent, outside.per_second) == (2, 20)
 
 
-def test_a_closed_window_closes_searches_and_waiting_is_in_order() -> None:
-    closed = GovernanceWindow("clinical", frozenset(range(7)), time(0), time(0), closed=True)
+def test_a_closed_window_holds_jobs_not_small_searches_and_waiting_is_in_order() -> None:
+    closed = GovernanceWindow("clinical", frozenset(range(7)), time(0), time(0), closed=True, queries_per_second=5)
     limits = query_limits_at([closed], NOON, UTC_ZONE, 2, 20)
-    assert "closed to queries" in (may_open_association(limits, 0) or "")
+    assert "clinical" in (job_held(limits) or "") and limits.per_second == 5
+    assert may_open_association(limits, 0) is None
     open_ = QueryLimits("day", False, 2, 20)
+    assert job_held(open_) is None
     assert may_open_association(open_, 1) is None
     assert may_open_association(open_, 2) is not None
     assert may_open_association(open_, 1, waiting_ahead=1) is not None  # someone asked first

@@ -20,10 +20,13 @@ holds one budget per PACS.
 * A query is sent only in the first part of its bucket (``GUARD`` before its
   end), so that it reaches the PACS inside the same bucket: the promise holds
   at the PACS's end of the wire, not only on our side.
-* A window that closes the PACS closes it to searches too: the window is the
-  site's word that the PACS belongs to clinical work then, and a 20,000-MRN
-  cohort is the last thing it wants. Jobs wait for the window to open;
-  interactive searches are refused, naming the window.
+* A window that closes the PACS (or the time outside every listed window)
+  holds **search jobs** until it opens: the window is the site's word that the
+  PACS belongs to clinical work then, and a 20,000-MRN cohort is the last thing
+  it wants. Interactive searches, and the one look-up a retrieval request needs
+  before it is queued, still run then, within the query limits (the window's,
+  or the PACS's defaults): a researcher can search and queue retrievals during
+  the day, and the retrievals wait for the night.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def query_limits_at(
             return QueryLimits(window.name or "window", window.closed,
                                window.max_concurrent_queries or default_max_concurrent, rate or None)
     if windows:
-        return QueryLimits("outside all windows", True, 0, None)
+        return QueryLimits("outside all windows", True, default_max_concurrent, default_rate)
     return QueryLimits("default", False, default_max_concurrent, default_rate)
 
 
@@ -78,12 +81,18 @@ def may_open_association(limits: QueryLimits, open_now: int, waiting_ahead: int 
     Searches are served in the order they asked: one that has others waiting
     ahead of it waits too, so a job that gives its association back between
     batches cannot take it again before an interactive search that was waiting."""
-    if limits.closed:
-        return f"the PACS is closed to queries now (governance window {limits.window!r})"
     if open_now >= limits.max_concurrent:
         return f"{open_now} query associations are open, the most this PACS allows now"
     if open_now + waiting_ahead >= limits.max_concurrent:
         return f"{waiting_ahead} searches are waiting ahead for this PACS's {limits.max_concurrent} query associations"
+    return None
+
+
+def job_held(limits: QueryLimits) -> str | None:
+    """None if search jobs may run now, else why they wait."""
+    if limits.closed:
+        return (f"the PACS is closed now (governance window {limits.window!r}): search jobs wait until it opens; "
+                "small searches still run")
     return None
 
 

@@ -161,9 +161,6 @@ class QueryGovernor:
         with transaction(self.sessions) as session:
             _lock(session)
             limits = query_limits(lease.pacs, now)
-            if limits.closed:
-                raise RetriableError(f"PACS {lease.pacs.id!r} is closed to queries now (governance window "
-                                     f"{limits.window!r}); the search stopped and can be run again when it opens")
             row = session.get(QueryLease, lease.id)
             if row is None:  # expired while we were not looking: take a slot again, or stop
                 reason = may_open_association(limits, self._live_leases(session, lease.pacs.id, now))

@@ -31,10 +31,12 @@ from mi2b2.config import PacsConfig, SiteConfig
 from mi2b2.domain.governance import cap_per_patient
 from mi2b2.domain.identifiers import parse_identifier_text
 from mi2b2.domain.principal import Principal, Role
+from mi2b2.domain.query_governance import job_held
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import search
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
+from mi2b2.services.query_governor import query_limits
 
 KINDS: dict[str, Callable[[ServiceContext, Principal, str, str, str], search.SearchReport]] = {
     "patients": search.search_patients,
@@ -290,6 +292,11 @@ def _run_batches(ctx: ServiceContext, job_id: int, worker_id: str, stopping: Cal
             return _finish(ctx, job_id, worker_id, FAILED, f"user {job.user_login!r} no longer exists or is disabled")
         if not batch:
             return _finish(ctx, job_id, worker_id, COMPLETED, None)
+        held = job_held(query_limits(ctx.config.pacs_location(job.pacs_id)[2], ctx.clock.now()))
+        if held is not None:
+            kept.close()
+            _wait(ctx, job_id, worker_id, held, stopping)
+            continue
         try:
             report = KINDS[job.kind](ctx, who, job.project_id, job.pacs_id, "\n".join(v for _, v in batch))
         except AccessDenied as exc:  # removed from the project, IRB expired, ...: already audited by the door

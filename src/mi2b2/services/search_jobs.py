@@ -207,7 +207,9 @@ def claim_jobs(ctx: ServiceContext, worker_id: str, limit: int) -> list[int]:
     with transaction(ctx.sessions) as session:
         workers = {w.id: w for w in session.scalars(select(Worker))}
         claimed = []
-        for job in session.scalars(select(SearchJob).where(SearchJob.state.in_(ACTIVE)).order_by(SearchJob.id)):
+        # Row locks (PostgreSQL; SQLite's write lock does the same): two workers never claim one job.
+        candidates = select(SearchJob).where(SearchJob.state.in_(ACTIVE)).order_by(SearchJob.id)
+        for job in session.scalars(candidates.with_for_update(skip_locked=True)):
             if job.state == RUNNING and not _orphaned(job, workers):
                 continue
             job.state, job.worker, job.lease_until = RUNNING, worker_id, now + lease

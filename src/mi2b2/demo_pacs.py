@@ -33,6 +33,7 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from mi2b2.adapters.dicom.scu import keep_responses_for_the_caller
 from mi2b2.errors import Mi2b2Error, PermanentError
 
 __all__ = [
@@ -212,6 +213,8 @@ def store_files(ae_title: str, host: str, port: int, files: Iterable[Path], canc
     assoc = ae.associate(host, port, ae_title=ae_title, max_pdu=0, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
         raise DemoPacsError(f"cannot open an association to the demo PACS {ae_title}@{host}:{port} to load studies")
+    # Under CPU load pynetdicom's reactor can take a C-STORE answer for a request and drop it.
+    keep_responses_for_the_caller(assoc)
     stored = 0
     try:
         for path in files:

@@ -195,8 +195,8 @@ def _whole_reader(sock: Any) -> Callable[[int], bytearray]:
     return recv
 
 
-def _keep_responses_for_the_caller(assoc: Association) -> None:
-    """Close a pynetdicom race that silently loses C-FIND answers.
+def keep_responses_for_the_caller(assoc: Association) -> None:
+    """Close a pynetdicom race that silently loses answers (C-FIND, C-STORE) to the requestor.
 
     pynetdicom's reactor thread may pass its pause checkpoint just before
     ``send_c_find`` pauses it, then take the next DIMSE message off the queue
@@ -263,7 +263,7 @@ def _associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
     )
     if assoc.is_established:
-        _keep_responses_for_the_caller(assoc)
+        keep_responses_for_the_caller(assoc)
         return assoc
     elapsed = time.monotonic() - started
     raise _association_error(local, peer, assoc, connected.is_set(), elapsed, purpose)

@@ -15,7 +15,7 @@ from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput
-from mi2b2.services.audit import Action, AuditTrail
+from mi2b2.services.audit import Action, AuditTrail, Outcome
 from mi2b2.services.auth import Accounts
 from mi2b2.services.site import ConfigChanges, apply_config
 
@@ -51,10 +51,19 @@ class ServiceContext:
             raise InvalidInput("this server was started without a configuration file, so there is nothing to reload")
         new_config = load_config(self.config.source)
         with transaction(self.sessions) as session:
-            changes = apply_config(session, new_config)
+            changes = apply_config(session, new_config, self.clock.now())
         self.config = new_config
         self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()})
+        audit_canceled(self.audit, changes)
         return changes
+
+
+def audit_canceled(audit: AuditTrail, changes: ConfigChanges) -> None:
+    """One event per queued request a configuration change canceled (its owner left the project)."""
+    for c in changes.canceled:
+        audit.record("config", Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
+                     project_id=c.project_id, pacs_id=c.pacs_id, patient_id=c.patient_id, study_uid=c.study_uid,
+                     detail={"request": c.request_id, "event": "canceled", "reason": c.reason, "owner": c.login})
 
 
 def build_context(
@@ -69,9 +78,10 @@ def build_context(
     if migrate:
         upgrade(engine)
     sessions = make_sessionmaker(engine)
+    audit = AuditTrail(sessions, clock)
     if sync_config:
         with transaction(sessions) as session:
-            apply_config(session, config)
-    audit = AuditTrail(sessions, clock)
+            changes = apply_config(session, config, clock.now())
+        audit_canceled(audit, changes)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

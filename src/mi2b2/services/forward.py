@@ -49,7 +49,7 @@ from mi2b2.domain.forwarding import (
     forward_outcome,
     plan_destination,
 )
-from mi2b2.domain.governance import Denial, irb_active
+from mi2b2.domain.governance import DataPolicy, Denial, irb_active_at, local_date
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
@@ -72,6 +72,7 @@ _HINTS = {
                         "the project's expiry date",
     Denial.NOT_MEMBER: "ask the project lead to add you to the project",
     Denial.PROJECT_INACTIVE: "the project was removed from the site configuration",
+    Denial.ADMIN_NOT_MEMBER: "a site admin who needs to forward is added to the project as a member",
 }
 
 
@@ -130,7 +131,7 @@ def add_forwards(
     series = tuple(dict.fromkeys(u.strip() for u in series_uids or () if u.strip()))
     destination = _destination(ctx, project_id, destination_id)
     policy = load_policy(ctx, project_id)
-    denial = forward_denial(policy, who.login, who.is_admin, ctx.clock.now().date())
+    denial = forward_denial(policy, who.login, who.is_admin, local_date(ctx.clock.now(), policy.timezone))
     if denial is not None:
         _deny(ctx, who, project_id, destination_id, denial.value)
         raise AccessDenied(f"project {project_id!r}: {denial.value}; {_HINTS[denial]}")
@@ -270,7 +271,7 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
     ended: dict[int, tuple[RequestState, str]] = {}
     with transaction(ctx.sessions) as session:
         serialize_scheduling(session)
-        closed = _closed_projects(session, now)
+        closed = _closed_projects(ctx, session, now)
         active: dict[str, int] = defaultdict(int)
         busy: dict[str, set[str]] = defaultdict(set)
         for destination_id, study_uid in session.execute(
@@ -313,12 +314,15 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
     return started
 
 
-def _closed_projects(session: Session, now: datetime) -> dict[str, str | None]:
+def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> dict[str, str | None]:
+    """Per project, why its forwards may not run now (None: they may): forward follows the rule for reads."""
     closed: dict[str, str | None] = {}
     for project in session.execute(select(Project)).scalars():
-        if not project.active:
+        if ctx.config.project_data_policy(project.id) is DataPolicy.READ_ONLY:
+            closed[project.id] = None
+        elif not project.active:
             closed[project.id] = Denial.PROJECT_INACTIVE.value
-        elif not irb_active(project.expires_on, now.date()):
+        elif not irb_active_at(project.expires_on, now, ctx.config.project_zone(project.id)):
             closed[project.id] = Denial.IRB_EXPIRED.value
         else:
             closed[project.id] = None

@@ -98,12 +98,12 @@ def withdrawn_studies(ctx: ServiceContext, project_id: str, study_uids: Iterable
         CachedStudy.project_id == project_id, not_(patient_still_allowed()))
     with ctx.sessions() as session:
         if study_uids is None:
-            return dict(session.execute(statement).tuples().all())
+            return dict(session.execute(statement).all())
         wanted = sorted(set(study_uids))
         found: dict[str, str] = {}
         for start in range(0, len(wanted), CHUNK):
             found.update(session.execute(
-                statement.where(CachedStudy.study_uid.in_(wanted[start:start + CHUNK]))).tuples().all())
+                statement.where(CachedStudy.study_uid.in_(wanted[start:start + CHUNK]))).all())
         return found
 
 

@@ -91,11 +91,11 @@ def purge(ctx: ServiceContext, who: Principal, apply: bool = False) -> PurgeRepo
     store = cache_store(ctx)
     by_key = {(s.project_id, s.study_uid): s for s in closed}
     with transaction(ctx.sessions) as session:
-        running = set(session.execute(
+        running = {(project_id, study_uid) for project_id, study_uid in session.execute(
             select(Request.project_id, Request.study_uid).where(
                 Request.kind == RequestKind.RETRIEVE.value, Request.state == RequestState.PROCESSING.value)
             .with_for_update()
-        ).tuples().all())
+        ).all()}
         report.busy = [s for key, s in by_key.items() if key in running]
         for project_id in sorted({s.project_id for s in closed}):
             uids = [s.study_uid for s in closed if s.project_id == project_id and (project_id, s.study_uid) not in running]

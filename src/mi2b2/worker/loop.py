@@ -66,7 +66,11 @@ class Worker:
             future = self._pool.submit(self._run, request_id, forward=True)
             self._running.add(future)
             future.add_done_callback(self._running.discard)
+        self._guarded(self._warn_irb_expiring)  # a mail relay that is down must not stop scheduling
         return result.started + forwards
+
+    def _warn_irb_expiring(self) -> None:
+        notifications.warn_irb_expiring(self.ctx)
 
     def run_forever(self) -> None:
         recovered = False

@@ -166,6 +166,11 @@ def add_forwards(
                                                           "operation": "forward", "destination": destination_id})
         else:
             wanted.append(study)
+    if report.not_permitted:
+        # As at every read door: a withdrawn patient's images go nowhere, and the call says why.
+        raise AccessDenied(f"study {report.not_permitted[0]} of project {project_id!r}: "
+                           f"{Denial.PATIENT_NOT_ALLOWED.value}; it can no longer be read or forwarded and waits "
+                           "for an admin to purge it (`mi2b2 admin purge`)")
 
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:

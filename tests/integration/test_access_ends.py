@@ -12,6 +12,9 @@ their queued requests.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -36,7 +39,7 @@ from mi2b2.synthetic import sop_instance_uid
 from mi2b2.testing import FakeClock, FakeFindSession
 from support import studies
 from support.site import write_site
-from support.viewing import BETA_STUDY, ROOT, Cached, fill
+from support.viewing import BETA_STUDY, ROOT, SAMPLE_STUDY, Cached, fill, serving
 
 ALICE = Principal("alice", Role.RESEARCHER)
 BRAIN, TRAUMA, BETA = studies.uid(studies.BRAIN), studies.uid(studies.TRAUMA), studies.uid(BETA_STUDY)
@@ -350,3 +353,39 @@ def test_a_removed_member_loses_their_queued_requests_with_the_reason(tmp_path: 
         ids["bob queued"], ids["bob forward"]}
     reload_event = site.ctx.audit.list(ROOT, AuditFilter(action="config_reload"))[0]
     assert json.loads(reload_event.detail)["requests_canceled"] == 2
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def mi2b2(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "mi2b2", *args], capture_output=True, text=True, timeout=120,
+                            check=False, env=env)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    return result
+
+
+def test_cli_download_is_refused_with_the_reason_and_admin_purge_dry_runs_then_deletes(
+        tmp_path: Path, database_url: str) -> None:
+    site = make_site(tmp_path, database_url)
+    site.clock.set(AFTER_BETA)  # the server's clock: beta's IRB has expired (so has it by the wall clock)
+    with serving(create_app(site.ctx)) as url:
+        refused = mi2b2("download", "beta", BETA, "--to", str(tmp_path / "out"), "--server", url,
+                        "--token", site.cached.tokens["carol"])
+    assert refused.returncode == 2 and EXPIRED in refused.stderr, refused.stderr
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+
+    dry = mi2b2("admin", "purge", "--config", str(site.toml), "--format", "json")
+    assert dry.returncode == 0, dry.stderr
+    assert [(s["project_id"], s["study_uid"], s["reason"]) for s in json.loads(dry.stdout)] == [("beta", BETA, EXPIRED)]
+    assert cached_uids(site.ctx, "beta") == {BETA}
+    table = mi2b2("admin", "purge", "--config", str(site.toml))
+    assert "would be deleted; run `mi2b2 admin purge --yes`" in table.stdout
+    done = mi2b2("admin", "purge", "--yes", "--config", str(site.toml))
+    assert done.returncode == 0 and "purged 1 closed studies" in done.stdout, done.stdout + done.stderr
+    assert cached_uids(site.ctx, "beta") == set() and cached_uids(site.ctx, "alpha") == {BRAIN, TRAUMA, SAMPLE_STUDY}
+    again = mi2b2("admin", "purge", "--config", str(site.toml))
+    assert "nothing to purge" in again.stdout
+    purged = [e for e in site.ctx.audit.list(ROOT, AuditFilter(action="delete", limit=100)) if e.study_uid == BETA]
+    assert len(purged) == 1 and purged[0].actor.startswith("cli:") and EXPIRED in purged[0].detail

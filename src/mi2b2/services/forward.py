@@ -49,7 +49,7 @@ from mi2b2.domain.forwarding import (
     forward_outcome,
     plan_destination,
 )
-from mi2b2.domain.governance import DataPolicy, Denial, irb_active_at, local_date
+from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at, local_date
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
@@ -321,17 +321,12 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
 
 def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> dict[str, str | None]:
     """Per project, why its forwards may not run now (None: they may): forward follows the rule for reads."""
-    closed: dict[str, str | None] = {}
-    for project in session.execute(select(Project)).scalars():
-        if ctx.config.project_data_policy(project.id) is DataPolicy.READ_ONLY:
-            closed[project.id] = None
-        elif not project.active:
-            closed[project.id] = Denial.PROJECT_INACTIVE.value
-        elif not irb_active_at(project.expires_on, now, ctx.config.project_zone(project.id)):
-            closed[project.id] = Denial.IRB_EXPIRED.value
-        else:
-            closed[project.id] = None
-    return closed
+    return {
+        project.id: closed_to_reads(
+            project.active, irb_active_at(project.expires_on, now, ctx.config.project_zone(project.id)), True,
+            ctx.config.project_data_policy(project.id))
+        for project in session.execute(select(Project)).scalars()
+    }
 
 
 def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:

@@ -33,6 +33,7 @@ from mi2b2.api.app import create_app
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.forward import schedule_forwards
 from mi2b2.services.scheduler import schedule_once
 from mi2b2.services.search import search_studies
 from mi2b2.synthetic import sop_instance_uid
@@ -168,12 +169,18 @@ def test_the_irb_ends_at_local_midnight_at_every_door(tmp_path: Path, database_u
             row = session.get_one(Request, request_id)
             return row.state, row.last_error
 
+    def admin_says_expired() -> bool:
+        return next(p["expired"] for p in site.as_("root")("GET", "/api/v1/admin/projects").json() if p["id"] == "alpha")
+
     early = scheduled("1.2.3.4.1")
-    assert_all_open(read_doors(site, "alice", "alpha", BRAIN))
+    doors = read_doors(site, "alice", "alpha", BRAIN)
+    assert_all_open(doors)
     assert search_studies(site.ctx, ALICE, "alpha", "main", "000123").studies
     assert site.as_("alice")("GET", "/api/v1/projects").json()[0]["expired"] is False
+    assert not admin_says_expired()
     schedule_once(site.ctx, "test-worker")
     assert state(early)[0] != "canceled"
+    assert schedule_forwards(site.ctx, "test-worker") == doors["forward"].json()["created"]  # the forward starts
 
     clock.set(before + timedelta(seconds=2))  # 00:00:01 local time on the next day
     late = scheduled("1.2.3.4.2")
@@ -181,8 +188,17 @@ def test_the_irb_ends_at_local_midnight_at_every_door(tmp_path: Path, database_u
     with pytest.raises(Exception, match="IRB approval has expired"):
         search_studies(site.ctx, ALICE, "alpha", "main", "000123")
     assert site.as_("alice")("GET", "/api/v1/projects").json()[0]["expired"] is True
+    assert admin_says_expired()
     schedule_once(site.ctx, "test-worker")
     assert state(late) == ("canceled", f"canceled: {EXPIRED}")
+    with transaction(site.ctx.sessions) as session:  # a forward queued before midnight is canceled after it
+        queued = Request(kind="forward", project_id="alpha", user_login="alice", destination_id="research",
+                         patient_id="000123", study_uid=BRAIN, state="scheduled", created_at=clock.now())
+        session.add(queued)
+        session.flush()
+        forward_id = queued.id
+    assert schedule_forwards(site.ctx, "test-worker") == []
+    assert state(forward_id) == ("canceled", f"canceled: {EXPIRED}")
     # Listing and deleting still work.
     assert site.as_("alice")("GET", "/api/v1/projects/alpha/cache").status_code == 200
     assert site.as_("alice")("POST", "/api/v1/projects/alpha/cache/delete", json={"study_uids": [BRAIN]}).status_code == 200
@@ -271,8 +287,6 @@ def test_read_only_policy_keeps_reads_and_forward_open_after_expiry_but_not_for_
     assert site.as_("carol")("GET", "/dicomweb/projects/beta/studies").status_code == 200
     assert site.as_("root")("GET", "/api/v1/admin/purge").json()["studies"] == []
     # Forwards queued in a read-only project are not canceled by the scheduler when the IRB has expired.
-    from mi2b2.services.forward import schedule_forwards
-
     schedule_forwards(site.ctx, "test-worker")
     with site.ctx.sessions() as session:
         states = set(session.scalars(select(Request.state).where(Request.kind == "forward")))

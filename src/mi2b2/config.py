@@ -320,8 +320,18 @@ class SmtpConfig(Strict):
     starttls: bool = False
 
 
+class AuditConfig(Strict):
+    """Where the audit trail's key and checkpoints live: outside the database, on purpose."""
+
+    key_file: Path = Field(Path("audit.key"), description="HMAC key of the audit chain; `mi2b2 audit init-key` makes it")
+    checkpoint_file: Path | None = Field(None, description="signed chain heads, appended; default: "
+                                                           "audit-checkpoints.jsonl beside the key file")
+    checkpoint_seconds: float = Field(300.0, gt=0, description="how often a worker appends a checkpoint")
+
+
 class SiteConfig(Strict):
     server: ServerConfig = ServerConfig()
+    audit: AuditConfig = AuditConfig()
     dicom: DicomConfig = DicomConfig()
     smtp: SmtpConfig | None = None
     site: SiteSettings = SiteSettings()
@@ -397,6 +407,14 @@ class SiteConfig(Strict):
 
     def cache_dir(self) -> Path:
         return self.resolve(self.server.cache_dir)
+
+    def audit_key_file(self) -> Path:
+        return self.resolve(self.audit.key_file)
+
+    def audit_checkpoint_file(self) -> Path:
+        if self.audit.checkpoint_file is not None:
+            return self.resolve(self.audit.checkpoint_file)
+        return self.audit_key_file().parent / "audit-checkpoints.jsonl"
 
 
 def _unique(what: str, ids: list[str]) -> None:

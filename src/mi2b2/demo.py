@@ -415,8 +415,13 @@ def _iso(day: date) -> str:
 
 def _prepare_accounts(config_path: Path) -> str:
     """Create the demo users if missing and a fresh API token for the researcher; return the token."""
-    ctx = build_context(load_config(config_path), migrate=True, sync_config=True)
+    config = load_config(config_path)
+    ctx = build_context(config, migrate=True, sync_config=True, audit_key=config.audit_key_file().exists())
     try:
+        if not ctx.audit.keyed:
+            # As `mi2b2 audit init-key` does: a new demo site gets a fresh key, and a demo folder
+            # from a version without keyed audit has its trail verified and sealed under one.
+            ctx.audit.init_key(SYSTEM, config.audit_key_file())
         existing = {user.login for user in ctx.accounts.list_users()}
         for user in USERS:
             if user.login not in existing:

@@ -98,17 +98,20 @@ def replace_allow_list(ctx: ServiceContext, who: Principal, project_id: str, tex
     parsed = _parse_strictly(text)
     previous = path.read_bytes() if path.exists() else None
     _write_atomically(path, _file_text(parsed, project_id, who, ctx).encode("utf-8"))
+    def record_replacement(session: Any) -> None:
+        # Counts only: the MRNs themselves are in the file and the database, not in the trail's detail.
+        ctx.audit.record(who, Action.ALLOW_LIST, project_id=project_id, session=session, detail={
+            "op": "replace", "count": _allow_list_sizes(session).get(project_id, 0),
+            "duplicates": len(parsed.duplicates)})
+
     try:
-        changes = ctx.reload_config(who)
+        changes = ctx.reload_config(who, also_record=record_replacement)
     except Mi2b2Error as exc:
         # Put the old list back so the file and the database still agree.
         _restore(path, previous)
         raise ConfigError(f"the allow-list of project {project_id!r} was not changed: {exc}") from None
     with ctx.sessions() as session:
         size = _allow_list_sizes(session).get(project_id, 0)
-    # Counts only: the MRNs themselves are in the file and the database, not in the trail's detail.
-    ctx.audit.record(who, Action.ALLOW_LIST, project_id=project_id,
-                     detail={"op": "replace", "count": size, "duplicates": len(parsed.duplicates)})
     return AllowListReport(project_id, size, len(parsed.duplicates), str(path), changes.summary())
 
 

@@ -1,35 +1,55 @@
-"""The audit trail: append-only, hash-chained, and itself access-controlled.
+"""The audit trail: append-only, hash-chained (keyed), and itself access-controlled.
 
-Each event is written in its own transaction. A refusal must stay on record
-even though the refused operation raises and rolls back its own work.
+An action that changes the database writes its audit rows in its own
+transaction (``record(..., session=session)``, or ``record_many`` for a bulk
+action: one lock of the head, one insert): both commit, or neither does. A
+refusal is recorded in a transaction of its own, because the refused operation
+raises and rolls back its own work, and the refusal must stay on record.
+
+Every append locks the head row, so take it last in a transaction that locks
+other rows too: appends are the final step of a unit of work.
 """
 
 from __future__ import annotations
 
 import csv
+import hmac
 import io
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from mi2b2.adapters.crypto.audit_key import create_key_file, read_key_file
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, AuditHead
+from mi2b2.adapters.storage.checkpoint_file import append_line, read_lines
 from mi2b2.domain.audit_chain import (
+    AuditKey,
     ChainedEvent,
     ChainVerdict,
+    Checkpoint,
+    CheckpointForged,
     canonical_detail,
     canonical_time,
+    checkpoint_line,
     event_hash,
+    parse_checkpoints,
+    sign_checkpoint,
     verify_chain,
 )
 from mi2b2.domain.clock import Clock
 from mi2b2.domain.principal import Principal
-from mi2b2.errors import AccessDenied
+from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, PermanentError
+
+LOG = logging.getLogger(__name__)
+INIT_KEY_COMMAND = "mi2b2 audit init-key"
 
 
 class Action(StrEnum):
@@ -49,6 +69,7 @@ class Action(StrEnum):
     TOKEN_ADMIN = "token_admin"
     CACHE_CHECK = "cache_check"  # fsck: index and disk compared (and repaired)
     ALLOW_LIST = "allow_list"  # an admin replaced a project's MRN allow-list (detail: counts only)
+    AUDIT_KEY = "audit_key"  # the chain got its key (rows before it stay plain SHA-256, sealed by this one)
 
 
 class Outcome(StrEnum):
@@ -75,10 +96,32 @@ EXPORT_COLUMNS = [
 ]
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """One event to append (``AuditTrail.record_many``)."""
+
+    who: Principal | str
+    action: Action
+    outcome: Outcome = Outcome.OK
+    project_id: str | None = None
+    pacs_id: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    detail: dict[str, Any] | None = None
+
+
 class AuditTrail:
-    def __init__(self, sessions: sessionmaker[Session], clock: Clock) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Clock, key: AuditKey | None = None,
+                 checkpoint_file: Path | None = None) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._key = key
+        self._checkpoint_file = checkpoint_file
+        self._last_checkpoint: tuple[int, str] | None = None
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
 
     def record(
         self,
@@ -91,31 +134,107 @@ class AuditTrail:
         patient_id: str | None = None,
         study_uid: str | None = None,
         detail: dict[str, Any] | None = None,
+        session: Session | None = None,
     ) -> int:
-        actor = who.login if isinstance(who, Principal) else who
-        client = who.client if isinstance(who, Principal) else ""
-        with transaction(self._sessions) as session:
-            # Locking the head row orders appends across processes (row lock on
-            # PostgreSQL; SQLite already holds the write lock from BEGIN IMMEDIATE).
-            head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
+        """Append one event: inside ``session``'s transaction when given (it commits with the action),
+        else in a transaction of its own (refusals, reads)."""
+        entry = AuditEntry(who, action, outcome, project_id, pacs_id, patient_id, study_uid, detail)
+        if session is not None:
+            return self.record_many(session, [entry])[0]
+        with transaction(self._sessions) as own:
+            return self.record_many(own, [entry])[0]
+
+    def record_many(self, session: Session, entries: Iterable[AuditEntry]) -> list[int]:
+        """Append events in the caller's transaction: the head is locked and updated once, all rows in one insert."""
+        entries = list(entries)
+        if not entries:
+            return []
+        # Locking the head row orders appends across processes (row lock on
+        # PostgreSQL; SQLite already holds the write lock from BEGIN IMMEDIATE).
+        # Columns, not the ORM object: a session that appended before must not see a stale head.
+        seq, prev_hash = session.execute(
+            select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
+        ).one()
+        occurred_at = canonical_time(self._clock.now())
+        rows: list[dict[str, Any]] = []
+        for entry in entries:
+            seq += 1
             event = ChainedEvent(
-                seq=head.seq + 1,
-                occurred_at=canonical_time(self._clock.now()),
-                actor=actor,
-                client=client,
-                action=str(action),
-                outcome=str(outcome),
-                project_id=project_id,
-                pacs_id=pacs_id,
-                patient_id=patient_id,
-                study_uid=study_uid,
-                detail=canonical_detail(detail or {}),
-                prev_hash=head.hash,
+                seq=seq,
+                occurred_at=occurred_at,
+                actor=entry.who.login if isinstance(entry.who, Principal) else entry.who,
+                client=entry.who.client if isinstance(entry.who, Principal) else "",
+                action=str(entry.action),
+                outcome=str(entry.outcome),
+                project_id=entry.project_id,
+                pacs_id=entry.pacs_id,
+                patient_id=entry.patient_id,
+                study_uid=entry.study_uid,
+                detail=canonical_detail(entry.detail or {}),
+                prev_hash=prev_hash,
             )
-            digest = event_hash(event)
-            session.add(AuditEvent(**{**event.__dict__, "hash": digest}))
-            session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=event.seq, hash=digest))
-        return event.seq
+            prev_hash = event_hash(event, self._key.secret_for(seq) if self._key else None)
+            rows.append({**event.__dict__, "hash": prev_hash})
+        session.execute(insert(AuditEvent), rows)
+        session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, hash=prev_hash))
+        return [row["seq"] for row in rows]
+
+    # --- key and checkpoints ---------------------------------------------------------
+
+    def init_key(self, who: Principal, key_file: Path) -> tuple[AuditKey, ChainVerdict]:
+        """Create the key file and seal the trail: the rows so far must verify as a plain chain,
+        and the first keyed row (recorded here) links to the last of them."""
+        if key_file.exists():
+            raise InvalidInput(f"audit key file {key_file} already exists; {INIT_KEY_COMMAND} never overwrites a key "
+                               "(the rows it signed could no longer be verified). Move it away first only if it "
+                               "belongs to no trail.")
+        with transaction(self._sessions) as session:
+            head_seq, head_hash = session.execute(
+                select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
+            ).one()
+            verdict = self._verdict(session, head_seq, head_hash, None, [])
+            if not verdict.ok:
+                raise InvalidInput(
+                    f"the existing audit trail is broken at row {verdict.bad_seq} ({verdict.problem}); not sealing "
+                    "it under a key. Restore the database from a backup whose trail verifies, then run "
+                    f"{INIT_KEY_COMMAND} again.")
+            try:
+                key = create_key_file(key_file, keyed_from=head_seq + 1)
+            except FileExistsError:
+                raise InvalidInput(f"audit key file {key_file} was just created by another process") from None
+            except OSError as exc:
+                raise ConfigError(f"cannot write audit key file {key_file}: {exc}; "
+                                  "fix the folder or set [audit] key_file") from None
+            self._key = key
+            self.record(who, Action.AUDIT_KEY, detail={"op": "init-key", "unkeyed_rows": head_seq,
+                                                        "keyed_from": key.keyed_from}, session=session)
+        return key, verdict
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the chain head and append it to the checkpoint file. None when there is nothing new to sign.
+
+        The newest row is checked against the key first, so a head forged in the
+        database is never signed."""
+        if self._key is None or self._checkpoint_file is None:
+            return None
+        with self._sessions() as session:
+            seq, head_hash = session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+            newest = session.get(AuditEvent, seq) if seq else None
+            event = _chained(newest) if newest is not None else None
+        if seq == 0 or self._last_checkpoint == (seq, head_hash):
+            return None
+        if event is None or event.hash != head_hash or not hmac.compare_digest(
+                event_hash(event, self._key.secret_for(seq)), head_hash):
+            raise PermanentError(f"audit row {seq} does not match its keyed hash; not signing a checkpoint of it. "
+                                 "Run `mi2b2 audit verify`.")
+        checkpoint = sign_checkpoint(self._key, seq, head_hash, canonical_time(self._clock.now()))
+        try:
+            append_line(self._checkpoint_file, checkpoint_line(checkpoint))
+        except OSError as exc:
+            raise ConfigError(f"cannot append to the audit checkpoint file {self._checkpoint_file}: {exc}; "
+                              "fix the folder or set [audit] checkpoint_file") from None
+        self._last_checkpoint = (seq, head_hash)
+        return checkpoint
 
     def list(self, reader: Principal, query: AuditFilter) -> list[AuditEvent]:
         self._authorise(reader, query)
@@ -143,15 +262,23 @@ class AuditTrail:
         yield buffer.getvalue()
 
     def verify(self, reader: Principal) -> ChainVerdict:
+        """The chain (keyed part with the key) and the signed checkpoints."""
         self._authorise(reader, AuditFilter(), verify=True)
+        checkpoints: list[Checkpoint] = []
+        if self._key is not None and self._checkpoint_file is not None:
+            try:
+                checkpoints = parse_checkpoints(read_lines(self._checkpoint_file), self._key)
+            except CheckpointForged as forged:
+                return ChainVerdict(False, 0, None, f"{self._checkpoint_file}: {forged}", self._key.keyed_from)
         with self._sessions() as session:
-            head = session.execute(select(AuditHead).where(AuditHead.id == 1)).scalar_one()
-            rows = session.scalars(select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=2000))
-            events = (
-                ChainedEvent(**{column: getattr(row, column) for column in EXPORT_COLUMNS})
-                for row in rows
-            )
-            return verify_chain(events, head.seq, head.hash)
+            head_seq, head_hash = session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()
+            return self._verdict(session, head_seq, head_hash, self._key, checkpoints)
+
+    @staticmethod
+    def _verdict(session: Session, head_seq: int, head_hash: str, key: AuditKey | None,
+                 checkpoints: Sequence[Checkpoint]) -> ChainVerdict:
+        rows = session.scalars(select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=2000))
+        return verify_chain((_chained(row) for row in rows), head_seq, head_hash, key, checkpoints)
 
     def _authorise(self, reader: Principal, query: AuditFilter, export: bool = False, verify: bool = False) -> None:
         filters = {k: str(v) for k, v in query.__dict__.items() if v is not None and k not in ("limit", "offset")}
@@ -161,6 +288,38 @@ class AuditTrail:
         kind = "verify" if verify else "export" if export else "list"
         # Reading is itself an auditable act; a patient filter is recorded in the patient column.
         self.record(reader, Action.AUDIT_READ, patient_id=query.patient_id, detail={"kind": kind, **filters})
+
+
+def _chained(row: AuditEvent) -> ChainedEvent:
+    return ChainedEvent(**{column: getattr(row, column) for column in EXPORT_COLUMNS})
+
+
+def load_audit_key(sessions: sessionmaker[Session], key_file: Path) -> AuditKey:
+    """The site's audit key. Zero setup: made here when the trail is still empty (logged);
+    refused when the trail has rows, since a new key could not vouch for them."""
+    try:
+        return read_key_file(key_file)
+    except FileNotFoundError:
+        pass
+    with transaction(sessions) as session:
+        # The head stays locked until the key exists, so no unkeyed row slips in meanwhile.
+        head_seq = session.execute(select(AuditHead.seq).where(AuditHead.id == 1).with_for_update()).scalar_one()
+        if head_seq:
+            raise ConfigError(
+                f"the audit trail has {head_seq} events but its key file {key_file} does not exist. If this site has "
+                f"a key, put it there (or point [audit] key_file in the configuration at it); if the trail never had "
+                f"one (a database from before keyed audit), run `{INIT_KEY_COMMAND}` once, then copy the file to "
+                "every host that runs mi2b2.")
+        try:
+            key = create_key_file(key_file, keyed_from=1)
+        except FileExistsError:
+            return read_key_file(key_file)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the audit key file {key_file}: {exc}; "
+                              "fix the folder or set [audit] key_file in the configuration") from None
+    LOG.warning("audit trail is empty and had no key: created the audit key %s (mode 0600). Keep it out of the "
+                "database's backups; every host running mi2b2 against this database needs a copy.", key_file)
+    return key
 
 
 def _filtered(query: AuditFilter):  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -74,7 +75,8 @@ class Accounts:
                         password_hash=hash_password(password) if password else None,
                         created_at=self._clock.now(), disabled=False, failed_logins=0)
             session.add(user)
-        self._audit.record(by, Action.USER_ADMIN, detail={"op": "add", "login": login, "role": role_value})
+            self._audit.record(by, Action.USER_ADMIN, detail={"op": "add", "login": login, "role": role_value},
+                               session=session)
         return _user_view(user)
 
     def list_users(self) -> list[UserView]:
@@ -89,7 +91,7 @@ class Accounts:
             session.execute(
                 update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None)).values(revoked_at=now)
             )
-        self._audit.record(by, Action.USER_ADMIN, detail={"op": "disable", "login": login})
+            self._audit.record(by, Action.USER_ADMIN, detail={"op": "disable", "login": login}, session=session)
 
     def reset_password(self, by: Principal, login: str, password: str) -> None:
         _check_password(password)
@@ -98,7 +100,7 @@ class Accounts:
             user.password_hash = hash_password(password)
             user.failed_logins = 0
             user.last_failed_login = None
-        self._audit.record(by, Action.USER_ADMIN, detail={"op": "reset-password", "login": login})
+            self._audit.record(by, Action.USER_ADMIN, detail={"op": "reset-password", "login": login}, session=session)
 
     # login -----------------------------------------------------------------
 
@@ -121,8 +123,9 @@ class Accounts:
             self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail={"client": client})
             raise AccessDenied("wrong login or password")
         principal = Principal(user.login, Role(user.role), user.display_name, client)
-        issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime)
-        self._audit.record(principal, Action.LOGIN, detail={"session": issued.id})
+        issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime,
+                             lambda session, token_id: self._audit.record(
+                                 principal, Action.LOGIN, detail={"session": token_id}, session=session))
         return principal, issued
 
     def logout(self, secret: str) -> None:
@@ -141,8 +144,8 @@ class Accounts:
         if user.disabled:
             raise InvalidInput(f"user {login!r} is disabled; enable the account before issuing tokens")
         expires = self._clock.now() + timedelta(days=days) if days else None
-        issued = self._issue(user.id, "api", name, expires)
-        self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "create", "login": login, "token": issued.id})
+        issued = self._issue(user.id, "api", name, expires, lambda session, token_id: self._audit.record(
+            by, Action.TOKEN_ADMIN, detail={"op": "create", "login": login, "token": token_id}, session=session))
         return issued
 
     def list_tokens(self, login: str | None = None) -> list[TokenView]:
@@ -164,7 +167,7 @@ class Accounts:
             if not by.is_admin and (owner is None or owner.login != by.login):
                 raise AccessDenied("you may revoke only your own tokens")
             token.revoked_at = token.revoked_at or self._clock.now()
-        self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "revoke", "token": token_id})
+            self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "revoke", "token": token_id}, session=session)
 
     def authenticate(self, secret: str, client: str = "") -> Principal | None:
         """The principal a bearer token or session cookie stands for, if it is valid now."""
@@ -185,7 +188,9 @@ class Accounts:
                 session.execute(update(ApiToken).where(ApiToken.id == token.id).values(last_used_at=now))
         return Principal(user.login, Role(user.role), user.display_name, client)
 
-    def _issue(self, user_id: int, kind: str, name: str, expires: datetime | None) -> IssuedToken:
+    def _issue(self, user_id: int, kind: str, name: str, expires: datetime | None,
+               audit: Callable[[Session, int], object]) -> IssuedToken:
+        """A new token; ``audit`` records it in the same transaction (session, token id)."""
         secret = new_token()
         with transaction(self._sessions) as session:
             token = ApiToken(user_id=user_id, kind=kind, name=name, token_hash=token_digest(secret),
@@ -193,6 +198,7 @@ class Accounts:
             session.add(token)
             session.flush()
             token_id = token.id
+            audit(session, token_id)
         return IssuedToken(token_id, secret, expires)
 
 

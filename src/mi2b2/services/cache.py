@@ -33,7 +33,7 @@ from mi2b2.domain.governance import DataUse, Denial
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_use
 
@@ -441,9 +441,10 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
             raise NotFound(f"none of these studies is in the cache of project {project_id!r}; "
                            f"list what is with `mi2b2 cache list {project_id}`")
         done = remove_studies(session, store, studies)
-    for study_uid, patient_id, instances, size, freed in done:
-        ctx.audit.record(who, Action.DELETE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
-                         detail={"instances": instances, "bytes": size, "disk_bytes": freed, "by": "user"})
+        ctx.audit.record_many(session, [  # the index rows go only with their audit rows
+            AuditEntry(who, Action.DELETE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
+                       detail={"instances": instances, "bytes": size, "disk_bytes": freed, "by": "user"})
+            for study_uid, patient_id, instances, size, freed in done])
     deleted = [d[0] for d in done]
     with ctx.sessions() as session:
         usage = usage_in(session, project_id)
@@ -535,8 +536,7 @@ def fsck(ctx: ServiceContext, who: Principal, repair: bool = False) -> FsckRepor
     report.differences = sum(report.counts()[k] for k in (
         "missing_files", "size_mismatches", "orphan_files", "wrong_aggregates", "stale_incoming"))
     if repair and report.differences:
-        removals = _repair(ctx, who, store, report, indexed)
-        _audit_removals(ctx, who, removals)
+        _repair(ctx, who, store, report, indexed)
     ctx.audit.record(who, Action.CACHE_CHECK, detail={"repair": repair, "differences": report.differences,
                                                       **report.counts()})
     return report
@@ -630,6 +630,7 @@ def _repair(
                 study.instance_count, study.bytes = count, size
                 report.aggregates_fixed += 1
         report.incoming_removed = store.clean_stale_incoming()
+        _audit_removals(ctx, who, removals, session)
     return removals
 
 
@@ -674,13 +675,13 @@ def _adoptable(
     return None, header
 
 
-def _audit_removals(ctx: ServiceContext, who: Principal, removals: list[_Removal]) -> None:
-    """One event per (project, study, patient, reason), after the repair committed."""
+def _audit_removals(ctx: ServiceContext, who: Principal, removals: list[_Removal], session: Session) -> None:
+    """One event per (project, study, patient, reason), in the repair's transaction."""
     groups: dict[tuple[str | None, str | None, str | None, str], list[str]] = defaultdict(list)
     for removal in removals:
         groups[(removal.project_id, removal.study_uid, removal.patient_id, removal.reason)].append(removal.path)
-    for (project_id, study_uid, patient_id, reason), paths in groups.items():
-        ctx.audit.record(who, Action.DELETE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
-                         detail={"by": "fsck", "reason": reason, "files": len(paths),
-                                 "paths": paths[:MAX_LISTED_PATHS],
-                                 "security": reason == Denial.PATIENT_NOT_ALLOWED.value})
+    ctx.audit.record_many(session, [
+        AuditEntry(who, Action.DELETE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
+                   detail={"by": "fsck", "reason": reason, "files": len(paths), "paths": paths[:MAX_LISTED_PATHS],
+                           "security": reason == Denial.PATIENT_NOT_ALLOWED.value})
+        for (project_id, study_uid, patient_id, reason), paths in groups.items()])

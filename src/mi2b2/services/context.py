@@ -15,7 +15,7 @@ from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput
-from mi2b2.services.audit import Action, AuditTrail, Outcome
+from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
 from mi2b2.services.auth import Accounts
 from mi2b2.services.site import ConfigChanges, apply_config
 
@@ -43,8 +43,9 @@ class ServiceContext:
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)
 
-    def reload_config(self, by: Principal) -> ConfigChanges:
-        """Re-read the configuration file, apply it, and audit the reload.
+    def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
+        """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
+        events, written in the same transaction).
 
         A file with errors changes nothing: the running configuration stays."""
         if self.config.source is None:
@@ -52,18 +53,23 @@ class ServiceContext:
         new_config = load_config(self.config.source)
         with transaction(self.sessions) as session:
             changes = apply_config(session, new_config, self.clock.now())
+            self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()},
+                              session=session)
+            audit_canceled(self.audit, changes, session)
+            if also_record is not None:
+                also_record(session)
         self.config = new_config
-        self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()})
-        audit_canceled(self.audit, changes)
         return changes
 
 
-def audit_canceled(audit: AuditTrail, changes: ConfigChanges) -> None:
-    """One event per queued request a configuration change canceled (its owner left the project)."""
-    for c in changes.canceled:
-        audit.record("config", Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
-                     project_id=c.project_id, pacs_id=c.pacs_id, patient_id=c.patient_id, study_uid=c.study_uid,
-                     detail={"request": c.request_id, "event": "canceled", "reason": c.reason, "owner": c.login})
+def audit_canceled(audit: AuditTrail, changes: ConfigChanges, session: Session) -> None:
+    """One event per queued request a configuration change canceled (its owner left the project),
+    in the transaction that canceled them."""
+    audit.record_many(session, [
+        AuditEntry("config", Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
+                   project_id=c.project_id, pacs_id=c.pacs_id, patient_id=c.patient_id, study_uid=c.study_uid,
+                   detail={"request": c.request_id, "event": "canceled", "reason": c.reason, "owner": c.login})
+        for c in changes.canceled])
 
 
 def build_context(
@@ -72,16 +78,19 @@ def build_context(
     open_find: FindOpener | None = None,
     migrate: bool = True,
     sync_config: bool = True,
+    audit_key: bool = True,
 ) -> ServiceContext:
+    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks."""
     clock = clock or SystemClock()
     engine = make_engine(config.database_url())
     if migrate:
         upgrade(engine)
     sessions = make_sessionmaker(engine)
-    audit = AuditTrail(sessions, clock)
+    key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
+    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
     if sync_config:
         with transaction(sessions) as session:
             changes = apply_config(session, config, clock.now())
-        audit_canceled(audit, changes)
+            audit_canceled(audit, changes, session)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

@@ -601,6 +601,8 @@ class DicomWeb:
     # audit -----------------------------------------------------------------------------------------
 
     def _viewed(self, who: Principal, project_id: str, items: Sequence[Record | _Instance], kind: str) -> None:
+        # A view changes nothing in the database, so its audit row is a transaction of its own,
+        # committed before any image leaves.
         studies = {(item.study_uid, item.patient_id) for item in items}
         for study_uid, patient_id in sorted(studies):
             if self.audited.first((who.login, project_id, study_uid, "view")):
@@ -613,16 +615,16 @@ class DicomWeb:
         if once and not self.audited.first((who.login, project_id, first.study_uid, "download")):
             return
         now = self.ctx.clock.now()
-        with transaction(self.ctx.sessions) as session:
-            session.execute(update(CachedStudy).where(CachedStudy.id == first.study_id)
-                            .values(last_downloaded_by=who.login[:64], last_downloaded_at=now))
         detail: dict[str, Any] = {"via": "dicomweb", "level": level, "instances": count, "bytes": size}
         if series_uid:
             detail["series_uid"] = series_uid
         if once:
             detail["again_after_hours"] = VIEW_AUDIT_HOURS
-        self.ctx.audit.record(who, Action.DOWNLOAD, project_id=project_id, patient_id=first.patient_id,
-                              study_uid=first.study_uid, detail=detail)
+        with transaction(self.ctx.sessions) as session:  # "last downloaded" and its audit row commit together
+            session.execute(update(CachedStudy).where(CachedStudy.id == first.study_id)
+                            .values(last_downloaded_by=who.login[:64], last_downloaded_at=now))
+            self.ctx.audit.record(who, Action.DOWNLOAD, project_id=project_id, patient_id=first.patient_id,
+                                  study_uid=first.study_uid, detail=detail, session=session)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import notifications
 from mi2b2.services.allow_list import on_allow_list
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
@@ -185,12 +185,13 @@ def add_forwards(
             session.add(row)
             session.flush()
             report.created.append(row.id)
-    for study, request_id in zip(wanted, report.created, strict=True):
-        ctx.audit.record(who, Action.FORWARD, project_id=project_id, patient_id=study.patient_id,
-                         study_uid=study.study_uid,
-                         detail={"request": request_id, "event": "requested", "destination": destination_id,
-                                 "series": len(study.series_uids), "instances": study.instances,
-                                 "priority": priority, "batch": report.batch_id})
+        ctx.audit.record_many(session, [  # one batch, in the transaction that creates the requests
+            AuditEntry(who, Action.FORWARD, project_id=project_id, patient_id=study.patient_id,
+                       study_uid=study.study_uid,
+                       detail={"request": request_id, "event": "requested", "destination": destination_id,
+                               "series": len(study.series_uids), "instances": study.instances,
+                               "priority": priority, "batch": report.batch_id})
+            for study, request_id in zip(wanted, report.created, strict=True)])
     return report
 
 
@@ -309,11 +310,11 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             select(Request.id, Request.project_id, Request.destination_id, Request.patient_id, Request.study_uid)
             .where(Request.id.in_(list(ended)))
         ).all()
-    for request_id, project_id, destination_id, patient_id, study_uid in facts:
-        state, reason = ended[request_id]
-        ctx.audit.record("scheduler", Action.FORWARD, Outcome.DENIED, project_id=project_id, patient_id=patient_id,
-                         study_uid=study_uid, detail={"request": request_id, "event": str(state), "reason": reason,
-                                                      "destination": destination_id})
+        ctx.audit.record_many(session, [  # the ends commit with their audit rows
+            AuditEntry("scheduler", Action.FORWARD, Outcome.DENIED, project_id=project_id, patient_id=patient_id,
+                       study_uid=study_uid, detail={"request": request_id, "event": str(ended[request_id][0]),
+                                                    "reason": ended[request_id][1], "destination": destination_id})
+            for request_id, project_id, destination_id, patient_id, study_uid in facts])
     for request_id in ended:
         _notify(ctx, request_id)
     return started
@@ -486,13 +487,16 @@ def _transient(ctx: ServiceContext, job: _Job, dest: DestinationConfig, exc: Ret
     with transaction(ctx.sessions) as session:
         # Nothing of this attempt counts: the next one sends the whole study again.
         canceled = not back_off_unless_canceled(session.get_one(Request, job.request_id), exc, retry_at, now, status)
+        if canceled:
+            _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {}, session)
+        else:
+            ctx.audit.record("worker", Action.FORWARD, Outcome.FAILED, project_id=job.project_id,
+                             patient_id=job.patient_id, study_uid=job.study_uid,
+                             detail={"request": job.request_id, "event": "transient failure",
+                                     "destination": job.destination_id, "attempt": job.attempts, "error": str(exc),
+                                     "retry_at": retry_at.isoformat()}, session=session)
     if canceled:
-        _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {})
         return RequestState.CANCELED
-    ctx.audit.record("worker", Action.FORWARD, Outcome.FAILED, project_id=job.project_id, patient_id=job.patient_id,
-                     study_uid=job.study_uid,
-                     detail={"request": job.request_id, "event": "transient failure", "destination": job.destination_id,
-                             "attempt": job.attempts, "error": str(exc), "retry_at": retry_at.isoformat()})
     LOG.warning("request %s: forward attempt %s failed (%s); retrying later", job.request_id, job.attempts,
                 type(exc).__name__)
     return RequestState.SCHEDULED
@@ -521,18 +525,19 @@ def _end(
         counts = {"expected": row.expected_instances, "stored": row.received, "failed": row.failed,
                   "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
                   "attempt": job.attempts}
-    _audit_end(ctx, job, state, reason, counts)
+        _audit_end(ctx, job, state, reason, counts, session)
     LOG.info("request %s: forward %s (%s of %s instances)", job.request_id, state, counts.get("stored", 0),
              counts.get("expected", 0))
     return state
 
 
-def _audit_end(ctx: ServiceContext, job: _Job, state: RequestState, reason: str | None, counts: dict[str, int]) -> None:
+def _audit_end(ctx: ServiceContext, job: _Job, state: RequestState, reason: str | None, counts: dict[str, int],
+               session: Session) -> None:
     outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
     ctx.audit.record("worker", Action.FORWARD, outcome, project_id=job.project_id, patient_id=job.patient_id,
                      study_uid=job.study_uid,
                      detail={"request": job.request_id, "event": str(state), "destination": job.destination_id,
-                             "reason": reason or "", **counts})
+                             "reason": reason or "", **counts}, session=session)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.errors import AccessDenied
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache import cache_store, remove_studies
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed
@@ -107,10 +107,13 @@ def purge(ctx: ServiceContext, who: Principal, apply: bool = False) -> PurgeRepo
             ).all()
             for study_uid, _patient, _instances, _size, _freed in remove_studies(session, store, rows):
                 report.studies.append(by_key[(project_id, study_uid)])
-    for study in report.studies:
-        ctx.audit.record(who, Action.DELETE, project_id=study.project_id, patient_id=study.patient_id,
+        # The index rows go only with their audit rows.
+        ctx.audit.record_many(session, [
+            *(AuditEntry(who, Action.DELETE, project_id=study.project_id, patient_id=study.patient_id,
                          study_uid=study.study_uid,
                          detail={"by": "purge", "reason": study.reason, "instances": study.instances,
                                  "bytes": study.bytes})
-    ctx.audit.record(who, Action.DELETE, detail={"by": "purge", "dry_run": False, **report.counts()})
+              for study in report.studies),
+            AuditEntry(who, Action.DELETE, detail={"by": "purge", "dry_run": False, **report.counts()}),
+        ])
     return report

@@ -150,19 +150,20 @@ class ReceiverSink:
 
     def _refuse(self, instance: ReceivedInstance, request: InFlight | None, refusal: Refusal) -> None:
         header = instance.header
-        if request is not None:
-            with transaction(self.ctx.sessions) as session:
+        with transaction(self.ctx.sessions) as session:  # the request's count and the refusal commit together
+            if request is not None:
                 session.execute(update(Request).where(Request.id == request.request_id).values(
                     failed=Request.failed + 1, last_error=f"instance refused: {refusal.reason}"))
-        self.ctx.audit.record(
-            f"dicom:{instance.peer_ae.strip()}", Action.RECEIVE, Outcome.DENIED,
-            project_id=request.project_id if request else None,
-            pacs_id=request.pacs_id if request else None,
-            patient_id=header.patient_id or None, study_uid=header.study_uid,
-            detail={"reason": refusal.reason, "security": refusal.security, "sop_instance_uid": header.sop_instance_uid,
-                    "calling_ae": instance.peer_ae.strip(), "move_originator": instance.move_originator_ae or "",
-                    "status": f"0x{int(refusal.status):04X}"},
-        )
+            self.ctx.audit.record(
+                f"dicom:{instance.peer_ae.strip()}", Action.RECEIVE, Outcome.DENIED,
+                project_id=request.project_id if request else None,
+                pacs_id=request.pacs_id if request else None,
+                patient_id=header.patient_id or None, study_uid=header.study_uid,
+                detail={"reason": refusal.reason, "security": refusal.security,
+                        "sop_instance_uid": header.sop_instance_uid, "calling_ae": instance.peer_ae.strip(),
+                        "move_originator": instance.move_originator_ae or "", "status": f"0x{int(refusal.status):04X}"},
+                session=session,
+            )
         LOG.warning("refused a C-STORE from %s: %s", instance.peer_ae.strip(), refusal.reason)
 
 

@@ -35,7 +35,7 @@ from mi2b2.domain.requests import (
 )
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services import notifications
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
 from mi2b2.services.search import STUDY_ROOT, Door, allowed_values, count_instances, int_or_none, load_policy, open_door
 
@@ -106,11 +106,12 @@ def add_requests(
             session.add(row)
             session.flush()
             report.created.append(row.id)
-    for pick, request_id in zip(wanted, report.created, strict=True):
-        ctx.audit.record(who, Action.RETRIEVE, project_id=project_id, pacs_id=pacs_id,
-                         patient_id=found[pick.study_uid].patient_id, study_uid=pick.study_uid,
-                         detail={"request": request_id, "event": "requested", "series": len(pick.series_uids),
-                                 "priority": priority, "batch": report.batch_id})
+        ctx.audit.record_many(session, [  # one batch, in the transaction that creates the requests
+            AuditEntry(who, Action.RETRIEVE, project_id=project_id, pacs_id=pacs_id,
+                       patient_id=found[pick.study_uid].patient_id, study_uid=pick.study_uid,
+                       detail={"request": request_id, "event": "requested", "series": len(pick.series_uids),
+                               "priority": priority, "batch": report.batch_id})
+            for pick, request_id in zip(wanted, report.created, strict=True)])
     return report
 
 
@@ -331,10 +332,10 @@ def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ig
                 raise InvalidInput(f"request {row.id}: {exc}") from None
             apply(row, now)
         summary = [(r.id, r.project_id, r.patient_id, r.study_uid, r.kind, r.state) for r in rows]
-    for request_id, project_id, patient_id, study_uid, kind, _ in summary:
-        action = Action.FORWARD if kind == RequestKind.FORWARD else Action.RETRIEVE
-        ctx.audit.record(who, action, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
-                         detail={"request": request_id, "event": what})
+        ctx.audit.record_many(session, [
+            AuditEntry(who, Action.FORWARD if kind == RequestKind.FORWARD else Action.RETRIEVE, project_id=project_id,
+                       patient_id=patient_id, study_uid=study_uid, detail={"request": request_id, "event": what})
+            for request_id, project_id, patient_id, study_uid, kind, _ in summary])
     for request_id, *_, state in summary:
         if state in ENDED:
             notifications.on_request_ended(ctx, request_id)

@@ -197,10 +197,10 @@ def _transient(ctx: ServiceContext, job: _Job, exc: RetriableError) -> str:
     with transaction(ctx.sessions) as session:
         if not back_off_unless_canceled(session.get_one(Request, job.request_id), exc, retry_at, now):
             return RequestState.CANCELED
-    ctx.audit.record("worker", Action.RETRIEVE, Outcome.FAILED, project_id=job.project_id, pacs_id=job.pacs.id,
-                     patient_id=job.patient_id, study_uid=job.study_uid,
-                     detail={"request": job.request_id, "event": "transient failure", "attempt": job.attempts,
-                             "error": str(exc), "retry_at": retry_at.isoformat()})
+        ctx.audit.record("worker", Action.RETRIEVE, Outcome.FAILED, project_id=job.project_id, pacs_id=job.pacs.id,
+                         patient_id=job.patient_id, study_uid=job.study_uid,
+                         detail={"request": job.request_id, "event": "transient failure", "attempt": job.attempts,
+                                 "error": str(exc), "retry_at": retry_at.isoformat()}, session=session)
     LOG.warning("request %s: attempt %s failed (%s); retrying later", job.request_id, job.attempts, type(exc).__name__)
     return RequestState.SCHEDULED
 
@@ -225,9 +225,10 @@ def _end(
         if expected is not None:
             row.expected_instances = expected
         counts = {"received": row.received, "expected": row.expected_instances, "failed": row.failed, "bytes": row.bytes}
-    outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
-    ctx.audit.record("worker", Action.RETRIEVE, outcome, project_id=job.project_id, pacs_id=job.pacs.id,
-                     patient_id=job.patient_id, study_uid=job.study_uid,
-                     detail={"request": job.request_id, "event": str(state), "reason": reason or "", **counts})
+        outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
+        ctx.audit.record("worker", Action.RETRIEVE, outcome, project_id=job.project_id, pacs_id=job.pacs.id,
+                         patient_id=job.patient_id, study_uid=job.study_uid,
+                         detail={"request": job.request_id, "event": str(state), "reason": reason or "", **counts},
+                         session=session)
     LOG.info("request %s: %s (%s of %s instances)", job.request_id, state, counts["received"], counts["expected"])
     return state

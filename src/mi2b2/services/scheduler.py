@@ -26,7 +26,7 @@ from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
 from mi2b2.domain.windows import Limits, limits_at
 from mi2b2.services.allow_list import on_allow_list
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.request_rows import mark_started
 
@@ -65,10 +65,11 @@ def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
             select(Request.id, Request.project_id, Request.pacs_id, Request.patient_id, Request.study_uid)
             .where(Request.id.in_(list(result.canceled)))
         ).all()
-    for request_id, project_id, pacs_id, patient_id, study_uid in canceled:
-        ctx.audit.record("scheduler", Action.RETRIEVE, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
-                         patient_id=patient_id, study_uid=study_uid,
-                         detail={"request": request_id, "event": "canceled", "reason": result.canceled[request_id]})
+        ctx.audit.record_many(session, [  # the cancellations commit with their audit rows
+            AuditEntry("scheduler", Action.RETRIEVE, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
+                       patient_id=patient_id, study_uid=study_uid,
+                       detail={"request": request_id, "event": "canceled", "reason": result.canceled[request_id]})
+            for request_id, project_id, pacs_id, patient_id, study_uid in canceled])
     return result
 
 

@@ -323,14 +323,14 @@ def _finish(
         session.add(query)
         session.flush()
         report.query_id = query.id
-    if dropped:
-        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
-                         pacs_id=door.pacs.id, detail={"reason": "PACS answered for patients not asked for; dropped",
-                                                       "answers": dropped})
-    ctx.audit.record(who, Action.QUERY, project_id=door.policy.project_id, pacs_id=door.pacs.id, detail={
-        "query": report.query_id, "kind": report.kind, **keys, "results": result_count,
-        "refused": report.refused, "not_found": len(report.not_found), "not_permitted": report.not_permitted,
-    })
+        if dropped:
+            ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
+                             pacs_id=door.pacs.id, detail={"reason": "PACS answered for patients not asked for; dropped",
+                                                           "answers": dropped}, session=session)
+        ctx.audit.record(who, Action.QUERY, project_id=door.policy.project_id, pacs_id=door.pacs.id, detail={
+            "query": report.query_id, "kind": report.kind, **keys, "results": result_count,
+            "refused": report.refused, "not_found": len(report.not_found), "not_permitted": report.not_permitted,
+        }, session=session)
     return report
 
 

@@ -308,6 +308,8 @@ class CacheViewer:
 
     def _viewed(self, who: Principal, project_id: str, patient_id: str, study_uid: str, first: str) -> None:
         if self.audited.first((who.login, project_id, study_uid)):
+            # A view changes nothing in the database, so its audit row is a transaction of its own,
+            # committed before the image leaves.
             self.ctx.audit.record(who, Action.VIEW, project_id=project_id, patient_id=patient_id,
                                   study_uid=study_uid, detail={"via": "viewer", "first": first,
                                                                "again_after_hours": VIEW_AUDIT_HOURS})

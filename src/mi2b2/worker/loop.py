@@ -36,6 +36,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="retrieval")
         self._running: set[Future[str]] = set()
         self._thread: threading.Thread | None = None
+        self._next_checkpoint = ctx.clock.now()
 
     @property
     def stale_after(self) -> timedelta:
@@ -83,8 +84,15 @@ class Worker:
                     self._wake.wait(self.poll_seconds)
                     continue
             self._guarded(self.tick)
+            if self.ctx.clock.now() >= self._next_checkpoint:
+                self._guarded(self.checkpoint)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
+
+    def checkpoint(self) -> None:
+        """Sign the audit chain head into the checkpoint file outside the database."""
+        self._next_checkpoint = self.ctx.clock.now() + timedelta(seconds=self.ctx.config.audit.checkpoint_seconds)
+        self.ctx.audit.checkpoint()
 
     @staticmethod
     def _guarded(step) -> bool:  # type: ignore[no-untyped-def]
@@ -116,6 +124,7 @@ class Worker:
             retire_worker(self.ctx, self.worker_id)
         except Exception:
             LOG.exception("could not retire worker %s", self.worker_id)
+        self._guarded(self.checkpoint)  # a clean stop leaves the newest head signed
 
     def busy(self) -> int:
         return len(self._running)

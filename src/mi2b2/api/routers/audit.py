@@ -68,7 +68,8 @@ def export_events_by_body(body: AuditQueryBody, user: CurrentUser, ctx: ContextD
 
 @router.get("/verify")
 def verify(user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
-    return asdict(ctx.audit.verify(user))
+    verdict = ctx.audit.verify(user)
+    return {**asdict(verdict), "summary": verdict.summary}
 
 
 def _event_json(row: AuditEvent) -> dict[str, Any]:

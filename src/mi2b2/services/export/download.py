@@ -47,7 +47,7 @@ from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_readable
 from mi2b2.services.export.layout import (
@@ -212,23 +212,26 @@ def _check_on_disk(store: CacheStore, files: list[PlannedFile]) -> None:
 
 def _record_download(ctx: ServiceContext, who: Principal, plan: DownloadPlan, via: str,
                      encryption: str | None) -> dict[str, int]:
-    """One DOWNLOAD event per study, then last_downloaded_by/at; returns study_uid -> event seq."""
-    seqs = {
-        study.study_uid: ctx.audit.record(
-            who, Action.DOWNLOAD, project_id=plan.project_id, patient_id=study.patient_id, study_uid=study.study_uid,
-            detail={"via": via, "files": study.instances, "bytes": study.bytes, "encryption": encryption})
-        for study in plan.studies
-    }
+    """One DOWNLOAD event per study and last_downloaded_by/at, in one transaction; returns study_uid -> event seq.
+
+    The bytes stream after this commits (a read): a transfer cut short is recorded as FAILED afterwards."""
     with transaction(ctx.sessions) as session:
         session.execute(
             update(CachedStudy)
-            .where(CachedStudy.project_id == plan.project_id, CachedStudy.study_uid.in_(list(seqs)))
+            .where(CachedStudy.project_id == plan.project_id,
+                   CachedStudy.study_uid.in_([study.study_uid for study in plan.studies]))
             .values(last_downloaded_by=who.login[:64], last_downloaded_at=ctx.clock.now())
         )
+        seqs = dict(zip([study.study_uid for study in plan.studies], ctx.audit.record_many(session, [
+            AuditEntry(who, Action.DOWNLOAD, project_id=plan.project_id, patient_id=study.patient_id,
+                       study_uid=study.study_uid,
+                       detail={"via": via, "files": study.instances, "bytes": study.bytes, "encryption": encryption})
+            for study in plan.studies]), strict=True))
     return seqs
 
 
 def _record_interrupted(ctx: ServiceContext, who: Principal, plan: DownloadPlan, sent: dict[str, int]) -> None:
+    # Streaming is a read with nothing to commit: a cut-off transfer gets its own transaction afterwards.
     for study in plan.studies:
         done = sent.get(study.study_uid, 0)
         if done < study.bytes:

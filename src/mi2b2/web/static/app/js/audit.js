@@ -63,8 +63,8 @@ export function auditPage(app) {
     const result = await get("/audit/verify");
     verdict.className = `verdict ${result.ok ? "ok" : "error"}`;
     verdict.textContent = result.ok
-      ? `Chain verified: ${result.checked} events, every hash matches.`
-      : `Chain broken at event ${result.bad_seq}: ${result.problem} (${result.checked} events checked).`;
+      ? `Chain verified: ${result.summary}.`
+      : `Chain broken at event ${result.bad_seq ?? "(checkpoint file)"}: ${result.problem} (checked before it: ${result.summary}).`;
   }
 
   return {

@@ -12,7 +12,7 @@ import tomllib
 from datetime import date, time, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,14 +28,17 @@ from pydantic import (
 )
 
 from mi2b2.domain.governance import DataPolicy
-from mi2b2.domain.identifiers import parse_identifier_text
+from mi2b2.domain.identifiers import problem_with
+from mi2b2.domain.mrn import AllowedMrn, InstitutionRules, MrnFormat, parse_allow_list
+from mi2b2.domain.principal import login_problem
 from mi2b2.domain.requests import RetryPolicy
 from mi2b2.domain.windows import WEEKDAYS, GovernanceWindow
 from mi2b2.errors import ConfigError, InvalidInput
 
-AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")  # printable ASCII but backslash
-IDENTIFIER = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}\Z")  # printable ASCII but backslash
+IDENTIFIER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\Z")
+WILDCARD_CHARS = set("*?\\")
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*\Z", re.IGNORECASE)
 SIZE_UNITS = {
     "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
@@ -195,10 +198,47 @@ class DepartmentConfig(Strict):
     pacs: list[PacsConfig] = Field(default_factory=list)
 
 
+class MrnFormatConfig(Strict):
+    """How the institution writes its MRNs; the result must be the form its PACS stores,
+    since it is what mi2b2 sends in its C-FINDs (see domain/mrn.py)."""
+
+    remove: str = Field("", description='characters dropped wherever they appear, e.g. "- ."')
+    digits: int | None = Field(None, ge=1, le=64, description="numeric MRNs written with this many digits (zero-padded)")
+    strip_leading_zeros: bool = False
+    case: Literal["keep", "upper", "lower"] = "keep"
+
+    @model_validator(mode="after")
+    def _one_zero_rule(self) -> MrnFormatConfig:
+        if self.digits is not None and self.strip_leading_zeros:
+            raise ValueError("set either digits (pad to a fixed width) or strip_leading_zeros, not both")
+        if any(ch in WILDCARD_CHARS for ch in self.remove):
+            raise ValueError("remove may not hold the wildcards * ? or a backslash")
+        return self
+
+    def to_domain(self) -> MrnFormat:
+        return MrnFormat(self.remove, self.digits, self.strip_leading_zeros, self.case)
+
+
+def _issuer(value: Any) -> Any:
+    if isinstance(value, str):
+        problem = problem_with(value) if value.strip() else "is empty"
+        if problem:
+            raise ValueError(f"issuer {value[:20]!r} {problem}; write the Issuer of Patient ID (0010,0021) exactly "
+                             "as the PACS sends it")
+        return value.strip()
+    return value
+
+
 class InstitutionConfig(Strict):
     id: Identifier
     name: str = ""
+    mrn_format: MrnFormatConfig = MrnFormatConfig()
+    issuer: Annotated[str | None, BeforeValidator(_issuer)] = Field(
+        None, description="Issuer of Patient ID (0010,0021) its PACS sends; answers and instances naming another are refused")
     departments: list[DepartmentConfig] = Field(default_factory=list)
+
+    def rules(self) -> InstitutionRules:
+        return InstitutionRules(self.mrn_format.to_domain(), self.issuer)
 
 
 class DestinationConfig(Strict):
@@ -239,13 +279,23 @@ class MemberConfig(Strict):
     login: str = Field(min_length=1, max_length=64)
     role: MemberRole = MemberRole.RESEARCHER
 
+    @field_validator("login")
+    @classmethod
+    def _user_login(cls, value: str) -> str:
+        problem = login_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
 
 class ProjectConfig(Strict):
     id: Identifier
     title: str = Field(min_length=1)
     irb: str = Field(min_length=1, description="IRB protocol number")
     expires: date
-    mrn_file: Path
+    mrn_file: Path | None = Field(None, description="one MRN per line (a project of one institution), "
+                                                    "or a CSV with institution and MRN columns")
+    mrn_files: dict[str, Path] = Field(default_factory=dict, description="institution id -> its list of MRNs")
     quota: ByteSize
     institutions: list[str] = Field(min_length=1)
     max_studies_per_patient: int | None = Field(None, ge=1)
@@ -258,6 +308,19 @@ class ProjectConfig(Strict):
     def _zone(cls, value: str | None) -> str | None:
         return None if value is None else _check_zone(value)
 
+    @model_validator(mode="after")
+    def _one_list_form(self) -> ProjectConfig:
+        if (self.mrn_file is None) == (not self.mrn_files):
+            raise ValueError("give the allow-list either as mrn_file (one file) or as mrn_files "
+                             "(one file per institution: mrn_files = { institution = \"file\" }), not both or neither")
+        return self
+
+    def allow_list_files(self) -> dict[str | None, Path]:
+        """Each file of the allow-list, by the institution it lists (None: the file names its institutions)."""
+        if self.mrn_file is not None:
+            return {None: self.mrn_file}
+        return dict(self.mrn_files)
+
 
 class ServerConfig(Strict):
     http_host: str = "127.0.0.1"
@@ -267,12 +330,18 @@ class ServerConfig(Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     session_hours: float = Field(12, gt=0)
+    max_token_days: float = Field(90, gt=0, le=3650, description="the longest lifetime an API token may be given")
     run_worker: bool = True
     run_receiver: bool = True
     receiver_process: bool = Field(True, description="run the DICOM receiver in its own process (uses a second core)")
     worker_poll_seconds: float = Field(2.0, gt=0, description="how often the scheduler looks for work")
     public_url: str | None = Field(None, description="the address users reach mi2b2 at, e.g. https://mi2b2.example.org; "
                                                      "DICOMweb RetrieveURLs are built from it, not from the Host header")
+    max_body: ByteSize = Field(64 * 1024 * 1024, ge=1024, description="largest request body any caller may send "
+                                                                  "(an allow-list upload is the largest); over it: 413")
+    max_anonymous_body: ByteSize = Field(64 * 1024, ge=1024, description="largest body read before the caller is "
+                                                                       "authenticated (a login is tiny); over it: 413")
+    max_list_identifiers: int = Field(100_000, ge=1, description="most MRNs or accession numbers one search takes")
 
     @field_validator("public_url")
     @classmethod
@@ -340,7 +409,7 @@ class SiteConfig(Strict):
     projects: list[ProjectConfig] = Field(default_factory=list)
     source: Path | None = Field(None, exclude=True, description="file this was read from")
     # Allow-lists as read when the file was loaded, so what is applied is exactly what was validated.
-    _allow_lists: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+    _allow_lists: dict[str, list[AllowedMrn]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_references(self) -> SiteConfig:
@@ -360,6 +429,20 @@ class SiteConfig(Strict):
                         f"configured institutions: {sorted(institution_ids) or 'none'}"
                     )
             _unique(f"members of project {project.id!r}", [m.login for m in project.members])
+            for inst_id in project.mrn_files:
+                if inst_id not in project.institutions:
+                    where = "is not configured" if inst_id not in institution_ids else "is not one the project reaches"
+                    raise ValueError(
+                        f"project {project.id!r}: mrn_files names institution {inst_id!r}, which {where}; "
+                        f"use one of the project's institutions ({', '.join(project.institutions)})"
+                    )
+        issuers: dict[str, str] = {}
+        for inst in self.institutions:
+            if inst.issuer is not None and inst.issuer in issuers:
+                raise ValueError(f"institutions {issuers[inst.issuer]!r} and {inst.id!r} both name issuer "
+                                 f"{inst.issuer!r}; an Issuer of Patient ID belongs to one institution")
+            if inst.issuer is not None:
+                issuers[inst.issuer] = inst.id
         for dest in self.destinations:
             for project_id in dest.projects:
                 if project_id not in project_ids:
@@ -387,7 +470,15 @@ class SiteConfig(Strict):
         project = next((p for p in self.projects if p.id == project_id), None)
         return (project.data_policy if project else None) or self.site.data_policy
 
-    def allow_list(self, project: ProjectConfig) -> list[str]:
+    def institution(self, institution_id: str) -> InstitutionConfig:
+        for inst in self.institutions:
+            if inst.id == institution_id:
+                return inst
+        raise InvalidInput(f"unknown institution {institution_id!r}; configured: "
+                           f"{', '.join(i.id for i in self.institutions) or 'none'}")
+
+    def allow_list(self, project: ProjectConfig) -> list[AllowedMrn]:
+        """The project's allow-list as (institution, canonical MRN) pairs."""
         if project.id not in self._allow_lists:
             self._allow_lists[project.id] = load_allow_list(self, project)
         return self._allow_lists[project.id]
@@ -482,21 +573,24 @@ def load_config(path: Path | str) -> SiteConfig:
     return config
 
 
-def load_allow_list(config: SiteConfig, project: ProjectConfig) -> list[str]:
-    path = config.resolve(project.mrn_file)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"project {project.id!r}: MRN allow-list file {path} does not exist; "
-            "create it with one MRN per line or fix projects.mrn_file"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"project {project.id!r}: cannot read MRN allow-list {path}: {exc}") from None
-    try:
-        parsed = parse_identifier_text(text, kind="MRN")
-    except InvalidInput as exc:
-        raise ConfigError(f"project {project.id!r}: MRN allow-list {path}: {exc}") from None
-    return parsed.unique
-
-
+def load_allow_list(config: SiteConfig, project: ProjectConfig) -> list[AllowedMrn]:
+    reached = {i: config.institution(i).rules() for i in project.institutions}
+    known = [i.id for i in config.institutions]
+    entries: list[AllowedMrn] = []
+    for institution, file in project.allow_list_files().items():
+        path = config.resolve(file)
+        setting = "projects.mrn_file" if institution is None else f"projects.mrn_files.{institution}"
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"project {project.id!r}: MRN allow-list file {path} does not exist; "
+                f"create it with one MRN per line or fix {setting}"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"project {project.id!r}: cannot read MRN allow-list {path}: {exc}") from None
+        try:
+            entries.extend(parse_allow_list(text, reached, known, institution).entries)
+        except InvalidInput as exc:
+            raise ConfigError(f"project {project.id!r}: MRN allow-list {path}: {exc}") from None
+    return list(dict.fromkeys(entries))

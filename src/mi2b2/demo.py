@@ -149,11 +149,14 @@ PATIENTS = (
 )
 
 # Each list leaves out patients that are in the PACS, so that refusals show;
-# brain-mri also names a patient the PACS does not have (0099999).
+# brain-mri also names a patient the PACS does not have (0099999). An entry is
+# (institution, MRN): brain-mri reaches both institutions, so its list is a CSV
+# with an institution column; the others reach one and keep a plain list.
 ALLOW_LISTS = {
-    "brain-mri": ("000123", "0045678", "NS-20417", "LC0002201", "77", "0099999"),
-    "chest-ct": ("0045678", "000987", "A77031"),
-    "peds-us": ("LC0002201", "LC-0310"),
+    "brain-mri": (("northside", "000123"), ("northside", "0045678"), ("northside", "NS-20417"),
+                  ("lakeside", "LC0002201"), ("lakeside", "77"), ("northside", "0099999")),
+    "chest-ct": (("northside", "0045678"), ("northside", "000987"), ("northside", "A77031")),
+    "peds-us": (("lakeside", "LC0002201"), ("lakeside", "LC-0310")),
 }
 
 USERS = (
@@ -334,8 +337,12 @@ def _is_loaded(pacs: DemoPacs, files: list[Path]) -> bool:
 def _write_site(folder: Path, port: int, dicom_port: int, pacs: dict[str, DemoPacs]) -> Path:
     """Rewritten on every run: the PACS ports are new each time."""
     today = SystemClock().now().date()
-    for project, mrns in ALLOW_LISTS.items():
-        (folder / f"{project}.mrns").write_text("\n".join(mrns) + "\n", encoding="utf-8")
+    for project, entries in ALLOW_LISTS.items():
+        if len({institution for institution, _ in entries}) > 1:
+            lines = ["institution,mrn", *(f"{institution},{mrn}" for institution, mrn in entries)]
+            (folder / f"{project}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            (folder / f"{project}.mrns").write_text("\n".join(mrn for _, mrn in entries) + "\n", encoding="utf-8")
     institutions = "".join(_institution_toml(site, pacs[site.id]) for site in SITES)
     members = '[{ login = "researcher", role = "lead" }]'
     text = textwrap.dedent(f"""\
@@ -357,7 +364,7 @@ def _write_site(folder: Path, port: int, dicom_port: int, pacs: dict[str, DemoPa
         title = "Brain MRI outcomes cohort"
         irb = "2025P000417"
         expires = {_iso(today + timedelta(days=730))}
-        mrn_file = "brain-mri.mrns"
+        mrn_file = "brain-mri.csv"  # one CSV for both institutions: institution,mrn
         quota = "20 GiB"
         institutions = ["northside", "lakeside"]
         max_studies_per_patient = 10

@@ -2,7 +2,8 @@
 
     Mi2b2Error                 every error mi2b2 raises on purpose; str() is shown to users
     ├── InvalidInput           the caller sent something unusable (fix the input)
-    │   └── ConfigError        the site configuration is wrong (fix the file)
+    │   ├── ConfigError        the site configuration is wrong (fix the file)
+    │   └── LimitExceeded      the input is over one of the site's limits (size, count, range)
     ├── AccessDenied           the caller may not do this (IRB, membership, role)
     ├── NotFound               the named thing does not exist
     ├── PermanentError         an operation failed and retrying will not help
@@ -24,6 +25,10 @@ class InvalidInput(Mi2b2Error):
 
 class ConfigError(InvalidInput):
     pass
+
+
+class LimitExceeded(InvalidInput):
+    """Over a limit that keeps one request from exhausting the server; the message names the limit."""
 
 
 class AccessDenied(Mi2b2Error):

@@ -79,3 +79,21 @@ def test_a_researcher_reaches_neither_admin_nor_audit_pages_nor_another_project(
     search = page.request.post("/api/v1/search/patients", data={"project": "beta", "pacs": PACS_ID,
                                                                 "mrns": catalog.on_list[0]})
     assert search.status == 403, search.text()
+
+
+def test_an_admin_names_the_institution_of_a_list_for_a_project_of_several(page: Page) -> None:
+    login(page, ADMIN)
+    page.goto("/app/#admin")
+    institution = page.get_by_label("institution whose allow-list to replace")
+    page.get_by_label("project whose allow-list to replace").select_option("alpha")
+    expect(institution).to_be_hidden()  # alpha reaches one institution: nothing to choose
+    page.get_by_label("project whose allow-list to replace").select_option("beta")
+    expect(institution).to_be_visible()
+    institution.select_option("general")
+    page.get_by_label("new allow-list, one MRN per line").fill("B-1\nB-2\nB-3")
+    questions: list[str] = []
+    page.once("dialog", lambda dialog: (questions.append(dialog.message), dialog.accept()))
+    page.get_by_role("button", name="Replace allow-list").click()
+    expect(page.locator("#messages")).to_contain_text("allow-list of beta now holds 3 MRNs")
+    assert questions == ["Replace the whole allow-list of beta at general?"]
+    expect(page.locator('[data-table="admin-projects"] tr[data-key="beta"] td[data-col=allow_list_size]')).to_have_text("3")

@@ -91,8 +91,9 @@ class Site:
 def make_site(folder: Path, database_url: str, extra: str = "", clock: FakeClock | None = None,
               open_find: Any = None) -> Site:
     toml = write_site(folder / "site", database_url=database_url, expired_b=False, extra=DESTINATION + extra)
-    toml.write_text(toml.read_text().replace("expires = 2099-12-31\nmrn_file = \"beta.mrns\"",
-                                             f"expires = {BETA_ENDS.isoformat()}\nmrn_file = \"beta.mrns\""))
+    beta = 'expires = 2099-12-31\nmrn_files = { general = "beta.mrns" }'
+    assert beta in toml.read_text()
+    toml.write_text(toml.read_text().replace(beta, beta.replace("2099-12-31", BETA_ENDS.isoformat())))
     from mi2b2.config import load_config
 
     ctx = build_context(load_config(toml), clock=clock or FakeClock(), open_find=open_find)
@@ -298,7 +299,7 @@ def test_read_only_policy_keeps_reads_and_forward_open_after_expiry_but_not_for_
 
 def test_a_project_may_override_the_sites_policy(tmp_path: Path, database_url: str) -> None:
     site = make_site(tmp_path, database_url)
-    site.edit('mrn_file = "beta.mrns"', 'mrn_file = "beta.mrns"\ndata_policy = "read-only"')
+    site.edit('mrn_files = { general = "beta.mrns" }', 'mrn_files = { general = "beta.mrns" }\ndata_policy = "read-only"')
     site.reload()
     site.clock.set(AFTER_BETA)
     assert_all_open(read_doors(site, "carol", "beta", BETA))

@@ -180,7 +180,7 @@ def test_an_upload_replaces_the_allow_list_and_changes_who_can_be_searched(
     assert "DOE" not in written and "ROE" not in written
     assert allow_list(ctx, "alpha") == {"000123", "NEW-1"}
     (alpha,) = [p for p in ctx.config.projects if p.id == "alpha"]
-    assert ctx.config.allow_list(alpha) == ["000123", "NEW-1"]  # the running configuration too
+    assert ctx.config.allow_list(alpha) == [("general", "000123"), ("general", "NEW-1")]  # the running configuration too
     assert allow_list(ctx, "beta") == set(ALLOWED_B)
 
     after = search("77\nNEW-1")
@@ -190,7 +190,7 @@ def test_an_upload_replaces_the_allow_list_and_changes_who_can_be_searched(
 
     (event,) = audit_events(ctx, "allow_list")
     assert (event.actor, event.project_id, event.outcome, event.patient_id) == ("root", "alpha", "ok", None)
-    assert json.loads(event.detail) == {"op": "replace", "count": 2, "duplicates": 1}
+    assert json.loads(event.detail) == {"op": "replace", "institution": "general", "count": 2, "duplicates": 1}
     for logged in (event, *audit_events(ctx, "config_reload")):
         assert not [mrn for mrn in ("000123", "NEW-1", *ALLOWED_A) if mrn in logged.detail], logged.detail
 
@@ -239,5 +239,72 @@ def test_a_file_two_projects_share_is_refused(tmp_path: Path, database_url: str)
         assert response.status_code == 422
         assert "shares its MRN file" in response.json()["error"] and "gamma" in response.json()["error"]
         assert allow_list(ctx, "alpha") == allow_list(ctx, "gamma") == set(ALLOWED_A)
+    finally:
+        ctx.engine.dispose()
+
+
+# allow-lists of projects that reach several institutions ---------------------------------
+
+DELTA_ONE_CSV = """
+[[projects]]
+id = "delta"
+title = "One CSV for two institutions"
+irb = "2026P000888"
+expires = 2099-12-31
+mrn_file = "delta.csv"
+quota = "1 GiB"
+institutions = ["general", "childrens"]
+"""
+
+
+def pairs(ctx: ServiceContext, project_id: str) -> set[tuple[str, str]]:
+    with ctx.sessions() as session:
+        return {(i, m) for i, m in session.execute(
+            select(ProjectMrn.institution_id, ProjectMrn.mrn).where(ProjectMrn.project_id == project_id))}
+
+
+def upload_for(client: TestClient, site: Cached, project: str, text: str, institution: str | None) -> object:
+    return client.post(f"/api/v1/admin/projects/{project}/mrns", json={"mrns": text, "institution": institution},
+                       headers=site.headers("root"))
+
+
+def test_an_upload_for_a_project_of_several_institutions_names_the_institution(
+    client: TestClient, ctx: ServiceContext, site: Cached
+) -> None:
+    unnamed = upload_for(client, site, "beta", "B-9\n", None)
+    assert unnamed.status_code == 422
+    assert "reaches institutions general, childrens: name the institution" in unnamed.json()["error"]
+    elsewhere = upload_for(client, site, "beta", "B-9\n", "lakeside")
+    assert elsewhere.status_code == 422 and "does not reach institution 'lakeside'" in elsewhere.json()["error"]
+    no_file = upload_for(client, site, "beta", "B-9\n", "childrens")
+    assert no_file.status_code == 422 and "mrn_files.childrens" in no_file.json()["error"]
+    foreign_row = upload_for(client, site, "beta", "institution,mrn\nchildrens,B-9\n", "general")
+    assert foreign_row.status_code == 422 and "this is the list of 'general'" in foreign_row.json()["error"]
+    assert pairs(ctx, "beta") == {("general", m) for m in ALLOWED_B} and audit_events(ctx, "allow_list") == []
+
+    named = upload_for(client, site, "beta", "B-9\nB-1\n", "general")
+    assert named.status_code == 200, named.text
+    assert named.json()["institution"] == "general" and named.json()["file"].endswith("beta.mrns")
+    assert pairs(ctx, "beta") == {("general", "B-9"), ("general", "B-1")}
+    (event,) = audit_events(ctx, "allow_list")
+    assert json.loads(event.detail)["institution"] == "general"
+
+
+def test_an_upload_into_a_shared_csv_replaces_only_that_institutions_rows(tmp_path: Path, database_url: str) -> None:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "delta.csv").write_text("institution,mrn\ngeneral,000123\nchildrens,000123\nchildrens,K-2\n")
+    ctx = make_context(folder, database_url, extra=DELTA_ONE_CSV)
+    try:
+        seeded = fill(ctx, tmp_path / "files")
+        client = TestClient(create_app(ctx))
+        response = upload_for(client, seeded, "delta", "K-7\n000123\n", "childrens")
+        assert response.status_code == 200, response.text
+        assert pairs(ctx, "delta") == {("general", "000123"), ("childrens", "K-7"), ("childrens", "000123")}
+        written = (folder / "delta.csv").read_text()
+        assert written.splitlines()[0] == "institution,mrn" and "general,000123" in written
+        listed = {p["id"]: p for p in client.get("/api/v1/admin/projects", headers=seeded.headers("root")).json()}
+        assert set(listed["delta"]["mrn_files"]) == {"general", "childrens"}
+        assert listed["delta"]["allow_list_size"] == 3
     finally:
         ctx.engine.dispose()

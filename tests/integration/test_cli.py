@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import ssl
 import subprocess
@@ -26,7 +27,8 @@ def mi2b2(*args: str, config: Path | None = None, stdin: str | None = None,
     if config is not None:
         argv += ["--config", str(config)]
     result = subprocess.run(argv, capture_output=True, text=True, input=stdin, timeout=120, check=False,
-                            env={"PATH": "/usr/bin:/bin", "MI2B2_PASSWORD": ENV_PASSWORD, "COLUMNS": str(columns)})
+                            env={"PATH": "/usr/bin:/bin", "MI2B2_PASSWORD": ENV_PASSWORD, "COLUMNS": str(columns),
+                                 "PYTHONPATH": os.pathsep.join(sys.path)})  # the code under test, as the server runs
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     return result
 

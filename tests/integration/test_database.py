@@ -171,3 +171,23 @@ def test_removed_project_is_deactivated_not_deleted(tmp_path: Path, ctx: Service
     assert changes.deactivated == ["project beta"]
     with ctx.engine.connect() as connection:
         assert connection.execute(text("select active from projects where id='beta'")).scalar() in (False, 0)
+
+
+def test_migrating_the_allow_list_keeps_single_institution_lists_and_fails_closed_for_the_rest(
+    ctx: ServiceContext,
+) -> None:
+    """0004: a bare MRN of a one-institution project is that institution's; of a several-institution
+    project nobody can tell whose, so it is dropped until the configuration is synced again."""
+    db.downgrade(ctx.engine, "0003")
+    with ctx.engine.begin() as connection:
+        assert connection.execute(text("select count(*) from project_mrns where project_id='beta'")).scalar() == 2
+        connection.execute(text("insert into project_mrns (project_id, mrn) values ('beta', 'SHARED-1')"))
+    db.upgrade(ctx.engine)
+    with ctx.engine.connect() as connection:
+        rows = connection.execute(text("select project_id, institution_id, mrn from project_mrns")).all()
+    assert sorted(rows) == sorted(("alpha", "general", mrn) for mrn in ["000123", "MRN-0002", "77", "PAT004", "P005"])
+    # Syncing from the configuration (as every start does) brings beta's list back, per institution.
+    ctx.reload_config(Principal("root", Role.ADMIN))
+    with ctx.engine.connect() as connection:
+        beta = connection.execute(text("select institution_id, mrn from project_mrns where project_id='beta'")).all()
+    assert sorted(beta) == [("general", "B-1"), ("general", "B-2")]

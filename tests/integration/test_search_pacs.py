@@ -74,8 +74,8 @@ def test_off_list_mrn_never_reaches_the_pacs(api: tuple[TestClient, dict[str, st
     log = pacs.log_text()
     assert "000123" in log  # the log does show the identifiers we sent ...
     assert "OFFLIST-9" not in log  # ... and the refused one was never among them
-    audit = api[0].get("/api/v1/audit", params={"patient": "OFFLIST-9"},
-                       headers={"Authorization": f"Bearer {api[1]['alice']}"})
+    audit = api[0].post("/api/v1/audit/search", json={"patient": "OFFLIST-9"},
+                        headers={"Authorization": f"Bearer {api[1]['alice']}"})
     assert audit.status_code == 403  # researchers may not read the trail
 
 

@@ -70,11 +70,15 @@ def start_server(site: Path, env: dict[str, str] | None = None) -> Mi2b2Server:
     config = load_config(site)
     url = f"http://127.0.0.1:{config.server.http_port}"
     log_path = site.parent / "server.log"
+    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    if environment.get("PYTHONPATH"):  # it runs in the site's folder: `PYTHONPATH=src` must still mean this checkout
+        environment["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in
+                                                    environment["PYTHONPATH"].split(os.pathsep) if p)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mi2b2", "serve", "--config", str(site)],
             cwd=site.parent, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            env=environment, start_new_session=True,
         )
     server = Mi2b2Server(url, config.server.http_port, config.dicom.port, site, site.parent, log_path, process)
     deadline = time.monotonic() + SERVER_TIMEOUT

@@ -75,7 +75,7 @@ def write_site(
         title = "Expired protocol"
         irb = "2019P000999"
         expires = {"2020-01-31" if expired_b else "2099-12-31"}
-        mrn_file = "beta.mrns"
+        mrn_files = {{ general = "beta.mrns" }}
         quota = "1 GiB"
         institutions = ["general", "childrens"]
         members = [{{ login = "carol" }}, {{ login = "alice" }}]

@@ -49,19 +49,19 @@ def test_wrong_password_and_unknown_login_look_the_same(client: TestClient) -> N
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/api/v1/audit"), ("GET", "/api/v1/audit/verify"), ("GET", "/api/v1/audit/export.csv"),
+    [("POST", "/api/v1/audit/search"), ("GET", "/api/v1/audit/verify"), ("POST", "/api/v1/audit/export.csv"),
      ("POST", "/api/v1/admin/config/reload"), ("GET", "/api/v1/admin/users"), ("GET", "/api/v1/admin/tokens")],
 )
 def test_researchers_cannot_reach_admin_or_audit_endpoints(client: TestClient, method: str, path: str) -> None:
-    assert client.request(method, path).status_code == 401
+    assert client.request(method, path, json={}).status_code == 401
     _login(client, "alice")
-    assert client.request(method, path).status_code == 403
+    assert client.request(method, path, json={}).status_code == 403
 
 
 def test_auditor_reads_and_verifies_but_cannot_administer(client: TestClient) -> None:
     _login(client, "audrey")
     assert client.get("/api/v1/audit/verify").json()["ok"] is True
-    csv_text = client.get("/api/v1/audit/export.csv").text
+    csv_text = client.post("/api/v1/audit/export.csv", json={}).text
     assert csv_text.startswith("seq,occurred_at,actor")
     assert client.post("/api/v1/admin/config/reload").status_code == 403
 

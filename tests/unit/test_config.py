@@ -117,3 +117,75 @@ def test_no_windows_means_default_cap_and_no_window_match_means_closed() -> None
     assert limits_at([], now, ZoneInfo("UTC"), 3).max_concurrent == 3
     night_only = [GovernanceWindow("night", frozenset(range(7)), time(20), time(6))]
     assert limits_at(night_only, now, ZoneInfo("UTC"), 3).closed
+
+
+# --- allow-lists per institution ---------------------------------------------------------
+
+BETA_LIST = 'mrn_files = { general = "beta.mrns" }'
+
+
+def _config_error(tmp_path: Path, replacements: list[tuple[str, str]], files: dict[str, str] | None = None) -> str:
+    path = write_site(tmp_path)
+    text = path.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    for name, content in (files or {}).items():
+        (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    return str(raised.value)
+
+
+def test_a_plain_list_for_a_project_of_two_institutions_is_refused_with_the_fix(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, [(BETA_LIST, 'mrn_file = "beta.mrns"')])
+    assert "project 'beta'" in message and "beta.mrns" in message
+    assert "ambiguous" in message and "mrn_files" in message and "institution column" in message
+
+
+def test_a_csv_naming_an_unknown_institution_is_refused(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, [(BETA_LIST, 'mrn_file = "beta.csv"')],
+                            {"beta.csv": "institution,mrn\ngeneral,B-1\nnorthside,B-2\n"})
+    assert "beta.csv: line 3: unknown institution 'northside'; configured institutions: childrens, general" in message
+
+
+def test_a_csv_row_whose_issuer_differs_from_the_institutions_is_refused(tmp_path: Path) -> None:
+    message = _config_error(
+        tmp_path,
+        [(BETA_LIST, 'mrn_file = "beta.csv"'), ('name = "General Hospital"', 'name = "General Hospital"\nissuer = "GEN"')],
+        {"beta.csv": "institution,mrn,issuer\ngeneral,B-1,GEN\nchildrens,B-2,\ngeneral,B-3,KIDS\n"},
+    )
+    assert "line 4: issuer 'KIDS' differs from institution 'general'" in message
+
+
+@pytest.mark.parametrize(("replacements", "expected"), [
+    ([(BETA_LIST, 'mrn_files = { general = "beta.mrns", lakeside = "beta.mrns" }')],
+     "mrn_files names institution 'lakeside', which is not configured"),
+    ([('mrn_file = "alpha.mrns"', 'mrn_file = "alpha.mrns"\nmrn_files = { general = "alpha.mrns" }')],
+     "either as mrn_file"),
+    ([('name = "General Hospital"', 'name = "General Hospital"\nissuer = "SAME"'),
+      ('name = "Children\'s Hospital"', 'name = "Children\'s Hospital"\nissuer = "SAME"')],
+     "both name issuer 'SAME'"),
+    ([('name = "General Hospital"', 'name = "General Hospital"\nissuer = "A*"')], "issuer 'A*' contains a wildcard"),
+    ([('name = "General Hospital"', 'name = "General Hospital"\nmrn_format = { digits = 6, strip_leading_zeros = true }')],
+     "either digits"),
+    ([('name = "General Hospital"', 'name = "General Hospital"\nmrn_format = { digits = 6 }')],
+     "alpha.mrns: line 2: 'MRN-0002' is not a number"),
+], ids=["mrn-files-unknown", "both-forms", "shared-issuer", "issuer-wildcard", "zeros-both-ways", "list-off-format"])
+def test_allow_list_settings_that_cannot_be_applied_are_refused(
+    tmp_path: Path, replacements: list[tuple[str, str]], expected: str
+) -> None:
+    assert expected in _config_error(tmp_path, replacements)
+
+
+def test_each_institution_reads_its_list_in_its_own_format(tmp_path: Path) -> None:
+    path = write_site(tmp_path, allowed_a=["000123", "00-77"])
+    text = path.read_text().replace(
+        'name = "General Hospital"', 'name = "General Hospital"\nmrn_format = { digits = 6, remove = "-" }', 1)
+    path.write_text(text.replace(BETA_LIST, 'mrn_file = "beta.csv"'))
+    (tmp_path / "beta.csv").write_text("institution,mrn\ngeneral,123\nchildrens,000123\nchildrens,123\n")
+    config = load_config(path)
+    alpha, beta = config.projects
+    assert config.allow_list(alpha) == [("general", "000123"), ("general", "000077")]
+    assert config.allow_list(beta) == [("general", "000123"), ("childrens", "000123"), ("childrens", "123")]

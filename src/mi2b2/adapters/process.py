@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import traceback
+from typing import Any
 
 
 def pid_alive(pid: int) -> bool:
@@ -14,3 +17,60 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Everything this process creates is readable by its owner only.
+
+    The database, the cache, downloads and decrypted studies hold patient data;
+    set once at every entry point (all of them go through `mi2b2.cli.main.run`)."""
+    os.umask(PRIVATE_UMASK)
+
+
+WITHHELD = "(message withheld from the log: it may carry patient data; the traceback shows where)"
+
+
+def exception_text(error: BaseException) -> str:
+    """A traceback with each exception's type and frames but never its message.
+
+    Messages can carry whatever a PACS, a file or a database statement held
+    (PatientID, names); logs are not access-controlled like the audit trail."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    parts = []
+    for index, exc in enumerate(reversed(chain)):
+        if index:
+            parts.append("\nThe above exception was the direct cause of the following exception:\n\n"
+                         if exc.__cause__ is not None else
+                         "\nDuring handling of the above exception, another exception occurred:\n\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(exc.__traceback__))
+        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__}: {WITHHELD}\n")
+    return "".join(parts).rstrip("\n")
+
+
+def withhold_exception_messages() -> None:
+    """Every log record with an exception carries exception_text() in place of the usual traceback.
+
+    Set on the record itself (its exc_text), so it holds for every handler,
+    uvicorn's own included, whichever way the logging is configured."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "withholds_messages", False):
+        return
+
+    def record_without_messages(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = exception_text(record.exc_info[1])
+        return record
+
+    record_without_messages.withholds_messages = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(record_without_messages)

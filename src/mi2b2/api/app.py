@@ -9,6 +9,7 @@ from fastapi.routing import APIRoute
 
 from mi2b2 import __version__
 from mi2b2.api.errors import install_error_handlers
+from mi2b2.api.limits import BodyLimit
 from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
 from mi2b2.api.routers import dicomweb as dicomweb_router
 from mi2b2.api.routers import download as download_router
@@ -36,6 +37,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     app.state.context = context
     app.state.worker = worker
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, context=context)  # every route: no body is read past the site's limits
     api = APIRouter(prefix="/api/v1")
     for module in (auth, projects, search, requests, audit, admin, cache, notifications):
         api.include_router(module.router)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied
+from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 
 SESSION_COOKIE = "mi2b2_session"
@@ -84,8 +85,12 @@ def current_user(request: Request, ctx: ContextDep) -> Principal:
 CurrentUser = Annotated[Principal, Depends(current_user)]
 
 
-def require_admin(user: CurrentUser) -> Principal:
+def require_admin(user: CurrentUser, request: Request, ctx: ContextDep) -> Principal:
     if user.role is not Role.ADMIN:
+        # The route's template, not the URL: a path parameter stays out of the trail.
+        route = getattr(request.scope.get("route"), "path", "")
+        ctx.audit.record(user, Action.DENIED, Outcome.DENIED,
+                         detail={"reason": "not an admin", "operation": f"{request.method} {route}"})
         raise AccessDenied("this needs the admin role")
     return user
 

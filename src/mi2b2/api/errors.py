@@ -9,7 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from mi2b2.api.deps import NotAuthenticated
-from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, PermanentError, RetriableError
+from mi2b2.errors import (
+    AccessDenied,
+    InvalidInput,
+    LimitExceeded,
+    Mi2b2Error,
+    NotFound,
+    PermanentError,
+    RetriableError,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -17,6 +25,7 @@ STATUS = [
     (NotAuthenticated, 401),
     (AccessDenied, 403),
     (NotFound, 404),
+    (LimitExceeded, 400),
     (InvalidInput, 422),
     (RetriableError, 503),
     (PermanentError, 502),

@@ -59,7 +59,7 @@ def user_reset_password(
     password: Annotated[str | None, typer.Option(envvar="MI2B2_PASSWORD", help="omit to be prompted")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
-    """Set a new password (also clears the failed-login counter)."""
+    """Set a new password; revokes every token and session of the user and clears their failed logins."""
     new = _password(True, password)
     assert new is not None
     local_context(config).accounts.reset_password(operator(), login, new)
@@ -70,12 +70,12 @@ def user_reset_password(
 def token_create(
     login: str,
     name: Annotated[str, typer.Option(help="what the token is for")] = "cli",
-    days: Annotated[float, typer.Option(help="lifetime in days; 0 = no expiry")] = 90,
+    days: Annotated[float | None, typer.Option(help="lifetime in days; default and most: server.max_token_days")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Create an API token for LOGIN; it is printed once and never stored."""
-    issued = local_context(config).accounts.create_token(operator(), login, name, days or None)
-    console.print(f"token {issued.id} for {login}, expires {issued.expires_at or 'never'}; store it now:", style="bold")
+    issued = local_context(config).accounts.create_token(operator(), login, name, days)
+    console.print(f"token {issued.id} for {login}, expires {issued.expires_at}; store it now:", style="bold")
     typer.echo(issued.secret)
 
 

@@ -19,6 +19,7 @@ from mi2b2.client import Mi2b2Client
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import InvalidInput
+from mi2b2.services.audit import spreadsheet_safe
 from mi2b2.services.context import ServiceContext, build_context
 
 console = Console()
@@ -69,7 +70,8 @@ def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = 
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        # A cell a spreadsheet would run as a formula (a PatientID from a PACS can start with "=") gets an apostrophe.
+        writer.writerows({column: spreadsheet_safe(row.get(column)) for column in columns} for row in rows)
         typer.echo(buffer.getvalue(), nl=False)
     elif fmt == "table":
         cells = [["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from mi2b2.adapters.process import private_files, withhold_exception_messages
 from mi2b2.cli import admin, audit, cache, download, forward, requests, search, view
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
@@ -154,6 +155,8 @@ def projects(server: ServerOption = DEFAULT_SERVER, token: TokenOption = None, f
 
 def run() -> None:
     """Entry point: user errors print one clear line, never a traceback."""
+    private_files()
+    withhold_exception_messages()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app()

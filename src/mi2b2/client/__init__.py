@@ -90,8 +90,9 @@ class Mi2b2Client:
         return self._call("POST", "/admin/config/reload")  # type: ignore[no-any-return]
 
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
-        params = {k: v for k, v in filters.items() if v is not None}
-        return self._call("GET", "/audit", params=params)  # type: ignore[no-any-return]
+        """Audit events; the filters travel in a POST body, so a patient id stays out of URLs and access logs."""
+        body = {k: v for k, v in filters.items() if v is not None}
+        return self._call("POST", "/audit/search", json=body)  # type: ignore[no-any-return]
 
     def audit_verify(self) -> dict[str, Any]:
         return self._call("GET", "/audit/verify")  # type: ignore[no-any-return]

@@ -16,6 +16,7 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class Denial(StrEnum):
@@ -145,7 +146,7 @@ def split_allowed(values: Iterable[str], allowed: Callable[[str], bool]) -> tupl
 
 
 def filter_answers(
-    answers: Iterable[T], patient_of: Callable[[T], str], allowed: Callable[[str], bool]
+    answers: Iterable[T], patient_of: Callable[[T], K], allowed: Callable[[K], bool]
 ) -> tuple[list[T], list[T]]:
     """Second check, after the PACS replied: a PACS may match more loosely than asked
     (case folding, issuer of patient id, fuzzy matching), so keep only exact allowed IDs."""

@@ -1,12 +1,25 @@
-"""How long a login must wait after failed attempts (pure; the clock is passed in)."""
+"""How long a login must wait after failed attempts (pure; the clock is passed in).
+
+Failures are counted per (login typed, client address), for logins that exist
+and logins that do not alike: a guesser is slowed down on the pairs it tries,
+and cannot lock a user out from the user's own address. Delays grow but are
+capped, and a day without failures forgets them: never a permanent lockout.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 
 FREE_ATTEMPTS = 5
 FIRST_DELAY = timedelta(seconds=30)
 LONGEST_DELAY = timedelta(minutes=15)
+FORGET_AFTER = timedelta(days=1)
+
+
+def login_digest(login: str) -> str:
+    """What the failures of a login are kept under: a hash, since people type passwords into the login field."""
+    return hashlib.sha256(login.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def login_allowed_at(failed_logins: int, last_failure: datetime | None) -> datetime | None:
@@ -16,7 +29,7 @@ def login_allowed_at(failed_logins: int, last_failure: datetime | None) -> datet
     """
     if failed_logins < FREE_ATTEMPTS or last_failure is None:
         return None
-    delay = min(FIRST_DELAY * 2 ** (failed_logins - FREE_ATTEMPTS), LONGEST_DELAY)
+    delay = min(FIRST_DELAY * 2 ** min(failed_logins - FREE_ATTEMPTS, 16), LONGEST_DELAY)
     return last_failure + delay
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from mi2b2.domain.mrn import issuer_conflicts
+
 
 class StoreStatus(IntEnum):
     SUCCESS = 0x0000
@@ -29,6 +31,7 @@ class InFlight:
     patient_allowed: bool  # the request's patient is on the project's allow-list now
     quota_bytes: int
     used_bytes: int
+    issuer: str | None = None  # the Issuer of Patient ID the patient's institution is configured with
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ def judge_receipt(
     move_originator_ae: str | None,
     our_ae: str,
     peer_ae: str = "",
+    issuer: str = "",
 ) -> Refusal | None:
     """None when the instance may be stored, else why not."""
     originator = (move_originator_ae or "").strip()
@@ -56,6 +60,8 @@ def judge_receipt(
         return _security("no retrieval in progress for this study from the calling AE")
     if patient_id != request.patient_id:
         return _security("the instance's PatientID differs from the requested study's patient")
+    if issuer_conflicts(issuer, request.issuer):
+        return _security("the instance's Issuer of Patient ID differs from the institution's: another patient")
     if not request.patient_allowed:
         return _security("patient not on the project's IRB allow-list")
     if request.series_uids and series_uid not in request.series_uids:

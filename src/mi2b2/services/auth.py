@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.crypto.secrets import hash_password, new_token, token_digest, verify_password
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import ApiToken, User
+from mi2b2.adapters.db.tables import ApiToken, LoginFailure, User
 from mi2b2.domain.clock import Clock, as_utc
-from mi2b2.domain.login_throttle import must_wait
-from mi2b2.domain.principal import Principal, Role
+from mi2b2.domain.login_throttle import FORGET_AFTER, login_digest, must_wait
+from mi2b2.domain.principal import LOGIN, Principal, Role, login_problem
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.audit import Action, AuditTrail, Outcome
 
-LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 NOT_A_LOGIN = "(not a login name)"
 MIN_PASSWORD = 10
+CLIENT_CHARS = 64  # login_failures.client
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,30 @@ class IssuedToken:
 
 
 class Accounts:
-    def __init__(self, sessions: sessionmaker[Session], clock: Clock, audit: AuditTrail, session_hours: float = 12) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Clock, audit: AuditTrail, session_hours: float = 12,
+                 max_token_days: float = 90) -> None:
         self._sessions = sessions
         self._clock = clock
         self._audit = audit
         self._session_lifetime = timedelta(hours=session_hours)
+        self._max_token_days = max_token_days
 
     # users -----------------------------------------------------------------
 
     def add_user(self, by: Principal, login: str, role: str, password: str | None,
                  display_name: str = "", email: str | None = None) -> UserView:
-        if not LOGIN.match(login):
-            raise InvalidInput(f"{login!r} is not a valid login; use letters, digits, '.', '_', '-' or '@'")
+        problem = login_problem(login)
+        if problem:
+            raise InvalidInput(problem)
         role_value = _role(role)
         if password is not None:
             _check_password(password)
+        password_hash = hash_password(password) if password else None  # argon2 outside the write lock
         with transaction(self._sessions) as session:
             if session.scalar(select(User).where(User.login == login)):
                 raise InvalidInput(f"user {login!r} already exists; use reset-password or pick another login")
             user = User(login=login, role=role_value, display_name=display_name or login, email=email,
-                        password_hash=hash_password(password) if password else None,
-                        created_at=self._clock.now(), disabled=False, failed_logins=0)
+                        password_hash=password_hash, created_at=self._clock.now(), disabled=False)
             session.add(user)
             self._audit.record(by, Action.USER_ADMIN, detail={"op": "add", "login": login, "role": role_value},
                                session=session)
@@ -84,49 +87,71 @@ class Accounts:
             return [_user_view(u) for u in session.scalars(select(User).order_by(User.login))]
 
     def disable_user(self, by: Principal, login: str) -> None:
-        now = self._clock.now()
         with transaction(self._sessions) as session:
             user = _find_user(session, login)
             user.disabled = True
-            session.execute(
-                update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None)).values(revoked_at=now)
-            )
-            self._audit.record(by, Action.USER_ADMIN, detail={"op": "disable", "login": login}, session=session)
+            revoked = _revoke_all(session, user.id, self._clock.now())
+            self._audit.record(by, Action.USER_ADMIN, detail={"op": "disable", "login": login, "revoked": revoked},
+                               session=session)
 
     def reset_password(self, by: Principal, login: str, password: str) -> None:
+        """A new password, and every token and session of the user revoked: whoever knew the old one is out."""
         _check_password(password)
+        password_hash = hash_password(password)  # argon2 outside the write lock
         with transaction(self._sessions) as session:
             user = _find_user(session, login)
-            user.password_hash = hash_password(password)
-            user.failed_logins = 0
-            user.last_failed_login = None
-            self._audit.record(by, Action.USER_ADMIN, detail={"op": "reset-password", "login": login}, session=session)
+            user.password_hash = password_hash
+            revoked = _revoke_all(session, user.id, self._clock.now())
+            session.execute(delete(LoginFailure).where(LoginFailure.login_digest == login_digest(login)))
+            self._audit.record(by, Action.USER_ADMIN, detail={"op": "reset-password", "login": login,
+                                                              "revoked": revoked}, session=session)
 
     # login -----------------------------------------------------------------
 
     def login(self, login: str, password: str, client: str = "") -> tuple[Principal, IssuedToken]:
-        """Check a password and open a browser session. Failures are audited and throttled."""
+        """Check a password and open a browser session. Failures are audited and throttled.
+
+        A login that does not exist (or is disabled, or reserved) costs the same
+        work and gets the same answers as a wrong password, throttling included,
+        so neither the answer nor its time tells which logins exist."""
         now = self._clock.now()
-        with transaction(self._sessions) as session:
-            user = session.scalar(select(User).where(User.login == login))
-            wait = must_wait(user.failed_logins, _aware(user.last_failed_login), now) if user else None
-            ok = wait is None and user is not None and not user.disabled and verify_password(user.password_hash, password)
-            if user is not None and wait is None:
-                user.failed_logins = 0 if ok else user.failed_logins + 1
-                user.last_failed_login = None if ok else now
+        digest, client_key = login_digest(login), client[:CLIENT_CHARS]
+        with self._sessions() as session:
+            user = session.scalar(select(User).where(User.login == login)) if login_problem(login) is None else None
+            failures = session.get(LoginFailure, (digest, client_key))
+        wait = must_wait(failures.failures, as_utc(failures.last_failure), now) if failures else None
         # Whatever anyone types reaches the trail only if it could be a login name.
         actor = login if LOGIN.match(login) else NOT_A_LOGIN
         if wait is not None:
             self._audit.record(actor, Action.LOGIN, Outcome.DENIED, detail={"client": client, "reason": "throttled"})
             raise AccessDenied(f"too many failed logins; try again in {int(wait.total_seconds()) + 1} s")
+        # argon2 runs outside any transaction (on SQLite a write transaction holds
+        # the one write lock), and against a dummy hash when there is no user.
+        ok = verify_password(user.password_hash if user else None, password) and user is not None and not user.disabled
         if not ok or user is None:
+            self._count_failure(digest, client_key, now)
             self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail={"client": client})
             raise AccessDenied("wrong login or password")
+        if failures:
+            with transaction(self._sessions) as session:
+                session.execute(delete(LoginFailure).where(LoginFailure.login_digest == digest,
+                                                           LoginFailure.client == client_key))
         principal = Principal(user.login, Role(user.role), user.display_name, client)
         issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime,
                              lambda session, token_id: self._audit.record(
                                  principal, Action.LOGIN, detail={"session": token_id}, session=session))
         return principal, issued
+
+    def _count_failure(self, digest: str, client: str, now: datetime) -> None:
+        """One more failure, counted in one statement so that parallel guesses lose no update."""
+        with transaction(self._sessions) as session:
+            session.execute(delete(LoginFailure).where(LoginFailure.last_failure < now - FORGET_AFTER))
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            insert = dialect.insert(LoginFailure).values(login_digest=digest, client=client, failures=1, last_failure=now)
+            session.execute(insert.on_conflict_do_update(
+                index_elements=[LoginFailure.login_digest, LoginFailure.client],
+                set_={"failures": LoginFailure.failures + 1, "last_failure": now},
+            ))
 
     def logout(self, secret: str) -> None:
         with transaction(self._sessions) as session:
@@ -136,16 +161,24 @@ class Accounts:
 
     # tokens ----------------------------------------------------------------
 
-    def create_token(self, by: Principal, login: str, name: str, days: float | None = 90) -> IssuedToken:
+    def create_token(self, by: Principal, login: str, name: str, days: float | None = None) -> IssuedToken:
+        """A new API token for `login`, valid for `days` (the site's longest, server.max_token_days, if None)."""
         if by.login != login and not by.is_admin:
             raise AccessDenied("only an admin may create tokens for another user")
+        longest = self._max_token_days
+        if days is None:
+            days = longest
+        if not 0 < days <= longest:
+            raise InvalidInput(f"a token may live more than 0 and at most {longest:g} days (server.max_token_days); "
+                               f"{days:g} is outside that: create a new token when this one expires")
         with self._sessions() as session:
             user = _find_user(session, login)
         if user.disabled:
             raise InvalidInput(f"user {login!r} is disabled; enable the account before issuing tokens")
-        expires = self._clock.now() + timedelta(days=days) if days else None
-        issued = self._issue(user.id, "api", name, expires, lambda session, token_id: self._audit.record(
-            by, Action.TOKEN_ADMIN, detail={"op": "create", "login": login, "token": token_id}, session=session))
+        issued = self._issue(user.id, "api", name, self._clock.now() + timedelta(days=days),
+                             lambda session, token_id: self._audit.record(
+                                 by, Action.TOKEN_ADMIN, detail={"op": "create", "login": login, "token": token_id},
+                                 session=session))
         return issued
 
     def list_tokens(self, login: str | None = None) -> list[TokenView]:
@@ -164,10 +197,15 @@ class Accounts:
             if token is None:
                 raise NotFound(f"no token with id {token_id}; list them with `mi2b2 admin token list`")
             owner = session.get(User, token.user_id)
-            if not by.is_admin and (owner is None or owner.login != by.login):
-                raise AccessDenied("you may revoke only your own tokens")
-            token.revoked_at = token.revoked_at or self._clock.now()
-            self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "revoke", "token": token_id}, session=session)
+            allowed = by.is_admin or (owner is not None and owner.login == by.login)
+            if allowed:
+                token.revoked_at = token.revoked_at or self._clock.now()
+                self._audit.record(by, Action.TOKEN_ADMIN, detail={"op": "revoke", "token": token_id}, session=session)
+        if not allowed:
+            self._audit.record(by, Action.DENIED, Outcome.DENIED,
+                               detail={"reason": "not an admin", "operation": "revoke another user's token",
+                                       "token": token_id})
+            raise AccessDenied("you may revoke only your own tokens")
 
     def authenticate(self, secret: str, client: str = "") -> Principal | None:
         """The principal a bearer token or session cookie stands for, if it is valid now."""
@@ -181,6 +219,8 @@ class Accounts:
         token, user = found
         if token.revoked_at or user.disabled or (token.expires_at and as_utc(token.expires_at) <= now):
             return None
+        if token.kind == "api" and as_utc(token.created_at) + timedelta(days=self._max_token_days) <= now:
+            return None  # made before the site's limit, or the limit was lowered since
         if token.last_used_at is None or now - as_utc(token.last_used_at) > timedelta(minutes=1):
             # Coarse, and only then a write: on SQLite every write transaction takes
             # the database's one write lock, which no request should need to read.
@@ -202,8 +242,12 @@ class Accounts:
         return IssuedToken(token_id, secret, expires)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return as_utc(value) if value else None
+def _revoke_all(session: Session, user_id: int, now: datetime) -> int:
+    """Revoke every API token and browser session of a user; how many there were."""
+    result = session.execute(
+        update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)).values(revoked_at=now)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def _role(role: str) -> str:

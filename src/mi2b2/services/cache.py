@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, ProjectMrn, Request
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.domain.clock import as_utc
@@ -33,6 +33,7 @@ from mi2b2.domain.governance import DataUse, Denial
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.services.allow_list import patient_allowed
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_use
@@ -579,7 +580,7 @@ def _repair(
 ) -> list[_Removal]:
     now = ctx.clock.now()
     removals: list[_Removal] = []
-    allowed: dict[str, set[str]] = {}
+    projects: set[str] = set()  # those known to exist
     with transaction(ctx.sessions) as session:
         for path in report.missing_files:
             if _disk_size(store, path) is None:  # look again: it may have been placed since
@@ -606,11 +607,12 @@ def _repair(
             if _study_of(store, path) in in_flight:
                 report.being_received.append(path)
                 continue
-            reason, header = _adoptable(session, store, path, allowed)
+            reason, header = _adoptable(session, store, path, projects)
             if reason is None and header is not None:
                 size = _disk_size(store, path)
-                if size is not None and index_instance(session, path.split("/")[0], header, path, size, now,
-                                                       who.login, None):
+                project_id = path.split("/")[0]
+                if size is not None and index_instance(session, project_id, header, path, size, now, who.login,
+                                                       _source_pacs(session, project_id, header.study_uid)):
                     report.orphans_indexed.append(path)
                 continue
             store.discard(path)
@@ -650,7 +652,7 @@ def _header(store: CacheStore, path: str) -> InstanceHeader | None:
 
 
 def _adoptable(
-    session: Session, store: CacheStore, path: str, allowed: dict[str, set[str]]
+    session: Session, store: CacheStore, path: str, projects: set[str]
 ) -> tuple[str | None, InstanceHeader | None]:
     """(why the file must go, or None if it may be indexed; its header if readable)."""
     place = _study_of(store, path)
@@ -666,13 +668,25 @@ def _adoptable(
         expected = None
     if expected != path:
         return "its header does not match its place in the cache", header
-    if project_id not in allowed:
+    if project_id not in projects:
         if session.get(Project, project_id) is None:
             return "no such project", header
-        allowed[project_id] = set(session.scalars(select(ProjectMrn.mrn).where(ProjectMrn.project_id == project_id)))
-    if header.patient_id not in allowed[project_id]:
+        projects.add(project_id)
+    if not patient_allowed(session, project_id, _source_pacs(session, project_id, header.study_uid), header.patient_id):
         return Denial.PATIENT_NOT_ALLOWED.value, header
     return None, header
+
+
+def _source_pacs(session: Session, project_id: str, study_uid: str) -> str | None:
+    """The PACS an orphan file's study came from (its study row, else its latest retrieval): the
+    allow-list names patients per institution."""
+    pacs_id = session.scalar(select(CachedStudy.pacs_id).where(
+        CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid))
+    if pacs_id is None:
+        pacs_id = session.scalar(select(Request.pacs_id).where(
+            Request.project_id == project_id, Request.study_uid == study_uid, Request.kind == RequestKind.RETRIEVE,
+        ).order_by(Request.id.desc()).limit(1))
+    return pacs_id
 
 
 def _audit_removals(ctx: ServiceContext, who: Principal, removals: list[_Removal], session: Session) -> None:

@@ -92,5 +92,6 @@ def build_context(
         with transaction(sessions) as session:
             changes = apply_config(session, config, clock.now())
             audit_canceled(audit, changes, session)
-    accounts = Accounts(sessions, clock, audit, config.server.session_hours)
+    accounts = Accounts(sessions, clock, audit, config.server.session_hours,
+                        config.server.max_token_days)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)

@@ -33,6 +33,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from mi2b2.adapters.dicom.files import parse_instance_header
 from mi2b2.adapters.dicom.render import frame_count, quiet
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
-from mi2b2.errors import InvalidInput, NotFound
+from mi2b2.errors import InvalidInput, LimitExceeded, NotFound
 from mi2b2.services.audit import Action
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
@@ -64,6 +65,15 @@ CHUNK = 256 * 1024
 DICOM = "application/dicom"
 RESERVED = {"includefield", "limit", "offset", "fuzzymatching", "fuzzy"}
 MAX_LIMIT = 10_000
+# What one query may ask, so that no request can keep the server busy for long (the answer names the limit).
+MAX_OFFSET = 1_000_000
+MAX_PARAMETERS = 64  # query parameters in one request
+MAX_VALUE_CHARS = 8192  # one parameter's value (a list of UIDs fits ~120)
+MAX_LIST_VALUES = 500  # values in one UID or code list
+MAX_PATTERN_CHARS = 256  # one value with * or ? (DICOM values are at most 64 characters a component)
+MAX_WILDCARD_VALUES = 32  # values with * or ? in one query: each is matched against every candidate
+MAX_INCLUDE_FIELDS = 200
+MAX_FRAMES = 1000  # distinct frames in one WADO-RS frame request
 
 # What the index knows at each level (everything else comes from a file's header).
 STUDY_INDEXED = ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate", "ModalitiesInStudy",
@@ -132,38 +142,69 @@ def _keyword(name: str) -> str:
 
 
 def parse_query(items: Sequence[tuple[str, str]]) -> Query:
-    """QIDO-RS query parameters (repeated keys allowed) into a Query."""
+    """QIDO-RS query parameters (repeated keys allowed) into a Query; LimitExceeded over a limit."""
+    if len(items) > MAX_PARAMETERS:
+        raise LimitExceeded(f"{len(items)} query parameters; at most {MAX_PARAMETERS} are accepted in one search")
     filters: dict[str, str] = {}
     include: set[str] = set()
     include_all = False
     limit: int | None = None
     offset = 0
     warnings: list[str] = []
+    wildcards = 0
     for name, value in items:
         lowered = name.lower()
+        if len(value) > MAX_VALUE_CHARS or len(name) > 64:
+            raise LimitExceeded(f"query parameter {name[:64]!r} is {len(value)} characters long; values of at most "
+                                f"{MAX_VALUE_CHARS} characters are accepted")
         if lowered == "includefield":
             for part in value.split(","):
                 if part.strip().lower() == "all":
                     include_all = True
                 elif part.strip():
                     include.add(_keyword(part))
+            if len(include) > MAX_INCLUDE_FIELDS:
+                raise LimitExceeded(f"more than {MAX_INCLUDE_FIELDS} includefield attributes; ask for fewer, "
+                                    "or includefield=all")
         elif lowered in ("limit", "offset"):
             try:
                 number = int(value)
             except ValueError:
-                raise InvalidInput(f"{lowered} must be a whole number, not {value!r}") from None
+                raise InvalidInput(f"{lowered} must be a whole number, not {value[:32]!r}") from None
             if number < 0:
                 raise InvalidInput(f"{lowered} must not be negative")
+            highest = MAX_LIMIT if lowered == "limit" else MAX_OFFSET
+            if number > highest:
+                raise LimitExceeded(f"{lowered}={number} is over the most mi2b2 accepts, {highest}; "
+                                    "page through the results with limit and offset")
             if lowered == "limit":
-                limit = min(number, MAX_LIMIT)
+                limit = number
             else:
                 offset = number
         elif lowered in ("fuzzymatching", "fuzzy"):
             if value.strip().lower() == "true":
                 warnings.append('299 mi2b2 "fuzzymatching is not supported; only literal matching was performed"')
         else:
-            filters[_keyword(name)] = value
+            keyword = _keyword(name)
+            wildcards += _check_pattern(keyword, value)
+            if wildcards > MAX_WILDCARD_VALUES:
+                raise LimitExceeded(f"more than {MAX_WILDCARD_VALUES} values with * or ? in one search; "
+                                    "narrow the search, or run several")
+            filters[keyword] = value
     return Query(filters, frozenset(include), include_all, limit, offset, tuple(warnings))
+
+
+def _check_pattern(keyword: str, value: str) -> int:
+    """How many of the value's patterns have wildcards; LimitExceeded over a list or pattern limit."""
+    listed = _list_values(value) if _is_list(keyword, value) else [value.strip()]
+    if len(listed) > MAX_LIST_VALUES:
+        raise LimitExceeded(f"{keyword} lists {len(listed)} values; at most {MAX_LIST_VALUES} are accepted in one "
+                            "search: split the list over several searches")
+    for pattern in listed:
+        if ("*" in pattern or "?" in pattern) and len(pattern) > MAX_PATTERN_CHARS:
+            raise LimitExceeded(f"a {keyword} value with wildcards is {len(pattern)} characters long; at most "
+                                f"{MAX_PATTERN_CHARS} are accepted")
+    return sum(1 for pattern in listed if "*" in pattern or "?" in pattern)
 
 
 def _values(value: Any) -> list[str]:
@@ -176,10 +217,37 @@ def _values(value: Any) -> list[str]:
 
 
 def _wildcard(pattern: str, value: str, ignore_case: bool) -> bool:
-    if "*" in pattern or "?" in pattern:
-        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-        return re.fullmatch(regex, value, re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL) is not None
-    return value.lower() == pattern.lower() if ignore_case else value == pattern
+    """PS3.4 C.2.2.2.4 wildcard matching (``*`` any run, ``?`` one character) in time linear in the
+    value for each piece of the pattern: never a backtracking regular expression, which a pattern such
+    as ``*?*?*?...`` drives exponential while holding the interpreter."""
+    if ignore_case:
+        pattern, value = pattern.lower(), value.lower()
+    if "*" not in pattern and "?" not in pattern:
+        return value == pattern
+    if "*" not in pattern:  # ? only: the same length, character by character
+        return len(value) == len(pattern) and _piece_at(pattern, value, 0)
+    first, *middle, last = pattern.split("*")
+    end = len(value) - len(last)
+    if len(first) > end or not _piece_at(first, value, 0) or not _piece_at(last, value, end):
+        return False
+    position = len(first)
+    for piece in middle:  # each fixed-length piece at its leftmost place is the best any match can do
+        if piece:
+            found = _piece(piece).search(value, position, end)
+            if found is None:
+                return False
+            position = found.end()
+    return True
+
+
+def _piece_at(piece: str, value: str, start: int) -> bool:
+    return all(p == "?" or p == v for p, v in zip(piece, value[start:start + len(piece)], strict=True))
+
+
+@lru_cache(maxsize=1024)
+def _piece(piece: str) -> re.Pattern[str]:
+    """A fixed-length pattern (literals and ``.``): no quantifier, so no backtracking."""
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in piece), re.DOTALL)
 
 
 def _in_range(pattern: str, value: str) -> bool:
@@ -191,6 +259,15 @@ def _in_range(pattern: str, value: str) -> bool:
     return not (high and plain[: len(high)] > high)
 
 
+def _is_list(keyword: str, pattern: str) -> bool:
+    vr = dictionary_VR(keyword)
+    return vr == "UI" or (vr == "CS" and ("," in pattern or "\\" in pattern))
+
+
+def _list_values(pattern: str) -> list[str]:
+    return [p.strip() for p in re.split(r"[,\\]", pattern) if p.strip()]
+
+
 def matches(keyword: str, pattern: str, value: Any) -> bool:
     """PS3.4 C.2.2.2 matching of one key against one attribute's value(s)."""
     pattern = pattern.strip()
@@ -200,8 +277,8 @@ def matches(keyword: str, pattern: str, value: Any) -> bool:
     values = _values(value)
     if not values:
         return False
-    if vr == "UI" or (vr == "CS" and ("," in pattern or "\\" in pattern)):
-        wanted = [p.strip() for p in re.split(r"[,\\]", pattern) if p.strip()]
+    if _is_list(keyword, pattern):
+        wanted = _list_values(pattern)
         return any(_wildcard(w, v, False) for w in wanted for v in values)
     if vr in ("DA", "TM", "DT") and "-" in pattern:
         return any(_in_range(pattern, v) for v in values)
@@ -451,13 +528,14 @@ class DicomWeb:
         if encapsulated and wanted and media not in wanted and "*/*" not in wanted:
             raise NotAcceptable(f"the frames are stored as {media} ({syntax}) and mi2b2 does not transcode; "
                                 f'ask with Accept: multipart/related; type="{media}"')
-        with quiet():
-            parts = [_frame_bytes(ds, n - 1, frames, encapsulated) for n in numbers]
-        self._downloaded(who, project_id, instance, "frames", 1, sum(len(p) for p in parts), series_uid, once=True)
+        with quiet():  # each frame once to check and measure it; the bytes are sent one frame at a time
+            sizes = [len(_frame_bytes(ds, n - 1, frames, encapsulated)) for n in numbers]
+        self._downloaded(who, project_id, instance, "frames", 1, sum(sizes), series_uid, once=True)
         boundary = uuid.uuid4().hex
         part_type = f"{media}; transfer-syntax={syntax}" if encapsulated else media
+        parts = _frames(ds, numbers, frames, encapsulated)
         return Retrieval(f'multipart/related; type="{media}"; boundary={boundary}',
-                         _multipart_bytes(parts, part_type, boundary), len(parts), sum(len(p) for p in parts))
+                         _multipart_bytes(parts, part_type, boundary), len(numbers), sum(sizes))
 
     def locate(self, who: Principal, project_id: str, study_uid: str, series_uid: str, sop_uid: str) -> None:
         """Check an instance exists in the project's cache (for the rendered resources)."""
@@ -655,12 +733,20 @@ def _encapsulated(ds: Dataset) -> bool:
 
 
 def _frame_numbers(text: str) -> list[int]:
+    """The frame list of a URL, each frame once, in the order first asked; LimitExceeded over MAX_FRAMES."""
+    parts = [part for part in text.split(",") if part.strip()]
+    if len(parts) > 4 * MAX_FRAMES:  # a repeated list is deduplicated below, but not at any length
+        raise LimitExceeded(f"the frame list names {len(parts)} frames; at most {MAX_FRAMES} distinct frames "
+                            "are sent in one request: ask for the rest in further requests")
     try:
-        numbers = [int(part) for part in text.split(",") if part.strip()]
+        numbers = list(dict.fromkeys(int(part) for part in parts))
     except ValueError:
-        raise InvalidInput(f"frame list {text!r} must be numbers separated by commas, from 1") from None
+        raise InvalidInput(f"frame list {text[:64]!r} must be numbers separated by commas, from 1") from None
     if not numbers or any(n < 1 for n in numbers):
         raise InvalidInput("frames are numbered from 1")
+    if len(numbers) > MAX_FRAMES:
+        raise LimitExceeded(f"{len(numbers)} distinct frames asked for; at most {MAX_FRAMES} are sent in one "
+                            "request: ask for the rest in further requests")
     return numbers
 
 
@@ -681,6 +767,14 @@ def _frame_bytes(ds: Dataset, index: int, frames: int, encapsulated: bool) -> by
     if len(chunk) != length:
         raise InvalidInput(f"frame {index + 1} is truncated in the stored file")
     return bytes(chunk)
+
+
+def _frames(ds: Dataset, numbers: list[int], frames: int, encapsulated: bool) -> Iterator[bytes]:
+    """One frame in memory at a time, however many the request names."""
+    for number in numbers:
+        with quiet():
+            part = _frame_bytes(ds, number - 1, frames, encapsulated)
+        yield part
 
 
 def _accepted_types(accept: str) -> set[str]:
@@ -746,7 +840,7 @@ def _multipart_files(paths: list[Path], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode()
 
 
-def _multipart_bytes(parts: list[bytes], content_type: str, boundary: str) -> Iterator[bytes]:
+def _multipart_bytes(parts: Iterator[bytes], content_type: str, boundary: str) -> Iterator[bytes]:
     for part in parts:
         yield (f"--{boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {len(part)}\r\n\r\n").encode()
         yield part

@@ -331,7 +331,11 @@ def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> di
 
 
 def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:
-    allowed = on_allow_list(Request.project_id, Request.pacs_id, Request.patient_id)
+    # A forward names no PACS; the cached study's does, and tells which institution's patient it is.
+    source = select(CachedStudy.pacs_id).where(
+        CachedStudy.project_id == Request.project_id, CachedStudy.study_uid == Request.study_uid,
+    ).correlate(Request).scalar_subquery()
+    allowed = on_allow_list(Request.project_id, func.coalesce(Request.pacs_id, source), Request.patient_id)
     queued: dict[str, list[ForwardCandidate]] = defaultdict(list)
     for rid, project_id, destination_id, priority, created, not_before, ok, study_uid in session.execute(
         select(Request.id, Request.project_id, Request.destination_id, Request.priority, Request.created_at,

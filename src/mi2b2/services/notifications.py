@@ -19,13 +19,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
-from mi2b2.adapters.db.tables import CachedStudy, Notification, Project, ProjectMember, ProjectMrn, Request, User
+from mi2b2.adapters.db.tables import CachedStudy, Notification, Project, ProjectMember, Request, User
 from mi2b2.adapters.email import MailError, send_mail
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import DataPolicy, local_date
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import ENDED, RequestKind, RequestState
 from mi2b2.errors import InvalidInput, NotFound
+from mi2b2.services.allow_list import project_mrns
 from mi2b2.services.context import ServiceContext
 
 LOG = logging.getLogger(__name__)
@@ -264,8 +265,7 @@ def _scrub(session: Session, request: Request, text: str | None) -> str:
         known.update(part for part in re.split(r"[\^=]", name) if len(part) >= 2)
     tokens = set(_TOKEN.findall(text))
     if tokens:
-        known.update(session.scalars(select(ProjectMrn.mrn).where(
-            ProjectMrn.project_id == request.project_id, ProjectMrn.mrn.in_(sorted(tokens)[:1000]))))
+        known.update(project_mrns(session, request.project_id, among=tokens))
     scrubbed = _PERSON_NAME.sub("[name]", text)
     for value in sorted((k for k in known if k), key=len, reverse=True):
         scrubbed = re.sub(rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])", "[redacted]", scrubbed,

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
@@ -27,7 +27,7 @@ from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.domain.receipt import InFlight, Refusal, StoreStatus, judge_receipt
 from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
-from mi2b2.services.allow_list import patient_allowed
+from mi2b2.services.allow_list import institution_rules, patient_allowed
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache import Arrival, index_arrivals
 from mi2b2.services.context import ServiceContext
@@ -67,7 +67,7 @@ class ReceiverSink:
         request = self._in_flight(instance.peer_ae, header.study_uid)
         refusal = judge_receipt(
             request, header.patient_id, header.series_uid, instance.size,
-            instance.move_originator_ae, self.ctx.config.dicom.ae_title, instance.peer_ae,
+            instance.move_originator_ae, self.ctx.config.dicom.ae_title, instance.peer_ae, header.issuer,
         )
         if refusal is not None:
             self._refuse(instance, request, refusal)
@@ -110,23 +110,20 @@ class ReceiverSink:
                 return None
             project = session.get_one(Project, row.project_id)
             allowed = patient_allowed(session, row.project_id, row.pacs_id, row.patient_id)
+            rules = institution_rules(session, row.project_id, row.pacs_id)
             used = session.execute(
                 select(func.coalesce(func.sum(CachedStudy.bytes), 0)).where(CachedStudy.project_id == row.project_id)
             ).scalar_one()
             return InFlight(row.id, row.project_id, row.pacs_id or "", row.patient_id, frozenset(row.series_uids or []),
-                            allowed, project.quota_bytes, int(used))
+                            allowed, project.quota_bytes, int(used), rules.issuer if rules else None)
 
     def _count_used(self, request: InFlight, size: int) -> None:
         """Keep the cached usage moving between lookups, so a burst cannot overrun the quota."""
         with self._lock:
             for key, entry in self._lookups.items():
                 if entry.request is not None and entry.request.project_id == request.project_id:
-                    r = entry.request
-                    self._lookups[key] = _Entry(
-                        InFlight(r.request_id, r.project_id, r.pacs_id, r.patient_id, r.series_uids, r.patient_allowed,
-                                 r.quota_bytes, r.used_bytes + size),
-                        entry.looked_up,
-                    )
+                    self._lookups[key] = _Entry(replace(entry.request, used_bytes=entry.request.used_bytes + size),
+                                                entry.looked_up)
 
     # --- outcomes ----------------------------------------------------------------------
 

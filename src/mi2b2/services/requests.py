@@ -19,6 +19,7 @@ from sqlalchemy import case, func, select
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, Request
 from mi2b2.domain.identifiers import looks_like_uid
+from mi2b2.domain.mrn import issuer_conflicts
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import (
     CANCELABLE,
@@ -64,6 +65,7 @@ class _Found:
     patient_id: str
     accession: str
     expected_instances: int
+    issuer: str = ""
 
 
 def add_requests(
@@ -86,11 +88,11 @@ def add_requests(
         study = found.get(pick.study_uid)
         if study is None:
             report.not_found.append(pick.study_uid)
-        elif not allowed_values(ctx, project_id, pacs_id, {study.patient_id}):
+        elif (refusal := _patient_refusal(ctx, door, study)) is not None:
             report.not_permitted.append(pick.study_uid)
             ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
                              patient_id=study.patient_id, study_uid=pick.study_uid,
-                             detail={"reason": "patient not on the IRB allow-list", "operation": "request study"})
+                             detail={"reason": refusal, "operation": "request study"})
     wanted = [p for p in to_find if p.study_uid in found and p.study_uid not in report.not_permitted]
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
@@ -272,7 +274,7 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for pick in picks:
             answers = pacs.find(STUDY_ROOT, "STUDY", {
-                "StudyInstanceUID": pick.study_uid, "PatientID": "", "AccessionNumber": "",
+                "StudyInstanceUID": pick.study_uid, "PatientID": "", "IssuerOfPatientID": "", "AccessionNumber": "",
                 "NumberOfStudyRelatedInstances": "",
             })
             answers = [a for a in answers if a.get("StudyInstanceUID") == pick.study_uid]
@@ -283,8 +285,22 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
                 patient_id=answer.get("PatientID", ""),
                 accession=answer.get("AccessionNumber", ""),
                 expected_instances=_expected_instances(pacs, pick, int_or_none(answer.get("NumberOfStudyRelatedInstances"))),
+                issuer=answer.get("IssuerOfPatientID", ""),
             )
     return found
+
+
+def _patient_refusal(ctx: ServiceContext, door: Door, study: _Found) -> str | None:
+    """Why the study's patient (as its PACS names them) may not be requested, or None."""
+    if issuer_conflicts(study.issuer, door.institution.issuer):
+        return "the PACS names another Issuer of Patient ID than the institution's"
+    if not allowed_values(ctx, door.policy.project_id, door.pacs.id, {study.patient_id}):
+        return "patient not on the IRB allow-list"
+    if door.mrn_format.canonical_or_none(study.patient_id) != study.patient_id:
+        # The queue, the receiver and the cache know the patient by the PACS's spelling, and the
+        # allow-list by the canonical one: they must be the same, or later doors would refuse.
+        return "the PACS stores the MRN in another form than the institution's mrn_format gives; fix the format"
+    return None
 
 
 def _expected_instances(pacs: FindSessionPort, pick: StudyPick, study_count: int | None) -> int:

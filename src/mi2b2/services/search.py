@@ -29,6 +29,7 @@ from mi2b2.domain.governance import (
     split_allowed,
 )
 from mi2b2.domain.identifiers import parse_identifier_text
+from mi2b2.domain.mrn import MrnFormat, issuer_conflicts, normalize_identifiers
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.allow_list import allowed_patients
@@ -38,13 +39,13 @@ from mi2b2.services.context import FindSessionPort, ServiceContext
 STUDY_ROOT = "study"
 PATIENT_ROOT = "patient"
 STUDY_KEYS = {
-    "PatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
+    "PatientID": "", "IssuerOfPatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
     "StudyInstanceUID": "", "AccessionNumber": "", "StudyDate": "", "StudyTime": "",
     "ModalitiesInStudy": "", "StudyDescription": "",
     "NumberOfStudyRelatedSeries": "", "NumberOfStudyRelatedInstances": "",
 }
 PATIENT_KEYS = {
-    "PatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
+    "PatientID": "", "IssuerOfPatientID": "", "PatientName": "", "PatientBirthDate": "", "PatientSex": "",
     "NumberOfPatientRelatedStudies": "",
 }
 SERIES_KEYS = {
@@ -60,6 +61,7 @@ class PatientHit:
     birth_date: str
     sex: str
     study_count: int | None
+    issuer: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,14 @@ class Door:
     department_id: str
     pacs: PacsConfig
 
+    @property
+    def mrn_format(self) -> MrnFormat:
+        return self.institution.mrn_format.to_domain()
+
+    def same_patient(self, answered: str, issuer: str, mrn: str) -> bool:
+        """Is an answer's patient the one asked for: the same canonical MRN, and no other issuer."""
+        return not issuer_conflicts(issuer, self.institution.issuer) and self.mrn_format.canonical_or_none(answered) == mrn
+
 
 # public use cases ------------------------------------------------------------
 
@@ -124,12 +134,14 @@ def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_i
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for mrn in mrns:
             hits = _patients_for(pacs, door.pacs, mrn)
-            kept, rejected = filter_answers(hits, lambda h: h.patient_id, lambda pid, mrn=mrn: pid == mrn)
-            dropped.extend({"PatientID": h.patient_id} for h in rejected)
+            kept, rejected = filter_answers(hits, lambda h: (h.patient_id, h.issuer),
+                                            lambda pid, mrn=mrn: door.same_patient(*pid, mrn))
+            dropped.extend({"PatientID": h.patient_id, "IssuerOfPatientID": h.issuer} for h in rejected)
             for hit in kept:
                 found.setdefault(hit.patient_id, hit)
+            if not kept:
+                report.not_found.append(mrn)
     report.patients = list(found.values())
-    report.not_found = [m for m in mrns if m not in found]
     return _finish(ctx, who, door, report, {"mrns": mrns}, len(report.patients), dropped)
 
 
@@ -142,7 +154,7 @@ def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for mrn in mrns:
             answers = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "PatientID": mrn}, today, report.warnings)
-            kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), lambda pid, mrn=mrn: pid == mrn)
+            kept, rejected = filter_answers(answers, _patient_of, lambda pid, mrn=mrn: door.same_patient(*pid, mrn))
             dropped.extend(_trace(rejected))
             studies.extend(_study_hit(a, door) for a in kept)
             if not kept:
@@ -173,7 +185,8 @@ def search_accessions(
                 report.not_found.append(accession)
             answers.extend(found)
     allowed = allowed_values(ctx, door.policy.project_id, door.pacs.id, {a.get("PatientID", "") for a in answers})
-    kept, rejected = filter_answers(answers, lambda a: a.get("PatientID", ""), allowed.__contains__)
+    kept, rejected = filter_answers(
+        answers, _patient_of, lambda pid: pid[0] in allowed and not issuer_conflicts(pid[1], door.institution.issuer))
     report.not_permitted = sorted({a.get("AccessionNumber", "") for a in rejected})
     for answer in rejected:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
@@ -201,13 +214,15 @@ def search_series(
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for study_uid in wanted:
             # Ask which patient the study belongs to before listing anything of it.
-            owners = pacs.find(STUDY_ROOT, "STUDY", {"StudyInstanceUID": study_uid, "PatientID": ""})
+            owners = pacs.find(STUDY_ROOT, "STUDY", {"StudyInstanceUID": study_uid, "PatientID": "",
+                                                     "IssuerOfPatientID": ""})
             owners = [o for o in owners if o.get("StudyInstanceUID") == study_uid]
             if not owners:
                 report.not_found.append(study_uid)
                 continue
             patient = owners[0].get("PatientID", "")
-            if not allowed_values(ctx, door.policy.project_id, door.pacs.id, {patient}):
+            if (issuer_conflicts(owners[0].get("IssuerOfPatientID"), door.institution.issuer)
+                    or not allowed_values(ctx, door.policy.project_id, door.pacs.id, {patient})):
                 report.not_permitted.append(study_uid)
                 ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
                                  pacs_id=door.pacs.id, patient_id=patient, study_uid=study_uid,
@@ -293,8 +308,10 @@ def open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str
 def _screen_mrns(
     ctx: ServiceContext, who: Principal, door: Door, mrn_text: str, kind: str
 ) -> tuple[SearchReport, list[str]]:
-    """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS."""
-    parsed = parse_identifier_text(mrn_text, kind="MRN")
+    """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS.
+
+    Each MRN is first put in the door's institution's canonical form, the form sent to its PACS."""
+    parsed = normalize_identifiers(parse_identifier_text(mrn_text, kind="MRN"), door.mrn_format)
     allowed = allowed_values(ctx, door.policy.project_id, door.pacs.id, parsed.unique)
     mrns, refused = split_allowed(parsed.unique, allowed.__contains__)
     for mrn in refused:
@@ -341,15 +358,16 @@ def _patients_for(pacs: FindSessionPort, config: PacsConfig, mrn: str) -> list[P
     if config.query_model.value == PATIENT_ROOT:
         answers = pacs.find(PATIENT_ROOT, "PATIENT", {**PATIENT_KEYS, "PatientID": mrn})
         return [PatientHit(a.get("PatientID", ""), a.get("PatientName", ""), a.get("PatientBirthDate", ""),
-                           a.get("PatientSex", ""), int_or_none(a.get("NumberOfPatientRelatedStudies"))) for a in answers]
+                           a.get("PatientSex", ""), int_or_none(a.get("NumberOfPatientRelatedStudies")),
+                           a.get("IssuerOfPatientID", "")) for a in answers]
     # Study root has no patient level: one study query tells us the patient and how many studies.
     answers = pacs.find(STUDY_ROOT, "STUDY", {**STUDY_KEYS, "PatientID": mrn})
-    by_patient: dict[str, list[dict[str, str]]] = {}
+    by_patient: dict[tuple[str, str], list[dict[str, str]]] = {}
     for answer in answers:
-        by_patient.setdefault(answer.get("PatientID", ""), []).append(answer)
+        by_patient.setdefault(_patient_of(answer), []).append(answer)
     return [PatientHit(pid, group[0].get("PatientName", ""), group[0].get("PatientBirthDate", ""),
-                       group[0].get("PatientSex", ""), len({a.get("StudyInstanceUID") for a in group}))
-            for pid, group in by_patient.items()]
+                       group[0].get("PatientSex", ""), len({a.get("StudyInstanceUID") for a in group}), issuer)
+            for (pid, issuer), group in by_patient.items()]
 
 
 def _find_studies(
@@ -447,7 +465,13 @@ def _unique_studies(studies: Iterable[StudyHit]) -> list[StudyHit]:
 
 
 def _trace(answers: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"PatientID": a.get("PatientID", ""), "StudyInstanceUID": a.get("StudyInstanceUID", "")} for a in answers]
+    return [{"PatientID": a.get("PatientID", ""), "IssuerOfPatientID": a.get("IssuerOfPatientID", ""),
+             "StudyInstanceUID": a.get("StudyInstanceUID", "")} for a in answers]
+
+
+def _patient_of(answer: dict[str, str]) -> tuple[str, str]:
+    """Who an answer is about: PatientID and the Issuer of Patient ID the PACS sent (often none)."""
+    return answer.get("PatientID", ""), answer.get("IssuerOfPatientID", "")
 
 
 def int_or_none(value: str | None) -> int | None:

@@ -28,6 +28,7 @@ from mi2b2.adapters.db.tables import (
 )
 from mi2b2.config import SiteConfig
 from mi2b2.domain.clock import SystemClock
+from mi2b2.domain.mrn import AllowedMrn
 from mi2b2.domain.requests import RequestState
 from mi2b2.services.request_rows import mark_ended
 
@@ -89,8 +90,10 @@ def apply_config(session: Session, config: SiteConfig, now: datetime | None = No
     seen_pacs: set[str] = set()
     for inst in config.institutions:
         seen_institutions.add(inst.id)
-        _upsert(session, Institution, inst.id, {"id": inst.id, "name": inst.name or inst.id, "active": True},
-                f"institution {inst.id}", changes)
+        _upsert(session, Institution, inst.id, {
+            "id": inst.id, "name": inst.name or inst.id, "active": True,
+            "settings": {"mrn_format": inst.mrn_format.model_dump(mode="json"), "issuer": inst.issuer},
+        }, f"institution {inst.id}", changes)
         for dept in inst.departments:
             department = session.scalar(
                 select(Department).where(Department.institution_id == inst.id, Department.key == dept.id)
@@ -175,17 +178,21 @@ def _cancel_queued_of(session: Session, project_id: str, logins: list[str], chan
                                                 row.patient_id, row.study_uid, reason))
 
 
-def _replace_allow_list(session: Session, project_id: str, mrns: list[str], changes: ConfigChanges) -> None:
-    current = set(session.scalars(select(ProjectMrn.mrn).where(ProjectMrn.project_id == project_id)))
+def _replace_allow_list(session: Session, project_id: str, mrns: list[AllowedMrn], changes: ConfigChanges) -> None:
+    current = {AllowedMrn(i, m) for i, m in session.execute(
+        select(ProjectMrn.institution_id, ProjectMrn.mrn).where(ProjectMrn.project_id == project_id))}
     wanted = set(mrns)
     if current == wanted:
         return
     removed = current - wanted
-    if removed:
-        for chunk in _chunks(sorted(removed), 500):
-            session.execute(delete(ProjectMrn).where(ProjectMrn.project_id == project_id, ProjectMrn.mrn.in_(chunk)))
+    for institution_id in sorted({e.institution for e in removed}):
+        gone = sorted(e.mrn for e in removed if e.institution == institution_id)
+        for chunk in _chunks(gone, 500):
+            session.execute(delete(ProjectMrn).where(ProjectMrn.project_id == project_id,
+                                                     ProjectMrn.institution_id == institution_id,
+                                                     ProjectMrn.mrn.in_(chunk)))
     added = wanted - current
-    session.add_all(ProjectMrn(project_id=project_id, mrn=mrn) for mrn in added)
+    session.add_all(ProjectMrn(project_id=project_id, institution_id=e.institution, mrn=e.mrn) for e in added)
     changes.changed.append(f"allow-list of {project_id} (+{len(added)} -{len(removed)})")
 
 

@@ -45,6 +45,8 @@ class Institution(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # MRN format and Issuer of Patient ID: every process judges patients by the same rules.
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Department(Base):
@@ -95,10 +97,13 @@ class Project(Base):
 
 
 class ProjectMrn(Base):
-    """The IRB allow-list, in the database so every worker and receiver sees the same list."""
+    """The IRB allow-list, in the database so every worker and receiver sees the same list.
+
+    An entry is (institution, MRN): the MRN in the institution's canonical form."""
 
     __tablename__ = "project_mrns"
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    institution_id: Mapped[str] = mapped_column(ForeignKey("institutions.id"), primary_key=True)
     mrn: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
@@ -120,9 +125,20 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    last_failed_login: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class LoginFailure(Base):
+    """Failed logins per (login typed, client address), whether or not the login exists.
+
+    The login is kept as a SHA-256 (domain/login_throttle.login_digest): people
+    type passwords into the login field."""
+
+    __tablename__ = "login_failures"
+    login_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
 
 
 class ApiToken(Base):

@@ -18,6 +18,7 @@ _HEADER_KEYWORDS = [
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "PatientID",
+    "IssuerOfPatientID",
     "PatientName",
     "AccessionNumber",
     "StudyDate",
@@ -43,6 +44,7 @@ class InstanceHeader:
     series_number: int | None
     instance_number: int | None
     transfer_syntax: str
+    issuer: str = ""  # Issuer of Patient ID (0010,0021), when the sender gives it
 
 
 class UnreadableInstance(InvalidInput):
@@ -84,6 +86,7 @@ def _pydicom_header(path: Path) -> InstanceHeader:
         series_number=_int(ds.get("SeriesNumber")),
         instance_number=_int(ds.get("InstanceNumber")),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+        issuer=str(ds.get("IssuerOfPatientID", "") or ""),
     )
 
 
@@ -115,6 +118,7 @@ _WANTED = {
     0x00081030: "StudyDescription",
     0x00100010: "PatientName",
     0x00100020: "PatientID",
+    0x00100021: "IssuerOfPatientID",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
     0x00200011: "SeriesNumber",
@@ -192,6 +196,7 @@ def _walk(head: bytes) -> InstanceHeader | None:
         series_number=_int(text(0x00200011).strip() or None),
         instance_number=_int(text(0x00200013).strip() or None),
         transfer_syntax=transfer_syntax,
+        issuer=text(0x00100021),
     )
 
 

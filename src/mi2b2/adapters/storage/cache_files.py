@@ -32,7 +32,7 @@ from mi2b2.errors import InvalidInput, PermanentError
 
 INCOMING = ".incoming"
 SUFFIX = ".dcm"
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 MAX_UID = 64
 _HOST_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
 _FULL = (errno.ENOSPC, errno.EDQUOT)

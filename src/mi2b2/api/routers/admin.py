@@ -26,10 +26,11 @@ def list_projects(user: AdminUser, ctx: ContextDep) -> list[dict[str, Any]]:
 
 @router.post("/projects/{project_id}/mrns")
 def replace_allow_list(project_id: str, body: AllowListBody, user: AdminUser, ctx: ContextDep) -> dict[str, Any]:
-    """Replace the project's MRN allow-list: written to its mrn_file, then the configuration is reloaded.
+    """Replace one institution's MRN allow-list of the project: written to the file the configuration names
+    for it, then the configuration is reloaded. Name the institution when the project reaches several.
 
-    Every line must be a usable MRN, or nothing is written."""
-    return asdict(service.replace_allow_list(ctx, user, project_id, body.mrns))
+    Every line must be a usable MRN of that institution, or nothing is written."""
+    return asdict(service.replace_allow_list(ctx, user, project_id, body.mrns, body.institution))
 
 
 @router.get("/purge")

@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from mi2b2.api.deps import SESSION_COOKIE, ContextDep, CurrentUser, bearer_secret
-from mi2b2.api.schemas import LoginBody, TokenBody
+from mi2b2.api.schemas import LoginBody, RowIdPath, TokenBody
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -49,6 +49,6 @@ def list_tokens(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
 
 
 @router.delete("/tokens/{token_id}")
-def revoke_token(token_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, str]:
+def revoke_token(token_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, str]:
     ctx.accounts.revoke_token(user, token_id)
     return {"status": "revoked"}

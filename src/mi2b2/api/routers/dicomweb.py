@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.routers.viewer import NO_STORE, NoStoreRoute, get_viewer, png_response
+from mi2b2.api.schemas import FrameNumber
 from mi2b2.errors import InvalidInput
 from mi2b2.services.dicomweb import (
     DicomWeb,
@@ -208,6 +209,6 @@ def rendered_instance(project_id: str, study_uid: str, series_uid: str, sop_uid:
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{number}/rendered",
             response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def rendered_frame(project_id: str, study_uid: str, series_uid: str, sop_uid: str, number: int, request: Request,
+def rendered_frame(project_id: str, study_uid: str, series_uid: str, sop_uid: str, number: FrameNumber, request: Request,
                    user: CurrentUser, service: DicomWebDep, window: Window = None, accept: Accept = None) -> Response:
     return _rendered(request, project_id, study_uid, series_uid, sop_uid, number, user, service, window, accept)

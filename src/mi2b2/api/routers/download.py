@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from mi2b2.api.deps import ContextDep, CurrentUser
+from mi2b2.api.schemas import RowId
 from mi2b2.services.export import download
 
 router = APIRouter(prefix="/projects/{project_id}/download", tags=["download"])
@@ -36,7 +37,7 @@ class ManifestBody(BaseModel):
 
 
 class InstanceBody(BaseModel):
-    download_id: int
+    download_id: RowId
     study_uid: str = Field(max_length=64)
     sop_uid: str = Field(max_length=64)
 

@@ -6,14 +6,15 @@ from typing import Any
 from fastapi import APIRouter
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import MarkReadBody
+from mi2b2.api.schemas import MarkReadBody, PageLimit
 from mi2b2.services import notifications
 
 router = APIRouter(prefix="/notifications", tags=["notifications"])
 
 
 @router.get("")
-def list_notifications(user: CurrentUser, ctx: ContextDep, unread: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+def list_notifications(user: CurrentUser, ctx: ContextDep, unread: bool = False,
+                       limit: PageLimit = 200) -> list[dict[str, Any]]:
     return [asdict(n) for n in notifications.list_notifications(ctx, user, unread, limit)]
 
 

@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from mi2b2.api.deps import ContextDep, CurrentUser
+from mi2b2.api.schemas import PageLimit
 from mi2b2.services import search
 from mi2b2.services.pacs import echo_pacs
 
@@ -18,7 +19,7 @@ def my_projects(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
 
 
 @router.get("/projects/{project_id}/queries")
-def project_queries(project_id: str, user: CurrentUser, ctx: ContextDep, limit: int = 200) -> list[dict[str, Any]]:
+def project_queries(project_id: str, user: CurrentUser, ctx: ContextDep, limit: PageLimit = 200) -> list[dict[str, Any]]:
     return search.recent_queries(ctx, user, project_id, min(max(limit, 1), 5000))
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import PriorityBody, RequestAddBody, RequestIdsBody
+from mi2b2.api.schemas import PriorityBody, RequestAddBody, RequestIdsBody, RowIdPath
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import requests as service
@@ -108,7 +108,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 
 @router.get("/requests/{request_id}")
-def show_request(request_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+def show_request(request_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return service.show_request(ctx, user, request_id)
 
 

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 
 from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.errors import install_error_handlers, status_for
+from mi2b2.api.schemas import FrameNumber
 from mi2b2.errors import AccessDenied, Mi2b2Error
 from mi2b2.services.viewer import CacheViewer, LocalLibrary, frame_headers
 from mi2b2.web.pages import static_file
@@ -93,7 +94,7 @@ def tags(project_id: str, sop_uid: str, user: CurrentUser, viewer: ViewerDep) ->
 
 @router.get("/instances/{sop_uid}/frames/{number}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def frame(project_id: str, sop_uid: str, number: int, user: CurrentUser, viewer: ViewerDep,
+def frame(project_id: str, sop_uid: str, number: FrameNumber, user: CurrentUser, viewer: ViewerDep,
           center: Center = None, width: Width = None, preset: PresetName = None) -> Response:
     """Frame ``number`` (from 1) as PNG; the window applied comes back in X-Window-Center/X-Window-Width."""
     return png_response(viewer.frame(user, project_id, sop_uid, number, center, width, preset))
@@ -175,7 +176,7 @@ def create_local_app(library: LocalLibrary, token: str, allowed_hosts: set[str] 
         return library.tags(sop_uid)
 
     @local.get("/api/instances/{sop_uid}/frames/{number}.png")
-    def local_frame(sop_uid: str, number: int, center: Center = None, width: Width = None,
+    def local_frame(sop_uid: str, number: FrameNumber, center: Center = None, width: Width = None,
                     preset: PresetName = None) -> Response:
         return png_response(library.frame(sop_uid, number, center, width, preset))
 

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mi2b2.adapters.crypto import age_files
+from mi2b2.domain.safe_paths import check_all, inside
 from mi2b2.errors import InvalidInput, Mi2b2Error, NotFound, PermanentError
 from mi2b2.services.export.layout import (
     IDENTITY,
     MANIFEST,
+    PLAIN_SUFFIX,
     README,
     Manifest,
     ManifestEntry,
@@ -103,12 +105,12 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
         age_files.check_passphrase(passphrase)
     parsed = age_files.parse_recipients(recipients) if recipients else []
     target = Path(target)
-    _prepare_folder(target, encrypted)
+    _check_folder(target, encrypted)
 
     mode = None if not encrypted else ("passphrase" if passphrase is not None else "recipients")
     manifest = source.download_manifest(project, list(study_uids), all_studies, mode)
-    ids = {s["study_uid"]: int(s["download_id"]) for s in manifest["studies"]}
-    files: list[dict[str, Any]] = manifest["files"]
+    ids, files = _checked_listing(manifest)  # the server's listing, refused whole before anything is written
+    _prepare_folder(target)
     report = FetchReport(target, encrypted, files=len(files), studies=len(ids))
 
     if encrypted:
@@ -116,6 +118,7 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
                                             str(manifest.get("created_at", "")))
     else:
         keys, keep, names = [], [], [f["path"] for f in files]
+    check_all(names, "the server's download listing names")
     jobs = [_Job(f, n, ids[f["study_uid"]]) for f, n in zip(files, names, strict=True)]
 
     progress.start(len(files), len(ids), sum(int(f["size"]) for f in files))
@@ -132,7 +135,7 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
 
     todo = []
     for job in jobs:
-        if _complete(target / job.name, job.file, keys if encrypted else None):
+        if _complete(inside(target, job.name), job.file, keys if encrypted else None):
             report.skipped += 1
             progress.advance(int(job.file["size"]))
             finished(job)
@@ -143,7 +146,7 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
 
     def run(job: _Job) -> int:
         chunks = source.download_instance(project, job.download_id, job.file["study_uid"], job.file["sop_uid"])
-        size = _receive(chunks, target / job.name, job.file, keep, progress, stop)
+        size = _receive(chunks, inside(target, job.name), job.file, keep, progress, stop)
         finished(job)
         return size
 
@@ -172,17 +175,48 @@ class _Mismatch(PermanentError):
     pass
 
 
-def _prepare_folder(target: Path, encrypted: bool) -> None:
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidInput(f"cannot create {target} ({exc.strerror or type(exc).__name__})") from None
+def _check_folder(target: Path, encrypted: bool) -> None:
+    """Refuse a folder that holds the other kind of download; writes nothing."""
+    if target.exists() and not target.is_dir():
+        raise InvalidInput(f"{target} is a file; give a folder to download into")
     has_manifest = (target / MANIFEST).exists()
     if has_manifest and not encrypted:
         raise InvalidInput(f"{target} holds an encrypted download; to resume it give the same --passphrase or "
                            "--recipient (and --identity), or download plain into another folder")
-    if encrypted and not has_manifest and any(n.endswith(".dcm") for n in _Folder(target).names()):
+    if encrypted and not has_manifest and target.is_dir() and any(n.endswith(".dcm") for n in _Folder(target).names()):
         raise InvalidInput(f"{target} holds a plain download; download encrypted into another folder")
+
+
+def _checked_listing(manifest: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The server's manifest, shaped as mi2b2 makes it, every readable path inside the folder.
+
+    A server (or whatever answers at its address) is not trusted to name paths:
+    nothing is written until every name and field has passed."""
+    what = "the server's download listing"
+    try:
+        ids = {str(s["study_uid"]): int(s["download_id"]) for s in manifest["studies"]}
+        files: list[dict[str, Any]] = list(manifest["files"])
+        for f in files:
+            if not (isinstance(f, dict) and f.get("study_uid") in ids and int(f["size"]) >= 0
+                    and isinstance(f["sha256"], str) and isinstance(f["number"], str) and f["number"].isdigit()
+                    and isinstance(f["sop_uid"], str) and isinstance(f["series_uid"], str)):
+                raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInput(f"{what} is not an mi2b2 download manifest (is --server an mi2b2 server?); "
+                           "nothing was written") from None
+    check_all((f["path"] for f in files), f"{what} names")
+    for f in files:
+        if not f["path"].lower().endswith(PLAIN_SUFFIX):
+            raise InvalidInput(f"{what} names {f['path'][:120]!r}, not a {PLAIN_SUFFIX} file; mi2b2 downloads hold "
+                               "DICOM files only, so the download was refused and nothing was written")
+    return ids, files
+
+
+def _prepare_folder(target: Path) -> None:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"cannot create {target} ({exc.strerror or type(exc).__name__})") from None
     for name in _Folder(target).names():  # what an interrupted run left: never a final name, never kept
         if name.endswith(TEMP_SUFFIX):
             (target / name).unlink(missing_ok=True)

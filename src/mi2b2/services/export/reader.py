@@ -22,6 +22,7 @@ from typing import Any
 
 from mi2b2.adapters.crypto import age_files
 from mi2b2.adapters.crypto.age_files import DecryptionFailed
+from mi2b2.domain.safe_paths import inside, relative_name
 from mi2b2.errors import InvalidInput, PermanentError
 from mi2b2.services.export.layout import IDENTITY, MANIFEST, PLAIN_SUFFIX, Manifest
 
@@ -52,14 +53,14 @@ class _Folder:
         return found
 
     def has(self, name: str) -> bool:
-        return (self.root / name).is_file()
+        return inside(self.root, name).is_file()
 
     def size(self, name: str) -> int:
-        return (self.root / name).stat().st_size
+        return inside(self.root, name).stat().st_size
 
     def read(self, name: str) -> bytes:
         try:
-            return (self.root / name).read_bytes()
+            return inside(self.root, name).read_bytes()
         except FileNotFoundError:
             raise _missing(name) from None
 
@@ -99,6 +100,17 @@ class _Zip:
         self.zip.close()
 
 
+def _check_manifest_entry(readable: object, stored: object) -> None:
+    """Both names of a manifest entry: relative, inside the folder, and the kinds of file mi2b2 makes
+    (a forged manifest must not name a ``.pth``, a shell profile or anything else that runs)."""
+    relative_name(stored, "manifest.age lists a file")
+    path = relative_name(readable, "manifest.age names an output path")
+    if path.suffix.lower() != PLAIN_SUFFIX:
+        raise InvalidInput(f"manifest.age names an output path {str(path)[:120]!r} that is not a {PLAIN_SUFFIX} "
+                           "file; mi2b2 downloads hold DICOM files only, so this download was refused and nothing "
+                           "was written (it is damaged, or was forged by someone holding your public key)")
+
+
 def _missing(name: str) -> InvalidInput:
     return InvalidInput(f"{name} is missing: the download is incomplete; run the same `mi2b2 download` "
                         "command again to finish it")
@@ -115,6 +127,8 @@ class DownloadReader:
             self._entries = [DownloadEntry(n, n, source.size(n)) for n in source.names()
                              if n.lower().endswith(PLAIN_SUFFIX)]
         else:
+            for e in manifest.files:  # a forged manifest is refused whole, before anything is read or written
+                _check_manifest_entry(e.readable, e.path)
             self._entries = [DownloadEntry(e.readable, e.path, e.size, e.sha256, e.study_uid, e.series_uid, e.sop_uid)
                              for e in sorted(manifest.files, key=lambda e: e.readable)]
 
@@ -232,6 +246,8 @@ def decrypt_download(source: str | Path, target: str | Path, passphrase: str | N
                                "`mi2b2 download` command again to finish it, then decrypt")
         entries = download.entries()
         todo, same = [], 0
+        for entry in entries:  # every output path first (symbolic links resolved), then every file's bytes
+            inside(out, entry.path, "manifest.age names an output path")
         for entry in entries:
             download.read(entry)  # decrypts and verifies; the bytes are dropped again
             existing = _existing(out, entry)
@@ -245,7 +261,7 @@ def decrypt_download(source: str | Path, target: str | Path, passphrase: str | N
         written = 0
         for entry in todo:
             data = download.read(entry)
-            write_atomically(out / entry.path, data)
+            write_atomically(inside(out, entry.path, "manifest.age names an output path"), data)
             written += len(data)
             if on_file is not None:
                 on_file(len(data))
@@ -253,7 +269,7 @@ def decrypt_download(source: str | Path, target: str | Path, passphrase: str | N
 
 
 def _existing(out: Path, entry: DownloadEntry) -> str | None:
-    path = out / entry.path
+    path = inside(out, entry.path, "manifest.age names an output path")
     if not path.exists():
         return None
     if path.is_file() and path.stat().st_size == entry.size and file_sha256(path) == entry.sha256:

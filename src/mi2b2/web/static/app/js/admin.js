@@ -68,12 +68,18 @@ export function adminPage(app) {
       { key: "allow_list_size", label: "Allowed MRNs", type: "number" },
     ],
   });
-  const mrnProject = element("select", { "aria-label": "project whose allow-list to replace" });
+  const mrnProject = element("select", { "aria-label": "project whose allow-list to replace",
+    onchange: () => showInstitutions() });
+  // An MRN means nothing without its institution: a project that reaches several names the one listed.
+  const mrnInstitution = element("select", { "aria-label": "institution whose allow-list to replace" });
+  const mrnInstitutionLabel = element("label", {}, "institution ", mrnInstitution);
+  let projectsById = new Map();
   const mrnText = element("textarea", { rows: 4, spellcheck: "false", "aria-label": "new allow-list, one MRN per line" });
   const mrnFile = textFileInput(mrnText, "upload an allow-list file", app.fail);
   const mrnButton = element("button", { type: "submit", text: "Replace allow-list" });
   const mrnForm = element("form", { class: "actions", onsubmit: (event) => { event.preventDefault(); uploadMrns(); } },
-    element("label", {}, "project ", mrnProject), element("label", { class: "stacked" }, "MRNs (this replaces the whole list)", mrnText),
+    element("label", {}, "project ", mrnProject), mrnInstitutionLabel,
+    element("label", { class: "stacked" }, "MRNs (this replaces the institution's whole list)", mrnText),
     element("label", {}, "or a file ", mrnFile), mrnButton);
 
   async function loadProjects() {
@@ -82,13 +88,26 @@ export function adminPage(app) {
     const chosen = mrnProject.value;
     mrnProject.replaceChildren(...projects.map((p) => new Option(p.id, p.id)));
     if (projects.some((p) => p.id === chosen)) mrnProject.value = chosen;
+    projectsById = new Map(projects.map((p) => [p.id, p]));
+    showInstitutions();
+  }
+
+  function showInstitutions() {
+    const institutions = projectsById.get(mrnProject.value)?.institutions ?? [];
+    const chosen = mrnInstitution.value;
+    mrnInstitution.replaceChildren(...institutions.map((i) => new Option(i, i)));
+    if (institutions.includes(chosen)) mrnInstitution.value = chosen;
+    mrnInstitutionLabel.hidden = institutions.length < 2;
   }
 
   async function uploadMrns() {
     if (!mrnText.value.trim()) { app.notify("paste or upload the new allow-list first", "error"); return; }
-    if (!window.confirm(`Replace the whole allow-list of ${mrnProject.value}?`)) return;
+    const several = !mrnInstitutionLabel.hidden;
+    const where = several ? ` at ${mrnInstitution.value}` : "";
+    if (!window.confirm(`Replace the whole allow-list of ${mrnProject.value}${where}?`)) return;
     await app.run(mrnButton, async () => {
-      const result = await post(`/admin/projects/${enc(mrnProject.value)}/mrns`, { mrns: mrnText.value });
+      const body = { mrns: mrnText.value, institution: several ? mrnInstitution.value : null };
+      const result = await post(`/admin/projects/${enc(mrnProject.value)}/mrns`, body);
       app.notify(`allow-list of ${mrnProject.value} now holds ${result.allow_list_size} MRNs`, "ok");
       mrnText.value = "";
       await loadProjects();

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from mi2b2.domain.governance import DataPolicy
 from mi2b2.domain.identifiers import problem_with
 from mi2b2.domain.mrn import AllowedMrn, InstitutionRules, MrnFormat, parse_allow_list
 from mi2b2.domain.principal import login_problem
@@ -260,6 +261,27 @@ class DestinationConfig(Strict):
     retries: RetryConfig = RetryConfig()  # forwards that meet a busy or unreachable destination
 
 
+def _check_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not a time zone; use an IANA name such as \"America/New_York\"") from None
+    return value
+
+
+class SiteSettings(Strict):
+    """[site]: rules that hold for every project unless the project says otherwise."""
+
+    timezone: str = Field("UTC", description="IANA zone whose local midnight ends an IRB's last day")
+    data_policy: DataPolicy = DataPolicy.CLOSED
+    irb_warning_days: int = Field(14, ge=0, description="days before the IRB expires that leads are warned; 0 = never")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return _check_zone(value)
+
+
 class MemberConfig(Strict):
     login: str = Field(min_length=1, max_length=64)
     role: MemberRole = MemberRole.RESEARCHER
@@ -285,6 +307,13 @@ class ProjectConfig(Strict):
     institutions: list[str] = Field(min_length=1)
     max_studies_per_patient: int | None = Field(None, ge=1)
     members: list[MemberConfig] = Field(default_factory=list)
+    timezone: str | None = Field(None, description="overrides [site] timezone for this project's IRB dates")
+    data_policy: DataPolicy | None = Field(None, description="overrides [site] data_policy")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return None if value is None else _check_zone(value)
 
     @model_validator(mode="after")
     def _one_list_form(self) -> ProjectConfig:
@@ -391,6 +420,7 @@ class SiteConfig(Strict):
     dicom: DicomConfig = DicomConfig()
     search: SearchConfig = SearchConfig()
     smtp: SmtpConfig | None = None
+    site: SiteSettings = SiteSettings()
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     projects: list[ProjectConfig] = Field(default_factory=list)
@@ -447,6 +477,15 @@ class SiteConfig(Strict):
                         return inst, dept, pacs
         known = ", ".join(p.id for p in self.all_pacs()) or "none"
         raise InvalidInput(f"unknown PACS {pacs_id!r}; configured PACS: {known}")
+
+    def project_zone(self, project_id: str) -> str:
+        """The time zone of a project's IRB dates: its own, else the site's (also for a removed project)."""
+        project = next((p for p in self.projects if p.id == project_id), None)
+        return (project.timezone if project else None) or self.site.timezone
+
+    def project_data_policy(self, project_id: str) -> DataPolicy:
+        project = next((p for p in self.projects if p.id == project_id), None)
+        return (project.data_policy if project else None) or self.site.data_policy
 
     def institution(self, institution_id: str) -> InstitutionConfig:
         for inst in self.institutions:

@@ -17,13 +17,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mi2b2.api.app import create_app
+from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.synthetic import series_instance_uid, sop_instance_uid, write_study
 from mi2b2.testing import FakeClock
 from support import studies
 from support.site import load_site
-from support.viewing import AUDITOR, BETA_STUDY, ROOT, SAMPLE_SERIES, SAMPLE_STUDY, Cached, fill, reidentified_sample
+from support.viewing import AUDITOR, BETA_STUDY, SAMPLE_SERIES, SAMPLE_STUDY, Cached, fill, reidentified_sample
 
 BRAIN = studies.uid(studies.BRAIN)
 MR = sop_instance_uid(studies.BRAIN, 2, 1)  # series 2, image 1: a 16x16 MR slice
@@ -161,7 +162,8 @@ def test_viewing_is_audited_once_per_study_and_session(client: TestClient, ctx: 
     assert len(views(ctx, "alice")) == 3
 
 
-def test_only_members_and_admins_may_view(client: TestClient, ctx: ServiceContext, cached: Cached) -> None:
+def test_only_members_may_view_and_admins_only_where_members(client: TestClient, ctx: ServiceContext,
+                                                             cached: Cached) -> None:
     paths = [f"{api()}/tree", f"{api()}/studies/{BRAIN}", f"{api()}/instances/{MR}/tags",
              f"{api()}/instances/{MR}/frames/1.png"]
     for path in paths:
@@ -171,7 +173,11 @@ def test_only_members_and_admins_may_view(client: TestClient, ctx: ServiceContex
             assert response.status_code == 403, (outsider, path)
             assert "not a member" in response.json()["error"]
             assert response.headers["cache-control"] == "no-store"
-        assert client.get(path, headers=cached.headers("root")).status_code == 200
+        admin = client.get(path, headers=cached.headers("root"))  # admins manage; they read only as members
+        assert admin.status_code == 403, path
+        assert "site admins read images only in projects they are members of" in admin.json()["error"]
+        assert client.get(path, headers=cached.headers("bob")).status_code == 200
+    assert len(ctx.audit.list(AUDITOR, AuditFilter(action="denied", actor="root"))) == len(paths)
     denied = ctx.audit.list(AUDITOR, AuditFilter(action="denied", actor="carol"))
     assert len(denied) == len(paths)
     assert not views(ctx, "carol")
@@ -179,8 +185,8 @@ def test_only_members_and_admins_may_view(client: TestClient, ctx: ServiceContex
     beta_sop = sop_instance_uid(BETA_STUDY, 1, 1)
     hidden = client.get(f"{api()}/instances/{beta_sop}/frames/1.png", headers=cached.headers("alice"))
     assert hidden.status_code == 404
-    assert client.get(f"{api('beta')}/instances/{beta_sop}/frames/1.png",
-                      headers=cached.headers("alice")).status_code == 200
+    expired = client.get(f"{api('beta')}/instances/{beta_sop}/frames/1.png", headers=cached.headers("alice"))
+    assert expired.status_code == 403 and "IRB approval has expired" in expired.json()["error"]  # beta's IRB ended
     assert client.get(f"{api('nosuch')}/tree", headers=cached.headers("root")).status_code == 404
 
 
@@ -270,7 +276,8 @@ def test_mi2b2_view_opens_an_encrypted_download_in_memory(tmp_path: Path, mi2b2_
     ctx = build_context(load_site(tmp_path / "site"), clock=FakeClock())
     fill(ctx, tmp_path / "files")
     archive = tmp_path / "encrypted.zip"
-    result = zip_download(ctx, ROOT, "alpha", [BRAIN], encryption=Encryption(passphrase="correct horse battery"))
+    result = zip_download(ctx, Principal("alice", Role.RESEARCHER), "alpha", [BRAIN],
+                          encryption=Encryption(passphrase="correct horse battery"))
     with open(archive, "wb") as out:
         for chunk in result.chunks:
             out.write(chunk)

@@ -38,14 +38,14 @@ def _c(rid: int, project: str = "alpha", priority: int = 0, age: int = 0, **kw: 
     return ForwardCandidate(rid, project, priority, NOW - timedelta(minutes=age), **kw)  # type: ignore[arg-type]
 
 
-def test_members_of_any_role_and_admins_may_forward_while_the_irb_is_active() -> None:
+def test_members_of_any_role_may_forward_while_the_irb_is_active_and_admins_only_as_members() -> None:
     assert forward_denial(_policy(), "alice", False, TODAY) is None
     assert forward_denial(_policy(), "bob", False, TODAY) is None
-    assert forward_denial(_policy(), "root", True, TODAY) is None
+    assert forward_denial(_policy(), "root", True, TODAY) is Denial.ADMIN_NOT_MEMBER  # admins manage, members read
     assert forward_denial(_policy(), "carol", False, TODAY) is Denial.NOT_MEMBER
     assert forward_denial(_policy(expires=TODAY), "bob", False, TODAY) is None  # the expiry day is still covered
     assert forward_denial(_policy(expires=TODAY - timedelta(days=1)), "bob", False, TODAY) is Denial.IRB_EXPIRED
-    assert forward_denial(_policy(expires=TODAY - timedelta(days=1)), "root", True, TODAY) is Denial.IRB_EXPIRED
+    assert forward_denial(_policy(expires=TODAY - timedelta(days=1)), "alice", True, TODAY) is Denial.IRB_EXPIRED
     assert forward_denial(_policy(active=False), "alice", False, TODAY) is Denial.PROJECT_INACTIVE
 
 

@@ -91,3 +91,34 @@ def token_revoke(token_id: int, config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Revoke an API token by id."""
     local_context(config).accounts.revoke_token(operator(), token_id)
     console.print(f"token {token_id} revoked")
+
+
+@app.command("purge")
+def purge(
+    yes: Annotated[bool, typer.Option("--yes", help="delete them; without it, only list what would go")] = False,
+    config: ConfigOption = DEFAULT_CONFIG,
+    fmt: FormatOption = "table",
+) -> None:
+    """Delete the cached studies the data policy has closed (IRB expired, project removed, patient withdrawn).
+
+    A dry run by default: lists each study and why it is closed. With --yes the
+    studies are deleted, each deletion audited with its reason. Studies being
+    retrieved right now are left for the next purge."""
+    from mi2b2.services.purge import purge as run_purge
+
+    report = run_purge(local_context(config), operator(), apply=yes)
+    rows = [plain(s) for s in report.studies]
+    if fmt != "table" or rows:
+        emit(rows, ["project_id", "study_uid", "instances", "bytes", "reason"], fmt, "studies")
+    if fmt != "table":
+        return
+    for study in report.busy:
+        console.print(f"left for the next purge (being retrieved now): {study.project_id}/{study.study_uid}",
+                      markup=False, highlight=False)
+    what = f"{len(report.studies)} closed studies ({report.bytes} bytes)"
+    if yes:
+        console.print(f"purged {what}", style="green")
+    elif report.studies:
+        console.print(f"{what} would be deleted; run `mi2b2 admin purge --yes` to delete them", style="bold")
+    else:
+        console.print("nothing to purge: every cached study may still be read", style="green")

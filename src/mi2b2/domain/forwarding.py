@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
-from mi2b2.domain.governance import Denial, ProjectPolicy, irb_active
+from mi2b2.domain.governance import DataUse, Denial, ProjectPolicy, cached_data_denial, irb_active
 from mi2b2.domain.requests import Outcome, RequestState
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -30,16 +30,15 @@ MAX_CONTEXTS = 128  # PS3.8: presentation context ids are the odd numbers 1-255
 def forward_denial(policy: ProjectPolicy, login: str, is_admin: bool, today: date) -> Denial | None:
     """Why ``login`` may not forward from this project now, or None.
 
-    Any member (lead or researcher) may forward, and so may a site admin who
-    is not a member; nobody may once the IRB approval has lapsed, because
-    sending data out is use of the data the protocol no longer covers."""
-    if login not in policy.members and not is_admin:
-        return Denial.NOT_MEMBER
-    if not policy.active:
-        return Denial.PROJECT_INACTIVE
-    if not irb_active(policy.expires, today):
-        return Denial.IRB_EXPIRED
-    return None
+    ``today`` is the project's local date. Forwarding sends images out, so it
+    follows the rule for reading them (`cached_data_denial`): members only,
+    site admins included only where they are members; once the IRB approval
+    has lapsed or the project is removed, only under the ``read-only`` data
+    policy. Whether each study's patient is still allowed is checked per study."""
+    return cached_data_denial(
+        DataUse.FORWARD, member=login in policy.members, admin=is_admin, project_active=policy.active,
+        irb_active=irb_active(policy.expires, today), patient_allowed=True, policy=policy.data_policy,
+    )
 
 
 def destination_allows(allowed_projects: Collection[str], project_id: str) -> bool:

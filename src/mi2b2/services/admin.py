@@ -23,7 +23,7 @@ from sqlalchemy import select
 from mi2b2.adapters.db.tables import Project, ProjectMember
 from mi2b2.adapters.storage.durable import replace_durably
 from mi2b2.config import ProjectConfig, SiteConfig, load_config
-from mi2b2.domain.governance import irb_active
+from mi2b2.domain.governance import irb_active_at
 from mi2b2.domain.mrn import AllowedMrn, ParsedAllowList, parse_allow_list
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, Mi2b2Error, NotFound, PermanentError
@@ -70,7 +70,7 @@ class AllowListReport:
 
 def list_projects(ctx: ServiceContext, who: Principal) -> list[ProjectOverview]:
     _require_admin(ctx, who, "list all projects")
-    today = ctx.clock.now().date()
+    now = ctx.clock.now()
     files = {p.id: _files_by_institution(ctx.config, p) for p in ctx.config.projects}
     with ctx.sessions() as session:
         projects = session.scalars(select(Project).order_by(Project.id)).all()
@@ -82,7 +82,8 @@ def list_projects(ctx: ServiceContext, who: Principal) -> list[ProjectOverview]:
     return [
         ProjectOverview(
             id=p.id, title=p.title, irb=p.irb_number, expires=p.expires_on.isoformat(),
-            expired=not irb_active(p.expires_on, today), active=p.active, institutions=list(p.institutions),
+            expired=not irb_active_at(p.expires_on, now, ctx.config.project_zone(p.id)), active=p.active,
+            institutions=list(p.institutions),
             members=members[p.id], quota_bytes=p.quota_bytes, used_bytes=usage[p.id].used_bytes,
             in_flight_bytes=usage[p.id].in_flight_bytes, allow_list_size=sizes.get(p.id, 0),
             max_studies_per_patient=p.max_studies_per_patient,

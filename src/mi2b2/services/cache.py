@@ -6,9 +6,11 @@ in step one instance at a time (``index_instance``); ``fsck`` finds and
 repairs whatever a crash, a full disk or a hand on the file system left
 behind.
 
-Members of a project (any role) and site admins may see and delete its
+Members of a project (any role) and site admins may list and delete its
 cache, even after the IRB expired: clearing out data is what an expired
-protocol should still allow. Retrieval into the cache is governed elsewhere.
+protocol should still allow. Reading images is decided in
+`services.data_access` (one rule for every door). Retrieval into the cache is
+governed elsewhere.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Reque
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.domain.clock import as_utc
-from mi2b2.domain.governance import Denial
+from mi2b2.domain.governance import DataUse, Denial
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.allow_list import patient_allowed
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.search import load_policy
+from mi2b2.services.data_access import patient_still_allowed, require_use
 
 MAX_LISTED_PATHS = 50  # an audit event names at most this many files; the count is always exact
 
@@ -69,6 +71,7 @@ class CachedStudyView:
     fetched_at: datetime | None
     last_downloaded_by: str | None
     last_downloaded_at: datetime | None
+    closed_reason: str | None = None  # why nobody may read it any more (it waits for purge); None while readable
 
 
 @dataclass(frozen=True)
@@ -346,16 +349,20 @@ def project_usage(ctx: ServiceContext, who: Principal, project_id: str) -> Usage
 
 
 def list_studies(ctx: ServiceContext, who: Principal, project_id: str) -> list[CachedStudyView]:
-    require_member(ctx, who, project_id, "list the cache")
+    """Every cached study, each saying whether (and why) it is closed to reading: what a purge would remove."""
+    access = require_use(ctx, who, project_id, DataUse.LIST, "list the cache")
+    closed = access.closed_reason
     with ctx.sessions() as session:
-        rows = session.scalars(
-            select(CachedStudy).where(CachedStudy.project_id == project_id).order_by(CachedStudy.id.desc())
-        )
-        return [_study_view(row) for row in rows]
+        rows = session.execute(
+            select(CachedStudy, patient_still_allowed()).where(CachedStudy.project_id == project_id)
+            .order_by(CachedStudy.id.desc())
+        ).all()
+        return [_study_view(row, closed or (None if allowed else Denial.PATIENT_NOT_ALLOWED.value))
+                for row, allowed in rows]
 
 
 def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid: str) -> StudyDetail:
-    require_member(ctx, who, project_id, "show a cached study")
+    require_use(ctx, who, project_id, DataUse.DETAIL, "show a cached study")
     with ctx.sessions() as session:
         study = session.scalar(
             select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
@@ -374,12 +381,13 @@ def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid
         return StudyDetail(project_id, _study_view(study), len(series), series)
 
 
-def _study_view(row: CachedStudy) -> CachedStudyView:
+def _study_view(row: CachedStudy, closed_reason: str | None = None) -> CachedStudyView:
     return CachedStudyView(
         study_uid=row.study_uid, patient_id=row.patient_id, patient_name=row.patient_name, accession=row.accession,
         study_date=row.study_date, modalities=row.modalities, description=row.description, pacs_id=row.pacs_id,
         instance_count=row.instance_count, bytes=row.bytes, fetched_by=row.fetched_by, fetched_at=_utc(row.fetched_at),
         last_downloaded_by=row.last_downloaded_by, last_downloaded_at=_utc(row.last_downloaded_at),
+        closed_reason=closed_reason,
     )
 
 
@@ -389,13 +397,8 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def require_member(ctx: ServiceContext, who: Principal, project_id: str, operation: str) -> None:
-    """Members (any project role) and site admins. An expired IRB does not matter here."""
-    policy = load_policy(ctx, project_id)
-    if who.is_admin or who.login in policy.members:
-        return
-    ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
-                     detail={"reason": Denial.NOT_MEMBER.value, "operation": operation})
-    raise AccessDenied(f"project {project_id!r}: {Denial.NOT_MEMBER.value}")
+    """Managing a project's cache: members (any project role) and site admins. An expired IRB does not matter here."""
+    require_use(ctx, who, project_id, DataUse.LIST, operation)
 
 
 # deleting ----------------------------------------------------------------------
@@ -414,7 +417,6 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
         raise InvalidInput(f"not StudyInstanceUIDs (digits and dots): {', '.join(repr(b) for b in bad[:10])}")
     require_member(ctx, who, project_id, "delete from the cache")
     store = cache_store(ctx)
-    done: list[tuple[str, str, int, int, int]] = []  # study, patient, instances, indexed bytes, bytes on disk
     with transaction(ctx.sessions) as session:
         # Lock this project's queued and running retrievals of these studies, so
         # the scheduler cannot start one while the files go.
@@ -439,14 +441,7 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
         if not studies:
             raise NotFound(f"none of these studies is in the cache of project {project_id!r}; "
                            f"list what is with `mi2b2 cache list {project_id}`")
-        for study in studies:
-            session.execute(delete(CachedInstance).where(CachedInstance.cached_study_id == study.id))
-            session.execute(delete(CachedStudy).where(CachedStudy.id == study.id))
-            # Files go inside the transaction: if this fails the rows stay, and
-            # any file already gone shows up in fsck as missing, never as an orphan
-            # that fsck would index again.
-            freed = store.delete_study(project_id, study.study_uid)
-            done.append((study.study_uid, study.patient_id, study.instance_count, study.bytes, freed))
+        done = remove_studies(session, store, studies)
         ctx.audit.record_many(session, [  # the index rows go only with their audit rows
             AuditEntry(who, Action.DELETE, project_id=project_id, patient_id=patient_id, study_uid=study_uid,
                        detail={"instances": instances, "bytes": size, "disk_bytes": freed, "by": "user"})
@@ -455,6 +450,22 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
     with ctx.sessions() as session:
         usage = usage_in(session, project_id)
     return DeleteReport(project_id, deleted, [u for u in wanted if u not in deleted], sum(d[3] for d in done), usage)
+
+
+def remove_studies(session: Session, store: CacheStore, studies: Iterable[CachedStudy]) -> list[tuple[str, str, int, int, int]]:
+    """Delete locked study rows and their files in the caller's transaction.
+
+    Returns (study, patient, instances, indexed bytes, bytes on disk) per study."""
+    done = []
+    for study in studies:
+        session.execute(delete(CachedInstance).where(CachedInstance.cached_study_id == study.id))
+        session.execute(delete(CachedStudy).where(CachedStudy.id == study.id))
+        # Files go inside the transaction: if this fails the rows stay, and
+        # any file already gone shows up in fsck as missing, never as an orphan
+        # that fsck would index again.
+        freed = store.delete_study(study.project_id, study.study_uid)
+        done.append((study.study_uid, study.patient_id, study.instance_count, study.bytes, freed))
+    return done
 
 
 # checking ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput
-from mi2b2.services.audit import Action, AuditTrail, load_audit_key
+from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
 from mi2b2.services.auth import Accounts
 from mi2b2.services.site import ConfigChanges, apply_config
 
@@ -52,13 +52,24 @@ class ServiceContext:
             raise InvalidInput("this server was started without a configuration file, so there is nothing to reload")
         new_config = load_config(self.config.source)
         with transaction(self.sessions) as session:
-            changes = apply_config(session, new_config)
+            changes = apply_config(session, new_config, self.clock.now())
             self.audit.record(by, Action.CONFIG_RELOAD, detail={"file": str(new_config.source), **changes.summary()},
                               session=session)
+            audit_canceled(self.audit, changes, session)
             if also_record is not None:
                 also_record(session)
         self.config = new_config
         return changes
+
+
+def audit_canceled(audit: AuditTrail, changes: ConfigChanges, session: Session) -> None:
+    """One event per queued request a configuration change canceled (its owner left the project),
+    in the transaction that canceled them."""
+    audit.record_many(session, [
+        AuditEntry("config", Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
+                   project_id=c.project_id, pacs_id=c.pacs_id, patient_id=c.patient_id, study_uid=c.study_uid,
+                   detail={"request": c.request_id, "event": "canceled", "reason": c.reason, "owner": c.login})
+        for c in changes.canceled])
 
 
 def build_context(
@@ -75,11 +86,12 @@ def build_context(
     if migrate:
         upgrade(engine)
     sessions = make_sessionmaker(engine)
-    if sync_config:
-        with transaction(sessions) as session:
-            apply_config(session, config)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
     audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
+    if sync_config:
+        with transaction(sessions) as session:
+            changes = apply_config(session, config, clock.now())
+            audit_canceled(audit, changes, session)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours,
                         config.server.max_token_days)
     from mi2b2.services.query_governor import QueryGovernor, governed_opener

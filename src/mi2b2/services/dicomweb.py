@@ -50,11 +50,13 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
 from mi2b2.adapters.dicom.files import parse_instance_header
 from mi2b2.adapters.dicom.render import frame_count, quiet
+from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, LimitExceeded, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import cache_store, require_member  # one membership door for cache, viewer, DICOMweb
+from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_use
 from mi2b2.services.viewer import VIEW_AUDIT_HOURS, OnceLog, check_uid
 
 LOG = logging.getLogger(__name__)
@@ -406,7 +408,7 @@ class DicomWeb:
     # search ---------------------------------------------------------------------------------------
 
     def search_studies(self, who: Principal, project_id: str, query: Query, base: str) -> SearchResult:
-        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        self._may_search(who, project_id, query.filters.get("StudyInstanceUID"))
         if "Modality" in query.filters and "ModalitiesInStudy" not in query.filters:
             # Modality is a series attribute; at study level it can only mean "a series of this modality".
             filters = dict(query.filters)
@@ -426,7 +428,7 @@ class DicomWeb:
 
     def search_series(self, who: Principal, project_id: str, study_uid: str | None, query: Query,
                       base: str) -> SearchResult:
-        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        self._may_search(who, project_id, study_uid or query.filters.get("StudyInstanceUID"))
         filters = dict(query.filters)
         if study_uid is not None:
             filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
@@ -441,7 +443,7 @@ class DicomWeb:
 
     def search_instances(self, who: Principal, project_id: str, study_uid: str | None, series_uid: str | None,
                          query: Query, base: str) -> SearchResult:
-        require_member(self.ctx, who, project_id, "search the cache (DICOMweb)")
+        self._may_search(who, project_id, study_uid or query.filters.get("StudyInstanceUID"))
         filters = dict(query.filters)
         if study_uid is not None:
             filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
@@ -541,10 +543,18 @@ class DicomWeb:
 
     # the index -------------------------------------------------------------------------------------
 
+    def _may_search(self, who: Principal, project_id: str, study_uids: str | None) -> None:
+        """The read door; a search naming studies exactly is refused for a withdrawn patient (others are left out)."""
+        require_use(self.ctx, who, project_id, DataUse.READ, "search the cache (DICOMweb)")
+        if study_uids and not any(c in study_uids for c in "*?"):
+            named = [u.strip() for u in re.split(r"[,\\]", study_uids) if u.strip()]
+            require_patients_allowed(self.ctx, who, project_id, named, "search the cache (DICOMweb)")
+
     def _studies(self, project_id: str, filters: Mapping[str, str], base: str) -> list[Record]:
         store = cache_store(self.ctx)
         with self.ctx.sessions() as session:
-            statement = select(CachedStudy).where(CachedStudy.project_id == project_id)
+            # Studies of patients who left the allow-list are no longer anyone's to read.
+            statement = select(CachedStudy).where(CachedStudy.project_id == project_id, patient_still_allowed())
             uids = filters.get("StudyInstanceUID", "")
             if uids and not any(c in uids for c in "*?"):
                 statement = statement.where(CachedStudy.study_uid.in_([u.strip() for u in re.split(r"[,\\]", uids)]))
@@ -633,7 +643,8 @@ class DicomWeb:
             check_uid(series_uid, "SeriesInstanceUID")
         if sop_uid is not None:
             check_uid(sop_uid, "SOPInstanceUID")
-        require_member(self.ctx, who, project_id, operation)
+        require_use(self.ctx, who, project_id, DataUse.READ, operation)
+        require_patients_allowed(self.ctx, who, project_id, [study_uid], operation)
         store = cache_store(self.ctx)
         with self.ctx.sessions() as session:
             study = session.scalar(

@@ -49,7 +49,7 @@ from mi2b2.domain.forwarding import (
     forward_outcome,
     plan_destination,
 )
-from mi2b2.domain.governance import Denial, irb_active
+from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at, local_date
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
@@ -72,6 +72,7 @@ _HINTS = {
                         "the project's expiry date",
     Denial.NOT_MEMBER: "ask the project lead to add you to the project",
     Denial.PROJECT_INACTIVE: "the project was removed from the site configuration",
+    Denial.ADMIN_NOT_MEMBER: "a site admin who needs to forward is added to the project as a member",
 }
 
 
@@ -130,7 +131,7 @@ def add_forwards(
     series = tuple(dict.fromkeys(u.strip() for u in series_uids or () if u.strip()))
     destination = _destination(ctx, project_id, destination_id)
     policy = load_policy(ctx, project_id)
-    denial = forward_denial(policy, who.login, who.is_admin, ctx.clock.now().date())
+    denial = forward_denial(policy, who.login, who.is_admin, local_date(ctx.clock.now(), policy.timezone))
     if denial is not None:
         _deny(ctx, who, project_id, destination_id, denial.value)
         raise AccessDenied(f"project {project_id!r}: {denial.value}; {_HINTS[denial]}")
@@ -165,6 +166,11 @@ def add_forwards(
                                                           "operation": "forward", "destination": destination_id})
         else:
             wanted.append(study)
+    if report.not_permitted:
+        # As at every read door: a withdrawn patient's images go nowhere, and the call says why.
+        raise AccessDenied(f"study {report.not_permitted[0]} of project {project_id!r}: "
+                           f"{Denial.PATIENT_NOT_ALLOWED.value}; it can no longer be read or forwarded and waits "
+                           "for an admin to purge it (`mi2b2 admin purge`)")
 
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
@@ -271,7 +277,7 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
     ended: dict[int, tuple[RequestState, str]] = {}
     with transaction(ctx.sessions) as session:
         serialize_scheduling(session)
-        closed = _closed_projects(session, now)
+        closed = _closed_projects(ctx, session, now)
         active: dict[str, int] = defaultdict(int)
         busy: dict[str, set[str]] = defaultdict(set)
         for destination_id, study_uid in session.execute(
@@ -314,16 +320,14 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
     return started
 
 
-def _closed_projects(session: Session, now: datetime) -> dict[str, str | None]:
-    closed: dict[str, str | None] = {}
-    for project in session.execute(select(Project)).scalars():
-        if not project.active:
-            closed[project.id] = Denial.PROJECT_INACTIVE.value
-        elif not irb_active(project.expires_on, now.date()):
-            closed[project.id] = Denial.IRB_EXPIRED.value
-        else:
-            closed[project.id] = None
-    return closed
+def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> dict[str, str | None]:
+    """Per project, why its forwards may not run now (None: they may): forward follows the rule for reads."""
+    return {
+        project.id: closed_to_reads(
+            project.active, irb_active_at(project.expires_on, now, ctx.config.project_zone(project.id)), True,
+            ctx.config.project_data_policy(project.id))
+        for project in session.execute(select(Project)).scalars()
+    }
 
 
 def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:

@@ -15,13 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedStudy, Notification, Project, Request, User
+from mi2b2.adapters.db.engine import serialize_scheduling, transaction
+from mi2b2.adapters.db.tables import CachedStudy, Notification, Project, ProjectMember, Request, User
 from mi2b2.adapters.email import MailError, send_mail
 from mi2b2.domain.clock import as_utc
+from mi2b2.domain.governance import DataPolicy, local_date
 from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import ENDED, RequestKind, RequestState
 from mi2b2.errors import InvalidInput, NotFound
@@ -32,6 +33,7 @@ LOG = logging.getLogger(__name__)
 
 KIND_FAILED = "request_failed"
 KIND_BATCH = "batch_ended"
+KIND_IRB_EXPIRING = "irb_expiring"
 MAX_REASON = 300
 
 _UID = re.compile(r"(?<![0-9.])\d+(?:\.\d+){2,}(?![0-9.])")
@@ -91,6 +93,69 @@ def on_request_ended(ctx: ServiceContext, request_id: int) -> list[int]:
         ids = [note.id for note in created]
     _deliver(ctx, ids)
     return ids
+
+
+def warn_irb_expiring(ctx: ServiceContext) -> list[int]:
+    """Warn each lead of a project whose IRB ends within ``[site] irb_warning_days``; return the new notice ids.
+
+    Once per lead, project and expiry date (a renewed approval gets its own
+    warning). The worker calls this every tick; the scheduling lock keeps two
+    workers from both sending it."""
+    days = ctx.config.site.irb_warning_days
+    if days <= 0:
+        return []
+    now = ctx.clock.now()
+    created: list[Notification] = []
+    with transaction(ctx.sessions) as session:
+        serialize_scheduling(session)
+        for project in session.scalars(select(Project).where(Project.active.is_(True)).order_by(Project.id)):
+            left = (project.expires_on - local_date(now, ctx.config.project_zone(project.id))).days
+            if not 0 <= left <= days:
+                continue
+            leads = session.scalars(select(ProjectMember.login).where(
+                ProjectMember.project_id == project.id, ProjectMember.role == "lead").order_by(ProjectMember.login)).all()
+            subject = f"IRB approval of project {project.id} ends on {project.expires_on.isoformat()}"
+            for login in leads:
+                if session.scalar(select(Notification.id).where(
+                        Notification.user_login == login, Notification.kind == KIND_IRB_EXPIRING,
+                        Notification.project_id == project.id, Notification.subject == subject).limit(1)) is not None:
+                    continue
+                note = Notification(user_login=login, project_id=project.id, kind=KIND_IRB_EXPIRING, subject=subject,
+                                    body=_irb_body(ctx, session, project, left), created_at=now)
+                session.add(note)
+                created.append(note)
+        session.flush()
+        ids = [note.id for note in created]
+    _deliver(ctx, ids)
+    return ids
+
+
+def _irb_body(ctx: ServiceContext, session: Session, project: Project, days_left: int) -> str:
+    """Counts and what will happen; no patient, study or accession is named (this is e-mailed)."""
+    studies, size = session.execute(
+        select(func.count(CachedStudy.id), func.coalesce(func.sum(CachedStudy.bytes), 0))
+        .where(CachedStudy.project_id == project.id)).one()
+    queued = session.scalar(select(func.count(Request.id)).where(
+        Request.project_id == project.id, Request.state.in_([RequestState.SCHEDULED.value,
+                                                             RequestState.PROCESSING.value]))) or 0
+    zone = ctx.config.project_zone(project.id)
+    policy = ctx.config.project_data_policy(project.id)
+    after = ("members may still download, view and forward what is cached (data policy 'read-only')"
+             if policy is DataPolicy.READ_ONLY else
+             "members may only list and delete what is cached (data policy 'closed'); downloads, the viewer, "
+             "DICOMweb and forwards are refused, and an admin purges the cache")
+    when = "today" if days_left == 0 else f"in {days_left} day{'s' if days_left != 1 else ''}"
+    return "\n".join([
+        f"The IRB approval {project.irb_number} of {_project_line(project.id, project.title)} ends {when}: "
+        f"it covers {project.expires_on.isoformat()} until midnight ({zone}).",
+        "",
+        f"Cached now: {studies} studies, {int(size)} bytes. Requests queued or running: {queued}.",
+        "",
+        "After that date no new searches or retrievals run, running retrievals are canceled, and "
+        f"{after}.",
+        "",
+        "If the approval is renewed, ask the site admin to enter the new expiry date in the configuration.",
+    ])
 
 
 def _lock_batch(session: Session, request: Request) -> list[Request]:

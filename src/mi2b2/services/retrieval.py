@@ -3,7 +3,9 @@
 The worker calls `run_retrieval` in a thread for each request the scheduler
 started. Transient failures go back to the queue with a backoff; permanent
 ones fail the request with the PACS's reason. Cancel is polled while the PACS
-sends, and answered with C-CANCEL.
+sends, and answered with C-CANCEL; so is the end of access while it runs (the
+IRB expiring at the project's local midnight, the project removed): what came
+in before is then closed to reading like the rest of the project's cache.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import Request
+from mi2b2.adapters.db.tables import Project, Request
 from mi2b2.adapters.dicom.errors import DimseFailure
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
+from mi2b2.domain.governance import Denial, irb_active_at
 from mi2b2.domain.receipt import StoreStatus
 from mi2b2.domain.requests import RequestState, retrieval_outcome
 from mi2b2.errors import Mi2b2Error, RetriableError
@@ -54,7 +57,7 @@ def run_retrieval(
     job = _load(ctx, request_id)
     if job is None:
         return RequestState.CANCELED
-    watch = _Watch(ctx, request_id)
+    watch = _Watch(ctx, request_id, job.project_id)
     try:
         result = _retrieve(ctx, job, sink, watch)
     except RetriableError as exc:
@@ -68,7 +71,8 @@ def run_retrieval(
     pacs_freed()
     _await_counts(ctx, job, sink, result.completed + result.warning)
     if result.canceled:
-        return _end(ctx, job, RequestState.CANCELED, "canceled by a user", status=result.status)
+        reason = f"canceled: {watch.access_ended}" if watch.access_ended else "canceled by a user"
+        return _end(ctx, job, RequestState.CANCELED, reason, status=result.status)
     return _judge(ctx, job, result)
 
 
@@ -132,11 +136,13 @@ def _retrieve(ctx: ServiceContext, job: _Job, sink: ReceiverSink, watch: _Watch)
 class _Watch:
     """Progress in, cancel out: at most one database round trip per POLL_SECONDS."""
 
-    def __init__(self, ctx: ServiceContext, request_id: int) -> None:
+    def __init__(self, ctx: ServiceContext, request_id: int, project_id: str) -> None:
         self.ctx = ctx
         self.request_id = request_id
+        self.project_id = project_id
         self._checked = 0.0
         self._canceled = False
+        self.access_ended: str | None = None  # why the project may no longer retrieve, if that stopped us
         self.pacs_total: int | None = None
 
     def should_cancel(self) -> bool:
@@ -144,7 +150,12 @@ class _Watch:
             self._checked = time.monotonic()
             with self.ctx.sessions() as session:
                 flag = session.execute(select(Request.cancel_requested).where(Request.id == self.request_id)).scalar()
-            self._canceled = bool(flag)
+                project = session.get(Project, self.project_id)
+            if project is None or not project.active:
+                self.access_ended = Denial.PROJECT_INACTIVE.value
+            elif not irb_active_at(project.expires_on, self.ctx.clock.now(), self.ctx.config.project_zone(project.id)):
+                self.access_ended = Denial.IRB_EXPIRED.value
+            self._canceled = bool(flag) or self.access_ended is not None
         return self._canceled
 
     def progress(self, p: RetrieveProgress) -> None:

@@ -21,7 +21,7 @@ from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, Request, S
 from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig
 from mi2b2.domain.clock import as_utc
-from mi2b2.domain.governance import irb_active
+from mi2b2.domain.governance import irb_active_at
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
 from mi2b2.domain.windows import Limits, limits_at
@@ -43,7 +43,7 @@ def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
     result = ScheduleResult()
     with transaction(ctx.sessions) as session:
         serialize_scheduling(session)
-        budgets = _project_budgets(session, now)
+        budgets = _project_budgets(ctx, session, now)
         busy = _studies_in_flight(session)
         for pacs in ctx.config.all_pacs():
             plan = plan_pacs(
@@ -160,7 +160,7 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
 # --- reading the counters ------------------------------------------------------------
 
 
-def _project_budgets(session: Session, now: datetime) -> dict[str, ProjectBudget]:
+def _project_budgets(ctx: ServiceContext, session: Session, now: datetime) -> dict[str, ProjectBudget]:
     used = dict(session.execute(
         select(CachedStudy.project_id, func.coalesce(func.sum(CachedStudy.bytes), 0)).group_by(CachedStudy.project_id)
     ).all())
@@ -172,7 +172,7 @@ def _project_budgets(session: Session, now: datetime) -> dict[str, ProjectBudget
         in_flight[project_id] += reserved_bytes(expected, received)
     budgets = {}
     for project in session.execute(select(Project)).scalars():
-        open_ = project.active and irb_active(project.expires_on, now.date())
+        open_ = project.active and irb_active_at(project.expires_on, now, ctx.config.project_zone(project.id))
         reason = "the project's IRB approval has expired" if project.active else "the project is no longer configured"
         budgets[project.id] = ProjectBudget(
             project.id, open_, project.quota_bytes, int(used.get(project.id, 0)), in_flight[project.id], reason

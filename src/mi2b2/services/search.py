@@ -19,7 +19,15 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Project, ProjectMember, Query
 from mi2b2.adapters.dicom.errors import ResultsTruncated
 from mi2b2.config import InstitutionConfig, PacsConfig
-from mi2b2.domain.governance import ProjectPolicy, cap_per_patient, filter_answers, project_access, split_allowed
+from mi2b2.domain.governance import (
+    ProjectPolicy,
+    cap_per_patient,
+    filter_answers,
+    irb_active_at,
+    local_date,
+    project_access,
+    split_allowed,
+)
 from mi2b2.domain.identifiers import parse_identifier_text
 from mi2b2.domain.mrn import MrnFormat, issuer_conflicts, normalize_identifiers
 from mi2b2.domain.principal import Principal
@@ -235,7 +243,7 @@ def search_series(
 
 
 def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
-    today = ctx.clock.now().date()
+    now = ctx.clock.now()
     with ctx.sessions() as session:
         rows = session.execute(
             select(Project, ProjectMember.role).join(ProjectMember, ProjectMember.project_id == Project.id)
@@ -243,7 +251,8 @@ def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
         ).all()
         return [
             {"id": p.id, "title": p.title, "irb": p.irb_number, "expires": p.expires_on.isoformat(),
-             "expired": p.expires_on < today, "active": p.active, "role": role,
+             "expired": not irb_active_at(p.expires_on, now, ctx.config.project_zone(p.id)), "active": p.active,
+             "role": role, "data_policy": ctx.config.project_data_policy(p.id).value,
              "institutions": list(p.institutions), "quota_bytes": p.quota_bytes,
              "max_studies_per_patient": p.max_studies_per_patient}
             for p, role in rows
@@ -281,13 +290,14 @@ def load_policy(ctx: ServiceContext, project_id: str) -> ProjectPolicy:
             select(ProjectMember.login, ProjectMember.role).where(ProjectMember.project_id == project_id)
         ).all())
         return ProjectPolicy(project.id, project.irb_number, project.expires_on, project.active,
-                             frozenset(project.institutions), members, project.max_studies_per_patient)
+                             frozenset(project.institutions), members, project.max_studies_per_patient,
+                             ctx.config.project_zone(project.id), ctx.config.project_data_policy(project.id))
 
 
 def open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, operation: str = "search") -> Door:
     institution, department, pacs = ctx.config.pacs_location(pacs_id)
     policy = load_policy(ctx, project_id)
-    denial = project_access(policy, who.login, ctx.clock.now().date(), institution.id)
+    denial = project_access(policy, who.login, local_date(ctx.clock.now(), policy.timezone), institution.id)
     if denial is not None:
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
                          detail={"reason": denial.value, "operation": operation})

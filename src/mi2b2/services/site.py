@@ -10,6 +10,7 @@ still refer to them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -23,9 +24,27 @@ from mi2b2.adapters.db.tables import (
     Project,
     ProjectMember,
     ProjectMrn,
+    Request,
 )
 from mi2b2.config import SiteConfig
+from mi2b2.domain.clock import SystemClock
 from mi2b2.domain.mrn import AllowedMrn
+from mi2b2.domain.requests import RequestState
+from mi2b2.services.request_rows import mark_ended
+
+
+@dataclass(frozen=True)
+class CanceledRequest:
+    """A queued request canceled because its owner left the project."""
+
+    request_id: int
+    kind: str
+    project_id: str
+    login: str
+    pacs_id: str | None
+    patient_id: str
+    study_uid: str
+    reason: str
 
 
 @dataclass
@@ -34,6 +53,7 @@ class ConfigChanges:
     changed: list[str] = field(default_factory=list)
     deactivated: list[str] = field(default_factory=list)
     allow_list_sizes: dict[str, int] = field(default_factory=dict)
+    canceled: list[CanceledRequest] = field(default_factory=list)  # audited one by one by the caller
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -41,6 +61,7 @@ class ConfigChanges:
             "changed": self.changed,
             "deactivated": self.deactivated,
             "allow_list_sizes": self.allow_list_sizes,
+            "requests_canceled": len(self.canceled),
         }
 
 
@@ -59,8 +80,11 @@ def _upsert(session: Session, model: type, key: Any, values: dict[str, Any], lab
     return row
 
 
-def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
-    """Bring the database in line with ``config`` inside the caller's transaction."""
+def apply_config(session: Session, config: SiteConfig, now: datetime | None = None) -> ConfigChanges:
+    """Bring the database in line with ``config`` inside the caller's transaction.
+
+    Queued requests of members who left a project are canceled (``now`` is their end time)."""
+    now = now or SystemClock().now()
     changes = ConfigChanges()
     seen_institutions: set[str] = set()
     seen_pacs: set[str] = set()
@@ -112,7 +136,7 @@ def apply_config(session: Session, config: SiteConfig) -> ConfigChanges:
             "institutions": list(project.institutions), "active": True,
         }, f"project {project.id}", changes)
         session.flush()
-        _replace_members(session, project.id, {m.login: m.role.value for m in project.members}, changes)
+        _replace_members(session, project.id, {m.login: m.role.value for m in project.members}, changes, now)
         mrns = config.allow_list(project)
         _replace_allow_list(session, project.id, mrns, changes)
         changes.allow_list_sizes[project.id] = len(mrns)
@@ -126,13 +150,32 @@ def _deactivate_missing(session: Session, model: Any, seen: set[str], label: str
         changes.deactivated.append(f"{label} {row.id}")
 
 
-def _replace_members(session: Session, project_id: str, members: dict[str, str], changes: ConfigChanges) -> None:
+def _replace_members(session: Session, project_id: str, members: dict[str, str], changes: ConfigChanges,
+                     now: datetime) -> None:
     current = {m.login: m.role for m in session.scalars(select(ProjectMember).where(ProjectMember.project_id == project_id))}
     if current == members:
         return
     session.execute(delete(ProjectMember).where(ProjectMember.project_id == project_id))
     session.add_all(ProjectMember(project_id=project_id, login=login, role=role) for login, role in members.items())
     changes.changed.append(f"members of {project_id}")
+    _cancel_queued_of(session, project_id, sorted(set(current) - set(members)), changes, now)
+
+
+def _cancel_queued_of(session: Session, project_id: str, logins: list[str], changes: ConfigChanges,
+                      now: datetime) -> None:
+    """A member who leaves a project takes their queued requests with them: nobody is left to own them."""
+    if not logins:
+        return
+    rows = session.scalars(
+        select(Request).where(Request.project_id == project_id, Request.user_login.in_(logins),
+                              Request.state == RequestState.SCHEDULED.value)
+        .order_by(Request.id).with_for_update()
+    ).all()
+    for row in rows:
+        reason = f"{row.user_login} is no longer a member of project {project_id}"
+        mark_ended(row, RequestState.CANCELED, f"canceled: {reason}", None, now)
+        changes.canceled.append(CanceledRequest(row.id, row.kind, project_id, row.user_login, row.pacs_id,
+                                                row.patient_id, row.study_uid, reason))
 
 
 def _replace_allow_list(session: Session, project_id: str, mrns: list[AllowedMrn], changes: ConfigChanges) -> None:

@@ -3,8 +3,9 @@
 Two libraries answer the same questions in the same shapes, so one browser
 page serves both:
 
-- ``CacheViewer``: a project's cached studies, for its members and site admins
-  (the same door as the cache listing), over the HTTP API;
+- ``CacheViewer``: a project's cached studies, for its members while the
+  project's data policy keeps reads open (`services.data_access`, the same
+  door as downloads and DICOMweb), over the HTTP API;
 - ``LocalLibrary``: a download folder on the researcher's own machine, for
   ``mi2b2 view``; encrypted downloads are decrypted into memory only.
 
@@ -46,11 +47,13 @@ from mi2b2.adapters.dicom.render import (
 )
 from mi2b2.adapters.storage.cache_files import UID
 from mi2b2.domain.clock import Clock
+from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import cache_store, require_member  # one membership door for cache and viewer
+from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_readable, require_use
 
 VIEW_AUDIT_HOURS = 8
 HEAD_BYTES = 64 * 1024  # enough for the header of nearly every file (see adapters/dicom/files.py)
@@ -185,7 +188,7 @@ class CacheViewer:
 
     def tree(self, who: Principal, project_id: str) -> dict[str, Any]:
         """Patients > studies of the cache; series and images come with ``study``."""
-        require_member(self.ctx, who, project_id, "view the cache")
+        require_use(self.ctx, who, project_id, DataUse.READ, "view the cache")
         with self.ctx.sessions() as session:
             series_counts = dict(session.execute(
                 select(CachedInstance.cached_study_id, func.count(func.distinct(CachedInstance.series_uid)))
@@ -193,7 +196,7 @@ class CacheViewer:
                 .where(CachedStudy.project_id == project_id).group_by(CachedInstance.cached_study_id)
             ).all())
             rows = session.scalars(
-                select(CachedStudy).where(CachedStudy.project_id == project_id)
+                select(CachedStudy).where(CachedStudy.project_id == project_id, patient_still_allowed())
                 .order_by(CachedStudy.patient_id, CachedStudy.study_date.desc(), CachedStudy.study_uid)
             ).all()
         patients: dict[str, dict[str, Any]] = {}
@@ -210,7 +213,7 @@ class CacheViewer:
 
     def study(self, who: Principal, project_id: str, study_uid: str) -> dict[str, Any]:
         check_uid(study_uid, "StudyInstanceUID")
-        require_member(self.ctx, who, project_id, "view a cached study")
+        require_readable(self.ctx, who, project_id, [study_uid], DataUse.READ, "view a cached study")
         with self.ctx.sessions() as session:
             study = session.scalar(
                 select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
@@ -265,12 +268,15 @@ class CacheViewer:
 
     def _locate(self, who: Principal, project_id: str, sop_uid: str, operation: str) -> Located:
         check_uid(sop_uid, "SOPInstanceUID")
-        require_member(self.ctx, who, project_id, operation)  # every time: membership can change
+        # Every time: membership, the IRB and the allow-list can change while a study is open.
+        require_use(self.ctx, who, project_id, DataUse.READ, operation)
         with self._places_lock:
             known = self._places.get((project_id, sop_uid))
             if known is not None:
                 self._places.move_to_end((project_id, sop_uid))
-                return known
+        if known is not None:
+            require_patients_allowed(self.ctx, who, project_id, [known.study_uid], operation)
+            return known
         # SOP UIDs are not indexed on their own; remembering where each lives keeps
         # window dragging and scrolling from scanning the instance table per frame.
         with self.ctx.sessions() as session:
@@ -284,6 +290,7 @@ class CacheViewer:
         if found is None:
             raise NotFound(f"image {sop_uid} is not in the cache of project {project_id!r}")
         place = Located(project_id, found[0], found[1], found[2], sop_uid, found[3])
+        require_patients_allowed(self.ctx, who, project_id, [place.study_uid], operation)
         with self._places_lock:
             self._places[(project_id, sop_uid)] = place
             while len(self._places) > 50_000:

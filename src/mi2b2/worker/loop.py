@@ -71,7 +71,11 @@ class Worker:
             self._running.add(future)
             future.add_done_callback(self._running.discard)
         self._start_search_jobs()
+        self._guarded(self._warn_irb_expiring)  # a mail relay that is down must not stop scheduling
         return result.started + forwards
+
+    def _warn_irb_expiring(self) -> None:
+        notifications.warn_irb_expiring(self.ctx)
 
     def _start_search_jobs(self) -> None:
         for job_id in search_jobs.claim_jobs(self.ctx, self.worker_id, MAX_SEARCH_JOBS - len(self._search_jobs)):

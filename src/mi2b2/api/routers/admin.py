@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from mi2b2.api.deps import AdminUser, ContextDep
 from mi2b2.api.schemas import AllowListBody, UserBody
 from mi2b2.services import admin as service
+from mi2b2.services import purge
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -30,6 +31,23 @@ def replace_allow_list(project_id: str, body: AllowListBody, user: AdminUser, ct
 
     Every line must be a usable MRN of that institution, or nothing is written."""
     return asdict(service.replace_allow_list(ctx, user, project_id, body.mrns, body.institution))
+
+
+@router.get("/purge")
+def closed_studies(user: AdminUser, ctx: ContextDep) -> dict[str, Any]:
+    """What a purge would delete now: cached studies the data policy has closed, each with its reason (audited)."""
+    return _purge_json(purge.purge(ctx, user, apply=False))
+
+
+@router.post("/purge")
+def purge_closed(user: AdminUser, ctx: ContextDep) -> dict[str, Any]:
+    """Delete the cached studies the data policy has closed; every deletion is audited with its reason."""
+    return _purge_json(purge.purge(ctx, user, apply=True))
+
+
+def _purge_json(report: purge.PurgeReport) -> dict[str, Any]:
+    return {"applied": report.applied, **report.counts(), "studies": [asdict(s) for s in report.studies],
+            "busy": [asdict(s) for s in report.busy]}
 
 
 @router.get("/users")

@@ -1,7 +1,10 @@
 """Downloads from a project's cache, on the server: streamed ZIPs, and the manifest and files the CLI fetches.
 
-Who: members of the project (any role) and site admins, as for the cache
-itself, even after the IRB expired; anyone else is refused and audited.
+Who: members of the project (any role; site admins too, only where they are
+members), while the project's data policy keeps reads open
+(`services.data_access`), and only studies whose patient is still on the
+allow-list; anyone else is refused and audited. Every file the CLI fetches
+asks again, so a download stops when access ends.
 
 Every download is audited before its first byte leaves: one DOWNLOAD event
 per study (patient, study, files, bytes, how, whether encrypted), and the
@@ -41,11 +44,12 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
 from mi2b2.adapters.dicom.files import read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
+from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, AuditEntry, Outcome
-from mi2b2.services.cache import require_member
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.data_access import patient_still_allowed, require_readable
 from mi2b2.services.export.layout import (
     IDENTITY,
     MANIFEST,
@@ -128,12 +132,12 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
                   all_studies: bool = False) -> DownloadPlan:
     """Which files, in which order, under which readable names; every file checked to be on disk."""
     wanted = _check_uids(study_uids, all_studies)
-    require_member(ctx, who, project_id, "download")
+    require_readable(ctx, who, project_id, wanted, DataUse.READ, "download")
     store = CacheStore(ctx.config.cache_dir())
     with ctx.sessions() as session:
         query = select(CachedStudy).where(CachedStudy.project_id == project_id)
-        if not all_studies:
-            query = query.where(CachedStudy.study_uid.in_(wanted))
+        # "All" means all that may still be read: studies of withdrawn patients wait for purge.
+        query = query.where(patient_still_allowed() if all_studies else CachedStudy.study_uid.in_(wanted))
         rows = list(session.scalars(query.order_by(CachedStudy.id)))
         if not all_studies and (missing := [u for u in wanted if u not in {r.study_uid for r in rows}]):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -303,7 +307,7 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
     _check_uids([study_uid], False)
     if not UID.match(sop_uid) or len(sop_uid) > 64:
         raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
-    require_member(ctx, who, project_id, "download")
+    require_readable(ctx, who, project_id, [study_uid], DataUse.READ, "download")
     with ctx.sessions() as session:
         event = session.get(AuditEvent, download_id)
         ticket_ok = (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value

@@ -103,7 +103,7 @@ def _assert_same_as_file(received: list[list[str]], checkpoint_file: Path) -> No
     assert len(received) == len(lines)
     for (version, facility, app_name, msgid, msg), line in zip(received, lines, strict=True):
         assert (version, facility, app_name, msgid) == ("1", "13", "mi2b2", "audit-checkpoint")
-        assert msg.strip() == line
+        assert msg == line
         assert set(json.loads(line)) == {"seq", "hash", "at", "keyed_from", "mac"}, "a checkpoint holds no PHI"
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything mi2b2 needs on a fresh Debian machine: the system packages
-# (PACS peers for tests, age, chromium) and a virtual environment with pinned
+# (PACS peers and rsyslog for tests, age, chromium) and a virtual environment with pinned
 # Python dependencies. Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl)
+DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from datetime import date, time, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -405,6 +406,36 @@ class SmtpConfig(Strict):
     starttls: bool = False
 
 
+@dataclass(frozen=True)
+class SyslogTarget:
+    transport: Literal["tcp", "udp"]
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}://{host}:{self.port}"
+
+
+def parse_syslog_url(url: str) -> SyslogTarget:
+    """``tcp://host:port`` or ``udp://host:port``; ValueError naming the fix for anything else."""
+    example = 'write e.g. "tcp://127.0.0.1:6514" or "udp://syslog.example.org:514"'
+    parsed = urlsplit(url.strip())
+    if parsed.scheme in ("tls", "tcp+tls", "ssl", "syslog-tls"):
+        raise ValueError(f"syslog {url!r}: TLS syslog is not supported yet; use plain tcp:// or udp:// (to a relay "
+                         f"on this host if the link must be encrypted); {example}")
+    if parsed.scheme not in ("tcp", "udp"):
+        raise ValueError(f"syslog {url!r} must start with tcp:// or udp://; {example}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if (not parsed.hostname or port is None or port == 0 or parsed.path not in ("", "/")
+            or parsed.query or parsed.fragment or "@" in parsed.netloc):
+        raise ValueError(f"syslog {url!r} must be exactly a host and a port (1-65535); {example}")
+    return SyslogTarget("tcp" if parsed.scheme == "tcp" else "udp", parsed.hostname, port)
+
+
 class AuditConfig(Strict):
     """Where the audit trail's key and checkpoints live: outside the database, on purpose."""
 
@@ -412,6 +443,16 @@ class AuditConfig(Strict):
     checkpoint_file: Path | None = Field(None, description="signed chain heads, appended; default: "
                                                            "audit-checkpoints.jsonl beside the key file")
     checkpoint_seconds: float = Field(300.0, gt=0, description="how often a worker appends a checkpoint")
+    syslog: str | None = Field(None, description='also send each checkpoint to this syslog server, '
+                                                 '"tcp://host:port" or "udp://host:port" (RFC 5424)')
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_syslog_url(value))
+
+    def syslog_target(self) -> SyslogTarget | None:
+        return None if self.syslog is None else parse_syslog_url(self.syslog)
 
 
 class SiteConfig(Strict):

@@ -26,10 +26,12 @@ from typing import Any
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from mi2b2.adapters import syslog
 from mi2b2.adapters.crypto.audit_key import create_key_file, read_key_file
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, AuditHead
 from mi2b2.adapters.storage.checkpoint_file import append_line, read_lines
+from mi2b2.config import SyslogTarget
 from mi2b2.domain.audit_chain import (
     AuditKey,
     ChainedEvent,
@@ -50,6 +52,7 @@ from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, PermanentError
 
 LOG = logging.getLogger(__name__)
 INIT_KEY_COMMAND = "mi2b2 audit init-key"
+CHECKPOINT_MSGID = "audit-checkpoint"
 
 
 class Action(StrEnum):
@@ -112,11 +115,12 @@ class AuditEntry:
 
 class AuditTrail:
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, key: AuditKey | None = None,
-                 checkpoint_file: Path | None = None) -> None:
+                 checkpoint_file: Path | None = None, syslog: SyslogTarget | None = None) -> None:
         self._sessions = sessions
         self._clock = clock
         self._key = key
         self._checkpoint_file = checkpoint_file
+        self._syslog = syslog
         self._last_checkpoint: tuple[int, str] | None = None
 
     @property
@@ -211,7 +215,8 @@ class AuditTrail:
         return key, verdict
 
     def checkpoint(self) -> Checkpoint | None:
-        """Sign the chain head and append it to the checkpoint file. None when there is nothing new to sign.
+        """Sign the chain head and append it to the checkpoint file (and send it to syslog when configured).
+        None when there is nothing new to sign.
 
         The newest row is checked against the key first, so a head forged in the
         database is never signed."""
@@ -228,13 +233,25 @@ class AuditTrail:
             raise PermanentError(f"audit row {seq} does not match its keyed hash; not signing a checkpoint of it. "
                                  "Run `mi2b2 audit verify`.")
         checkpoint = sign_checkpoint(self._key, seq, head_hash, canonical_time(self._clock.now()))
+        line = checkpoint_line(checkpoint)
         try:
-            append_line(self._checkpoint_file, checkpoint_line(checkpoint))
+            append_line(self._checkpoint_file, line)
         except OSError as exc:
             raise ConfigError(f"cannot append to the audit checkpoint file {self._checkpoint_file}: {exc}; "
                               "fix the folder or set [audit] checkpoint_file") from None
         self._last_checkpoint = (seq, head_hash)
+        self._send_to_syslog(seq, line)
         return checkpoint
+
+    def _send_to_syslog(self, seq: int, line: str) -> None:
+        """A copy for the site's log server; the file is the record, so a server that is down costs a warning only."""
+        if self._syslog is None:
+            return
+        try:
+            syslog.send(self._syslog, syslog.rfc5424_message(CHECKPOINT_MSGID, line, self._clock.now()))
+        except OSError as exc:
+            LOG.warning("audit checkpoint of row %d is in %s but was not sent to syslog %s: %s",
+                        seq, self._checkpoint_file, self._syslog, exc)
 
     def list(self, reader: Principal, query: AuditFilter) -> list[AuditEvent]:
         self._authorise(reader, query)

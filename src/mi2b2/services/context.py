@@ -87,7 +87,7 @@ def build_context(
         upgrade(engine)
     sessions = make_sessionmaker(engine)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
-    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
+    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target())
     if sync_config:
         with transaction(sessions) as session:
             changes = apply_config(session, config, clock.now())

@@ -30,12 +30,12 @@ ALICE = Principal("alice", Role.RESEARCHER)
 
 
 def retrieval_site(folder: Path, receiver_port: int, pacs: str, database_url: str | None = None,
-                   projects: str | None = None, allowed: list[str] | None = None) -> Path:
+                   projects: str | None = None, allowed: list[str] | None = None, dicom_extra: str = "") -> Path:
     """A site whose [dicom] receiver listens on `receiver_port`; `pacs` is the PACS block(s)."""
     from support.site import write_site
 
     return write_site(folder, pacs_blocks=pacs, database_url=database_url, allowed_a=allowed,
-                      extra=projects or "", dicom_port=receiver_port)
+                      extra=projects or "", dicom_port=receiver_port, dicom_extra=dicom_extra)
 
 
 class Pipeline:

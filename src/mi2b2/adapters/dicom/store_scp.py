@@ -327,7 +327,14 @@ class StoreServer:
 def _peer_of(assoc: Association, address: str) -> Callable[[], Peer]:
     """The association's peer; its AE title is known once the A-ASSOCIATE-RQ is read."""
     number = next(_association_ids)
-    return lambda: Peer(_ae_title(assoc.requestor.ae_title), address, number)
+
+    def peer() -> Peer:
+        # requestor.ae_title is set only once pynetdicom negotiates, after EVT_REQUESTED.
+        request = assoc.requestor.primitive
+        calling = request.calling_ae_title if request is not None else assoc.requestor.ae_title
+        return Peer(_ae_title(calling), address, number)
+
+    return peer
 
 
 def outbound_peer(ae_title: str, host: str) -> Peer:

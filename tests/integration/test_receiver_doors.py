@@ -169,8 +169,9 @@ def test_an_oversized_instance_is_refused_and_nothing_stays_in_incoming(tmp_path
         _in_flight(pipe, BIG)
         _in_flight(pipe, studies.TRAUMA)
         env = {**os.environ, "TCP_NODELAY": "1"}
-        sent = subprocess.run(["storescu", "-v", "--no-halt", "-aet", "PACS", "-aec", "MI2B2", "127.0.0.1", str(pipe.ctx.config.dicom.port),
-                               str(big[0]), str(small[0])], env=env, capture_output=True, text=True, timeout=30)
+        command = ["storescu", "-v", "--no-halt", "-aet", "PACS", "-aec", "MI2B2", "127.0.0.1",
+                   str(pipe.ctx.config.dicom.port), str(big[0]), str(small[0])]
+        sent = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
         log = sent.stdout + sent.stderr
         assert "Refused: OutOfResources" in log and "Success" in log, log
         assert _incoming(pipe) == []

@@ -213,7 +213,6 @@ class StoreServer:
         self.incoming_dir = Path(incoming_dir)
         self._server: ThreadedAssociationServer | None = None
         self._receivers: set[_StoreReceiver] = set()
-        self._per_address: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -288,14 +287,12 @@ class StoreServer:
         assoc._mi2b2_receiver = receiver  # type: ignore[attr-defined]
         with self._lock:
             self._receivers.add(receiver)
-            self._per_address[address] = self._per_address.get(address, 0) + 1
-            receiver.address_count = self._per_address[address]
 
     def _on_requested(self, event: evt.Event) -> None:
         """The A-ASSOCIATE-RQ is read: refuse a peer over its cap or not allowed, before negotiating."""
         assoc = event.assoc
         receiver: _StoreReceiver | None = getattr(assoc, "_mi2b2_receiver", None)
-        if receiver is not None and receiver.address_count > self.limits.max_associations_per_peer:
+        if receiver is not None and self._open_from(receiver.peer().address) > self.limits.max_associations_per_peer:
             peer = receiver.peer()
             LOG.warning("refused an association from %s (%s): it already holds %d, the most one address may",
                         peer.address, peer.ae_title, self.limits.max_associations_per_peer)
@@ -309,18 +306,19 @@ class StoreServer:
                 return
         _prefer_the_senders_transfer_syntax(event)
 
+    def _open_from(self, address: str) -> int:
+        """Associations from `address` whose threads still run (this one included): never drifts."""
+        server = self._server
+        if server is None:
+            return 0
+        return sum(1 for assoc in server.active_associations if assoc.requestor.address == address)
+
     def _on_close(self, event: evt.Event) -> None:
         receiver: _StoreReceiver | None = getattr(event.assoc, "_mi2b2_receiver", None)
         if receiver is None:
             return
         with self._lock:
-            if receiver not in self._receivers:
-                return
             self._receivers.discard(receiver)
-            address = receiver.peer().address
-            self._per_address[address] -= 1
-            if not self._per_address[address]:
-                del self._per_address[address]
         receiver.close()  # an instance cut off mid-transfer leaves nothing behind
 
 
@@ -479,7 +477,6 @@ class _StoreReceiver:
         self._incoming_dir = incoming_dir
         self.peer = peer
         self.limits = limits or ReceiveLimits()
-        self.address_count = 0  # associations open from the peer's address, this one included (StoreServer)
         self._after_each = after_each
         self._pass_on_to = assoc.dimse.receive_primitive
         self._command = bytearray()

@@ -31,6 +31,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
+import mi2b2
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
 from mi2b2.config import load_config
@@ -43,7 +44,7 @@ from support.site import pacs_block, write_site
 
 NETWORK_TIMEOUT = 1.5  # seconds, the receiver's [dicom] network_timeout in this site
 PER_PEER = 4
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(mi2b2.__file__).resolve().parents[1]  # the code under test, absolute: the child must run it too
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 
 

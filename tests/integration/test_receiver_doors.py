@@ -152,12 +152,16 @@ def test_an_instance_is_judged_from_its_header_before_a_byte_is_written(tmp_path
     with Pipeline(_site(tmp_path / "site", f"sqlite:///{tmp_path / 'db.sqlite'}"), worker=False) as pipe:
         _in_flight(pipe, studies.TRAUMA)
         incoming = pipe.sink.store.incoming_dir()
-        incoming.chmod(0o500)  # a receiver that writes before judging cannot: it would answer 0xA700
+        # A receiver that writes before judging cannot now (a file where its folder was; permissions
+        # would not stop root): it would answer 0xA700, out of resources, instead of refusing.
+        incoming.rmdir()
+        incoming.write_bytes(b"")
         try:
             other_patient = _relabel(files[0], PatientID="OFFLIST-9")
             assert _store_all(pipe, "PACS", [other_patient]) == [0x0124]
         finally:
-            incoming.chmod(0o700)
+            incoming.unlink()
+            incoming.mkdir()
         assert _incoming(pipe) == []
 
 

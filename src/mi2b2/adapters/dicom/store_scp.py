@@ -488,7 +488,7 @@ class _StoreReceiver:
         self._lock = threading.Lock()
         self._contexts: dict[int, PresentationContext] | None = None
         assoc.dimse.receive_primitive = self.receive  # type: ignore[method-assign]
-        _read_pdus_bounded(assoc, self._fragment, self._mid_data_set, self.limits)
+        _read_pdus_bounded(assoc, self._fragment, self._mid_data_set, self.limits, on_release=self._ended)
 
     def receive(self, primitive: P_DATA) -> None:
         """pynetdicom's entry point, for P-DATA that did not take the direct path."""
@@ -509,6 +509,11 @@ class _StoreReceiver:
     def close(self) -> None:
         """The association is over: drop what is partial, and tell the guard (once)."""
         self.discard()
+        self._ended()
+
+    def _ended(self) -> None:
+        # On A-RELEASE-RQ (before the answer: what was refused is recorded before the peer
+        # hears the association is over), or when the connection closes, whichever is first.
         with self._lock:
             if self._closed:
                 return
@@ -777,7 +782,7 @@ def _header_from_bytes(data: bytes) -> InstanceHeader:
 
 def _read_pdus_bounded(
     assoc: Association, deliver: Callable[[int, memoryview], None], mid_message: Callable[[], bool],
-    limits: ReceiveLimits,
+    limits: ReceiveLimits, on_release: Callable[[], None] = lambda: None,
 ) -> None:
     """Read every PDU of the association here, bounded in length and time.
 
@@ -876,6 +881,8 @@ def _read_pdus_bounded(
             for context_id, data in fragments:
                 deliver(context_id, data)
             return True
+        if pdu_type == _A_RELEASE_RQ:
+            on_release()
         try:
             decoded, event = dul._decode_pdu(bytearray(pdu))
         except Exception as exc:
@@ -951,6 +958,7 @@ _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _ELEMENT_HEADER = struct.Struct("<HHI")
 _P_DATA_TF = 0x04
+_A_RELEASE_RQ = 0x05
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _MAX_COMMAND = 64 * 1024  # a command set is a dozen short elements
 _PDU_LENGTH = struct.Struct(">I")

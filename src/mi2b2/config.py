@@ -7,6 +7,7 @@ so a site can keep its configuration, MRN lists and data together.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -189,6 +190,20 @@ class PacsConfig(Strict):
     default_max_concurrent_queries: int = Field(2, ge=1, description="query associations open at once")
     default_queries_per_second: float = Field(20, ge=0, description="C-FINDs per second; 0 = no cap")
     windows: list[WindowConfig] = Field(default_factory=list)
+    addresses: list[str] = Field(default_factory=list, description="IP addresses or networks (CIDR) the PACS calls "
+                                                                   "mi2b2's receiver from; empty: the addresses host "
+                                                                   "resolves to")
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network; write e.g. \"10.0.0.5\" or "
+                                 "\"10.0.0.0/28\" (host names are not accepted here)") from None
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -376,7 +391,13 @@ class DicomConfig(Strict):
     ae_title: AeTitle = "MI2B2"
     host: str = "127.0.0.1"
     port: Port = 11112
-    max_pdu: int = Field(0, ge=0)
+    max_pdu: int = Field(1024 * 1024, ge=16384, le=64 * 1024 * 1024,
+                         description="largest PDU mi2b2 accepts (and advertises), in bytes; a longer one is aborted")
+    max_instance_size: ByteSize = Field(2 * 1024**3, ge=1024, description="largest instance the receiver takes; "
+                                                                          "a larger one is refused, nothing kept")
+    max_associations_per_peer: int = Field(8, ge=1, le=64, description="associations one address may hold open at once")
+    network_timeout: float = Field(60.0, gt=0, description="seconds a peer may stay silent, or take over one PDU, "
+                                                           "before the receiver aborts its association")
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

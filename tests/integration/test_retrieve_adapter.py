@@ -377,9 +377,11 @@ def test_instance_cut_off_mid_transfer_leaves_nothing(receiver: StoreServer, sin
     message = C_STORE_RQ()
     message.primitive_to_message(request)
     context_id = assoc.accepted_contexts[0].context_id
-    pdus = list(message.encode_msg(context_id, assoc.acceptor.maximum_length or 16384))
-    assert len(pdus) > 3
-    for pdu in pdus[:3]:  # the command and part of the data set
+    pdus = list(message.encode_msg(context_id, 16384))
+    assert len(pdus) > 6
+    # The command and part of the data set: more than the 64 KiB the receiver holds in
+    # memory to judge a header by, so this one (unreadable from its start) goes to a file.
+    for pdu in pdus[:6]:
         assoc.dul.send_pdu(pdu)
     deadline = time.monotonic() + 5
     while not list(receiver.incoming_dir.iterdir()) and time.monotonic() < deadline:

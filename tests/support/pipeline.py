@@ -22,7 +22,7 @@ from mi2b2.domain.requests import ENDED
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.pacs import local_ae
-from mi2b2.services.receiver import ReceiverSink
+from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.worker.loop import Worker
 
 ADMIN = Principal("root", Role.ADMIN)
@@ -30,12 +30,12 @@ ALICE = Principal("alice", Role.RESEARCHER)
 
 
 def retrieval_site(folder: Path, receiver_port: int, pacs: str, database_url: str | None = None,
-                   projects: str | None = None, allowed: list[str] | None = None) -> Path:
+                   projects: str | None = None, allowed: list[str] | None = None, dicom_extra: str = "") -> Path:
     """A site whose [dicom] receiver listens on `receiver_port`; `pacs` is the PACS block(s)."""
     from support.site import write_site
 
     return write_site(folder, pacs_blocks=pacs, database_url=database_url, allowed_a=allowed,
-                      extra=projects or "", dicom_port=receiver_port)
+                      extra=projects or "", dicom_port=receiver_port, dicom_extra=dicom_extra)
 
 
 class Pipeline:
@@ -47,7 +47,7 @@ class Pipeline:
         self.sink = ReceiverSink(self.ctx, cache_store(self.ctx))
         dicom = self.ctx.config.dicom
         self.server = StoreServer(local_ae(self.ctx.config), "127.0.0.1", dicom.port, self.sink,
-                                  self.sink.store.incoming_dir()) if receiver else None
+                                  self.sink.store.incoming_dir(), receive_limits(self.ctx.config)) if receiver else None
         self.worker = Worker(self.ctx, self.sink, poll_seconds=poll_seconds) if worker else None
 
     def __enter__(self) -> Pipeline:

@@ -31,6 +31,7 @@ def write_site(
     allowed_a: list[str] | None = None,
     expired_b: bool = True,
     dicom_port: int | None = None,
+    dicom_extra: str = "",
 ) -> Path:
     """Two institutions, project 'alpha' (alice, bob) and project 'beta' (carol, IRB expired)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,7 @@ def write_site(
         [dicom]
         ae_title = "MI2B2"
         port = {dicom_port or free_port()}
+        {dicom_extra}
 
         [[institutions]]
         id = "general"

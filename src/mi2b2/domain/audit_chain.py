@@ -69,7 +69,30 @@ def canonical_time(moment: datetime) -> str:
 
 
 def canonical_detail(detail: dict[str, Any]) -> str:
-    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _storable(json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str))
+
+
+def fit_field(value: str | None, size: int) -> str | None:
+    """``value`` as a column of ``size`` characters will take it: always insertable.
+
+    Values come from the network (a PatientID or UID in a forged header can be
+    any length, hold NUL or broken text) and an audit row that fails to insert
+    loses the very event worth keeping. Too long: the first characters, ``~``
+    and 16 hex digits of the SHA-256 of the whole value, so distinct values stay
+    distinct. Done before the row is hashed: the chain covers what is stored.
+    """
+    if value is None:
+        return None
+    clean = _storable(value)
+    if len(clean) <= size:
+        return clean
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return clean[: size - len(digest) - 1] + "~" + digest
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text takes no NUL character and only valid UTF-8 (no lone surrogates).
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def event_hash(event: ChainedEvent, secret: bytes | None = None) -> str:

@@ -6,10 +6,17 @@ DICOM failure status and an audit event, and never writes the file.
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 from mi2b2.domain.mrn import issuer_conflicts
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+_MAX_UID = 64
 
 
 class StoreStatus(IntEnum):
@@ -39,6 +46,53 @@ class Refusal:
     status: StoreStatus
     reason: str
     security: bool  # an IRB or identity breach (audited as such), not a resource problem
+    # Not an instance the retrieval asked for (another study, patient or series, a
+    # forged header): refused and audited, but it says nothing about the retrieval.
+    stray: bool = True
+
+
+@dataclass(frozen=True)
+class PacsIdentity:
+    """A configured PACS as the receiver recognises it: AE title and the networks it calls from."""
+
+    pacs_id: str
+    ae_title: str
+    networks: tuple[IpNetwork, ...]
+
+
+@dataclass(frozen=True)
+class PeerVerdict:
+    pacs_ids: tuple[str, ...]  # the PACS this peer is (empty: no PACS, e.g. a C-ECHO from a workstation)
+    refusal: str | None = None  # why the association is refused, if it is
+
+
+def identify_peer(calling_ae: str, address: str, nodes: Iterable[PacsIdentity]) -> PeerVerdict:
+    """Which configured PACS an association comes from, by AE title *and* address.
+
+    The AE title is shown to every user and any host can claim it: a peer that
+    names a PACS's AE title from an address configured for none of the PACS
+    with that title is refused.
+    """
+    calling_ae = calling_ae.strip()
+    titled = [node for node in nodes if node.ae_title.strip() == calling_ae]
+    if not titled:
+        return PeerVerdict(())
+    peer = _address(address)
+    matching = tuple(node.pacs_id for node in titled if peer is not None and any(peer in net for net in node.networks))
+    if not matching:
+        return PeerVerdict((), f"calling AE {calling_ae!r} is PACS {', '.join(n.pacs_id for n in titled)}, "
+                               f"whose configured addresses do not include {address}")
+    return PeerVerdict(matching)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def judge_receipt(
@@ -50,8 +104,15 @@ def judge_receipt(
     our_ae: str,
     peer_ae: str = "",
     issuer: str = "",
+    other_uids: Sequence[str] = (),
 ) -> Refusal | None:
-    """None when the instance may be stored, else why not."""
+    """None when the instance may be stored, else why not.
+
+    ``other_uids`` are the instance's Study and SOP Instance UIDs: like the
+    series UID they become file names, so anything but a DICOM UID is refused.
+    """
+    if not all(_UID.match(uid) and len(uid) <= _MAX_UID for uid in (series_uid, *other_uids)):
+        return _security("a Study, Series or SOP Instance UID is not a DICOM UID (digits and dots, at most 64)")
     originator = (move_originator_ae or "").strip()
     # pynetdicom's qrscp names itself as the originator; only a third AE is suspicious.
     if originator and originator not in (our_ae, peer_ae.strip()):
@@ -63,11 +124,12 @@ def judge_receipt(
     if issuer_conflicts(issuer, request.issuer):
         return _security("the instance's Issuer of Patient ID differs from the institution's: another patient")
     if not request.patient_allowed:
-        return _security("patient not on the project's IRB allow-list")
+        return Refusal(StoreStatus.REFUSED_NOT_AUTHORIZED, "patient not on the project's IRB allow-list",
+                       security=True, stray=False)
     if request.series_uids and series_uid not in request.series_uids:
         return _security("series not among those requested")
     if request.used_bytes + size > request.quota_bytes:
-        return Refusal(StoreStatus.OUT_OF_RESOURCES, "project cache quota reached", security=False)
+        return Refusal(StoreStatus.OUT_OF_RESOURCES, "project cache quota reached", security=False, stray=False)
     return None
 
 

@@ -42,6 +42,7 @@ from mi2b2.domain.audit_chain import (
     canonical_time,
     checkpoint_line,
     event_hash,
+    fit_field,
     parse_checkpoints,
     sign_checkpoint,
     verify_chain,
@@ -166,14 +167,14 @@ class AuditTrail:
             event = ChainedEvent(
                 seq=seq,
                 occurred_at=occurred_at,
-                actor=entry.who.login if isinstance(entry.who, Principal) else entry.who,
-                client=entry.who.client if isinstance(entry.who, Principal) else "",
+                actor=_fit("actor", entry.who.login if isinstance(entry.who, Principal) else entry.who) or "",
+                client=_fit("client", entry.who.client if isinstance(entry.who, Principal) else "") or "",
                 action=str(entry.action),
                 outcome=str(entry.outcome),
-                project_id=entry.project_id,
-                pacs_id=entry.pacs_id,
-                patient_id=entry.patient_id,
-                study_uid=entry.study_uid,
+                project_id=_fit("project_id", entry.project_id),
+                pacs_id=_fit("pacs_id", entry.pacs_id),
+                patient_id=_fit("patient_id", entry.patient_id),
+                study_uid=_fit("study_uid", entry.study_uid),
                 detail=canonical_detail(entry.detail or {}),
                 prev_hash=prev_hash,
             )
@@ -307,6 +308,11 @@ class AuditTrail:
         self.record(reader, Action.AUDIT_READ, patient_id=query.patient_id, detail={"kind": kind, **filters})
 
 
+def _fit(column: str, value: str | None) -> str | None:
+    """The value as its column stores it (see `fit_field`)."""
+    return fit_field(value, AuditEvent.__table__.c[column].type.length)
+
+
 def _chained(row: AuditEvent) -> ChainedEvent:
     return ChainedEvent(**{column: getattr(row, column) for column in EXPORT_COLUMNS})
 
@@ -348,10 +354,11 @@ def _filtered(query: AuditFilter):  # type: ignore[no-untyped-def]
     if query.action:
         statement = statement.where(AuditEvent.action == query.action)
     if query.patient_id:
-        # A search names many patients in its detail; match those too.
+        # A search names many patients in its detail; match those too. A long ID is stored fitted.
+        fitted = _fit("patient_id", query.patient_id)
         quoted = '"' + query.patient_id.replace("\\", "\\\\").replace('"', '\\"') + '"'
         statement = statement.where(
-            or_(AuditEvent.patient_id == query.patient_id, AuditEvent.detail.contains(quoted, autoescape=True))
+            or_(AuditEvent.patient_id == fitted, AuditEvent.detail.contains(quoted, autoescape=True))
         )
     if query.since:
         statement = statement.where(AuditEvent.occurred_at >= canonical_time(query.since))

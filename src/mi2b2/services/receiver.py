@@ -11,20 +11,33 @@ the retry or `fsck --repair` picks up, never an index row without a file.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
-from mi2b2.adapters.dicom.store_scp import ReceivedInstance
+from mi2b2.adapters.dicom.files import InstanceHeader
+from mi2b2.adapters.dicom.scu import resolve_host
+from mi2b2.adapters.dicom.store_scp import Peer, ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.storage.cache_files import CacheStore
-from mi2b2.domain.receipt import InFlight, Refusal, StoreStatus, judge_receipt
+from mi2b2.config import SiteConfig
+from mi2b2.domain.audit_chain import fit_field
+from mi2b2.domain.receipt import (
+    InFlight,
+    PacsIdentity,
+    Refusal,
+    StoreStatus,
+    identify_peer,
+    judge_receipt,
+)
 from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services.allow_list import institution_rules, patient_allowed
@@ -34,6 +47,8 @@ from mi2b2.services.context import ServiceContext
 
 LOG = logging.getLogger(__name__)
 LOOKUP_SECONDS = 1.0  # how long a looked-up retrieval is trusted before asking the database again
+RESOLVE_SECONDS = 300.0  # how long a PACS host's resolved addresses are trusted
+LISTED = 20  # at most this many UIDs and patients named in one association's refusal row
 
 
 @dataclass
@@ -42,9 +57,50 @@ class _Entry:
     looked_up: float
 
 
+@dataclass
+class _Refused:
+    """What was refused on one association, recorded once when it ends."""
+
+    peer: Peer
+    count: int = 0
+    security: bool = False
+    reasons: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    projects: set[str] = field(default_factory=set)
+    pacs: set[str] = field(default_factory=set)
+    patients: set[str] = field(default_factory=set)
+    studies: set[str] = field(default_factory=set)
+    instances: list[str] = field(default_factory=list)
+    against: Counter[int] = field(default_factory=Counter)  # request id -> its own instances refused
+    last_error: dict[int, str] = field(default_factory=dict)
+
+    def add(self, header: InstanceHeader | None, status: int, reason: str, security: bool,
+            request: InFlight | None = None, stray: bool = True) -> None:
+        self.count += 1
+        self.security = self.security or security
+        self.reasons[reason] += 1
+        self.statuses[f"0x{int(status):04X}"] += 1
+        if request is not None:
+            self.projects.add(request.project_id)
+            self.pacs.add(request.pacs_id)
+            if not stray:  # one of the retrieval's own instances: it counts as failed there
+                self.against[request.request_id] += 1
+                self.last_error[request.request_id] = f"instance refused: {reason}"
+        if header is not None:
+            _listed(self.patients, header.patient_id)
+            _listed(self.studies, header.study_uid)
+            if len(self.instances) < LISTED:
+                self.instances.append(fit_field(header.sop_instance_uid, 64) or "")
+
+
+def _listed(values: set[str], value: str) -> None:
+    if value and len(values) < LISTED:
+        values.add(fit_field(value, 64) or "")
+
+
 class ReceiverSink:
-    """Implements the adapter's InstanceSink for every association (C-MOVE
-    receipt) or, bound to one request, for a C-GET association."""
+    """Implements the adapter's InstanceSink and ReceiptGuard for every
+    association (C-MOVE receipt) or, bound to one request, for a C-GET association."""
 
     def __init__(self, ctx: ServiceContext, store: CacheStore, request_id: int | None = None,
                  indexer: Indexer | None = None) -> None:
@@ -52,8 +108,11 @@ class ReceiverSink:
         self.store = store
         self.request_id = request_id
         self.indexer = indexer or Indexer(ctx, store)
-        self._lookups: dict[tuple[str, str], _Entry] = {}
+        self._lookups: dict[tuple[tuple[str, ...], str], _Entry] = {}
         self._owners: dict[int, str] = {}
+        self._peers: dict[int, tuple[str, ...]] = {}  # association -> the PACS its peer is
+        self._refused: dict[int, _Refused] = {}  # association -> what was refused on it so far
+        self._identities: tuple[float, list[PacsIdentity]] | None = None
         self._lock = threading.Lock()
 
     def for_request(self, request_id: int) -> ReceiverSink:
@@ -62,15 +121,70 @@ class ReceiverSink:
     def close(self) -> None:
         self.indexer.stop()
 
+    # --- the association ---------------------------------------------------------------
+
+    def admit(self, peer: Peer) -> str | None:
+        verdict = identify_peer(peer.ae_title, peer.address, self._pacs_identities())
+        if verdict.refusal is not None:
+            self.ctx.audit.record(
+                f"dicom:{peer.ae_title}", Action.RECEIVE, Outcome.DENIED,
+                detail={"reason": "association refused: " + verdict.refusal, "security": True,
+                        "calling_ae": peer.ae_title, "address": peer.address},
+            )
+            return verdict.refusal
+        with self._lock:
+            self._peers[peer.association] = verdict.pacs_ids
+        return None
+
+    def association_ended(self, peer: Peer) -> None:
+        with self._lock:
+            self._peers.pop(peer.association, None)
+            refused = self._refused.pop(peer.association, None)
+        if refused is not None:
+            self._record_refusals(refused)
+
+    def _pacs_of(self, peer: Peer) -> tuple[str, ...]:
+        with self._lock:
+            known = self._peers.get(peer.association)
+        if known is not None:
+            return known
+        return identify_peer(peer.ae_title, peer.address, self._pacs_identities()).pacs_ids
+
+    def _pacs_identities(self) -> list[PacsIdentity]:
+        with self._lock:
+            cached = self._identities
+        if cached is not None and time.monotonic() - cached[0] < RESOLVE_SECONDS:
+            return cached[1]
+        identities = pacs_identities(self.ctx.config)
+        with self._lock:
+            self._identities = (time.monotonic(), identities)
+        return identities
+
+    # --- each instance -----------------------------------------------------------------
+
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+        """From the header alone, before the adapter writes a byte."""
+        request = self._in_flight(peer, header.study_uid)
+        refusal = self._judge(request, peer, header, 0, move_originator_ae)
+        if refusal is None:
+            return None
+        self._note(peer, header, refusal, request)
+        return int(refusal.status)
+
+    def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
+        """The adapter refused an instance by itself (too large, unreadable)."""
+        with self._lock:
+            self._refused.setdefault(peer.association, _Refused(peer)).add(header, status, reason, security=False)
+
     def accept(self, instance: ReceivedInstance) -> int:
         header = instance.header
-        request = self._in_flight(instance.peer_ae, header.study_uid)
-        refusal = judge_receipt(
-            request, header.patient_id, header.series_uid, instance.size,
-            instance.move_originator_ae, self.ctx.config.dicom.ae_title, instance.peer_ae, header.issuer,
-        )
+        peer = instance.peer or Peer(instance.peer_ae.strip(), "", 0)
+        request = self._in_flight(peer, header.study_uid)
+        refusal = self._judge(request, peer, header, instance.size, instance.move_originator_ae)
         if refusal is not None:
-            self._refuse(instance, request, refusal)
+            self._note(peer, header, refusal, request)
+            if instance.peer is None:  # no association to sum up at: record it now
+                self.association_ended(peer)
             return refusal.status
         assert request is not None
         try:
@@ -80,21 +194,32 @@ class ReceiverSink:
             return StoreStatus.OUT_OF_RESOURCES
         return StoreStatus.SUCCESS
 
+    def _judge(self, request: InFlight | None, peer: Peer, header: InstanceHeader, size: int,
+               move_originator_ae: str | None) -> Refusal | None:
+        return judge_receipt(
+            request, header.patient_id, header.series_uid, size, move_originator_ae,
+            self.ctx.config.dicom.ae_title, peer.ae_title, header.issuer,
+            other_uids=(header.study_uid, header.sop_instance_uid),
+        )
+
     # --- lookup ------------------------------------------------------------------------
 
-    def _in_flight(self, peer_ae: str, study_uid: str) -> InFlight | None:
-        key = (peer_ae.strip(), study_uid)
+    def _in_flight(self, peer: Peer, study_uid: str) -> InFlight | None:
+        key = (self._pacs_of(peer) if self.request_id is None else (), study_uid)
         with self._lock:
             entry = self._lookups.get(key)
             if entry is not None and time.monotonic() - entry.looked_up < LOOKUP_SECONDS:
                 return entry.request
         request = self._look_up(*key)
         with self._lock:
+            if len(self._lookups) > 10_000:  # strays with made-up study UIDs must not grow it forever
+                self._lookups.clear()
             self._lookups[key] = _Entry(request, time.monotonic())
         return request
 
-    def _look_up(self, peer_ae: str, study_uid: str) -> InFlight | None:
-        pacs_ids = [p.id for p in self.ctx.config.all_pacs() if p.ae_title == peer_ae]
+    def _look_up(self, pacs_ids: tuple[str, ...], study_uid: str) -> InFlight | None:
+        if self.request_id is None and not pacs_ids:
+            return None
         query = select(Request).where(
             Request.kind == RequestKind.RETRIEVE,
             Request.state == RequestState.PROCESSING,
@@ -103,7 +228,7 @@ class ReceiverSink:
         if self.request_id is not None:
             query = query.where(Request.id == self.request_id)
         else:
-            query = query.where(Request.pacs_id.in_(pacs_ids))
+            query = query.where(Request.pacs_id.in_(list(pacs_ids)))
         with self.ctx.sessions() as session:
             row = session.execute(query.order_by(Request.id).limit(1)).scalar_one_or_none()
             if row is None:
@@ -145,23 +270,53 @@ class ReceiverSink:
                 self._owners[request_id] = login
         return login
 
-    def _refuse(self, instance: ReceivedInstance, request: InFlight | None, refusal: Refusal) -> None:
-        header = instance.header
-        with transaction(self.ctx.sessions) as session:  # the request's count and the refusal commit together
-            if request is not None:
-                session.execute(update(Request).where(Request.id == request.request_id).values(
-                    failed=Request.failed + 1, last_error=f"instance refused: {refusal.reason}"))
+    def _note(self, peer: Peer, header: InstanceHeader, refusal: Refusal, request: InFlight | None) -> None:
+        with self._lock:
+            self._refused.setdefault(peer.association, _Refused(peer)).add(
+                header, refusal.status, refusal.reason, refusal.security, request, refusal.stray)
+        LOG.warning("refused a C-STORE from %s: %s", peer.ae_title, refusal.reason)
+
+    def _record_refusals(self, refused: _Refused) -> None:
+        """One audit row for everything refused on an association (and its retrievals' counts)."""
+        peer = refused.peer
+
+        def only(values: set[str]) -> str | None:
+            return next(iter(values)) if len(values) == 1 else None
+
+        with transaction(self.ctx.sessions) as session:  # the requests' counts and the row commit together
+            for request_id, count in refused.against.items():
+                session.execute(update(Request).where(Request.id == request_id).values(
+                    failed=Request.failed + count, last_error=refused.last_error[request_id]))
             self.ctx.audit.record(
-                f"dicom:{instance.peer_ae.strip()}", Action.RECEIVE, Outcome.DENIED,
-                project_id=request.project_id if request else None,
-                pacs_id=request.pacs_id if request else None,
-                patient_id=header.patient_id or None, study_uid=header.study_uid,
-                detail={"reason": refusal.reason, "security": refusal.security,
-                        "sop_instance_uid": header.sop_instance_uid, "calling_ae": instance.peer_ae.strip(),
-                        "move_originator": instance.move_originator_ae or "", "status": f"0x{int(refusal.status):04X}"},
+                f"dicom:{peer.ae_title}", Action.RECEIVE, Outcome.DENIED,
+                project_id=only(refused.projects), pacs_id=only(refused.pacs),
+                patient_id=only(refused.patients), study_uid=only(refused.studies),
+                detail={"refused": refused.count, "reasons": dict(refused.reasons), "statuses": dict(refused.statuses),
+                        "security": refused.security, "calling_ae": peer.ae_title, "address": peer.address,
+                        "patients": sorted(refused.patients), "studies": sorted(refused.studies),
+                        "sop_instance_uids": refused.instances},
                 session=session,
             )
-        LOG.warning("refused a C-STORE from %s: %s", instance.peer_ae.strip(), refusal.reason)
+
+
+def pacs_identities(config: SiteConfig) -> list[PacsIdentity]:
+    """Each configured PACS with the networks it may call from (its host's addresses unless configured)."""
+    identities = []
+    for pacs in config.all_pacs():
+        addresses = pacs.addresses or list(resolve_host(pacs.host))
+        if not addresses:
+            LOG.error("PACS %s: host %s does not resolve, so none of its associations can be accepted; "
+                      "set its addresses in the configuration", pacs.id, pacs.host)
+        networks = tuple(ipaddress.ip_network(a.strip(), strict=False) for a in addresses)
+        identities.append(PacsIdentity(pacs.id, pacs.ae_title, networks))
+    return identities
+
+
+def receive_limits(config: SiteConfig) -> ReceiveLimits:
+    dicom = config.dicom
+    return ReceiveLimits(max_pdu=dicom.max_pdu, max_instance_bytes=dicom.max_instance_size,
+                         max_associations_per_peer=dicom.max_associations_per_peer,
+                         network_timeout=dicom.network_timeout)
 
 
 def fail_request_for_storage(ctx: ServiceContext, request_id: int, reason: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select, update
 
@@ -30,7 +30,7 @@ from mi2b2.errors import Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, peer_for
-from mi2b2.services.receiver import ReceiverSink
+from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended
 
 LOG = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ def _retrieve(ctx: ServiceContext, job: _Job, sink: ReceiverSink, watch: _Watch)
             local_ae(ctx.config), peer_for(job.pacs), model, job.study_uid, job.patient_id, job.series_uids,
             sink=sink.for_request(job.request_id), incoming_dir=sink.store.incoming_dir(),
             on_progress=watch.progress, should_cancel=watch.should_cancel,
+            limits=replace(receive_limits(ctx.config), network_timeout=job.pacs.timeouts.network),
         )
     return move_study(
         local_ae(ctx.config), peer_for(job.pacs), ctx.config.dicom.ae_title, model, job.study_uid, job.patient_id,

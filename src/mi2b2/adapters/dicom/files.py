@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -64,13 +65,18 @@ def read_instance_header(path: Path) -> InstanceHeader:
 
 
 def _pydicom_header(path: Path) -> InstanceHeader:
+    return header_from_file(path, path.name)
+
+
+def header_from_file(source: Path | BinaryIO, name: str) -> InstanceHeader:
+    """The header through pydicom, from a file or a Part 10 file held in memory."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
+        ds = dcmread(source, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise UnreadableInstance(f"{path.name} is not a readable DICOM file ({type(exc).__name__})") from None
+        raise UnreadableInstance(f"{name} is not a readable DICOM file ({type(exc).__name__})") from None
     missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)]
     if missing:
-        raise UnreadableInstance(f"{path.name} has no {', '.join(missing)}; it cannot be filed in the cache")
+        raise UnreadableInstance(f"{name} has no {', '.join(missing)}; it cannot be filed in the cache")
     meta = getattr(ds, "file_meta", None)
     return InstanceHeader(
         sop_class_uid=str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")),

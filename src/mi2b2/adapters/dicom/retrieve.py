@@ -74,7 +74,13 @@ from mi2b2.adapters.dicom.scu import (
     _release,
     _status_text,
 )
-from mi2b2.adapters.dicom.store_scp import InstanceSink, _refuse_unexpected_store, _StoreReceiver
+from mi2b2.adapters.dicom.store_scp import (
+    InstanceSink,
+    ReceiveLimits,
+    _refuse_unexpected_store,
+    _StoreReceiver,
+    outbound_peer,
+)
 from mi2b2.errors import InvalidInput
 
 __all__ = [
@@ -196,6 +202,7 @@ def get_study(
     on_progress: Callable[[RetrieveProgress], None] = _ignore,
     should_cancel: Callable[[], bool] = _never,
     cancel_grace: float = CANCEL_GRACE,
+    limits: ReceiveLimits | None = None,
 ) -> RetrieveResult:
     """C-GET the study (or the listed series of it) from `peer`; each instance goes to `sink`.
 
@@ -224,8 +231,14 @@ def get_study(
 
     operation = _Operation(assoc, peer, "C-GET", sop_class, send, on_progress, should_cancel, cancel_grace, None)
     assoc.bind(evt.EVT_C_STORE, _refuse_unexpected_store)
-    _StoreReceiver(assoc, sink, incoming_dir, peer_ae=lambda: peer.ae_title, after_each=operation.cancel.poll)
-    return operation.run(requests)
+    sender = outbound_peer(peer.ae_title, peer.host)
+    receiver = _StoreReceiver(assoc, sink, incoming_dir, peer=lambda: sender, after_each=operation.cancel.poll,
+                              limits=limits or ReceiveLimits(max_pdu=local.max_pdu or ReceiveLimits.max_pdu,
+                                                             network_timeout=peer.network_timeout))
+    try:
+        return operation.run(requests)
+    finally:
+        receiver.close()
 
 
 def _get_storage_contexts() -> list[PresentationContext]:

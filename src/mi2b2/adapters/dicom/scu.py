@@ -175,21 +175,27 @@ def _prompt_dul(assoc: Association) -> None:
         sock.recv = _whole_reader(sock)  # type: ignore[method-assign]
 
 
+_FIRST_READ = 1 << 20
+
+
 def _whole_reader(sock: Any) -> Callable[[int], bytearray]:
     """AssociationSocket.recv, with one recv_into per kernel buffer instead of per 4 KiB."""
 
     def recv(nr_bytes: int) -> bytearray:
         raw = sock.socket
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        # Grown as bytes arrive, never sized by the length a peer claims: a PDU
+        # header saying 4 GiB must not make us allocate 4 GiB.
+        buffer = bytearray(min(nr_bytes, _FIRST_READ))
         received = 0
         while received < nr_bytes:
+            if received == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - received, max(len(buffer), _FIRST_READ))))
+            view = memoryview(buffer)
             count = raw.recv_into(view[received:])
+            del view
             if not count:  # connection closed: pynetdicom checks the length it got
-                del view
                 return buffer[:received]
             received += count
-        del view
         return buffer
 
     return recv
@@ -569,3 +575,12 @@ def _lost(peer: DicomPeer, waited: float, operation: str) -> Exception:
     if waited >= limit * 0.95:
         return PacsTimeout(str(peer), f"a {operation} response", limit)
     return AssociationAborted(str(peer), operation)
+
+
+def resolve_host(host: str) -> tuple[str, ...]:
+    """The IP addresses `host` resolves to now (empty if it does not)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return ()
+    return tuple(dict.fromkeys(str(info[4][0]) for info in infos))

@@ -18,7 +18,7 @@ then runs on the association's reactor thread, which polls its queue every
 1 ms, and the response is encoded through pydicom. Instead, per association
 and nothing process-wide: C-STORE requests are taken off the P-DATA stream on
 the network (DUL) thread that reads them (`_StoreReceiver`,
-`_read_p_data_directly`), the file lands in `incoming_dir`, and the response
+`_read_pdus_bounded`), the file lands in `incoming_dir`, and the response
 goes out from that thread; every other DIMSE message still goes to pynetdicom.
 
 Measured on this 2-core machine, 150 x 512 KB instances C-MOVEd by Orthanc
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import itertools
 import logging
 import os
 import select
@@ -42,11 +44,12 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydicom.uid import UID, AllTransferSyntaxes, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -56,7 +59,13 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
-from mi2b2.adapters.dicom.files import InstanceHeader, UnreadableInstance, parse_instance_header, read_instance_header
+from mi2b2.adapters.dicom.files import (
+    InstanceHeader,
+    UnreadableInstance,
+    header_from_file,
+    parse_instance_header,
+    read_instance_header,
+)
 from mi2b2.adapters.dicom.scu import LocalAE, _prompt_dul, _set_nodelay
 
 __all__ = [
@@ -65,6 +74,9 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "InstanceSink",
+    "Peer",
+    "ReceiptGuard",
+    "ReceiveLimits",
     "ReceivedInstance",
     "StoreServer",
 ]
@@ -89,8 +101,29 @@ _ACCEPTED = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
 
 _VERIFICATION = UID("1.2.840.10008.1.1")
 _TEMP_PREFIX = "incoming-"
-_HEAD_BYTES = 64 * 1024
+_HEAD_BYTES = 64 * 1024  # an instance is judged from at most this much of its data set, held in memory
 _MAX_ASSOCIATIONS = 64
+_MAX_CONTROL_PDU = 1 << 20  # any PDU but P-DATA-TF (an A-ASSOCIATE-RQ with every context is ~200 KB)
+_association_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """What one peer may make the receiver hold (see config.DicomConfig)."""
+
+    max_pdu: int = 1024 * 1024  # advertised; a longer P-DATA-TF aborts the association
+    max_instance_bytes: int = 2 * 1024**3
+    max_associations_per_peer: int = 8
+    network_timeout: float = 60.0  # silence, and the time one PDU may take to arrive
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The other end of one association."""
+
+    ae_title: str
+    address: str
+    association: int  # unique in this process: refusals are summed up per association
 
 
 @dataclass(frozen=True)
@@ -101,6 +134,7 @@ class ReceivedInstance:
     path: Path  # temp file in incoming_dir: full Part 10 file (preamble, file meta, data set bytes as received)
     size: int
     header: InstanceHeader  # the few tags mi2b2 files by; pixel data never decoded
+    peer: Peer | None = None
 
 
 class InstanceSink(Protocol):
@@ -113,22 +147,69 @@ class InstanceSink(Protocol):
         ...
 
 
+@runtime_checkable
+class ReceiptGuard(Protocol):
+    """What a sink may also decide, earlier than `accept` (all on network threads).
+
+    A sink that implements these gets asked before anything is written: the
+    association when it is requested, each instance from its header alone.
+    """
+
+    def admit(self, peer: Peer) -> str | None:
+        """None to accept an association from this peer, else the reason it is refused (the guard audits it)."""
+        ...
+
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+        """From the header, before a byte is written: a status to refuse the instance with, or None."""
+        ...
+
+    def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
+        """The receiver refused an instance itself (too large, unreadable, lying about its UID)."""
+        ...
+
+    def association_ended(self, peer: Peer) -> None:
+        """The association is gone: what was refused on it can be recorded once."""
+        ...
+
+
+class _NoGuard:
+    def admit(self, peer: Peer) -> str | None:
+        return None
+
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+        return None
+
+    def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
+        return None
+
+    def association_ended(self, peer: Peer) -> None:
+        return None
+
+
+def _guard_of(sink: InstanceSink) -> ReceiptGuard:
+    return sink if isinstance(sink, ReceiptGuard) else _NoGuard()
+
+
 # --- the server --------------------------------------------------------------------------
 
 
 class StoreServer:
     """A C-STORE SCP (and C-ECHO, for the PACS admin's tests) on `host`:`port`.
 
-    Accepts associations from any calling AE: deciding what to keep is the
-    sink's job, per instance, because only the instance says which request
-    and project it belongs to.
+    Which peers may send is the sink's decision when it is a `ReceiptGuard`
+    (asked once per association, by AE title and address); what to keep is
+    decided per instance, because only the instance says which request and
+    project it belongs to. The server itself bounds what any peer can make it
+    hold: associations per address, PDU length, instance size, and time.
     """
 
-    def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path) -> None:
+    def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path,
+                 limits: ReceiveLimits | None = None) -> None:
         self.local = local
         self.host = host
         self._requested_port = port
         self.sink = sink
+        self.limits = limits or ReceiveLimits(max_pdu=local.max_pdu or ReceiveLimits.max_pdu)
         self.incoming_dir = Path(incoming_dir)
         self._server: ThreadedAssociationServer | None = None
         self._receivers: set[_StoreReceiver] = set()
@@ -151,15 +232,15 @@ class StoreServer:
             return
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.local.ae_title)
-        # 0 = unlimited; a smaller limit than 128 KiB costs round trips on every instance.
-        ae.maximum_pdu_size = self.local.max_pdu if self.local.max_pdu == 0 else max(self.local.max_pdu, 131072)
+        # A smaller limit than 128 KiB costs round trips on every instance.
+        ae.maximum_pdu_size = max(self.limits.max_pdu, 16384)
         ae.maximum_associations = _MAX_ASSOCIATIONS
-        ae.acse_timeout = 30
+        ae.acse_timeout = min(30, self.limits.network_timeout)
         ae.dimse_timeout = 60
-        ae.network_timeout = 120
+        ae.network_timeout = self.limits.network_timeout
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_REQUESTED, _prefer_the_senders_transfer_syntax),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_STORE, _refuse_unexpected_store),
         ]
@@ -186,7 +267,7 @@ class StoreServer:
         with self._lock:
             receivers, self._receivers = list(self._receivers), set()
         for receiver in receivers:
-            receiver.discard()
+            receiver.close()
 
     def __enter__(self) -> StoreServer:
         self.start()
@@ -200,18 +281,71 @@ class StoreServer:
         assoc = event.assoc
         _set_nodelay(event)
         _prompt_dul(assoc)
-        receiver = _StoreReceiver(assoc, self.sink, self.incoming_dir, peer_ae=lambda: _ae_title(assoc.requestor.ae_title))
+        address = str(event.address[0]) if event.address else ""
+        receiver = _StoreReceiver(assoc, self.sink, self.incoming_dir, peer=_peer_of(assoc, address),
+                                  limits=self.limits)
         assoc._mi2b2_receiver = receiver  # type: ignore[attr-defined]
         with self._lock:
             self._receivers.add(receiver)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """The A-ASSOCIATE-RQ is read: refuse a peer over its cap or not allowed, before negotiating."""
+        assoc = event.assoc
+        receiver: _StoreReceiver | None = getattr(assoc, "_mi2b2_receiver", None)
+        if receiver is not None and self._open_from(receiver.peer().address) > self.limits.max_associations_per_peer:
+            peer = receiver.peer()
+            LOG.warning("refused an association from %s (%s): it already holds %d, the most one address may",
+                        peer.address, peer.ae_title, self.limits.max_associations_per_peer)
+            _reject(assoc, 0x02, 0x03, 0x02)  # transient, local limit exceeded
+            return
+        if receiver is not None:
+            reason = receiver.guard.admit(receiver.peer())
+            if reason is not None:
+                LOG.warning("refused an association from %s: %s", receiver.peer().address, reason)
+                _reject(assoc, 0x01, 0x01, 0x03)  # permanent, calling AE title not recognised
+                return
+        _prefer_the_senders_transfer_syntax(event)
+
+    def _open_from(self, address: str) -> int:
+        """Associations from `address` whose threads still run (this one included): never drifts."""
+        server = self._server
+        if server is None:
+            return 0
+        return sum(1 for assoc in server.active_associations if assoc.requestor.address == address)
 
     def _on_close(self, event: evt.Event) -> None:
         receiver: _StoreReceiver | None = getattr(event.assoc, "_mi2b2_receiver", None)
         if receiver is None:
             return
-        receiver.discard()  # an instance cut off mid-transfer leaves nothing behind
         with self._lock:
             self._receivers.discard(receiver)
+        receiver.close()  # an instance cut off mid-transfer leaves nothing behind
+
+
+def _peer_of(assoc: Association, address: str) -> Callable[[], Peer]:
+    """The association's peer; its AE title is known once the A-ASSOCIATE-RQ is read."""
+    number = next(_association_ids)
+
+    def peer() -> Peer:
+        # requestor.ae_title is set only once pynetdicom negotiates, after EVT_REQUESTED.
+        request = assoc.requestor.primitive
+        calling = request.calling_ae_title if request is not None else assoc.requestor.ae_title
+        return Peer(_ae_title(calling), address, number)
+
+    return peer
+
+
+def outbound_peer(ae_title: str, host: str) -> Peer:
+    """The PACS at the other end of an association we opened (C-GET)."""
+    return Peer(ae_title.strip(), host, next(_association_ids))
+
+
+def _reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    # As pynetdicom rejects by itself: the A-ASSOCIATE-RJ goes out, then the
+    # association waits for the peer to close (at most its ARTIM timeout).
+    assoc.acse.send_reject(result, source, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
 
 
 def _prefer_the_senders_transfer_syntax(event: evt.Event) -> None:
@@ -285,8 +419,9 @@ def _ae_title(value: object) -> str:
 class _Mode(Enum):
     IDLE = "idle"  # between messages, or collecting a command set
     PASS_ON = "pass-on"  # the message is not a C-STORE request: pynetdicom decodes it
+    HEAD = "head"  # holding the first bytes of a data set in memory until its header can be judged
     STORE = "store"  # writing a C-STORE data set to its temp file
-    DRAIN = "drain"  # reading a data set we refuse (bad context, disk error) to its end
+    DRAIN = "drain"  # reading a data set we refuse (judged, too large, bad context, disk error) to its end
 
 
 @dataclass
@@ -301,8 +436,11 @@ class _Arrival:
     originator_message_id: int | None
     path: str | None = None  # the temp file
     fd: int = -1
-    size: int = 0
-    head: bytearray = field(default_factory=bytearray)  # the file's first bytes, to read the header from
+    size: int = 0  # bytes in the temp file
+    received: int = 0  # bytes of the data set received so far
+    meta: bytes = b""  # the file meta header the temp file starts with
+    head: bytearray = field(default_factory=bytearray)  # the data set's first bytes, judged before any is written
+    header: InstanceHeader | None = None
     status: int = STATUS_SUCCESS  # what to answer if the data set is refused unread
 
 
@@ -315,6 +453,13 @@ class _StoreReceiver:
     request with a data set is replayed to pynetdicom's decoder together with
     the rest of its message, so C-ECHO, C-GET responses and so on behave as
     usual.
+
+    A data set's first fragments are held in memory until its header tags can
+    be read; the guard judges the instance from them, and only an instance it
+    lets in gets a temp file. A refused one is read to its end and dropped: not
+    a byte of it reaches the disk. (A header that cannot be read from the first
+    64 KiB - deflated, big endian - is written and judged once complete, as
+    before; refused, its file is removed before the answer goes out.)
     """
 
     def __init__(
@@ -322,24 +467,28 @@ class _StoreReceiver:
         assoc: Association,
         sink: InstanceSink,
         incoming_dir: Path,
-        peer_ae: Callable[[], str],
+        peer: Callable[[], Peer],
         after_each: Callable[[], None] | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> None:
         self._assoc = assoc
         self._sink = sink
+        self.guard = _guard_of(sink)
         self._incoming_dir = incoming_dir
-        self._peer_ae = peer_ae
+        self.peer = peer
+        self.limits = limits or ReceiveLimits()
         self._after_each = after_each
         self._pass_on_to = assoc.dimse.receive_primitive
         self._command = bytearray()
         self._mode = _Mode.IDLE
         self._current: _Arrival | None = None
+        self._closed = False
         # Held while the current temp file is written or dropped: discard() may
         # come from another thread, and a closed fd number gets reused.
         self._lock = threading.Lock()
         self._contexts: dict[int, PresentationContext] | None = None
         assoc.dimse.receive_primitive = self.receive  # type: ignore[method-assign]
-        _read_p_data_directly(assoc, self._fragment, self._mid_data_set)
+        _read_pdus_bounded(assoc, self._fragment, self._mid_data_set, self.limits, on_release=self._ended)
 
     def receive(self, primitive: P_DATA) -> None:
         """pynetdicom's entry point, for P-DATA that did not take the direct path."""
@@ -347,7 +496,7 @@ class _StoreReceiver:
             self._fragment(context_id, data)
 
     def _mid_data_set(self) -> bool:
-        return self._mode is _Mode.STORE or self._mode is _Mode.DRAIN
+        return self._mode in (_Mode.HEAD, _Mode.STORE, _Mode.DRAIN)
 
     def discard(self) -> None:
         """Drop a partly received instance (association closed or aborted)."""
@@ -357,14 +506,37 @@ class _StoreReceiver:
                 _drop(arrival)
             self._mode = _Mode.IDLE
 
+    def close(self) -> None:
+        """The association is over: drop what is partial, and tell the guard (once)."""
+        self.discard()
+        self._ended()
+
+    def _ended(self) -> None:
+        # On A-RELEASE-RQ (before the answer: what was refused is recorded before the peer
+        # hears the association is over), or when the connection closes, whichever is first.
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.guard.association_ended(self.peer())
+        except Exception as exc:  # must not take the network thread down
+            LOG.error("recording the end of an association failed (%s)", type(exc).__name__)
+
     # -- the P-DATA stream
 
     def _fragment(self, context_id: int, data: bytes | memoryview) -> None:
         if self._mode is _Mode.PASS_ON:
             self._pass_on(context_id, data)
             return
+        if not len(data):
+            return  # an empty fragment carries no header byte: nothing to act on
         header = data[0]
         if header & 0x01:  # a command set fragment
+            if len(self._command) + len(data) > _MAX_COMMAND:
+                self._command.clear()
+                self._pass_on(context_id, b"\x03")  # an impossible command: pynetdicom refuses it
+                return
             self._command += memoryview(data)[1:]
             if header & 0x02:
                 self._command_complete(context_id)
@@ -372,9 +544,11 @@ class _StoreReceiver:
         if self._mode is _Mode.IDLE:  # a data set with no command: pynetdicom's problem
             self._pass_on(context_id, data)
             return
-        if self._mode is _Mode.STORE:
-            self._write(memoryview(data)[1:])
-        if header & 0x02:  # the last data set fragment
+        last = bool(header & 0x02)
+        chunk = memoryview(data)[1:]
+        if self._mode is not _Mode.DRAIN:
+            self._take(chunk, last)
+        if last:  # the last data set fragment
             self._answer(self._finish())
 
     def _pass_on(self, context_id: int, data: bytes | memoryview) -> None:
@@ -396,16 +570,12 @@ class _StoreReceiver:
         context = self._accepted_context(context_id)
         if context is None or context.abstract_syntax != arrival.sop_class:
             arrival.status = STATUS_SOP_CLASS_NOT_SUPPORTED
+            self._refused(None, arrival.status, "SOP class not negotiated on the presentation context it came on")
             self._mode = _Mode.DRAIN
             return
-        try:
-            self._open(arrival, str(context.transfer_syntax[0]))
-        except OSError as exc:
-            LOG.error("cannot create a temp file in the incoming folder (%s); answered 0x%04X", _os_error(exc), 0xA700)
-            arrival.status = STATUS_OUT_OF_RESOURCES
-            self._mode = _Mode.DRAIN
-            return
-        self._mode = _Mode.STORE
+        arrival.meta = _file_meta(arrival.sop_class, arrival.sop_instance, str(context.transfer_syntax[0]),
+                                  self.peer().ae_title)
+        self._mode = _Mode.HEAD
 
     def _accepted_context(self, context_id: int) -> PresentationContext | None:
         # Fixed once the association is established; pynetdicom's property sorts a copy per call.
@@ -413,20 +583,100 @@ class _StoreReceiver:
             self._contexts = {int(cx.context_id or 0): cx for cx in self._assoc.accepted_contexts}
         return self._contexts.get(context_id)
 
-    # -- the temp file
+    # -- judging the header, then the temp file
 
-    def _open(self, arrival: _Arrival, transfer_syntax: str) -> None:
-        fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".dcm", dir=self._incoming_dir)
-        arrival.fd, arrival.path = fd, name
-        self._write(memoryview(_file_meta(arrival.sop_class, arrival.sop_instance, transfer_syntax, self._peer_ae())))
+    def _take(self, chunk: memoryview, last: bool) -> None:
+        arrival = self._current
+        if arrival is None:
+            return
+        arrival.received += len(chunk)
+        if arrival.received > self.limits.max_instance_bytes:
+            self._refuse_unread(arrival, STATUS_OUT_OF_RESOURCES,
+                                f"larger than the receiver's maximum instance size ({self.limits.max_instance_bytes} bytes)")
+            return
+        if self._mode is _Mode.STORE:
+            self._write(chunk)
+            return
+        arrival.head += chunk
+        if len(arrival.head) < _HEAD_BYTES and not last:
+            header = parse_instance_header(arrival.meta + arrival.head)
+            if header is None:
+                return  # not enough yet
+        else:
+            header = self._header_at_last(arrival, last)
+            if header is None and arrival.status != STATUS_SUCCESS:
+                return
+        if header is not None:
+            if header.sop_instance_uid != arrival.sop_instance:
+                self._refuse_unread(arrival, STATUS_CANNOT_UNDERSTAND,
+                                    "the data set's SOP Instance UID differs from the request's", header)
+                return
+            arrival.header = header
+            try:
+                status = self.guard.judge(self.peer(), header, arrival.originator_ae)
+            except Exception as exc:
+                LOG.error("judging a C-STORE failed (%s); answered 0x%04X", type(exc).__name__, STATUS_OUT_OF_RESOURCES)
+                status = STATUS_OUT_OF_RESOURCES
+            if status is not None:
+                arrival.status = int(status)
+                self._drain(arrival)
+                return
+        self._spill(arrival)
+
+    def _header_at_last(self, arrival: _Arrival, last: bool) -> InstanceHeader | None:
+        """All the data set is here, or 64 KiB of it: read the header the slow way if need be."""
+        data = arrival.meta + arrival.head
+        header = parse_instance_header(data)
+        if header is not None or not last:
+            return header  # not last: judged from the file once it is complete
+        try:
+            return _header_from_bytes(data)
+        except Exception as exc:  # pydicom on malformed data: anything
+            reason = str(exc) if isinstance(exc, UnreadableInstance) else f"its header cannot be read ({type(exc).__name__})"
+            self._refuse_unread(arrival, STATUS_CANNOT_UNDERSTAND, reason)
+            return None
+
+    def _spill(self, arrival: _Arrival) -> None:
+        """The instance may come in: its temp file gets what was held in memory, then the rest."""
+        try:
+            with self._lock:
+                if self._current is not arrival:
+                    return  # discarded meanwhile: the association is going away
+                fd, name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".dcm", dir=self._incoming_dir)
+                arrival.fd, arrival.path = fd, name
+        except OSError as exc:
+            LOG.error("cannot create a temp file in the incoming folder (%s); answered 0x%04X", _os_error(exc), 0xA700)
+            arrival.status = STATUS_OUT_OF_RESOURCES
+            self._drain(arrival)
+            return
+        self._mode = _Mode.STORE
+        head, arrival.head = arrival.meta + arrival.head, bytearray()
+        self._write(memoryview(head))
+
+    def _refuse_unread(self, arrival: _Arrival, status: int, reason: str, header: InstanceHeader | None = None) -> None:
+        arrival.status = status
+        self._refused(header or arrival.header, status, reason)
+        self._drain(arrival)
+
+    def _refused(self, header: InstanceHeader | None, status: int, reason: str) -> None:
+        peer = self.peer()
+        LOG.warning("refused a C-STORE from %s (0x%04X): %s", peer.ae_title, status, reason)
+        try:
+            self.guard.refused(peer, header, status, reason)
+        except Exception as exc:  # must not take the network thread down
+            LOG.error("recording a refused C-STORE failed (%s)", type(exc).__name__)
+
+    def _drain(self, arrival: _Arrival) -> None:
+        with self._lock:
+            _drop(arrival)
+            arrival.head = bytearray()
+            self._mode = _Mode.DRAIN
 
     def _write(self, chunk: memoryview) -> None:
         with self._lock:
             arrival = self._current
             if arrival is None or arrival.fd < 0:
                 return
-            if len(arrival.head) < _HEAD_BYTES:
-                arrival.head += chunk[: _HEAD_BYTES - len(arrival.head)]
             try:
                 while chunk:
                     written = os.write(arrival.fd, chunk)
@@ -479,47 +729,43 @@ class _StoreReceiver:
                 LOG.error("polling for cancellation failed (%s)", type(exc).__name__)
 
     def _settle(self, arrival: _Arrival) -> int:
-        """Read the header, ask the sink; the temp file is gone when this returns."""
-        peer = self._peer_ae()
+        """Read the header if it was not judged yet, ask the sink; the temp file is gone when this returns."""
+        peer = self.peer()
         path = arrival.path
         if path is None or arrival.status != STATUS_SUCCESS:
             return arrival.status
         try:
-            try:
-                # From the bytes just written; the file only when the fast path declines.
-                header = parse_instance_header(arrival.head) or read_instance_header(Path(path))
-            except UnreadableInstance as exc:
-                LOG.warning("refused a C-STORE from %s (0x%04X): %s", peer, STATUS_CANNOT_UNDERSTAND, exc)
-                return STATUS_CANNOT_UNDERSTAND
-            except Exception as exc:  # pydicom on malformed data: anything, warnings turned errors included
-                LOG.warning(
-                    "refused a C-STORE from %s (0x%04X): its header cannot be read (%s)",
-                    peer,
-                    STATUS_CANNOT_UNDERSTAND,
-                    type(exc).__name__,
-                )
-                return STATUS_CANNOT_UNDERSTAND
-            if header.sop_instance_uid != arrival.sop_instance:
-                LOG.warning(
-                    "refused a C-STORE from %s (0x%04X): the data set's SOP Instance UID differs from the request's",
-                    peer,
-                    STATUS_CANNOT_UNDERSTAND,
-                )
-                return STATUS_CANNOT_UNDERSTAND
+            header = arrival.header
+            if header is None:
+                try:
+                    header = read_instance_header(Path(path))
+                except Exception as exc:  # pydicom on malformed data: anything, warnings turned errors included
+                    reason = str(exc) if isinstance(exc, UnreadableInstance) else \
+                        f"its header cannot be read ({type(exc).__name__})"
+                    self._refused(None, STATUS_CANNOT_UNDERSTAND, reason)
+                    return STATUS_CANNOT_UNDERSTAND
+                if header.sop_instance_uid != arrival.sop_instance:
+                    self._refused(header, STATUS_CANNOT_UNDERSTAND,
+                                  "the data set's SOP Instance UID differs from the request's")
+                    return STATUS_CANNOT_UNDERSTAND
+                status = self.guard.judge(peer, header, arrival.originator_ae)
+                if status is not None:
+                    return int(status)
             instance = ReceivedInstance(
-                peer_ae=peer,
+                peer_ae=peer.ae_title,
                 move_originator_ae=arrival.originator_ae,
                 move_originator_message_id=arrival.originator_message_id,
                 path=Path(path),
                 size=arrival.size,
                 header=header,
+                peer=peer,
             )
             try:
                 return int(self._sink.accept(instance))
             except Exception as exc:
                 LOG.error(
                     "the instance sink failed on a C-STORE from %s (%s); answered 0x%04X",
-                    peer,
+                    peer.ae_title,
                     type(exc).__name__,
                     STATUS_OUT_OF_RESOURCES,
                 )
@@ -529,21 +775,32 @@ class _StoreReceiver:
                 os.unlink(path)  # unless the sink moved it away
 
 
-def _read_p_data_directly(
-    assoc: Association, deliver: Callable[[int, memoryview], None], mid_message: Callable[[], bool]
-) -> None:
-    """Hand P-DATA-TF PDUs of an established association straight to `deliver`.
+def _header_from_bytes(data: bytes) -> InstanceHeader:
+    """The header of a whole Part 10 file held in memory, through pydicom."""
+    return header_from_file(io.BytesIO(data), "the instance")
 
+
+def _read_pdus_bounded(
+    assoc: Association, deliver: Callable[[int, memoryview], None], mid_message: Callable[[], bool],
+    limits: ReceiveLimits, on_release: Callable[[], None] = lambda: None,
+) -> None:
+    """Read every PDU of the association here, bounded in length and time.
+
+    pynetdicom reads a PDU as long as its header says (4 GiB, if a peer says
+    so) for as long as the peer takes. Here: a P-DATA-TF may be at most the
+    maximum PDU we advertised, any other PDU 1 MiB; each must arrive whole
+    within the network timeout; otherwise the association is aborted. A
+    PDU's buffer grows as its bytes arrive, never to a claimed length.
+
+    A P-DATA-TF of an established association goes straight to `deliver`:
     pynetdicom turns every PDU into an object, fires two events, queues it
     for its state machine, and turns it into a primitive whose fragments are
-    copied again; for a P-DATA-TF in state Sta6 (established) all that ends
-    in ``dimse.receive_primitive`` with no state change (PS3.8 DT-2). That
-    was ~40% of the CPU time of receiving an instance. Here the PDU is read
-    into one buffer and its fragments are passed on as views of it. Any other
-    PDU, any other state, and every error take pynetdicom's own path
-    (`_read_pdu_data`), which sees the socket exactly as before: the PDU type
-    is only peeked at. Side effect: EVT_DATA_RECV and EVT_PDU_RECV do not fire
-    for these PDUs (nothing in mi2b2 binds them).
+    copied again; for a P-DATA-TF in state Sta6 all that ends in
+    ``dimse.receive_primitive`` with no state change (PS3.8 DT-2). That was
+    ~40% of the CPU time of receiving an instance. Every other PDU is decoded
+    and queued for pynetdicom's state machine exactly as its own reader does.
+    Side effect: EVT_DATA_RECV and EVT_PDU_RECV do not fire for the direct
+    PDUs (nothing in mi2b2 binds them).
     """
     dul = assoc.dul
     read_pdu = dul._read_pdu_data
@@ -552,63 +809,105 @@ def _read_p_data_directly(
     # PDU costs an allocation and 32 page faults.
     buffer = bytearray(_INITIAL_PDU_BUFFER)
 
-    def receive_into(raw: socket.socket, total: int) -> memoryview | None:
+    def receive_into(raw: socket.socket, total: int, deadline: float, received: int = 0) -> memoryview | None:
+        """buffer[:total] filled from the socket (from `received` on), or None if closed or too slow."""
         nonlocal buffer
-        if len(buffer) < total:
-            buffer = bytearray(total)
-        view = memoryview(buffer)[:total]
-        received = 0
         while received < total:
-            count = raw.recv_into(view[received:])
+            if received == len(buffer):
+                # Grown as bytes arrive: at most twice what the peer really sent.
+                buffer.extend(bytes(min(total - received, max(len(buffer), _INITIAL_PDU_BUFFER))))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            raw.settimeout(remaining)
+            with memoryview(buffer) as view:
+                count = raw.recv_into(view[received : min(total, len(buffer))])
             if not count:
                 return None
             received += count
-        return view
+        return memoryview(buffer)[:total]
 
     def read() -> None:
         sock = dul.socket
         raw = sock.socket if sock is not None else None
-        if sock is None or raw is None or dul.state_machine.current_state != "Sta6":
-            read_pdu()
+        if sock is None or raw is None:
+            read_pdu()  # which reports the missing connection its way
             return
-        if not read_one(raw, read_pdu):
+        state = dul.state_machine.current_state
+        if state == "Sta13":  # we aborted or released: whatever still comes is dropped unread
+            _drain_socket(raw, dul, limits.network_timeout)
+            return
+        if not read_one(raw) or state != "Sta6":
             return
         # The rest of a data set follows at once: read it here rather than one
         # PDU per pass of pynetdicom's loop, as long as it keeps coming.
         for _ in range(_PDUS_PER_PASS):
-            if not mid_message() or not select.select([raw], [], [], _NEXT_FRAGMENT_WAIT)[0]:
+            if not mid_message() or dul.state_machine.current_state != "Sta6":
                 return
-            if not read_one(raw, None):
+            if not select.select([raw], [], [], _NEXT_FRAGMENT_WAIT)[0]:
+                return
+            if not read_one(raw):
                 return
 
-    def read_one(raw: socket.socket, otherwise: Callable[[], None] | None) -> bool:
-        """Read and deliver one P-DATA-TF PDU; False if there was none to read."""
+    def read_one(raw: socket.socket) -> bool:
+        """Read one PDU and deliver it (P-DATA, established) or queue it; False when the association ends."""
+        deadline = time.monotonic() + limits.network_timeout
+        pdu: memoryview | None = None
         try:
-            head = raw.recv(6, socket.MSG_PEEK)
-        except OSError:
-            if otherwise is not None:
-                otherwise()  # which reports the broken connection its way
-            return False
-        if len(head) < 6 or head[0] != _P_DATA_TF:
-            if otherwise is not None:
-                otherwise()
-            return False
-        try:
-            pdu = receive_into(raw, 6 + _PDU_LENGTH.unpack_from(head, 2)[0])
-        except (OSError, TimeoutError):
+            head = receive_into(raw, 6, deadline)
+            if head is None:
+                dul.event_queue.put("Evt17")  # closed, or too slow: transport connection closed
+                return False
+            pdu_type, length = head[0], _PDU_LENGTH.unpack_from(head, 2)[0]
+            head.release()
+            if pdu_type not in _PDU_TYPES or length > (limits.max_pdu if pdu_type == _P_DATA_TF else _MAX_CONTROL_PDU):
+                LOG.warning("aborted an association: a PDU of type 0x%02X claiming %d bytes", pdu_type, length)
+                dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts
+                return False
+            pdu = receive_into(raw, 6 + length, deadline, received=6)
+        except (OSError, TimeoutError, ValueError, BufferError):
             pdu = None
+        finally:
+            with contextlib.suppress(OSError):
+                raw.settimeout(limits.network_timeout)
         if pdu is None:
-            dul.event_queue.put("Evt17")  # transport connection closed
+            dul.event_queue.put("Evt17")
             return False
-        fragments = _fragments(pdu)
-        if fragments is None:
-            dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts
+        if pdu_type == _P_DATA_TF and dul.state_machine.current_state == "Sta6":
+            fragments = _fragments(pdu)
+            if fragments is None:
+                dul.event_queue.put("Evt19")
+                return False
+            for context_id, data in fragments:
+                deliver(context_id, data)
+            return True
+        if pdu_type == _A_RELEASE_RQ:
+            on_release()
+        try:
+            decoded, event = dul._decode_pdu(bytearray(pdu))
+        except Exception as exc:
+            LOG.warning("aborted an association: undecodable PDU of type 0x%02X (%s)", pdu_type, type(exc).__name__)
+            dul.event_queue.put("Evt19")
             return False
-        for context_id, data in fragments:
-            deliver(context_id, data)
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)
         return True
 
     dul._read_pdu_data = read  # type: ignore[method-assign]
+
+
+def _drain_socket(raw: socket.socket, dul: Any, timeout: float) -> None:
+    try:
+        raw.settimeout(0)
+        if not raw.recv(65536):
+            dul.event_queue.put("Evt17")
+    except BlockingIOError:
+        pass
+    except OSError:
+        dul.event_queue.put("Evt17")
+    finally:
+        with contextlib.suppress(OSError):
+            raw.settimeout(timeout)
 
 
 def _fragments(pdu: memoryview) -> list[tuple[int, memoryview]] | None:
@@ -659,6 +958,9 @@ _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _ELEMENT_HEADER = struct.Struct("<HHI")
 _P_DATA_TF = 0x04
+_A_RELEASE_RQ = 0x05
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_MAX_COMMAND = 64 * 1024  # a command set is a dozen short elements
 _PDU_LENGTH = struct.Struct(">I")
 _INITIAL_PDU_BUFFER = 131072 + 6
 _PDUS_PER_PASS = 64  # then pynetdicom's loop gets a turn (timers, aborts), mid data set or not

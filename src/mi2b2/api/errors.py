@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from mi2b2.api.deps import NotAuthenticated
 from mi2b2.errors import (
@@ -20,6 +22,30 @@ from mi2b2.errors import (
 )
 
 LOG = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what went wrong and how to fix it, and the kind of error."""
+
+    error: str
+    kind: str
+
+
+# What any route can answer besides its success, documented once in the OpenAPI document (the app's
+# handlers and its body limit make these, whatever the route): 422 is ours, not FastAPI's `detail` list.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "a limit was exceeded"),
+        (401, "no valid token or session"),
+        (403, "not allowed"),
+        (404, "not found"),
+        (413, "request body too large"),
+        (422, "invalid input"),
+        (502, "a PACS or destination refused"),
+        (503, "a PACS or destination is unavailable; try again"),
+    )
+}
 
 STATUS = [
     (NotAuthenticated, 401),

@@ -20,6 +20,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
@@ -36,7 +37,7 @@ from support.server import Mi2b2Server, start_server
 from support.site import write_site
 from support.viewing import BETA_STUDY, Cached, fill, free_port
 
-EXAMPLES = 12  # per operation and aim: about 1,500 requests in all, about a minute on a loaded machine
+EXAMPLES = 12  # per operation, generation mode and aim: about 2,000 requests per login, under a minute each
 RESEARCHER = "bob"  # a member of alpha only
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Operations that end the caller's own credentials (the run would go on unauthenticated) or never end.
@@ -102,7 +103,7 @@ def what_was_sent(response: Any) -> str:
 
 def fuzz_operation(operation: Any, live: Live, headers: dict[str, str], failures: dict[str, str]) -> int:
     """Runs the operation's cases; records the first failure of each kind. Returns how many requests it made."""
-    strategies = [operation.as_strategy()]
+    strategies = [operation.as_strategy(), operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)]
     strategies += [operation.as_strategy(path_parameters=fixed) for fixed in aims(operation, live)]
     session = requests.Session()
     sent = 0
@@ -153,3 +154,20 @@ def test_openapi_operations_answer_within_their_schema(live: Live, login: str | 
         assert requests.get(f"{live.url}/api/v1/auth/me", headers=headers, timeout=10).status_code == 200
     assert operations > 30
     assert not failures, "\n\n".join(f"{kind}\n{detail}" for kind, detail in sorted(failures.items()))
+
+
+def test_a_body_that_is_not_json_text_gets_the_documented_error(live: Live) -> None:
+    """What schemathesis found: bytes that are not UTF-8 got Starlette's {"detail": ...}, in no documented schema."""
+    response = requests.post(f"{live.url}/api/v1/requests", data=b"{\x80\x81}", timeout=10,
+                             headers={**live.cached.headers(RESEARCHER), "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "invalid request: the body is not JSON text; send a JSON object in UTF-8",
+                               "kind": "BadRequest"}
+
+
+def test_the_openapi_document_names_the_error_answers(live: Live) -> None:
+    document = requests.get(f"{live.url}/api/v1/openapi.json", timeout=10).json()
+    answers = document["paths"]["/api/v1/requests"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "413", "422"} <= set(answers)
+    assert answers["422"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mi2b2.api.deps import NotAuthenticated
 from mi2b2.errors import (
@@ -78,6 +80,16 @@ def install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {issue.get('msg', 'invalid')}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "kind": "InvalidInput"},
                             status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (a body that is not JSON text, an unknown path or method) in the same
+        # {error, kind} shape as every other error, not FastAPI's {detail}.
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "invalid request: the body is not JSON text; send a JSON object in UTF-8"
+        kind = HTTPStatus(error.status_code).phrase.replace(" ", "").replace("-", "")
+        return JSONResponse({"error": message, "kind": kind}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:

@@ -130,6 +130,8 @@ class WindowConfig(Strict):
     max_concurrent: int | None = Field(None, ge=1)
     studies_per_minute: int | None = Field(None, ge=1)
     studies_per_hour: int | None = Field(None, ge=1)
+    max_concurrent_queries: int | None = Field(None, ge=1, description="query associations open at once")
+    queries_per_second: float | None = Field(None, ge=0, description="C-FINDs per second; 0 = no cap")
 
     @field_validator("days", mode="before")
     @classmethod
@@ -162,6 +164,8 @@ class WindowConfig(Strict):
             max_concurrent=self.max_concurrent,
             studies_per_minute=self.studies_per_minute,
             studies_per_hour=self.studies_per_hour,
+            max_concurrent_queries=self.max_concurrent_queries,
+            queries_per_second=self.queries_per_second,
         )
 
 
@@ -179,6 +183,9 @@ class PacsConfig(Strict):
     find_result_limit: int = Field(0, ge=0, description="answers the PACS returns at most per C-FIND; 0 = no cap")
     earliest_study_date: date = date(1980, 1, 1)
     default_max_concurrent: int = Field(2, ge=1, description="cap used when no window says otherwise")
+    # Searches, where no window says otherwise: gentle enough for a clinical PACS in clinical hours.
+    default_max_concurrent_queries: int = Field(2, ge=1, description="query associations open at once")
+    default_queries_per_second: float = Field(20, ge=0, description="C-FINDs per second; 0 = no cap")
     windows: list[WindowConfig] = Field(default_factory=list)
 
     @field_validator("timezone")
@@ -312,7 +319,6 @@ class ServerConfig(Strict):
                                                                   "(an allow-list upload is the largest); over it: 413")
     max_anonymous_body: ByteSize = Field(64 * 1024, ge=1024, description="largest body read before the caller is "
                                                                        "authenticated (a login is tiny); over it: 413")
-    max_list_identifiers: int = Field(100_000, ge=1, description="most MRNs or accession numbers one search takes")
 
     @field_validator("public_url")
     @classmethod
@@ -353,6 +359,16 @@ class DicomConfig(Strict):
         return self
 
 
+class SearchConfig(Strict):
+    """Large searches run as background jobs; every search shares the PACS's query limits."""
+
+    job_threshold: int = Field(200, ge=1, description="more identifiers than this run as a search job")
+    job_batch: int = Field(100, ge=1, description="identifiers a job searches between two IRB checks")
+    max_identifiers: int = Field(100_000, ge=1, description="identifiers one search may name at most")
+    lease_seconds: float = Field(60, gt=0, description="a query slot of a killed process frees after this")
+    wait_seconds: float = Field(30, ge=0, description="how long an interactive search waits for a query slot")
+
+
 class SmtpConfig(Strict):
     host: str
     port: Port = 25
@@ -373,6 +389,7 @@ class SiteConfig(Strict):
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     dicom: DicomConfig = DicomConfig()
+    search: SearchConfig = SearchConfig()
     smtp: SmtpConfig | None = None
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)

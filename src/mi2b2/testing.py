@@ -24,6 +24,9 @@ class FakeClock:
         self._now += step
         self._mono += step.total_seconds()
 
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds=seconds)
+
     def set(self, when: datetime) -> None:
         self._mono += (when - self._now).total_seconds()
         self._now = when
@@ -46,6 +49,9 @@ class ScaledClock:
 
     def monotonic(self) -> float:
         return self._time.monotonic() * self.factor
+
+    def sleep(self, seconds: float) -> None:
+        self._time.sleep(seconds / self.factor)
 
 
 class FakeFindSession:

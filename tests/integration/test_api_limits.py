@@ -55,7 +55,6 @@ ID_DOORS = [
     ("POST", "/api/v1/notifications/read", {"ids": ["{n}"]}),
     ("GET", "/api/v1/notifications?limit={n}", None),
     ("GET", "/api/v1/projects/alpha/queries?limit={n}", None),
-    ("GET", "/api/v1/audit?offset={n}", None),
     ("POST", "/api/v1/audit/search", {"offset": "{n}"}),
     ("POST", "/api/v1/projects/alpha/download/instance", {"download_id": "{n}", "study_uid": "1.2.3", "sop_uid": "1.2.3.4"}),
     ("GET", "/api/v1/projects/alpha/viewer/instances/1.2.3.4/frames/{n}.png", None),
@@ -94,7 +93,7 @@ def test_the_largest_id_is_accepted_and_simply_not_found(api: TestClient, tokens
 
 def test_an_mrn_list_over_the_site_maximum_is_refused_with_the_way_on(tmp_path: Path, database_url: str) -> None:
     config = load_site(tmp_path / "site", database_url=database_url)
-    config = config.model_copy(update={"server": config.server.model_copy(update={"max_list_identifiers": 50})})
+    config = config.model_copy(update={"search": config.search.model_copy(update={"max_identifiers": 50})})
     ctx = build_context(config, clock=FakeClock())
     ctx.accounts.add_user(ROOT, "alice", "researcher", None)
     token = ctx.accounts.create_token(ROOT, "alice", "tests").secret
@@ -105,12 +104,12 @@ def test_an_mrn_list_over_the_site_maximum_is_refused_with_the_way_on(tmp_path: 
                               headers=_as(token))
             assert answer.status_code == 400, answer.text[:300]
             error = answer.json()["error"]
-            assert "51" in error and "max_list_identifiers" in error and "search job" in error
+            assert "51" in error and "max_identifiers" in error and "search job" in error
         # 50 is not refused for its length (it goes on to the PACS, which this test does not run)
         within = api.post("/api/v1/search/patients", json={"project": "alpha", "pacs": "main",
                                                            "mrns": "\n".join(mrns.splitlines()[:50])},
                           headers=_as(token))
-        assert "max_list_identifiers" not in within.text
+        assert "max_identifiers" not in within.text
 
 
 def test_the_body_limits_follow_the_site_configuration(tmp_path: Path, database_url: str) -> None:

@@ -19,8 +19,6 @@ from typing import Any
 import anyio
 
 from mi2b2.api.deps import SESSION_COOKIE
-from mi2b2.domain.identifiers import parse_identifier_text
-from mi2b2.errors import LimitExceeded
 from mi2b2.services.context import ServiceContext
 
 Scope = MutableMapping[str, Any]
@@ -139,16 +137,3 @@ async def _answer(send: Send, status: int, text: str, kind: str = "InvalidInput"
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
-
-
-def check_identifier_count(context: ServiceContext, text: str, kind: str) -> None:
-    """A pasted MRN or accession list within ``[server] max_list_identifiers``; LimitExceeded names the way on."""
-    most = context.config.server.max_list_identifiers
-    if len(text) <= most:  # each identifier takes at least one character: cannot be over
-        return
-    parsed = parse_identifier_text(text, kind=kind)
-    count = len(parsed.unique) + len(parsed.invalid)
-    if count > most:
-        raise LimitExceeded(f"the list holds {count} {kind}s; one search takes at most {most} "
-                            "([server] max_list_identifiers): split the list, or run it as a background "
-                            "search job from an uploaded file")

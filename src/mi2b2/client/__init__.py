@@ -82,6 +82,15 @@ class Mi2b2Client:
         body = {"project": project, "pacs": pacs, "accessions": accessions}
         return self._call("POST", "/search/accessions", json=body)  # type: ignore[no-any-return]
 
+    def search_job(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/search/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def search_job_results(self, job_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/search/jobs/{job_id}/results")  # type: ignore[no-any-return]
+
+    def cancel_search_job(self, job_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/search/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
     def search_series(self, project: str, pacs: str, studies: list[str]) -> dict[str, Any]:
         body = {"project": project, "pacs": pacs, "studies": studies}
         return self._call("POST", "/search/series", json=body)  # type: ignore[no-any-return]

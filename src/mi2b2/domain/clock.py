@@ -28,6 +28,9 @@ class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 def as_utc(value: datetime) -> datetime:
     """Databases hand back naive datetimes (SQLite); we only ever store UTC."""

@@ -24,6 +24,8 @@ class GovernanceWindow:
     max_concurrent: int | None = None
     studies_per_minute: int | None = None
     studies_per_hour: int | None = None
+    max_concurrent_queries: int | None = None  # searches: see domain/query_governance.py
+    queries_per_second: float | None = None  # 0 = no cap
 
     def contains(self, local: datetime) -> bool:
         clock = local.time().replace(tzinfo=None)

@@ -41,7 +41,7 @@ class ServiceContext:
     clock: Clock
     audit: AuditTrail
     accounts: Accounts
-    open_find: FindOpener = field(default=open_pacs_find_session)
+    open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
@@ -82,4 +82,8 @@ def build_context(
     audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file())
     accounts = Accounts(sessions, clock, audit, config.server.session_hours,
                         config.server.max_token_days)
-    return ServiceContext(config, engine, sessions, clock, audit, accounts, open_find or open_pacs_find_session)
+    from mi2b2.services.query_governor import QueryGovernor, governed_opener
+
+    # Every search, request look-up and job reaches the PACS through the query governor.
+    governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
+    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed)

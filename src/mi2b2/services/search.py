@@ -120,7 +120,7 @@ class Door:
 
 def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
     door = open_door(ctx, who, project_id, pacs_id)
-    report, mrns = _screen_mrns(ctx, who, door, mrn_text, "patients")
+    report, mrns = screen_mrns(ctx, who, door, mrn_text, "patients")
     found: dict[str, PatientHit] = {}
     dropped: list[dict[str, str]] = []
     with ctx.open_find(ctx.config, door.pacs) as pacs:
@@ -139,7 +139,7 @@ def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_i
 
 def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str, mrn_text: str) -> SearchReport:
     door = open_door(ctx, who, project_id, pacs_id)
-    report, mrns = _screen_mrns(ctx, who, door, mrn_text, "studies")
+    report, mrns = screen_mrns(ctx, who, door, mrn_text, "studies")
     studies: list[StudyHit] = []
     dropped: list[dict[str, str]] = []
     today = ctx.clock.now().date()
@@ -295,7 +295,7 @@ def open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str
     return Door(policy, institution, department.id, pacs)
 
 
-def _screen_mrns(
+def screen_mrns(
     ctx: ServiceContext, who: Principal, door: Door, mrn_text: str, kind: str
 ) -> tuple[SearchReport, list[str]]:
     """Parse the list and hold back every MRN the IRB did not allow; only the rest reach the PACS.

@@ -7,6 +7,7 @@ every decision is taken under the database's scheduling lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,7 +15,7 @@ from datetime import timedelta
 
 from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
-from mi2b2.services import notifications
+from mi2b2.services import notifications, search_jobs
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.forward import run_forward, schedule_forwards
 from mi2b2.services.receiver import ReceiverSink
@@ -23,6 +24,7 @@ from mi2b2.services.scheduler import heartbeat, new_worker_id, requeue_orphans, 
 
 LOG = logging.getLogger(__name__)
 MAX_PARALLEL = 32  # retrievals one worker runs at once; the PACS limits are usually far lower
+MAX_SEARCH_JOBS = 4  # search jobs one worker runs at once; the query governor paces them together
 
 
 class Worker:
@@ -35,6 +37,7 @@ class Worker:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="retrieval")
         self._running: set[Future[str]] = set()
+        self._search_jobs: set[Future[str]] = set()
         self._thread: threading.Thread | None = None
         self._next_checkpoint = ctx.clock.now()
 
@@ -67,7 +70,25 @@ class Worker:
             future = self._pool.submit(self._run, request_id, forward=True)
             self._running.add(future)
             future.add_done_callback(self._running.discard)
+        self._start_search_jobs()
         return result.started + forwards
+
+    def _start_search_jobs(self) -> None:
+        for job_id in search_jobs.claim_jobs(self.ctx, self.worker_id, MAX_SEARCH_JOBS - len(self._search_jobs)):
+            future = self._pool.submit(self._run_search_job, job_id)
+            self._search_jobs.add(future)
+            future.add_done_callback(self._search_jobs.discard)
+
+    def _run_search_job(self, job_id: int) -> str:
+        try:
+            return search_jobs.run_job(self.ctx, job_id, self.worker_id, self._stop.is_set)
+        except Exception:
+            LOG.exception("search job %s crashed", job_id)
+            with contextlib.suppress(Exception):  # else it waits for this worker to be gone
+                search_jobs.release_job(self.ctx, job_id, self.worker_id)
+            return "crashed"
+        finally:
+            self._wake.set()
 
     def run_forever(self) -> None:
         recovered = False

@@ -331,3 +331,76 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class QueryLease(Base):
+    """One open query association on a PACS (``granted``), or a search waiting for
+    one: searches count the granted ones against ``max_concurrent_queries`` and
+    are served in the order they asked. A lease nobody renews expires, so a
+    killed process cannot hold a slot, or its place in line, for ever."""
+
+    __tablename__ = "query_leases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    pacs_id: Mapped[str] = mapped_column(String(64))
+    holder: Mapped[str] = mapped_column(String(128))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    granted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    __table_args__ = (Index("ix_query_leases_pacs_expires", "pacs_id", "expires_at"),)
+
+
+class QueryPacer(Base):
+    """Per PACS, the latest rate bucket handed out and how many queries it holds
+    (see domain/query_governance.py)."""
+
+    __tablename__ = "query_pacers"
+    pacs_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SearchJob(Base):
+    """A large search run in the background: progress, cancel, resume, results kept."""
+
+    __tablename__ = "search_jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_login: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[str] = mapped_column(String(64))
+    pacs_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # patients | studies | accessions
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    screened: Mapped[dict] = mapped_column(JSON, default=dict)  # refused, duplicates, invalid at submission
+    waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    __table_args__ = (Index("ix_search_jobs_state", "state"),)
+
+
+class SearchJobItem(Base):
+    """One identifier of a job; ``done`` once its query's results are stored, so a
+    resumed job never asks the PACS for it again."""
+
+    __tablename__ = "search_job_items"
+    job_id: Mapped[int] = mapped_column(ForeignKey("search_jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+    done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class SearchJobPart(Base):
+    """The report of one batch of a job (one stored, audited query)."""
+
+    __tablename__ = "search_job_parts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("search_jobs.id", ondelete="CASCADE"), index=True)
+    first_position: Mapped[int] = mapped_column(Integer)
+    query_id: Mapped[int] = mapped_column(Integer)
+    report: Mapped[dict] = mapped_column(JSON)

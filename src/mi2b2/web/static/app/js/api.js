@@ -136,3 +136,38 @@ function readTextFile(file) {
     reader.readAsText(file);
   });
 }
+
+// --- search jobs ----------------------------------------------------------------------------------
+
+const JOB_POLL_MS = 1000;
+
+/**
+ * A search over many identifiers runs as a job on the server (the answer is 202 with its
+ * id). Show its progress in `holder`, with a cancel button, until it ends; then return its
+ * results (what it found before a cancel, too). A small search's report passes straight
+ * through. `stillWanted()` false (the user chose another project) stops following it.
+ */
+export async function searchResults(answer, holder, stillWanted) {
+  if (!answer || answer.job_id === undefined) { holder.replaceChildren(); return answer; }
+  const id = answer.job_id;
+  const bar = element("progress", { max: answer.total, value: 0, "aria-label": `search job ${id} progress` });
+  const text = element("span", { class: "job-text", text: `search job ${id}: queued, 0 of ${answer.total} searched` });
+  const cancel = element("button", { type: "button", text: "Cancel search",
+    onclick: async () => { cancel.disabled = true; await post(`/search/jobs/${id}/cancel`); } });
+  holder.replaceChildren(element("div", { class: "search-job", "data-job": String(id), role: "status" }, text, " ", bar, " ", cancel));
+  let status;
+  for (;;) {
+    status = await get(`/search/jobs/${id}`);
+    bar.value = status.done;
+    text.textContent = `search job ${id}: ${status.done} of ${status.total} searched`
+      + (status.waiting_reason ? ` (waiting: ${status.waiting_reason})` : "");
+    if (status.state !== "queued" && status.state !== "running") break;
+    if (!stillWanted()) return null;
+    await new Promise((resolve) => setTimeout(resolve, JOB_POLL_MS));
+  }
+  cancel.remove();
+  text.textContent = status.state === "completed"
+    ? `search job ${id}: done, ${status.total} searched`
+    : `search job ${id} ${status.state} after ${status.done} of ${status.total}: ${status.error || ""}`;
+  return stillWanted() ? get(`/search/jobs/${id}/results`) : null;
+}

@@ -1,7 +1,7 @@
 // Tab 1, Search for Patients: paste or upload MRNs, see who the PACS knows,
 // and what was refused (not on the IRB list), not found or given twice.
 
-import { element, post, textFileInput } from "./api.js";
+import { element, post, searchResults, textFileInput } from "./api.js";
 import { FacetTable } from "./table.js";
 
 export function patientsTab(app) {
@@ -11,6 +11,7 @@ export function patientsTab(app) {
   const upload = textFileInput(mrns, "upload an MRN list", app.fail);
   const searchButton = element("button", { type: "submit", text: "Search patients" });
   const stats = element("div", { class: "stats", "aria-live": "polite" });
+  const job = element("div", { class: "job", "aria-live": "polite" });
   const findStudies = element("button", { type: "button", text: "Find studies for selected patients", disabled: true,
     onclick: () => {
       const picked = table.selectedRows().map((row) => row.patient_id);
@@ -37,8 +38,9 @@ export function patientsTab(app) {
     if (!app.projectId() || !app.pacsId) { app.notify("choose a project and a PACS first", "error"); return; }
     if (!mrns.value.trim()) { app.notify("paste or upload at least one MRN", "error"); return; }
     const project = app.projectId();
-    const report = await app.run(searchButton, () =>
+    const answer = await app.run(searchButton, () =>
       post("/search/patients", { project, pacs: app.pacsId, mrns: mrns.value }));
+    const report = await app.run(null, () => searchResults(answer, job, () => app.projectId() === project));
     if (!report || app.projectId() !== project) return; // the project changed meanwhile
     table.setRows(report.patients);
     table.select(report.patients.map((p) => p.patient_id));
@@ -62,7 +64,7 @@ export function patientsTab(app) {
   }
 
   // Another project, another IRB: nothing found under the last one may stay on screen.
-  app.onContext(() => { table.setRows([]); stats.replaceChildren(); });
+  app.onContext(() => { table.setRows([]); stats.replaceChildren(); job.replaceChildren(); });
 
   const form = element("form", { class: "search-form", onsubmit: search },
     element("label", { class: "stacked" }, "MRNs", mrns),
@@ -72,7 +74,7 @@ export function patientsTab(app) {
     id: "patients",
     label: "1 · Search for Patients",
     element: element("section", { "aria-label": "Search for patients" },
-      element("h2", { text: "Search for patients" }), form, stats,
+      element("h2", { text: "Search for patients" }), form, job, stats,
       element("div", { class: "actions" }, findStudies), table.element),
     table,
   };

@@ -2,7 +2,7 @@
 // pasted accession numbers. Expand a study to tick only some of its series, then
 // "Move to repository" queues retrievals that the scheduler paces.
 
-import { csv, element, post, saveFile, textFileInput } from "./api.js";
+import { csv, element, post, saveFile, searchResults, textFileInput } from "./api.js";
 import { FacetTable } from "./table.js";
 
 const splitModalities = (text) => (text || "").split(/[\\,/ ]+/).filter(Boolean);
@@ -16,6 +16,7 @@ export function studiesTab(app) {
   const append = element("input", { type: "radio", name: "study-results", value: "append" });
   const searchButton = element("button", { type: "submit", text: "Search accessions" });
   const stats = element("div", { class: "stats", "aria-live": "polite" });
+  const job = element("div", { class: "job", "aria-live": "polite" });
   const priority = element("input", { type: "number", min: -9, max: 9, value: 0, "aria-label": "priority", class: "short" });
   const move = element("button", { type: "button", text: "Move to repository", disabled: true, onclick: () => moveSelected() });
   const exportCsv = element("button", { type: "button", text: "Export selected to CSV", disabled: true,
@@ -71,7 +72,8 @@ export function studiesTab(app) {
   async function run(button, path, body) {
     if (!app.projectId() || !app.pacsId) { app.notify("choose a project and a PACS first", "error"); return; }
     const project = app.projectId();
-    const report = await app.run(button, () => post(path, { project, pacs: app.pacsId, ...body }));
+    const answer = await app.run(button, () => post(path, { project, pacs: app.pacsId, ...body }));
+    const report = await app.run(null, () => searchResults(answer, job, () => app.projectId() === project));
     if (!report || app.projectId() !== project) return; // the project changed meanwhile
     if (replace.checked) { seriesPicks.clear(); table.expanded.clear(); table.setRows(report.studies); }
     else table.appendRows(report.studies);
@@ -118,7 +120,7 @@ export function studiesTab(app) {
     });
   }
 
-  app.onContext(() => { seriesPicks.clear(); table.expanded.clear(); table.setRows([]); stats.replaceChildren(); });
+  app.onContext(() => { seriesPicks.clear(); table.expanded.clear(); table.setRows([]); stats.replaceChildren(); job.replaceChildren(); });
 
   const form = element("form", { class: "search-form", onsubmit: (event) => { event.preventDefault(); run(searchButton, "/search/accessions", { accessions: accessions.value }); } },
     element("label", { class: "stacked" }, "Accession numbers", accessions),
@@ -130,7 +132,7 @@ export function studiesTab(app) {
     id: "studies",
     label: "2 · Search for Studies",
     element: element("section", { "aria-label": "Search for studies" },
-      element("h2", { text: "Search for studies" }), form, stats,
+      element("h2", { text: "Search for studies" }), form, job, stats,
       element("div", { class: "actions" }, move, element("label", {}, "priority ", priority), exportCsv),
       table.element),
     table,

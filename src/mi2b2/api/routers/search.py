@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import AccessionSearchBody, MrnSearchBody, SeriesSearchBody
+from mi2b2.api.schemas import AccessionSearchBody, MrnSearchBody, RowIdPath, SeriesSearchBody
 from mi2b2.domain.principal import Principal
 from mi2b2.services import search, search_jobs
 from mi2b2.services.context import ServiceContext
@@ -60,15 +60,15 @@ def list_jobs(project: str, user: CurrentUser, ctx: ContextDep) -> list[dict[str
 
 
 @router.get("/jobs/{job_id}")
-def job_status(job_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+def job_status(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.job_status(ctx, user, job_id)
 
 
 @router.get("/jobs/{job_id}/results")
-def job_results(job_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+def job_results(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.job_results(ctx, user, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
+def cancel_job(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.cancel_job(ctx, user, job_id)

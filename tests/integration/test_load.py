@@ -10,6 +10,7 @@ timing assertion is a generous bound that catches a server that stalls, not one 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -22,14 +23,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mi2b2.api.app import create_app
 from mi2b2.config import load_config
 from mi2b2.services.context import build_context
 from mi2b2.synthetic import SyntheticStudy, sop_instance_uid, study_instance_uid, write_study
-from support import studies
+from support import studies, summary
 from support.pacs import RunningPacs, free_port, start_orthanc
 from support.server import Mi2b2Server, start_server
 from support.site import pacs_block, write_site
-from support.viewing import Cached, fill
+from support.viewing import ROOT, Cached, fill, serving
 
 pytestmark = pytest.mark.pacs
 
@@ -59,6 +61,7 @@ class Load:
     server: Mi2b2Server
     cached: Cached
     search_statuses: set[int]  # what the OpenAPI document says a study search may answer
+    database: str
     outcomes: list[Outcome] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -149,7 +152,7 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
 
 
-def test_fifty_clients_while_a_retrieval_runs(site: tuple[RunningPacs, Path, Cached]) -> None:
+def test_fifty_clients_while_a_retrieval_runs(site: tuple[RunningPacs, Path, Cached], database_url: str) -> None:
     _pacs, path, cached = site
     server = start_server(path)
     try:
@@ -157,7 +160,7 @@ def test_fifty_clients_while_a_retrieval_runs(site: tuple[RunningPacs, Path, Cac
         document = admin.get("/api/v1/openapi.json").json()
         search_statuses = {int(code) for code in document["paths"]["/api/v1/search/studies"]["post"]["responses"]
                            if code.isdigit()}
-        load = Load(server, cached, search_statuses)
+        load = Load(server, cached, search_statuses, database_url.split(':')[0].split('+')[0])
         # Asked for first: adding a request looks the study up in the PACS, and that C-FIND waits in the same
         # line for a query slot as the clients' searches (governance is first come, first served).
         added = admin.post("/api/v1/requests", json={"project": "alpha", "pacs": "main",
@@ -210,14 +213,72 @@ def count_cached(site: Path, study_uid: str) -> int:
 
 
 def print_latencies(load: Load, state: dict[str, object]) -> None:
+    """The table goes to pytest's terminal summary (and, with -s, to the output at once)."""
     by_kind: dict[str, list[Outcome]] = defaultdict(list)
     for outcome in load.outcomes:
         by_kind[outcome.kind].append(outcome)
     started, ended = utc(state["started_at"]), utc(state["ended_at"])
-    print(f"\n{CLIENTS} clients for {DURATION:g} s; the retrieval of {state['received']} instances ended "
-          f"{state['state']} after {(ended - started).total_seconds():.1f} s")
-    print(f"{'kind':<10}{'answers':>9}{'non-200':>9}{'median s':>10}{'p95 s':>8}{'max s':>8}")
+    lines = [f"{CLIENTS} clients for {DURATION:g} s on {load.database}; the retrieval of {state['received']} instances "
+             f"ended {state['state']} after {(ended - started).total_seconds():.1f} s",
+             f"{'kind':<10}{'answers':>9}{'non-200':>9}{'median s':>10}{'p95 s':>8}{'max s':>8}"]
     for kind, outcomes in sorted(by_kind.items()):
         seconds = [o.seconds for o in outcomes]
-        print(f"{kind:<10}{len(outcomes):>9}{sum(o.status != 200 for o in outcomes):>9}"
-              f"{statistics.median(seconds):>10.3f}{p95(seconds):>8.3f}{max(seconds):>8.3f}")
+        lines.append(f"{kind:<10}{len(outcomes):>9}{sum(o.status != 200 for o in outcomes):>9}"
+                     f"{statistics.median(seconds):>10.3f}{p95(seconds):>8.3f}{max(seconds):>8.3f}")
+    print("\n" + "\n".join(lines))
+    summary.report("load: latency per kind of request", *lines)
+
+
+# --- searches waiting for a PACS leave the server's threads to everyone else ------------------------------
+
+
+class StalledPacs:
+    """A PACS whose every C-FIND waits until the test lets it answer (with nothing)."""
+
+    def __init__(self) -> None:
+        self.answer = threading.Event()
+
+    @contextlib.contextmanager
+    def open(self, _config: object, _pacs: object) -> Iterator[StalledPacs]:
+        yield self
+
+    def find(self, _model: str, _level: str, _keys: object) -> list[dict[str, str]]:
+        self.answer.wait(timeout=STALL)
+        return []
+
+
+def test_searches_waiting_for_the_pacs_leave_threads_for_everyone_else(tmp_path: Path, database_url: str) -> None:
+    """45 searches at once (more than the server's 40 worker threads) against a PACS that does not answer:
+    two hold its query slots, the rest wait in line. Before, each held a worker thread while it waited, and
+    nobody could log in, list requests or download until the PACS answered."""
+    pacs = StalledPacs()
+    ctx = build_context(load_config(write_site(tmp_path / "site", database_url=database_url)), open_find=pacs.open)
+    ctx.accounts.add_user(ROOT, "alice", "researcher", None)
+    token = ctx.accounts.create_token(ROOT, "alice", "tests").secret
+    headers = {"Authorization": f"Bearer {token}"}
+    with serving(create_app(ctx)) as url:
+        def search_once() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{url}/api/v1/search/studies", headers=headers, timeout=STALL,
+                           json={"project": "alpha", "pacs": "main", "mrns": "000123"})
+
+        searches = [threading.Thread(target=search_once, daemon=True) for _ in range(45)]
+        try:
+            for thread in searches:
+                thread.start()
+            time.sleep(2)  # every search sent and waiting
+            started = time.monotonic()
+            me = httpx.get(f"{url}/api/v1/auth/me", headers=headers, timeout=10)
+            listed = httpx.get(f"{url}/api/v1/projects/alpha/requests", headers=headers, timeout=10)
+            answered_in = time.monotonic() - started
+        except httpx.TimeoutException:
+            answered_in = float("inf")
+            me = listed = None
+        finally:
+            pacs.answer.set()
+            for thread in searches:
+                thread.join(timeout=STALL)
+            ctx.engine.dispose()
+    assert answered_in < 10, "the server's threads were all waiting for the PACS"
+    assert me is not None and listed is not None and me.status_code == listed.status_code == 200
+

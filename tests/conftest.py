@@ -19,3 +19,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432; start it (scripts/test.sh does)")
     with fresh_database(request.param, tmp_path) as url:
         yield url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from support.summary import SECTIONS
+
+    for title, lines in SECTIONS.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -51,6 +51,9 @@ ID_DOORS = [
     ("POST", "/api/v1/requests/retry", {"ids": ["{n}"]}),
     ("POST", "/api/v1/requests/priority", {"ids": ["{n}"], "priority": 1}),
     ("GET", "/api/v1/requests/{n}", None),
+    ("GET", "/api/v1/search/jobs/{n}", None),  # found by schemathesis: an OverflowError, a 500
+    ("GET", "/api/v1/search/jobs/{n}/results", None),
+    ("POST", "/api/v1/search/jobs/{n}/cancel", None),
     ("DELETE", "/api/v1/auth/tokens/{n}", None),
     ("POST", "/api/v1/notifications/read", {"ids": ["{n}"]}),
     ("GET", "/api/v1/notifications?limit={n}", None),

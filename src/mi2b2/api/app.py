@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from mi2b2 import __version__
-from mi2b2.api.errors import install_error_handlers
+from mi2b2.api.errors import ERROR_RESPONSES, install_error_handlers
 from mi2b2.api.limits import BodyLimit
 from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
 from mi2b2.api.routers import dicomweb as dicomweb_router
@@ -38,7 +38,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     app.state.worker = worker
     install_error_handlers(app)
     app.add_middleware(BodyLimit, context=context)  # every route: no body is read past the site's limits
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
     for module in (auth, projects, search, requests, audit, admin, cache, notifications):
         api.include_router(module.router)
     api.include_router(cache.admin_router)
@@ -53,5 +53,5 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     app.include_router(api)
     app.include_router(client_pages.router)  # the browser client, /app/
     app.include_router(viewer_router.page_router)  # the viewer page, /viewer/
-    app.include_router(dicomweb_router.router)  # /dicomweb/projects/{project}/...
+    app.include_router(dicomweb_router.router, responses=ERROR_RESPONSES)  # /dicomweb/projects/{project}/...
     return app

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mi2b2.api.deps import NotAuthenticated
 from mi2b2.errors import (
@@ -20,6 +24,30 @@ from mi2b2.errors import (
 )
 
 LOG = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what went wrong and how to fix it, and the kind of error."""
+
+    error: str
+    kind: str
+
+
+# What any route can answer besides its success, documented once in the OpenAPI document (the app's
+# handlers and its body limit make these, whatever the route): 422 is ours, not FastAPI's `detail` list.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "a limit was exceeded"),
+        (401, "no valid token or session"),
+        (403, "not allowed"),
+        (404, "not found"),
+        (413, "request body too large"),
+        (422, "invalid input"),
+        (502, "a PACS or destination refused"),
+        (503, "a PACS or destination is unavailable; try again"),
+    )
+}
 
 STATUS = [
     (NotAuthenticated, 401),
@@ -52,6 +80,16 @@ def install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {issue.get('msg', 'invalid')}")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "kind": "InvalidInput"},
                             status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (a body that is not JSON text, an unknown path or method) in the same
+        # {error, kind} shape as every other error, not FastAPI's {detail}.
+        message = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in message:
+            message = "invalid request: the body is not JSON text; send a JSON object in UTF-8"
+        kind = HTTPStatus(error.status_code).phrase.replace(" ", "").replace("-", "")
+        return JSONResponse({"error": message, "kind": kind}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:

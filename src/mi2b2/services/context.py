@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction, upgrade
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
-from mi2b2.domain.principal import Principal
+from mi2b2.domain.principal import SYSTEM, Principal
 from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
 from mi2b2.services.auth import Accounts
@@ -66,7 +66,7 @@ def audit_canceled(audit: AuditTrail, changes: ConfigChanges, session: Session) 
     """One event per queued request a configuration change canceled (its owner left the project),
     in the transaction that canceled them."""
     audit.record_many(session, [
-        AuditEntry("config", Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
+        AuditEntry(SYSTEM.login, Action.FORWARD if c.kind == "forward" else Action.RETRIEVE, Outcome.DENIED,
                    project_id=c.project_id, pacs_id=c.pacs_id, patient_id=c.patient_id, study_uid=c.study_uid,
                    detail={"request": c.request_id, "event": "canceled", "reason": c.reason, "owner": c.login})
         for c in changes.canceled])

@@ -7,16 +7,14 @@ DICOM failure status and an audit event, and never writes the file.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.mrn import issuer_conflicts
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
-_MAX_UID = 64
 
 
 class StoreStatus(IntEnum):
@@ -111,7 +109,7 @@ def judge_receipt(
     ``other_uids`` are the instance's Study and SOP Instance UIDs: like the
     series UID they become file names, so anything but a DICOM UID is refused.
     """
-    if not all(_UID.match(uid) and len(uid) <= _MAX_UID for uid in (series_uid, *other_uids)):
+    if not all(looks_like_uid(uid) for uid in (series_uid, *other_uids)):
         return _security("a Study, Series or SOP Instance UID is not a DICOM UID (digits and dots, at most 64)")
     originator = (move_originator_ae or "").strip()
     # pynetdicom's qrscp names itself as the originator; only a third AE is suspicious.

@@ -7,28 +7,16 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from mi2b2.api.app import create_app
-from mi2b2.domain.principal import Principal, Role
-from mi2b2.services.context import build_context
-from mi2b2.testing import FakeClock, FakeFindSession
-from support.site import load_site
-
-ROOT = Principal("root", Role.ADMIN)
-PASSWORD = "a long enough password"
+from support.api_client import PASSWORD, faked_pacs_client, log_in
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    pacs = FakeFindSession([{"PatientID": "77", "StudyInstanceUID": "1.2", "StudyDate": "20200101"}])
-    ctx = build_context(load_site(tmp_path), clock=FakeClock(), open_find=lambda _c, _p: pacs)
-    for login, role in (("alice", "researcher"), ("audrey", "auditor"), ("root", "admin")):
-        ctx.accounts.add_user(ROOT, login, role, PASSWORD)
-    return TestClient(create_app(ctx))
+    return faked_pacs_client(tmp_path)
 
 
 def _login(client: TestClient, login: str) -> None:
-    response = client.post("/api/v1/auth/login", json={"login": login, "password": PASSWORD})
-    assert response.status_code == 200, response.text
+    log_in(client, login)
 
 
 def test_session_cookie_is_http_only_and_same_site(client: TestClient) -> None:

@@ -11,18 +11,12 @@ from fastapi.testclient import TestClient
 
 from mi2b2.adapters.process import WITHHELD, exception_text, withhold_exception_messages
 from mi2b2.adapters.storage.cache_files import _check_uid
-from mi2b2.api.app import create_app
 from mi2b2.config import _ae_title, _identifier
 from mi2b2.domain.identifiers import looks_like_uid
-from mi2b2.domain.principal import Principal, Role, login_problem
+from mi2b2.domain.principal import login_problem
 from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import AuditFilter
-from mi2b2.services.context import build_context
-from mi2b2.testing import FakeClock, FakeFindSession
-from support.site import load_site
-
-ROOT = Principal("root", Role.ADMIN)
-PASSWORD = "a long enough password"
+from support.api_client import ROOT, faked_pacs_client, log_in
 
 
 def test_a_trailing_newline_passes_no_validator() -> None:
@@ -75,15 +69,11 @@ def test_logged_exceptions_keep_their_type_and_frames_but_not_their_message() ->
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    pacs = FakeFindSession([{"PatientID": "77", "StudyInstanceUID": "1.2", "StudyDate": "20200101"}])
-    ctx = build_context(load_site(tmp_path), clock=FakeClock(), open_find=lambda _c, _p: pacs)
-    for login, role in (("alice", "researcher"), ("audrey", "auditor"), ("root", "admin")):
-        ctx.accounts.add_user(ROOT, login, role, PASSWORD)
-    return TestClient(create_app(ctx))
+    return faked_pacs_client(tmp_path)
 
 
 def _login(client: TestClient, login: str) -> None:
-    assert client.post("/api/v1/auth/login", json={"login": login, "password": PASSWORD}).status_code == 200
+    log_in(client, login)
 
 
 def test_audit_search_takes_no_patient_in_the_url(client: TestClient) -> None:

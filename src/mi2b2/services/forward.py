@@ -151,7 +151,12 @@ def add_forwards(
         raise InvalidInput(f"series {sorted(unknown_series)[0]!r} is not in the project's cache for the studies "
                            f"named; see `mi2b2 cache show {project_id} STUDY_UID`")
     busy = _queued(ctx, project_id, destination_id, studies)
-    allowed = {uid for uid, s in cached.items() if allowed_values(ctx, project_id, s.pacs_id, {s.patient_id})}
+    patients_by_pacs: dict[str, set[str]] = defaultdict(set)
+    for study in cached.values():
+        patients_by_pacs[study.pacs_id].add(study.patient_id)
+    allowed_by_pacs = {pacs_id: allowed_values(ctx, project_id, pacs_id, patients)
+                       for pacs_id, patients in patients_by_pacs.items()}  # one look-up per PACS, not per study
+    allowed = {uid for uid, s in cached.items() if s.patient_id in allowed_by_pacs[s.pacs_id]}
     wanted: list[_Study] = []
     for study_uid in studies:
         study = cached.get(study_uid)

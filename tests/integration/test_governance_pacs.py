@@ -22,7 +22,7 @@ from mi2b2.testing import ScaledClock
 from support.databases import fresh_database
 from support.pacs import RunningPacs, free_port, start_orthanc
 from support.pipeline import ALICE, Pipeline, retrieval_site
-from support.proxy import Proxy
+from support.proxy import Proxy, most_within
 from support.site import pacs_block
 
 pytestmark = pytest.mark.pacs
@@ -115,11 +115,15 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
                     second.__exit__(None, None, None)
         assert {r.state for r in rows} == {"completed"}, [(r.id, r.state, r.attempts, r.last_error) for r in rows]
         assert proxy.seen.max_concurrent <= MAX_CONCURRENT
-        # A scheduler minute is 3 wall seconds; allow half a second for the proxy seeing a connection late.
-        assert proxy.starts_within(60 / SPEED - 0.5) <= PER_MINUTE, sorted(proxy.seen.opened_at)
-        assert len(proxy.seen.opened_at) == len(rows)
         with pipe.ctx.sessions() as session:
             order = session.execute(select(PacsStart.project_id).order_by(PacsStart.id)).scalars().all()
+            recorded = session.execute(select(PacsStart.started_at)).scalars().all()
+        # The rate as the scheduler recorded it holds exactly, on the scheduler's own clock.
+        assert most_within([t.timestamp() for t in recorded], 60) <= PER_MINUTE, sorted(recorded)
+        # A scheduler minute is 3 wall seconds. The PACS sees a connection some time after the decision
+        # (a second at most on a loaded machine); a doubled rate would still show 12 in that window.
+        assert proxy.starts_within(60 / SPEED - 1.0) <= PER_MINUTE, sorted(proxy.seen.opened_at)
+        assert len(proxy.seen.opened_at) == len(rows)
         assert order == sorted(PROJECTS) * PER_PROJECT, order  # every project in turn, from first start to last
         if second is not None:
             assert len({r.worker for r in rows}) == 2, "both workers should have run retrievals"

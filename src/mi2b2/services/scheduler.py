@@ -39,10 +39,12 @@ class ScheduleResult:
 
 def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
     """Start what may start now on every PACS; the caller runs the started requests."""
-    now = ctx.clock.now()
     result = ScheduleResult()
     with transaction(ctx.sessions) as session:
         serialize_scheduling(session)
+        # Read the clock only once the lock is held: a time read while another worker held it
+        # would record this worker's starts as earlier than they were, and let the next minute in early.
+        now = ctx.clock.now()
         budgets = _project_budgets(ctx, session, now)
         busy = _studies_in_flight(session)
         for pacs in ctx.config.all_pacs():

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from mi2b2.adapters.db.outage import DatabaseUnavailable, translate_outages
 from mi2b2.errors import ConfigError, RetriableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -37,6 +38,7 @@ def make_engine(url: str) -> Engine:
             f"server.database_url {url!r} is not usable ({exc}); "
             "use sqlite:///path/mi2b2.db or postgresql+psycopg://user@host/db"
         ) from None
+    translate_outages(engine)
     return engine
 
 
@@ -88,6 +90,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+    except DatabaseUnavailable as exc:
+        raise RetriableError(f"cannot reach the database at {engine.url!r}: {exc.__cause__}") from None
     except OperationalError as exc:
         raise RetriableError(f"cannot reach the database at {engine.url!r}: {exc.orig}") from None
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psycopg
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
@@ -157,3 +158,25 @@ def test_many_callers_during_an_outage_all_get_the_retriable_error(postgres_ctx:
         for thread in threads:
             thread.join(30)
     assert len(failures) == 8 and all(isinstance(f, DatabaseUnavailable) for f in failures)
+
+
+def test_the_receiver_answers_a_transient_status_during_an_outage_and_stores_once_it_is_back(tmp_path: Path) -> None:
+    from test_receiver_doors import _in_flight, _site, _store_all
+
+    from mi2b2.synthetic import write_study
+    from support import studies
+    from support.pipeline import Pipeline
+
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432; start it (scripts/test.sh does)")
+    files = write_study(studies.TRAUMA, tmp_path / "study")
+    instance = pydicom.dcmread(files[0])
+    with fresh_database("postgres", tmp_path) as url, Pipeline(_site(tmp_path / "site", url), worker=False) as pipe:
+        request_id = _in_flight(pipe, studies.TRAUMA)
+        with database_down(pipe.ctx):
+            assert _store_all(pipe, "PACS", [instance]) == [0xA700]  # out of resources: the PACS may send it again
+        assert _store_all(pipe, "PACS", [instance]) == [0x0000]
+        assert pipe.sink.indexer.flush(30)
+        with pipe.ctx.sessions() as session:
+            row = session.get_one(Request, request_id)
+            assert (row.state, row.received, row.failed, row.last_error) == ("processing", 1, 0, None)

@@ -10,7 +10,7 @@ from typing import Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction, upgrade
+from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import SYSTEM, Principal
@@ -79,12 +79,16 @@ def build_context(
     migrate: bool = True,
     sync_config: bool = True,
     audit_key: bool = True,
+    require_current: bool = False,
 ) -> ServiceContext:
-    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks."""
+    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks.
+    ``require_current`` (with ``migrate=False``): refuse a database whose schema is not this code's, naming the fix."""
     clock = clock or SystemClock()
     engine = make_engine(config.database_url())
     if migrate:
         upgrade(engine)
+    elif require_current:
+        require_current_schema(engine)
     sessions = make_sessionmaker(engine)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
     audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target())

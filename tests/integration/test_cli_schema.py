@@ -6,10 +6,10 @@ from pathlib import Path
 
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
+from test_cli import mi2b2
 
 from mi2b2.adapters.db import engine as db
 from support.site import write_site
-from test_cli import mi2b2
 
 READ_ONLY = [
     ("audit", "verify"),

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
+from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock
 from mi2b2.domain.principal import SYSTEM, Principal
@@ -42,6 +43,7 @@ class ServiceContext:
     audit: AuditTrail
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
+    file_digests: FileDigests = field(default_factory=FileDigests)  # of cache files, for download manifests
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s

@@ -121,5 +121,5 @@ class RetryPolicy:
         """When to try again after ``attempts`` transient failures; None when they are used up."""
         if attempts >= self.max_attempts:
             return None
-        delay = self.first_delay * (2 ** max(attempts - 1, 0))
+        delay: timedelta = self.first_delay * (2 ** max(attempts - 1, 0))
         return now + min(delay, self.max_delay)

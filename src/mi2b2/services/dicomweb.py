@@ -317,7 +317,7 @@ class Record:
         header = self.header()
         if header is None or keyword not in header:
             return None
-        return header[keyword]  # type: ignore[no-any-return]
+        return header[keyword]
 
 
 def _read_header(path: Path) -> Dataset | None:
@@ -729,7 +729,9 @@ def _stored_syntax(path: Path) -> str:
 def _encapsulated(ds: Dataset) -> bool:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    return bool(syntax) and UID(syntax).is_encapsulated
+    if not syntax:
+        return False
+    return UID(syntax).is_encapsulated
 
 
 def _frame_numbers(text: str) -> list[int]:

@@ -188,7 +188,8 @@ def _studies_in_flight(session: Session) -> dict[str, set[str]]:
         select(Request.pacs_id, Request.study_uid)
         .where(Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE)
     ).all():
-        busy[pacs_id].add(study_uid)
+        if pacs_id is not None:  # a retrieval always names its PACS; the column is shared with forwards
+            busy[pacs_id].add(study_uid)
     return busy
 
 

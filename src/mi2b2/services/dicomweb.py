@@ -355,7 +355,10 @@ def _dataset(record: Record, keywords: Sequence[str], include_all: bool, extra: 
             if element is not None and not _bulky(element):
                 ds.add(element)
             else:
-                ds.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)  # type: ignore[arg-type]
+                tag = tag_for_keyword(keyword)
+                if tag is None:  # parse_query and the fixed key lists name only DICOM attributes
+                    raise ValueError(f"{keyword!r} is not a DICOM keyword")
+                ds.add_new(tag, dictionary_VR(keyword), None)
     if include_all and (header := record.header()) is not None:
         for element in header:
             if element.tag not in ds and element.tag.group != 0x0002 and not _bulky(element):

@@ -327,7 +327,7 @@ def screen_mrns(
     return report, mrns
 
 
-def allowed_values(ctx: ServiceContext, project_id: str, pacs_id: str, values: Iterable[str]) -> set[str]:
+def allowed_values(ctx: ServiceContext, project_id: str, pacs_id: str | None, values: Iterable[str]) -> set[str]:
     with ctx.sessions() as session:
         return allowed_patients(session, project_id, pacs_id, values)
 

@@ -17,9 +17,10 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import UpdateBase
 
 from mi2b2.adapters.db.outage import DatabaseUnavailable, translate_outages
 from mi2b2.errors import ConfigError, PermanentError, RetriableError
@@ -69,6 +70,15 @@ _WRITES = "mi2b2_writes"
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rows_changed(session: Session, statement: UpdateBase) -> int:
+    """Run an UPDATE or DELETE; how many rows it changed."""
+    result = session.execute(statement)
+    # Only a cursor result counts rows, and a statement without RETURNING always gives one.
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"{type(statement).__name__} gave no row count")
+    return result.rowcount or 0
 
 
 @contextmanager

@@ -298,7 +298,8 @@ def _functional(ds: Dataset, index: int, sequence: str) -> Dataset | None:
             continue
         inner = items[position].get(sequence)
         if inner:
-            return inner[0]  # type: ignore[no-any-return]
+            item: Dataset = inner[0]
+            return item
     return None
 
 

@@ -116,7 +116,7 @@ class ZipDownload:
     studies: int
     files: int
     bytes: int  # plaintext bytes of the images; the ZIP is slightly larger
-    chunks: Iterator[builtins.bytes]  # the field above hides the type's name in this class
+    chunks: Iterator[builtins.bytes]  # the field above hides the builtin in this class body
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ any driver call).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Final
 
 from sqlalchemy import Engine, event
@@ -96,6 +97,7 @@ class OutageLog:
         self.first_wait = first_wait
         self.longest_wait = longest_wait
         self._wait: float | None = None
+        self._lock = threading.Lock()  # the receiver's network threads and its indexer share one
 
     @property
     def down(self) -> bool:
@@ -103,14 +105,16 @@ class OutageLog:
 
     def failed(self) -> float:
         """Record one failed try; returns how long to wait before the next."""
-        if self._wait is None:
+        with self._lock:
+            went_down = self._wait is None
+            self._wait = self.first_wait if self._wait is None else min(self._wait * 2, self.longest_wait)
+            wait = self._wait
+        if went_down:
             LOG.warning("%s: the database is unreachable; retrying until it is back", self.what)
-            self._wait = self.first_wait
-        else:
-            self._wait = min(self._wait * 2, self.longest_wait)
-        return self._wait
+        return wait
 
     def succeeded(self) -> None:
-        if self._wait is not None:
+        with self._lock:
+            came_back, self._wait = self._wait is not None, None
+        if came_back:
             LOG.warning("%s: the database is reachable again", self.what)
-            self._wait = None

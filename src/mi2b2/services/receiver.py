@@ -42,7 +42,7 @@ from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services.allow_list import institution_rules, patient_allowed
 from mi2b2.services.audit import Action, Outcome
-from mi2b2.services.cache import Arrival, index_arrivals
+from mi2b2.services.cache.index import Arrival, index_instances
 from mi2b2.services.context import ServiceContext
 
 LOG = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ class Indexer:
             n, size = counts.setdefault(a.request_id, [0, 0])
             counts[a.request_id] = [n + 1, size + a.size]
         with transaction(self.ctx.sessions) as session:
-            index_arrivals(session, arrivals, self.ctx.clock.now())
+            index_instances(session, arrivals, self.ctx.clock.now())
             for request_id, (n, size) in counts.items():
                 row = session.get(Request, request_id)
                 if row is None:

@@ -87,7 +87,7 @@ def test_both_entry_points_index_a_study_identically(ctx: ServiceContext, tmp_pa
 
     request_id = add_request(ctx, "beta", uid, instances=6)
     indexer = Indexer(ctx, cache_store(ctx))
-    arrivals = [Arrival(request_id, "beta", header, relative, size, "alice", "main")
+    arrivals = [Arrival("beta", header, relative, size, "alice", "main", request_id=request_id)
                 for header, relative, size in place(ctx, "beta", studies.BRAIN, tmp_path / "source")]
     for arrival in arrivals:
         indexer.submit(arrival)
@@ -105,8 +105,8 @@ def test_both_entry_points_index_a_study_identically(ctx: ServiceContext, tmp_pa
 
     # The same instances again, each through the other entry point: nothing changes.
     with transaction(ctx.sessions) as session:
-        alpha_again = [Arrival(request_id, "alpha", a.header, a.relative_path.replace("beta/", "alpha/", 1), 999,
-                               "bob", None) for a in arrivals]
+        alpha_again = [Arrival("alpha", a.header, a.relative_path.replace("beta/", "alpha/", 1), 999, "bob", None,
+                               request_id=request_id) for a in arrivals]
         assert index_instances(session, alpha_again, ctx.clock.now()) == 0
         assert not index_instance(session, "beta", arrivals[0].header, arrivals[0].relative_path, 999,
                                   ctx.clock.now(), "bob", None)

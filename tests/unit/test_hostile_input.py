@@ -15,7 +15,8 @@ from pydicom.datadict import DicomDictionary
 
 from mi2b2.domain.safe_paths import check_all, inside, relative_name
 from mi2b2.errors import InvalidInput, LimitExceeded
-from mi2b2.services.dicomweb import (
+from mi2b2.services.dicomweb.matching import matches, wildcard
+from mi2b2.services.dicomweb.query import (
     MAX_FRAMES,
     MAX_INCLUDE_FIELDS,
     MAX_LIMIT,
@@ -25,10 +26,9 @@ from mi2b2.services.dicomweb import (
     MAX_PATTERN_CHARS,
     MAX_VALUE_CHARS,
     MAX_WILDCARD_VALUES,
+    frame_numbers,
     parse_query,
 )
-from mi2b2.services.dicomweb.matching import matches, wildcard
-from mi2b2.services.dicomweb.query import frame_numbers
 
 KEYWORDS = [entry[4] for entry in DicomDictionary.values() if entry[4]]
 

@@ -256,8 +256,8 @@ class ReceiverSink:
         header = instance.header
         relative = self.store.relative_path(request.project_id, header.study_uid, header.series_uid, header.sop_instance_uid)
         size = self.store.move_in(instance.path, relative)
-        self.indexer.submit(Arrival(request.request_id, request.project_id, header, relative, size,
-                                    self._owner(request.request_id), request.pacs_id))
+        self.indexer.submit(Arrival(request.project_id, header, relative, size, self._owner(request.request_id),
+                                    request.pacs_id, request_id=request.request_id))
         self._count_used(request, size)
 
     def _owner(self, request_id: int) -> str:

@@ -9,7 +9,7 @@ decided in `services.data_access`.
 
 from mi2b2.services.cache.deletion import DeleteReport, delete_studies, remove_studies
 from mi2b2.services.cache.fsck import AggregateMismatch, FsckReport, SizeMismatch, fsck
-from mi2b2.services.cache.index import Arrival, PlacedInstance, Placement, index_instance, index_instances
+from mi2b2.services.cache.index import Arrival, Placement, index_instance, index_instances
 from mi2b2.services.cache.reads import (
     CachedStudyView,
     SeriesView,
@@ -29,7 +29,6 @@ __all__ = [
     "CachedStudyView",
     "DeleteReport",
     "FsckReport",
-    "PlacedInstance",
     "Placement",
     "SeriesView",
     "SizeMismatch",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, func, select, update
@@ -124,6 +125,16 @@ def fsck(ctx: ServiceContext, who: Principal, repair: bool = False) -> FsckRepor
         raise AccessDenied("checking the cache needs the admin role")
     store = cache_store(ctx)
     report = FsckReport(repair=repair)
+    indexed = _compare(ctx, store, report)
+    if repair and report.differences:
+        _repair(ctx, who, store, report, indexed)
+    ctx.audit.record(who, Action.CACHE_CHECK, detail={"repair": repair, "differences": report.differences,
+                                                      **report.counts()})
+    return report
+
+
+def _compare(ctx: ServiceContext, store: CacheStore, report: FsckReport) -> dict[str, _Indexed]:
+    """Fill in what differs between index and disk; return the index, by path."""
     with ctx.sessions() as session:
         indexed = {
             path: _Indexed(row_id, size, sop, project_id, study_uid, patient_id)
@@ -154,11 +165,7 @@ def fsck(ctx: ServiceContext, who: Principal, repair: bool = False) -> FsckRepor
     report.stale_incoming = store.stale_incoming_files()
     report.differences = sum(report.counts()[k] for k in (
         "missing_files", "size_mismatches", "orphan_files", "wrong_aggregates", "stale_incoming"))
-    if repair and report.differences:
-        _repair(ctx, who, store, report, indexed)
-    ctx.audit.record(who, Action.CACHE_CHECK, detail={"repair": repair, "differences": report.differences,
-                                                      **report.counts()})
-    return report
+    return indexed
 
 
 def _aggregates(session: Session) -> list[tuple[CachedStudy, int, int]]:
@@ -198,59 +205,85 @@ def _repair(
 ) -> list[_Removal]:
     now = ctx.clock.now()
     removals: list[_Removal] = []
-    projects: set[str] = set()  # those known to exist
     with transaction(ctx.sessions) as session:
-        for path in report.missing_files:
-            if _disk_size(store, path) is None:  # look again: it may have been placed since
-                row = indexed[path]
-                dropped = session.execute(delete(CachedInstance).where(CachedInstance.id == row.id))
-                report.rows_dropped += cast("CursorResult[Any]", dropped).rowcount or 0
-        for mismatch in report.size_mismatches:
-            row = indexed[mismatch.path]
-            header = _header(store, mismatch.path)
-            size = _disk_size(store, mismatch.path)
-            if header is not None and size is not None and header.sop_instance_uid == row.sop_uid:
-                session.execute(update(CachedInstance).where(CachedInstance.id == row.id).values(bytes=size))
-                report.sizes_fixed += 1
-            else:
-                session.execute(delete(CachedInstance).where(CachedInstance.id == row.id))
-                report.rows_dropped += 1
-                store.discard(mismatch.path)
-                report.files_deleted.append(mismatch.path)
-                removals.append(_Removal(row.project_id, row.study_uid, row.patient_id,
-                                         "size changed and the file no longer holds its instance", mismatch.path))
-        in_flight = _in_flight_studies(session)  # again: a retrieval may have started since the check
-        for path in list(report.orphan_files):
-            if _study_of(store, path) in in_flight:
-                report.being_received.append(path)
-                continue
-            reason, header = _adoptable(session, store, path, projects)
-            if reason is None and header is not None:
-                size = _disk_size(store, path)
-                project_id = path.split("/")[0]
-                if size is not None and index_instance(session, project_id, header, path, size, now, who.login,
-                                                       _source_pacs(session, project_id, header.study_uid)):
-                    report.orphans_indexed.append(path)
-                continue
-            store.discard(path)
-            report.files_deleted.append(path)
-            project_study = _study_of(store, path)
-            removals.append(_Removal(
-                project_study[0] if project_study else None,
-                header.study_uid if header else (project_study[1] if project_study else None),
-                header.patient_id if header else None, reason or "unknown", path,
-            ))
+        _drop_missing(session, store, report, indexed)
+        removals += _fix_sizes(session, store, report, indexed)
+        removals += _adopt_or_remove_orphans(session, store, report, who, now)
         session.flush()
-        for study, count, size in _aggregates(session):
-            if count == 0:
-                session.execute(delete(CachedStudy).where(CachedStudy.id == study.id))
-                report.empty_studies_removed += 1
-            elif (study.instance_count, study.bytes) != (count, size):
-                study.instance_count, study.bytes = count, size
-                report.aggregates_fixed += 1
+        _fix_aggregates(session, report)
         report.incoming_removed = store.clean_stale_incoming()
         _audit_removals(ctx, who, removals, session)
     return removals
+
+
+def _drop_missing(session: Session, store: CacheStore, report: FsckReport, indexed: dict[str, _Indexed]) -> None:
+    for path in report.missing_files:
+        if _disk_size(store, path) is None:  # look again: it may have been placed since
+            dropped = session.execute(delete(CachedInstance).where(CachedInstance.id == indexed[path].id))
+            report.rows_dropped += cast("CursorResult[Any]", dropped).rowcount or 0
+
+
+def _fix_sizes(
+    session: Session, store: CacheStore, report: FsckReport, indexed: dict[str, _Indexed]
+) -> list[_Removal]:
+    """The index takes a file's new size if it still holds its instance; else both go."""
+    removals = []
+    for mismatch in report.size_mismatches:
+        row = indexed[mismatch.path]
+        header = _header(store, mismatch.path)
+        size = _disk_size(store, mismatch.path)
+        if header is not None and size is not None and header.sop_instance_uid == row.sop_uid:
+            session.execute(update(CachedInstance).where(CachedInstance.id == row.id).values(bytes=size))
+            report.sizes_fixed += 1
+        else:
+            session.execute(delete(CachedInstance).where(CachedInstance.id == row.id))
+            report.rows_dropped += 1
+            store.discard(mismatch.path)
+            report.files_deleted.append(mismatch.path)
+            removals.append(_Removal(row.project_id, row.study_uid, row.patient_id,
+                                     "size changed and the file no longer holds its instance", mismatch.path))
+    return removals
+
+
+def _adopt_or_remove_orphans(
+    session: Session, store: CacheStore, report: FsckReport, who: Principal, now: datetime
+) -> list[_Removal]:
+    """Index an unindexed file that may be there (see `_adoptable`); delete the others."""
+    removals = []
+    projects: set[str] = set()  # those known to exist
+    in_flight = _in_flight_studies(session)  # again: a retrieval may have started since the check
+    for path in list(report.orphan_files):
+        if _study_of(store, path) in in_flight:
+            report.being_received.append(path)
+            continue
+        reason, header = _adoptable(session, store, path, projects)
+        if reason is None and header is not None:
+            size = _disk_size(store, path)
+            project_id = path.split("/")[0]
+            if size is not None and index_instance(session, project_id, header, path, size, now, who.login,
+                                                   _source_pacs(session, project_id, header.study_uid)):
+                report.orphans_indexed.append(path)
+            continue
+        store.discard(path)
+        report.files_deleted.append(path)
+        project_study = _study_of(store, path)
+        removals.append(_Removal(
+            project_study[0] if project_study else None,
+            header.study_uid if header else (project_study[1] if project_study else None),
+            header.patient_id if header else None, reason or "unknown", path,
+        ))
+    return removals
+
+
+def _fix_aggregates(session: Session, report: FsckReport) -> None:
+    """Study totals from their instance rows; a study left with none goes."""
+    for study, count, size in _aggregates(session):
+        if count == 0:
+            session.execute(delete(CachedStudy).where(CachedStudy.id == study.id))
+            report.empty_studies_removed += 1
+        elif (study.instance_count, study.bytes) != (count, size):
+            study.instance_count, study.bytes = count, size
+            report.aggregates_fixed += 1
 
 
 def _disk_size(store: CacheStore, path: str) -> int | None:

@@ -9,9 +9,9 @@ the same way whoever brought it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,26 +21,9 @@ from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.errors import InvalidInput
 
 
-class PlacedInstance(Protocol):
-    """A file already in its place in the cache, with what the index records about it."""
-
-    @property
-    def project_id(self) -> str: ...
-    @property
-    def header(self) -> InstanceHeader: ...
-    @property
-    def relative_path(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def fetched_by(self) -> str: ...
-    @property
-    def pacs_id(self) -> str | None: ...
-
-
 @dataclass(frozen=True)
 class Placement:
-    """A placed file that no retrieval is waiting for (fsck's adoptions, tests, benchmarks)."""
+    """A file already in its place in the cache, with what the index records about it."""
 
     project_id: str
     header: InstanceHeader
@@ -51,16 +34,10 @@ class Placement:
 
 
 @dataclass(frozen=True)
-class Arrival:
-    """An instance the receiver accepted and moved into the cache, waiting to be indexed for its request."""
+class Arrival(Placement):
+    """An instance the receiver accepted and placed, to be indexed and counted for its request."""
 
-    request_id: int
-    project_id: str
-    header: InstanceHeader
-    relative_path: str
-    size: int
-    fetched_by: str
-    pacs_id: str | None
+    request_id: int = field(kw_only=True)
 
 
 StudyKey = tuple[str, str]  # (project, StudyInstanceUID)
@@ -81,7 +58,7 @@ def index_instance(
     return index_instances(session, [placed], now) == 1
 
 
-def index_instances(session: Session, placed: Sequence[PlacedInstance], now: datetime) -> int:
+def index_instances(session: Session, placed: Sequence[Placement], now: datetime) -> int:
     """Index placed files in the caller's transaction; return how many instances were new.
 
     A few statements per batch, whatever its size: make sure each study row
@@ -93,7 +70,7 @@ def index_instances(session: Session, placed: Sequence[PlacedInstance], now: dat
     """
     if not placed:
         return 0
-    by_study: dict[StudyKey, list[PlacedInstance]] = {}
+    by_study: dict[StudyKey, list[Placement]] = {}
     for item in placed:
         by_study.setdefault((item.project_id, item.header.study_uid), []).append(item)
     keys = sorted(by_study)
@@ -126,8 +103,8 @@ def _locked_study(session: Session, key: StudyKey) -> CachedStudy:
 
 
 def _not_yet_indexed(
-    session: Session, batches: dict[StudyKey, tuple[int, list[PlacedInstance]]]
-) -> list[PlacedInstance]:
+    session: Session, batches: dict[StudyKey, tuple[int, list[Placement]]]
+) -> list[Placement]:
     """The placed files whose instance the index lacks, each instance once, in the order given."""
     study_ids = [study_id for study_id, _items in batches.values()]
     sop_uids = {item.header.sop_instance_uid for _id, items in batches.values() for item in items}
@@ -159,7 +136,7 @@ def _recount(session: Session, studies: list[CachedStudy]) -> None:
         study.instance_count, study.bytes = totals.get(study.id, (0, 0))
 
 
-def _note_added(study: CachedStudy, added: list[PlacedInstance], now: datetime) -> None:
+def _note_added(study: CachedStudy, added: list[Placement], now: datetime) -> None:
     for item in added:
         header = item.header
         study.modalities = _merge_modalities(study.modalities, header.modality)
@@ -175,7 +152,7 @@ def _note_added(study: CachedStudy, added: list[PlacedInstance], now: datetime) 
     study.fetched_at = now
 
 
-def _new_study(item: PlacedInstance, now: datetime) -> dict[str, Any]:
+def _new_study(item: Placement, now: datetime) -> dict[str, Any]:
     header = item.header
     return dict(project_id=item.project_id, study_uid=header.study_uid, patient_id=header.patient_id[:64],
                 patient_name=header.patient_name[:200], accession=header.accession[:64],
@@ -183,7 +160,7 @@ def _new_study(item: PlacedInstance, now: datetime) -> dict[str, Any]:
                 pacs_id=item.pacs_id, instance_count=0, bytes=0, fetched_by=item.fetched_by[:64], fetched_at=now)
 
 
-def _new_instance(study_id: int, item: PlacedInstance, now: datetime) -> dict[str, Any]:
+def _new_instance(study_id: int, item: Placement, now: datetime) -> dict[str, Any]:
     header = item.header
     return dict(cached_study_id=study_id, series_uid=header.series_uid, sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid[:64], instance_number=header.instance_number,

@@ -15,36 +15,7 @@ audit are in `service`.
 """
 
 from mi2b2.services.dicomweb.negotiation import NotAcceptable, dicom_transfer_syntaxes
-from mi2b2.services.dicomweb.query import (
-    MAX_FRAMES,
-    MAX_INCLUDE_FIELDS,
-    MAX_LIMIT,
-    MAX_LIST_VALUES,
-    MAX_OFFSET,
-    MAX_PARAMETERS,
-    MAX_PATTERN_CHARS,
-    MAX_VALUE_CHARS,
-    MAX_WILDCARD_VALUES,
-    Query,
-    parse_query,
-)
+from mi2b2.services.dicomweb.query import Query, parse_query
 from mi2b2.services.dicomweb.service import DicomWeb, Retrieval, SearchResult
 
-__all__ = [
-    "MAX_FRAMES",
-    "MAX_INCLUDE_FIELDS",
-    "MAX_LIMIT",
-    "MAX_LIST_VALUES",
-    "MAX_OFFSET",
-    "MAX_PARAMETERS",
-    "MAX_PATTERN_CHARS",
-    "MAX_VALUE_CHARS",
-    "MAX_WILDCARD_VALUES",
-    "DicomWeb",
-    "NotAcceptable",
-    "Query",
-    "Retrieval",
-    "SearchResult",
-    "dicom_transfer_syntaxes",
-    "parse_query",
-]
+__all__ = ["DicomWeb", "NotAcceptable", "Query", "Retrieval", "SearchResult", "dicom_transfer_syntaxes", "parse_query"]

@@ -247,7 +247,8 @@ class ReceiverSink:
         else:
             query = query.where(Request.pacs_id.in_(list(pacs_ids)))
         with self.ctx.sessions() as session:
-            candidates = [Candidate(*fields) for fields in session.execute(query).tuples()]
+            candidates = [Candidate(row_id, uid, message_id, destination)
+                          for row_id, uid, message_id, destination in session.execute(query).all()]
             request_id = match_retrieval(candidates, study_uid, origin, self.ctx.config.dicom.ae_title)
             if request_id is None:
                 return None

@@ -1,12 +1,14 @@
 """The C-STORE receipt door and the file's way into the project cache.
 
-For each arriving instance: find the retrieval it belongs to (the calling
-PACS, and the C-MOVE the instance names or else its study: see
-`domain.receipt.match_retrieval`), judge it with `domain.receipt`, and then either refuse it
-(status + audit, the temp file is discarded by the adapter) or move the file
-into place and index it. The file is renamed into the cache before the index
-row is committed, so a crash in between leaves a complete, unindexed file that
-the retry or `fsck --repair` picks up, never an index row without a file.
+For each arriving instance: find the retrieval it belongs to (from the calling
+PACS, the one whose C-MOVE the instance names, else the one of its study: see
+`domain.receipt.match_retrieval`), judge it with `domain.receipt`, and then
+either refuse it (status + audit, the temp file is discarded by the adapter) or
+move the file into place and index it. The file is renamed into the cache
+before the index row is committed, so a crash in between leaves a complete,
+unindexed file that the retry or `fsck --repair` picks up, never an index row
+without a file. What the receiver tells the retrieval goes through
+`services.receipts`.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from pydicom.uid import (
 )
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context, build_role
+from pynetdicom.presentation import build_context, build_role
 from pynetdicom.status import code_to_category
 
 from mi2b2.adapters.dicom.errors import (
@@ -108,7 +108,7 @@ _GET_SOP_CLASS = {
 # What a C-GET offers to receive in, per storage class. A PACS picks one per
 # class and must send every instance of that class in it (transcoding or
 # failing the others), so the common stored forms go first.
-_GET_TRANSFER_SYNTAXES: list[UID] = [
+_GET_TRANSFER_SYNTAXES: list[str | UID] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLossless,
@@ -223,9 +223,10 @@ def get_study(
     incoming_dir = Path(incoming_dir)
     incoming_dir.mkdir(parents=True, exist_ok=True)
     sop_class = _GET_SOP_CLASS[model]
-    storage = _get_storage_contexts()
+    classes = _get_storage_classes()
+    storage = [build_context(sop_class, _GET_TRANSFER_SYNTAXES) for sop_class in classes]
     # SCP role for every storage class: the PACS sends C-STOREs to us.
-    roles = [build_role(context.abstract_syntax, scp_role=True) for context in storage]
+    roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
     assoc = _associate(
         local,
         peer,
@@ -250,9 +251,9 @@ def get_study(
         receiver.close()
 
 
-def _get_storage_contexts() -> list[PresentationContext]:
-    # One context is the C-GET's own.
-    return [build_context(cx.abstract_syntax, _GET_TRANSFER_SYNTAXES) for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1]]
+def _get_storage_classes() -> list[UID]:
+    # One context is the C-GET's own. pynetdicom's storage contexts all name their class.
+    return [cx.abstract_syntax for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1] if cx.abstract_syntax is not None]
 
 
 # --- shared ------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.engine import rows_changed, transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import CacheStore
@@ -219,8 +218,7 @@ def _repair(
 def _drop_missing(session: Session, store: CacheStore, report: FsckReport, indexed: dict[str, _Indexed]) -> None:
     for path in report.missing_files:
         if _disk_size(store, path) is None:  # look again: it may have been placed since
-            dropped = session.execute(delete(CachedInstance).where(CachedInstance.id == indexed[path].id))
-            report.rows_dropped += cast("CursorResult[Any]", dropped).rowcount or 0
+            report.rows_dropped += rows_changed(session, delete(CachedInstance).where(CachedInstance.id == indexed[path].id))
 
 
 def _fix_sizes(

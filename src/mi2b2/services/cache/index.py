@@ -8,15 +8,16 @@ the same way whoever brought it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
+from mi2b2.adapters.db.tables import Base, CachedInstance, CachedStudy
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.errors import InvalidInput
 
@@ -167,17 +168,15 @@ def _new_instance(study_id: int, item: Placement, now: datetime) -> dict[str, An
                 relative_path=item.relative_path, bytes=item.size, received_at=now)
 
 
-def _insert_for(session: Session) -> Any:
+def _insert_for(session: Session) -> Callable[[type[Base]], postgresql.Insert | sqlite.Insert]:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql
         return postgresql.insert
     if dialect == "sqlite":
-        from sqlalchemy.dialects import sqlite
         return sqlite.insert
-    raise InvalidInput(  # pragma: no cover - make_engine accepts only these two
-        f"database {dialect!r} is not supported; use SQLite or PostgreSQL")
+    # Unreachable: make_engine accepts only these two.
+    raise InvalidInput(f"database {dialect!r} is not supported; use SQLite or PostgreSQL")
 
 
 def _merge_modalities(current: str, modality: str) -> str:

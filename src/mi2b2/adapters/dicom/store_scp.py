@@ -160,8 +160,11 @@ class ReceiptGuard(Protocol):
         """None to accept an association from this peer, else the reason it is refused (the guard audits it)."""
         ...
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
-        """From the header, before a byte is written: a status to refuse the instance with, or None."""
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
+        """From the header, before a byte is written: a status to refuse the instance with, or None.
+
+        The move originator's AE title and message id name the C-MOVE the instance was sent for."""
         ...
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
@@ -177,7 +180,8 @@ class _NoGuard:
     def admit(self, peer: Peer) -> str | None:
         return None
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
         return None
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
@@ -615,7 +619,7 @@ class _StoreReceiver:
                 return
             arrival.header = header
             try:
-                status = self.guard.judge(self.peer(), header, arrival.originator_ae)
+                status = self.guard.judge(self.peer(), header, arrival.originator_ae, arrival.originator_message_id)
             except Exception as exc:
                 LOG.error("judging a C-STORE failed (%s); answered 0x%04X", type(exc).__name__, STATUS_OUT_OF_RESOURCES)
                 status = STATUS_OUT_OF_RESOURCES
@@ -751,7 +755,7 @@ class _StoreReceiver:
                     self._refused(header, STATUS_CANNOT_UNDERSTAND,
                                   "the data set's SOP Instance UID differs from the request's")
                     return STATUS_CANNOT_UNDERSTAND
-                status = self.guard.judge(peer, header, arrival.originator_ae)
+                status = self.guard.judge(peer, header, arrival.originator_ae, arrival.originator_message_id)
                 if status is not None:
                     return int(status)
             instance = ReceivedInstance(

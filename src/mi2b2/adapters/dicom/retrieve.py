@@ -207,9 +207,9 @@ def get_study(
     incoming_dir = Path(incoming_dir)
     incoming_dir.mkdir(parents=True, exist_ok=True)
     sop_class = _GET_SOP_CLASS[model]
-    storage = [build_context(sop_class, _GET_TRANSFER_SYNTAXES) for sop_class in _GET_STORAGE_CLASSES]
+    storage = [build_context(storage_class, _GET_TRANSFER_SYNTAXES) for storage_class in _GET_STORAGE_CLASSES]
     # SCP role for every storage class: the PACS sends C-STOREs to us.
-    roles = [build_role(sop_class, scp_role=True) for sop_class in _GET_STORAGE_CLASSES]
+    roles = [build_role(storage_class, scp_role=True) for storage_class in _GET_STORAGE_CLASSES]
     assoc = associate(
         local,
         peer,

@@ -52,6 +52,7 @@ from mi2b2.domain.forwarding import (
 from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at, local_date
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
+from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import notifications
@@ -60,7 +61,7 @@ from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
-from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended, mark_started
+from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_ended, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
 from mi2b2.services.search import allowed_values, load_policy
 
@@ -184,7 +185,7 @@ def add_forwards(
                 kind=RequestKind.FORWARD, batch_id=report.batch_id, project_id=project_id, user_login=who.login,
                 destination_id=destination_id, patient_id=study.patient_id, study_uid=study.study_uid,
                 accession=study.accession, series_uids=list(study.series_uids), priority=priority,
-                state=RequestState.SCHEDULED, waiting_reason="waiting for the scheduler",
+                state=INITIAL, waiting_reason="waiting for the scheduler",
                 expected_instances=study.instances, expected_bytes=study.bytes, created_at=now,
             )
             session.add(row)
@@ -308,7 +309,9 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
                 ended[request_id] = (RequestState.FAILED, reason)
             started += plan.starts
         for row in session.execute(select(Request).where(Request.id.in_(list(ended)))).scalars():
-            row.state, row.last_error = ended[row.id]
+            state, reason = ended[row.id]
+            change_state(row, Event.CANCEL if state == RequestState.CANCELED else Event.REFUSE)
+            row.last_error = reason
             row.ended_at = now
             row.waiting_reason = None
         facts = session.execute(

@@ -25,13 +25,14 @@ from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.governance import Denial, irb_active_at
 from mi2b2.domain.receipt import StoreStatus
+from mi2b2.domain.request_states import Event
 from mi2b2.domain.requests import RequestState, retrieval_outcome
 from mi2b2.errors import Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receiver import ReceiverSink, receive_limits
-from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended
+from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_ended
 
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
@@ -102,7 +103,7 @@ def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException
     with transaction(ctx.sessions) as session:
         row = session.get(Request, request_id)
         if row is not None and row.state == RequestState.PROCESSING:
-            row.state = RequestState.FAILED
+            change_state(row, Event.FAIL)
             row.ended_at = ctx.clock.now()
             row.last_error = f"internal error ({type(error).__name__}): {error}; see the server log, then retry"
 

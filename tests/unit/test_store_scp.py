@@ -18,8 +18,9 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 
 from mi2b2.adapters.dicom import files
-from mi2b2.adapters.dicom.store_scp import IMPLEMENTATION_CLASS_UID, scp_contexts
+from mi2b2.adapters.dicom.store_scp import scp_contexts
 from mi2b2.adapters.dicom.store_wire import (
+    IMPLEMENTATION_CLASS_UID,
     StoreRequest,
     file_meta,
     p_data_fragments,

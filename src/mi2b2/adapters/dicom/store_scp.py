@@ -60,37 +60,10 @@ from mi2b2.adapters.dicom.netdicom_internals import (
     set_transfer_syntax_order,
 )
 from mi2b2.adapters.dicom.scu import LocalAE
-from mi2b2.adapters.dicom.store_receipt import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-    InstanceSink,
-    Peer,
-    ReceiptGuard,
-    ReceivedInstance,
-    ReceiveLimits,
-    ae_title_text,
-    next_association_number,
-    outbound_peer,
-)
+from mi2b2.adapters.dicom.store_receipt import InstanceSink, Peer, ReceiveLimits, ae_title_text, next_association_number
 from mi2b2.adapters.dicom.store_receiver import StoreReceiver, refuse_unexpected_store
-from mi2b2.adapters.dicom.store_wire import IMPLEMENTATION_CLASS_UID
 
-__all__ = [
-    "ACCEPTED_TRANSFER_SYNTAXES",
-    "IMPLEMENTATION_CLASS_UID",
-    "STATUS_CANNOT_UNDERSTAND",
-    "STATUS_OUT_OF_RESOURCES",
-    "STATUS_SUCCESS",
-    "InstanceSink",
-    "Peer",
-    "ReceiptGuard",
-    "ReceiveLimits",
-    "ReceivedInstance",
-    "StoreServer",
-    "outbound_peer",
-    "scp_contexts",
-]
+__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "StoreServer", "scp_contexts"]
 
 LOG = logging.getLogger(__name__)
 

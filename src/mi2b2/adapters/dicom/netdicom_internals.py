@@ -47,6 +47,7 @@ __all__ = [
     "cheaply_copied_context",
     "files_sent_as_stored",
     "keep_responses_for_the_caller",
+    "pinned_range",
     "prompt_network_thread",
     "reject_association",
     "require_tested_pynetdicom",

@@ -413,11 +413,9 @@ class StoreReceiver:
                 os.unlink(path)  # unless the sink moved it away
 
 
-
 def _header_from_bytes(data: bytes) -> InstanceHeader:
     """The header of a whole Part 10 file held in memory, through pydicom."""
     return header_from_file(io.BytesIO(data), "the instance")
-
 
 
 def _drop(arrival: _Arrival) -> None:

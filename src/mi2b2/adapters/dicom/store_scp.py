@@ -247,7 +247,6 @@ def _prefer_the_senders_transfer_syntax(event: evt.Event) -> None:
             set_transfer_syntax_order(supported, senders_order)
 
 
-
 def scp_contexts() -> list[PresentationContext]:
     """Verification and every storage class, each in every accepted transfer syntax."""
     abstracts = [_VERIFICATION, *(cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax)]

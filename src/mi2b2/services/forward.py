@@ -95,7 +95,7 @@ class _Study:
     series_uids: tuple[str, ...]  # empty: the whole study
     instances: int
     bytes: int
-    pacs_id: str  # the PACS it came from: the allow-list names patients per institution
+    pacs_id: str | None  # the PACS it came from: the allow-list names patients per institution
 
 
 # --- the door --------------------------------------------------------------------------
@@ -152,9 +152,9 @@ def add_forwards(
         raise InvalidInput(f"series {sorted(unknown_series)[0]!r} is not in the project's cache for the studies "
                            f"named; see `mi2b2 cache show {project_id} STUDY_UID`")
     busy = _queued(ctx, project_id, destination_id, studies)
-    patients_by_pacs: dict[str, set[str]] = defaultdict(set)
-    for study in cached.values():
-        patients_by_pacs[study.pacs_id].add(study.patient_id)
+    patients_by_pacs: dict[str | None, set[str]] = defaultdict(set)
+    for found in cached.values():
+        patients_by_pacs[found.pacs_id].add(found.patient_id)
     allowed_by_pacs = {pacs_id: allowed_values(ctx, project_id, pacs_id, patients)
                        for pacs_id, patients in patients_by_pacs.items()}  # one look-up per PACS, not per study
     allowed = {uid for uid, s in cached.items() if s.patient_id in allowed_by_pacs[s.pacs_id]}
@@ -290,6 +290,8 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             select(Request.destination_id, Request.study_uid)
             .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING)
         ).all():
+            if destination_id is None:  # a forward always names its destination; the column is shared with retrievals
+                continue
             active[destination_id] += 1
             busy[destination_id].add(study_uid)
         queued = _forward_candidates(session, busy)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
@@ -326,7 +327,8 @@ def _require_member(ctx: ServiceContext, who: Principal, project_id: str) -> str
     return role
 
 
-def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ignore[no-untyped-def]
+def _change(ctx: ServiceContext, who: Principal, request_ids: Sequence[int], what: str, check: Callable[[str], None],
+            apply: Callable[[Request, datetime], None]) -> list[int]:
     """Apply one user action to several requests, all or nothing."""
     ids = sorted(set(request_ids))
     if not ids:

@@ -27,7 +27,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import pynetdicom
 from pydicom.uid import UID
@@ -147,10 +147,16 @@ def prompt_network_thread(assoc: Association) -> None:
     dul._run_loop_delay = 0.0
     sock = dul.socket
     if sock is not None:
-        sock.recv = _whole_reader(sock)  # type: ignore[method-assign, assignment]  # the per-association reader described above
+        sock.recv = _whole_reader(sock)  # type: ignore[method-assign]  # the per-association reader described above
 
 
-def _whole_reader(sock: AssociationSocket) -> Callable[[int], bytearray]:
+class _SocketRead(Protocol):
+    """AssociationSocket.recv's signature, keyword name included."""
+
+    def __call__(self, nr_bytes: int) -> bytearray: ...
+
+
+def _whole_reader(sock: AssociationSocket) -> _SocketRead:
     """AssociationSocket.recv, with one recv_into per kernel buffer instead of per 4 KiB."""
 
     def recv(nr_bytes: int) -> bytearray:

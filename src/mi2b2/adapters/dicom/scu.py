@@ -154,7 +154,8 @@ def associate(
     ae.maximum_pdu_size = local.max_pdu
     for context in contexts:
         if isinstance(context, PresentationContext):
-            assert context.abstract_syntax is not None, "build_context always sets the abstract syntax"
+            if context.abstract_syntax is None:
+                raise ValueError("a proposed presentation context must name its abstract syntax")
             ae.add_requested_context(context.abstract_syntax, context.transfer_syntax)
         else:
             ae.add_requested_context(context)

@@ -221,7 +221,7 @@ def _peer_of(assoc: Association, address: str) -> Callable[[], Peer]:
 
 def _connection_address(event: evt.Event) -> str:
     """The peer's IP address, from EVT_CONN_OPEN's ``address`` (set per event, so untyped)."""
-    address = vars(event).get("address")
+    address = getattr(event, "address", None)
     return str(address[0]) if address else ""
 
 

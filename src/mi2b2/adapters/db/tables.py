@@ -205,6 +205,14 @@ class Request(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The receiver's word to the retrieval (services/receipts.py): it could not
+    # write this attempt's instances to the cache, why and when. The attempt fails.
+    write_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    write_failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The C-MOVE this attempt sent, so the receiver can tell its instances from
+    # another project's retrieval of the same study (their Move Originator Message ID).
+    move_message_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    move_destination_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
     __table_args__ = (
         Index("ix_requests_state_pacs", "state", "pacs_id"),
         Index("ix_requests_project_state", "project_id", "state"),

@@ -162,8 +162,16 @@ def move_study(
     on_progress: Callable[[RetrieveProgress], None] = _ignore,
     should_cancel: Callable[[], bool] = _never,
     cancel_grace: float = CANCEL_GRACE,
+    message_id: int | None = None,
 ) -> RetrieveResult:
-    """C-MOVE the study (or the listed series of it) from `peer` to `destination_ae`."""
+    """C-MOVE the study (or the listed series of it) from `peer` to `destination_ae`.
+
+    With `message_id`, every C-MOVE request (one per series) carries it: the PACS
+    echoes it as Move Originator Message ID in each C-STORE, and the receiver
+    tells this retrieval's instances by it. Reusing it is allowed because the
+    requests run one after another (PS3.7 10.1.5.1.1 forbids equal ids only
+    among outstanding operations).
+    """
     model = _model(model)
     if not destination_ae.strip():
         raise InvalidInput("a C-MOVE needs a destination AE title; configure the receiver's AE title")
@@ -175,7 +183,7 @@ def move_study(
         return assoc.send_c_move(identifier, destination_ae, sop_class, msg_id=message_id)
 
     operation = _Operation(assoc, peer, DimseService.C_MOVE, sop_class, send, on_progress, should_cancel, cancel_grace,
-                           destination_ae)
+                           destination_ae, message_id)
     return operation.run(requests)
 
 
@@ -332,6 +340,7 @@ class _Operation:
         should_cancel: Callable[[], bool],
         grace: float,
         destination_ae: str | None,
+        message_id: int | None = None,
     ) -> None:
         self.assoc = assoc
         self.peer = peer
@@ -341,6 +350,7 @@ class _Operation:
         self.send = send
         self.on_progress = on_progress
         self.destination_ae = destination_ae
+        self.message_id = message_id  # of every request, if fixed; else 1, 2, ... in turn
         context = next((cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class), None)
         self.context_id = int(context.context_id or 0) if context is not None else None
         self.cancel = _Cancel(assoc, self.context_id or 0, should_cancel, grace)
@@ -376,9 +386,10 @@ class _Operation:
         for number, identifier in enumerate(requests, start=1):
             if results and self.cancel.wanted():
                 break
-            self.cancel.message_id = number
+            message_id = self.message_id or number
+            self.cancel.message_id = message_id
             try:
-                responses = self.send(identifier, number)
+                responses = self.send(identifier, message_id)
             except ValueError as exc:
                 raise InvalidInput(f"the retrieve identifier cannot be encoded: {exc}") from exc
             except RuntimeError as exc:

@@ -92,8 +92,11 @@ class ReceiptGuard(Protocol):
         """None to accept an association from this peer, else the reason it is refused (the guard audits it)."""
         ...
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
-        """From the header, before a byte is written: a status to refuse the instance with, or None."""
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
+        """From the header, before a byte is written: a status to refuse the instance with, or None.
+
+        The move originator's AE title and message id name the C-MOVE the instance was sent for."""
         ...
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
@@ -109,7 +112,8 @@ class _NoGuard:
     def admit(self, peer: Peer) -> str | None:
         return None
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
         return None
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:

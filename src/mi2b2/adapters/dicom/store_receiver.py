@@ -256,7 +256,8 @@ class StoreReceiver:
                 return
             arrival.header = header
             try:
-                status = self.guard.judge(self.peer(), header, arrival.request.originator_ae)
+                status = self.guard.judge(self.peer(), header, arrival.request.originator_ae,
+                                         arrival.request.originator_message_id)
             except Exception as exc:
                 LOG.error("judging a C-STORE failed (%s); answered 0x%04X", type(exc).__name__, STATUS_OUT_OF_RESOURCES)
                 status = STATUS_OUT_OF_RESOURCES
@@ -386,7 +387,7 @@ class StoreReceiver:
                     self._refused(header, STATUS_CANNOT_UNDERSTAND,
                                   "the data set's SOP Instance UID differs from the request's")
                     return STATUS_CANNOT_UNDERSTAND
-                status = self.guard.judge(peer, header, arrival.request.originator_ae)
+                status = self.guard.judge(peer, header, arrival.request.originator_ae, arrival.request.originator_message_id)
                 if status is not None:
                     return int(status)
             instance = ReceivedInstance(

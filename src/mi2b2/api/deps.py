@@ -34,7 +34,7 @@ def app_service(request: Request, name: str, create: Callable[[ServiceContext], 
             if service is None:
                 service = create(state.context)
                 setattr(state, name, service)
-    return service  # type: ignore[no-any-return]
+    return service
 
 
 def get_context(request: Request) -> ServiceContext:

@@ -1,0 +1,153 @@
+"""Answers of searches, search jobs, and the caller's projects, queries and PACS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mi2b2.api.schemas.common import Reply, Timestamp
+
+
+class PatientHit(Reply):
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_count: int | None
+    issuer: str = ""
+
+
+class StudyHit(Reply):
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    accession: str
+    study_date: str
+    study_time: str
+    modalities: str
+    description: str
+    series_count: int | None
+    instance_count: int | None
+    pacs_id: str
+    institution_id: str
+    department_id: str
+
+
+class SeriesHit(Reply):
+    study_uid: str
+    series_uid: str
+    series_number: str
+    modality: str
+    description: str
+    instance_count: int | None
+
+
+class InvalidLine(Reply):
+    """A pasted line that is no usable identifier, and why."""
+
+    line: int
+    value: str
+    reason: str
+
+
+class SearchReport(Reply):
+    query_id: int
+    kind: str
+    patients: list[PatientHit]
+    studies: list[StudyHit]
+    series: list[SeriesHit]
+    refused: list[str]
+    not_found: list[str]
+    duplicates: list[str]
+    invalid: list[InvalidLine]
+    not_permitted: list[str]
+    capped: dict[str, int]
+    warnings: list[str]
+
+
+class SearchJobTicket(Reply):
+    """A search large enough to run as a job (202): where to follow it."""
+
+    job_id: int
+    state: str
+    total: int
+    refused: list[str]
+    status_url: str
+    results_url: str
+
+
+class SearchJobStatus(Reply):
+    job_id: int
+    kind: str
+    project: str
+    pacs: str
+    user: str
+    state: str
+    done: int
+    total: int
+    waiting_reason: str | None
+    error: str | None
+    created_at: Timestamp
+    ended_at: Timestamp | None
+
+
+class SearchJobResults(SearchJobStatus):
+    """The job's status and what it found so far."""
+
+    query_ids: list[int]
+    patients: list[PatientHit]
+    studies: list[StudyHit]
+    series: list[SeriesHit]
+    capped: dict[str, int]
+    duplicates: list[str]
+    invalid: list[InvalidLine]
+    refused: list[str]
+    not_found: list[str]
+    not_permitted: list[str]
+    warnings: list[str]
+
+
+class MyProject(Reply):
+    id: str
+    title: str
+    irb: str
+    expires: str
+    expired: bool
+    active: bool
+    role: str
+    data_policy: str
+    institutions: list[str]
+    quota_bytes: int
+    max_studies_per_patient: int | None
+
+
+class QueryRow(Reply):
+    id: int
+    user: str
+    pacs: str
+    kind: str
+    keys: dict[str, Any]
+    result_count: int
+    refused_count: int
+    created_at: Timestamp
+
+
+class EchoReport(Reply):
+    pacs_id: str
+    institution: str
+    department: str
+    address: str
+    reachable: bool
+    milliseconds: float | None
+    problem: str
+
+
+class PacsRow(Reply):
+    id: str
+    name: str
+    institution: str
+    institution_name: str
+    department: str
+    department_name: str
+    ae_title: str
+    retrieve: str
+    echo: EchoReport | None

@@ -7,11 +7,13 @@ import getpass
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
@@ -58,12 +60,16 @@ def api_client(server: str, token: str | None) -> Mi2b2Client:
 
 
 def plain(value: Any) -> Any:
+    """A dataclass or an API answer as the JSON object it stands for (timestamps as the API writes them)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return value
 
 
-def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = "") -> None:
+def emit(answers: Sequence[Mapping[str, Any] | BaseModel], columns: list[str], fmt: str, title: str = "") -> None:
+    rows: list[dict[str, Any]] = [plain(answer) for answer in answers]
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2, default=str))
     elif fmt == "csv":

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, WithJsonSchema
 
+from mi2b2.domain.clock import as_utc
+
 
 class Reply(BaseModel):
     model_config = ConfigDict(extra="forbid")  # DEV-ONLY
@@ -29,10 +31,11 @@ class Reply(BaseModel):
 
 
 def _isoformat(value: datetime) -> str:
-    return value.isoformat()
+    return as_utc(value).isoformat()
 
 
-# ISO 8601 as Python writes it ("+00:00", not pydantic's "Z"): the form the API has always sent.
+# RFC 3339 in UTC, as Python writes it ("+00:00", not pydantic's "Z": the form the API has always sent). Always with
+# the offset: SQLite hands back naive datetimes, which a browser would read as its own local time.
 Timestamp = Annotated[
     datetime,
     PlainSerializer(_isoformat, return_type=str, when_used="json"),

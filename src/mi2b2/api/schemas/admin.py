@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mi2b2.api.schemas.common import Reply
+from mi2b2.api.schemas.search import ProjectHeading
 
 
 class ConfigChanges(Reply):
@@ -27,13 +28,7 @@ class Member(Reply):
     role: str
 
 
-class ProjectOverview(Reply):
-    id: str
-    title: str
-    irb: str
-    expires: str
-    expired: bool
-    active: bool
+class ProjectOverview(ProjectHeading):
     institutions: list[str]
     members: list[Member]
     quota_bytes: int

@@ -106,13 +106,18 @@ class SearchJobResults(SearchJobStatus):
     warnings: list[str]
 
 
-class MyProject(Reply):
+class ProjectHeading(Reply):
+    """A project as both its members and the site admin see it first: its IRB approval and whether it still runs."""
+
     id: str
     title: str
     irb: str
     expires: str
     expired: bool
     active: bool
+
+
+class MyProject(ProjectHeading):
     role: str
     data_policy: str
     institutions: list[str]

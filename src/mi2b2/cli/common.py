@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from mi2b2.api.schemas.common import Readable
 from mi2b2.client import Mi2b2Client
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
@@ -61,14 +61,14 @@ def api_client(server: str, token: str | None) -> Mi2b2Client:
 
 def plain(value: Any) -> Any:
     """A dataclass or an API answer as the JSON object it stands for (timestamps as the API writes them)."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+    if isinstance(value, Readable):
+        return value.json_object()
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return value
 
 
-def emit(answers: Sequence[Mapping[str, Any] | BaseModel], columns: list[str], fmt: str, title: str = "") -> None:
+def emit(answers: Sequence[Mapping[str, Any] | Readable], columns: list[str], fmt: str, title: str = "") -> None:
     rows: list[dict[str, Any]] = [plain(answer) for answer in answers]
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2, default=str))

@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from mi2b2.api.schemas.accounts import Identity
 from mi2b2.api.schemas.admin import AuditEventRow, ChainVerdict, ConfigReloaded
 from mi2b2.api.schemas.cache import DeleteReport, FsckReport, MarkedRead, Notification, ProjectCache, StudyDetail
+from mi2b2.api.schemas.common import Readable, adapter
 from mi2b2.api.schemas.requests import (
     AddReport,
     Canceled,
@@ -38,7 +39,7 @@ from mi2b2.api.schemas.search import (
 from mi2b2.api.schemas.viewer import ImageTags, ViewerStudy, ViewerTree
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, PermanentError, RetriableError
 
-Answer = TypeVar("Answer", bound=BaseModel)
+Answer = TypeVar("Answer", bound=Readable)
 
 ERRORS: dict[int, type[Mi2b2Error]] = {
     401: AccessDenied, 403: AccessDenied, 404: NotFound, 422: InvalidInput,
@@ -83,7 +84,7 @@ class Mi2b2Client:
 
     def _parse(self, model: type[Answer], path: str, data: Any) -> Answer:
         try:
-            return model.model_validate(data)
+            return adapter(model).validate_python(data)
         except ValidationError as error:
             # Where, not what: a value may be a patient's identifier.
             first = error.errors(include_input=False, include_url=False)[0]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mi2b2.api.schemas.common import Reply, Timestamp
+from pydantic.dataclasses import dataclass
+
+from mi2b2.api.schemas.common import Readable, Reply, Timestamp
+from mi2b2.services import auth
 
 
 class Identity(Reply):
@@ -20,20 +23,16 @@ class IssuedToken(Reply):
     note: str
 
 
-class TokenRow(Reply):
-    id: int
-    login: str
-    kind: str
-    name: str
+@dataclass(frozen=True)
+class TokenRow(auth.TokenView, Readable):
+    """An API token or a browser session (never its secret)."""
+
     created_at: Timestamp
     expires_at: Timestamp | None
     revoked_at: Timestamp | None
     last_used_at: Timestamp | None
 
 
-class UserRow(Reply):
-    login: str
-    display_name: str
-    role: str
-    email: str | None
-    disabled: bool
+@dataclass(frozen=True)
+class UserRow(auth.UserView, Readable):
+    """A user account (never its password hash)."""

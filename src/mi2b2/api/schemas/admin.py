@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from mi2b2.api.schemas.common import Reply
+from pydantic.dataclasses import dataclass
+
+from mi2b2.api.schemas.common import Readable, Reply
 from mi2b2.api.schemas.search import ProjectHeading
+from mi2b2.domain.audit_chain import ChainedEvent
+from mi2b2.services import admin, purge
 
 
 class ConfigChanges(Reply):
@@ -23,9 +27,9 @@ class ConfigReloaded(Reply):
     requests_canceled: int
 
 
-class Member(Reply):
-    login: str
-    role: str
+@dataclass(frozen=True)
+class Member(admin.MemberView, Readable):
+    """A member of a project, and their role in it."""
 
 
 class ProjectOverview(ProjectHeading):
@@ -49,13 +53,9 @@ class AllowListReport(Reply):
     reload: ConfigChanges
 
 
-class ClosedStudy(Reply):
-    project_id: str
-    study_uid: str
-    patient_id: str
-    instances: int
-    bytes: int
-    reason: str
+@dataclass(frozen=True)
+class ClosedStudy(purge.ClosedStudy, Readable):
+    """A cached study no one may read any more, and why."""
 
 
 class PurgeReport(Reply):
@@ -69,20 +69,9 @@ class PurgeReport(Reply):
     projects: int
 
 
-class AuditEventRow(Reply):
-    seq: int
-    occurred_at: str
-    actor: str
-    client: str
-    action: str
-    outcome: str
-    project_id: str | None
-    pacs_id: str | None
-    patient_id: str | None
-    study_uid: str | None
-    detail: str
-    prev_hash: str
-    hash: str
+@dataclass(frozen=True)
+class AuditEventRow(ChainedEvent, Readable):
+    """One event of the audit trail, as it was hashed into the chain (``detail`` is its canonical JSON text)."""
 
 
 class ChainVerdict(Reply):

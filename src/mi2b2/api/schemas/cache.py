@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-from mi2b2.api.schemas.common import Reply, Timestamp
+from pydantic.dataclasses import dataclass
+
+from mi2b2.api.schemas.common import Readable, Reply, Timestamp
+from mi2b2.services import cache, notifications
 
 
-class Usage(Reply):
-    project_id: str
-    quota_bytes: int
-    used_bytes: int
-    in_flight_bytes: int
-    free_bytes: int
-    over_quota: bool
-    study_count: int
+@dataclass(frozen=True)
+class Usage(cache.Usage, Readable):
+    """A project's quota, what its cache holds, what running retrievals have reserved, and what is free."""
 
 
-class CachedStudy(Reply):
-    study_uid: str
-    patient_id: str
-    patient_name: str
-    accession: str
-    study_date: str
-    modalities: str
-    description: str
-    pacs_id: str | None
-    instance_count: int
-    bytes: int
-    fetched_by: str
+@dataclass(frozen=True)
+class CachedStudy(cache.CachedStudyView, Readable):
+    """A study in the project's cache: who fetched it, who last downloaded it, and why it is closed, if it is."""
+
     fetched_at: Timestamp | None
-    last_downloaded_by: str | None
     last_downloaded_at: Timestamp | None
-    closed_reason: str | None
 
 
 class ProjectCache(Reply):
@@ -38,10 +26,9 @@ class ProjectCache(Reply):
     studies: list[CachedStudy]
 
 
-class SeriesSize(Reply):
-    series_uid: str
-    instance_count: int
-    bytes: int
+@dataclass(frozen=True)
+class SeriesSize(cache.SeriesView, Readable):
+    """A cached series: how many instances, how many bytes."""
 
 
 class StudyDetail(Reply):
@@ -51,27 +38,21 @@ class StudyDetail(Reply):
     series: list[SeriesSize]
 
 
-class DeleteReport(Reply):
-    project_id: str
-    deleted: list[str]
-    not_found: list[str]
-    bytes_freed: int
+@dataclass(frozen=True)
+class DeleteReport(cache.DeleteReport, Readable):
+    """What was deleted from a project's cache, what was not there, and the cache's usage after."""
+
     usage: Usage
 
 
-class SizeMismatch(Reply):
-    path: str
-    indexed_bytes: int
-    disk_bytes: int
+@dataclass(frozen=True)
+class SizeMismatch(cache.SizeMismatch, Readable):
+    """A cached file whose size on disk is not the indexed one."""
 
 
-class AggregateMismatch(Reply):
-    project_id: str
-    study_uid: str
-    indexed_instances: int
-    actual_instances: int
-    indexed_bytes: int
-    actual_bytes: int
+@dataclass(frozen=True)
+class AggregateMismatch(cache.AggregateMismatch, Readable):
+    """A cached study whose counts do not add up to its instances."""
 
 
 class FsckReport(Reply):
@@ -120,17 +101,11 @@ class DownloadManifest(Reply):
     bytes: int
 
 
-class Notification(Reply):
-    id: int
-    kind: str
-    project_id: str | None
-    batch_id: str | None
-    subject: str
-    body: str
+@dataclass(frozen=True)
+class Notification(notifications.NotificationView, Readable):
     created_at: Timestamp
     read_at: Timestamp | None
     emailed_at: Timestamp | None
-    email_error: str | None
 
 
 class MarkedRead(Reply):

@@ -2,32 +2,62 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, PlainSerializer, TypeAdapter, WithJsonSchema
 
 from mi2b2.domain.clock import as_utc
 
+T = TypeVar("T")
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
 
-class Reply(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # DEV-ONLY
-    """An answer of the API.
+
+def adapter(kind: type[T]) -> TypeAdapter[T]:
+    """The pydantic validator and serializer of an answer type, made once per type."""
+    found = _ADAPTERS.get(kind)
+    if found is None:
+        found = _ADAPTERS[kind] = TypeAdapter(kind)
+    return found
+
+
+class Readable:
+    """An answer of the API: a model, or a pydantic dataclass extending the service's view it carries.
 
     Also readable by key (``answer["state"]``, ``answer.get("error")``, ``"job_id" in answer``), as the
     JSON object it is: the Python client returned plain dicts before its answers were typed, and
     callers written then keep working."""
 
+    def _field_names(self) -> Collection[str]:
+        if isinstance(self, BaseModel):
+            return type(self).model_fields
+        if dataclasses.is_dataclass(self):
+            return {field.name for field in dataclasses.fields(self)}
+        return ()
+
     def __getitem__(self, key: str) -> Any:
-        if key not in type(self).model_fields:
+        if key not in self._field_names():
             raise KeyError(key)
         return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in type(self).model_fields else default
+        return getattr(self, key) if key in self._field_names() else default
 
     def __contains__(self, key: object) -> bool:
-        return key in type(self).model_fields
+        return key in self._field_names()
+
+    def json_object(self) -> dict[str, Any]:
+        """The JSON object this answer is, as the API sends it."""
+        data: dict[str, Any] = adapter(type(self)).dump_python(self, mode="json")
+        return data
+
+
+class Reply(Readable, BaseModel):
+    """An answer the API composes itself (the other answers extend a service's view)."""
+
+    model_config = ConfigDict(extra="forbid")  # DEV-ONLY
 
 
 def _isoformat(value: datetime) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from mi2b2.api.schemas.common import Reply, Timestamp
+from pydantic.dataclasses import dataclass
+
+from mi2b2.api.schemas.common import Readable, Reply, Timestamp
+from mi2b2.domain import windows
+from mi2b2.services import forward, requests, scheduler
 
 
 class AllowedChanges(Reply):
@@ -45,13 +49,9 @@ class RequestRow(Reply):
     not_before: Timestamp | None
 
 
-class AddReport(Reply):
-    batch_id: str
-    created: list[int]
-    already_cached: list[str]
-    already_queued: list[str]
-    not_found: list[str]
-    not_permitted: list[str]
+@dataclass
+class AddReport(requests.AddReport, Readable):
+    """The requests queued (their ids), and the studies left out, by reason."""
 
 
 class Canceled(Reply):
@@ -72,30 +72,21 @@ class RequestsVersion(Reply):
     version: str
 
 
-class PacsLimits(Reply):
-    window: str
-    closed: bool
-    max_concurrent: int
-    studies_per_minute: int | None
-    studies_per_hour: int | None
+@dataclass(frozen=True)
+class PacsLimits(windows.Limits, Readable):
+    """What the PACS' governance window allows now."""
 
 
-class PacsState(Reply):
-    pacs_id: str
+@dataclass(frozen=True)
+class PacsState(scheduler.PacsState, Readable):
+    """Governance now, for one PACS: its limits, the retrievals running, the recent starts, the queue."""
+
     limits: PacsLimits
-    active: int
-    starts_last_minute: int
-    starts_last_hour: int
-    queued: int
 
 
-class ForwardReport(Reply):
-    batch_id: str
-    destination_id: str
-    created: list[int]
-    already_queued: list[str]
-    not_cached: list[str]
-    not_permitted: list[str]
+@dataclass
+class ForwardReport(forward.ForwardReport, Readable):
+    """The forwards queued (their ids), and the studies left out, by reason."""
 
 
 class DestinationRow(Reply):

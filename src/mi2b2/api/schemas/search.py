@@ -4,41 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from mi2b2.api.schemas.common import Reply, Timestamp
+from pydantic.dataclasses import dataclass
+
+from mi2b2.api.schemas.common import Readable, Reply, Timestamp
+from mi2b2.services import pacs, search
 
 
-class PatientHit(Reply):
-    patient_id: str
-    patient_name: str
-    birth_date: str
-    sex: str
-    study_count: int | None
-    issuer: str = ""
+@dataclass(frozen=True)
+class PatientHit(search.PatientHit, Readable):
+    """A patient the PACS answered with, on the project's allow-list."""
 
 
-class StudyHit(Reply):
-    patient_id: str
-    patient_name: str
-    study_uid: str
-    accession: str
-    study_date: str
-    study_time: str
-    modalities: str
-    description: str
-    series_count: int | None
-    instance_count: int | None
-    pacs_id: str
-    institution_id: str
-    department_id: str
+@dataclass(frozen=True)
+class StudyHit(search.StudyHit, Readable):
+    """A study the PACS answered with, of a patient on the project's allow-list."""
 
 
-class SeriesHit(Reply):
-    study_uid: str
-    series_uid: str
-    series_number: str
-    modality: str
-    description: str
-    instance_count: int | None
+@dataclass(frozen=True)
+class SeriesHit(search.SeriesHit, Readable):
+    """A series of a chosen study."""
 
 
 class InvalidLine(Reply):
@@ -136,14 +120,9 @@ class QueryRow(Reply):
     created_at: Timestamp
 
 
-class EchoReport(Reply):
-    pacs_id: str
-    institution: str
-    department: str
-    address: str
-    reachable: bool
-    milliseconds: float | None
-    problem: str
+@dataclass(frozen=True)
+class EchoReport(pacs.EchoReport, Readable):
+    """Whether the PACS answered a C-ECHO, how fast, or why not."""
 
 
 class PacsRow(Reply):

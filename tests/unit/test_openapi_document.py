@@ -73,6 +73,6 @@ def test_no_json_answer_is_an_untyped_object(document: dict[str, Any]) -> None:
 
 def test_every_operation_documents_the_error_body(document: dict[str, Any]) -> None:
     for name, operation in _operations(document):
-        for status in ("401", "403", "404", "422", "503"):
+        for status in ("401", "403", "404", "422", "500", "503"):
             schema = operation["responses"][status]["content"][JSON]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (name, status)

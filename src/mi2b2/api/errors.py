@@ -37,6 +37,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "not found"),
         (413, "request body too large"),
         (422, "invalid input"),
+        (500, "an unexpected error; the server log has details"),
         (502, "a PACS or destination refused"),
         (503, "a PACS or destination is unavailable; try again"),
     )

@@ -52,10 +52,12 @@ class Mi2b2Client:
     they can also be read by key, as the JSON objects they are."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 600.0,
-                 verify: bool | ssl.SSLContext = True) -> None:
+                 verify: bool | ssl.SSLContext = True, transport: httpx.BaseTransport | None = None) -> None:
+        """``transport`` replaces the network (httpx's MockTransport in tests)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url + "/api/v1", headers=headers, timeout=timeout, verify=verify)
+        self._http = httpx.Client(base_url=self.base_url + "/api/v1", headers=headers, timeout=timeout, verify=verify,
+                                  transport=transport)
 
     def close(self) -> None:
         self._http.close()

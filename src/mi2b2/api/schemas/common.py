@@ -7,7 +7,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, TypeAdapter, WithJsonSchema
+from pydantic import BaseModel, PlainSerializer, TypeAdapter, WithJsonSchema
 
 from mi2b2.domain.clock import as_utc
 
@@ -55,9 +55,9 @@ class Readable:
 
 
 class Reply(Readable, BaseModel):
-    """An answer the API composes itself (the other answers extend a service's view)."""
+    """An answer the API composes itself (the other answers extend a service's view).
 
-    model_config = ConfigDict(extra="forbid")  # DEV-ONLY
+    Keys it does not know are left out, not refused: a client keeps reading a newer server's answers."""
 
 
 def _isoformat(value: datetime) -> str:

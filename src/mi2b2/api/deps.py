@@ -38,7 +38,8 @@ def app_service(request: Request, name: str, create: Callable[[ServiceContext], 
 
 
 def get_context(request: Request) -> ServiceContext:
-    return request.app.state.context  # type: ignore[no-any-return]
+    context: ServiceContext = request.app.state.context
+    return context
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]

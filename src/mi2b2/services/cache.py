@@ -16,16 +16,17 @@ governed elsewhere.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
+from mi2b2.adapters.db.engine import rows_changed, transaction
+from mi2b2.adapters.db.tables import Base, CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.domain.clock import as_utc
@@ -300,15 +301,14 @@ def _study_values(a: Arrival, now: datetime) -> dict[str, Any]:
                 fetched_by=a.fetched_by[:64], fetched_at=now)
 
 
-def _insert_for(session: Session) -> Any:
+def _insert_for(session: Session) -> Callable[[type[Base]], postgresql.Insert | sqlite.Insert]:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - make_engine accepts only these two
-        raise InvalidInput(f"database {dialect!r} is not supported; use SQLite or PostgreSQL")
-    return insert
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    # Unreachable: make_engine accepts only these two.
+    raise InvalidInput(f"database {dialect!r} is not supported; use SQLite or PostgreSQL")
 
 
 def _merge_modalities(current: str, modality: str) -> str:
@@ -585,9 +585,7 @@ def _repair(
         for path in report.missing_files:
             if _disk_size(store, path) is None:  # look again: it may have been placed since
                 row = indexed[path]
-                report.rows_dropped += session.execute(
-                    delete(CachedInstance).where(CachedInstance.id == row.id)
-                ).rowcount or 0
+                report.rows_dropped += rows_changed(session, delete(CachedInstance).where(CachedInstance.id == row.id))
         for mismatch in report.size_mismatches:
             row = indexed[mismatch.path]
             header = _header(store, mismatch.path)

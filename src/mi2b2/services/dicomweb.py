@@ -317,7 +317,7 @@ class Record:
         header = self.header()
         if header is None or keyword not in header:
             return None
-        return header[keyword]  # type: ignore[no-any-return]
+        return header[keyword]
 
 
 def _read_header(path: Path) -> Dataset | None:
@@ -355,7 +355,10 @@ def _dataset(record: Record, keywords: Sequence[str], include_all: bool, extra: 
             if element is not None and not _bulky(element):
                 ds.add(element)
             else:
-                ds.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)  # type: ignore[arg-type]
+                tag = tag_for_keyword(keyword)
+                if tag is None:  # parse_query and the fixed key lists name only DICOM attributes
+                    raise ValueError(f"{keyword!r} is not a DICOM keyword")
+                ds.add_new(tag, dictionary_VR(keyword), None)
     if include_all and (header := record.header()) is not None:
         for element in header:
             if element.tag not in ds and element.tag.group != 0x0002 and not _bulky(element):
@@ -729,7 +732,9 @@ def _stored_syntax(path: Path) -> str:
 def _encapsulated(ds: Dataset) -> bool:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    return bool(syntax) and UID(syntax).is_encapsulated
+    if not syntax:
+        return False
+    return UID(syntax).is_encapsulated
 
 
 def _frame_numbers(text: str) -> list[int]:

@@ -24,14 +24,16 @@ from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_
 from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.governance import Denial, irb_active_at
-from mi2b2.domain.receipt import StoreStatus
+from mi2b2.domain.receipt import move_message_id
+from mi2b2.domain.request_states import Event
 from mi2b2.domain.requests import RequestState, retrieval_outcome
 from mi2b2.errors import Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, peer_for
+from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
-from mi2b2.services.request_rows import back_off_unless_canceled, mark_ended
+from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_ended
 
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 1.0  # how often a running retrieval re-reads its cancel flag and writes progress
@@ -69,7 +71,7 @@ def run_retrieval(
         return _end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status)
     _free_the_pacs(ctx, job)
     pacs_freed()
-    _await_counts(ctx, job, sink, result.completed + result.warning)
+    _await_counts(ctx, job, sink, result.completed + result.warning)  # C-MOVE and C-GET alike
     if result.canceled:
         reason = f"canceled: {watch.access_ended}" if watch.access_ended else "canceled by a user"
         return _end(ctx, job, RequestState.CANCELED, reason, status=result.status)
@@ -85,15 +87,12 @@ def _free_the_pacs(ctx: ServiceContext, job: _Job) -> None:
 
 def _await_counts(ctx: ServiceContext, job: _Job, sink: ReceiverSink, acknowledged: int) -> None:
     """Instances are answered before they are indexed (group commit): wait until
-    the request counts what the PACS says we acknowledged. A receiver in another
-    process is waited for through the database."""
-    sink.indexer.flush()
+    the request counts what the PACS says we acknowledged, or the receiver says it
+    cannot write them. The receiver may be in another process, so this is read
+    from the database; flushing this process's receiver first only makes it quicker."""
+    sink.flush()
     deadline = time.monotonic() + INDEX_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        with ctx.sessions() as session:
-            received = session.execute(select(Request.received).where(Request.id == job.request_id)).scalar_one()
-        if received >= acknowledged:
-            return
+    while not receipt_of(ctx, job.request_id).accounts_for(acknowledged) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -102,7 +101,7 @@ def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException
     with transaction(ctx.sessions) as session:
         row = session.get(Request, request_id)
         if row is not None and row.state == RequestState.PROCESSING:
-            row.state = RequestState.FAILED
+            change_state(row, Event.FAIL)
             row.ended_at = ctx.clock.now()
             row.last_error = f"internal error ({type(error).__name__}): {error}; see the server log, then retry"
 
@@ -122,15 +121,18 @@ def _retrieve(ctx: ServiceContext, job: _Job, sink: ReceiverSink, watch: _Watch)
     model = QueryModel(job.pacs.query_model.value)
     LOG.info("request %s: retrieving from %s by %s", job.request_id, job.pacs.id, job.pacs.retrieve.value)
     if job.pacs.retrieve is RetrieveMethod.C_GET:
+        record_attempt(ctx, job.request_id, None)
         return get_study(
             local_ae(ctx.config), peer_for(job.pacs), model, job.study_uid, job.patient_id, job.series_uids,
-            sink=sink.for_request(job.request_id), incoming_dir=sink.store.incoming_dir(),
+            sink=sink.for_request(job.request_id), incoming_dir=sink.incoming_dir(),
             on_progress=watch.progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=job.pacs.timeouts.network),
         )
+    move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
+    record_attempt(ctx, job.request_id, move)
     return move_study(
-        local_ae(ctx.config), peer_for(job.pacs), ctx.config.dicom.ae_title, model, job.study_uid, job.patient_id,
-        job.series_uids, on_progress=watch.progress, should_cancel=watch.should_cancel,
+        local_ae(ctx.config), peer_for(job.pacs), move.destination_ae, model, job.study_uid, job.patient_id,
+        job.series_uids, on_progress=watch.progress, should_cancel=watch.should_cancel, message_id=move.message_id,
     )
 
 
@@ -173,20 +175,18 @@ class _Watch:
 
 def _write_failure(ctx: ServiceContext, job: _Job) -> str | None:
     """The receiver's reason, when it could not write this request's instances to the cache."""
-    with ctx.sessions() as session:
-        row = session.get_one(Request, job.request_id)
-        return row.last_error if row.last_status == StoreStatus.OUT_OF_RESOURCES else None
+    return receipt_of(ctx, job.request_id).write_failure
 
 
 def _judge(ctx: ServiceContext, job: _Job, result: RetrieveResult) -> str:
     with ctx.sessions() as session:
         row = session.get_one(Request, job.request_id)
         expected = max(row.expected_instances, result.completed + result.failed + result.warning)
-        received = row.received
-    write_error = _write_failure(ctx, job)
-    if write_error:
-        return _end(ctx, job, RequestState.FAILED, write_error, status=result.status, result=result, expected=expected)
-    outcome = retrieval_outcome(expected, received, result.failed, 0)
+    receipt = receipt_of(ctx, job.request_id)
+    if receipt.write_failure:
+        return _end(ctx, job, RequestState.FAILED, receipt.write_failure, status=result.status, result=result,
+                    expected=expected)
+    outcome = retrieval_outcome(expected, receipt.received, result.failed, 0)
     return _end(ctx, job, outcome.state, outcome.reason, status=result.status, result=result, expected=expected)
 
 

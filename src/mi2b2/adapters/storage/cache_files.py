@@ -308,7 +308,7 @@ class CacheStore:
 
     def stale_incoming_files(self) -> list[str]:
         """Temp files left by dead processes, relative to the root."""
-        files = []
+        files: list[str] = []
         for folder in self.stale_incoming():
             for dirpath, _dirs, names in os.walk(folder):
                 files.extend((Path(dirpath) / n).relative_to(self.root).as_posix() for n in sorted(names))

@@ -31,16 +31,22 @@ class TreePatient(Reply):
     studies: list[TreeStudy]
 
 
-class ViewerTree(Reply):
-    project_id: str
+class Tree(Reply):
+    """Patients and their studies, and the window presets, of a project's cache or of a download."""
+
+    project_id: str | None
     patients: list[TreePatient]
     presets: list[WindowPreset]
 
 
-class LocalViewerTree(ViewerTree):
+class ViewerTree(Tree):
+    project_id: str
+
+
+class LocalViewerTree(Tree):
     """The tree of a download ``mi2b2 view`` shows: no project, and how many files were not images."""
 
-    project_id: None  # type: ignore[assignment]  # narrowed on purpose: a download belongs to no project here
+    project_id: None
     skipped_files: int
 
 
@@ -59,8 +65,10 @@ class ViewerSeries(Reply):
     instances: list[ViewerInstance]
 
 
-class ViewerStudy(Reply):
-    project_id: str
+class Study(Reply):
+    """A study's series and their images, in order, from a project's cache or from a download."""
+
+    project_id: str | None
     study_uid: str
     patient_id: str
     patient_name: str
@@ -71,8 +79,12 @@ class ViewerStudy(Reply):
     series: list[ViewerSeries]
 
 
-class LocalViewerStudy(ViewerStudy):
-    project_id: None  # type: ignore[assignment]  # narrowed on purpose: a download belongs to no project here
+class ViewerStudy(Study):
+    project_id: str
+
+
+class LocalViewerStudy(Study):
+    project_id: None
 
 
 class TagValue(Reply):

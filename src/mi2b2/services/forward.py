@@ -58,7 +58,7 @@ from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, Retri
 from mi2b2.services import notifications
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
-from mi2b2.services.cache import cache_store
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
 from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_ended, mark_started

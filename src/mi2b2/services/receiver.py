@@ -30,7 +30,7 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.adapters.dicom.scu import resolve_host
-from mi2b2.adapters.dicom.store_scp import Peer, ReceivedInstance, ReceiveLimits
+from mi2b2.adapters.dicom.store_receipt import Peer, ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.config import SiteConfig
 from mi2b2.domain.audit_chain import fit_field
@@ -49,7 +49,7 @@ from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services.allow_list import institution_rules, patient_allowed
 from mi2b2.services.audit import Action, Outcome
-from mi2b2.services.cache import Arrival, index_arrivals
+from mi2b2.services.cache.index import Arrival, index_instances
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.receipts import record_write_failure
 
@@ -278,8 +278,8 @@ class ReceiverSink:
         header = instance.header
         relative = self.store.relative_path(request.project_id, header.study_uid, header.series_uid, header.sop_instance_uid)
         size = self.store.move_in(instance.path, relative)
-        self.indexer.submit(Arrival(request.request_id, request.project_id, header, relative, size,
-                                    self._owner(request.request_id), request.pacs_id))
+        self.indexer.submit(Arrival(request.project_id, header, relative, size, self._owner(request.request_id),
+                                    request.pacs_id, request_id=request.request_id))
         self._count_used(request, size)
 
     def _owner(self, request_id: int) -> str:
@@ -456,7 +456,7 @@ class Indexer:
             n, size = counts.setdefault(a.request_id, [0, 0])
             counts[a.request_id] = [n + 1, size + a.size]
         with transaction(self.ctx.sessions) as session:
-            index_arrivals(session, arrivals, self.ctx.clock.now())
+            index_instances(session, arrivals, self.ctx.clock.now())
             for request_id, (n, size) in counts.items():
                 row = session.get(Request, request_id)
                 if row is None:

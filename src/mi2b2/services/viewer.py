@@ -52,7 +52,7 @@ from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import cache_store
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_readable, require_use
 

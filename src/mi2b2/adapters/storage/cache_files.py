@@ -12,7 +12,7 @@ and moved into place with ``os.replace`` on the same file system: a reader
 sees either no file or the whole file, never a half-written one.
 
 The index (which files exist, their sizes, who fetched them) lives in the
-database; ``services/cache.py`` keeps the two in step and ``fsck`` compares them.
+database; ``services/cache/`` keeps the two in step and ``fsck`` compares them.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ class Clock(Protocol):
         """Seconds from an arbitrary origin, for measuring durations."""
         ...
 
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of this clock's time (a fake clock just moves on)."""
+        ...
+
 
 class SystemClock:
     def now(self) -> datetime:

@@ -110,7 +110,7 @@ class Watch:
                 .select_from(Request).outerjoin(Project, Project.id == Request.project_id)
                 .where(Request.id == self._job.request_id)
             ).one_or_none()
-        flag, active, expires_on = found.tuple() if found is not None else (False, None, None)
+        flag, active, expires_on = found if found is not None else (False, None, None)
         if self._stops_when_access_ends:
             self.access_ended = self._access_ended(active, expires_on)
         self._canceled = bool(flag) or self.access_ended is not None

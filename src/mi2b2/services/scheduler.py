@@ -152,9 +152,15 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
             w.id for w in workers.values()
             if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not pid_alive(w.pid))
         }
+        # Lock only the rows that look orphaned, in id order: locking every processing row
+        # on every tick made two workers deadlock, and held up the receiver counting arrivals.
+        suspects = [request_id for request_id, worker in session.execute(
+            select(Request.id, Request.worker).where(Request.state == RequestState.PROCESSING)
+        ).all() if worker is None or worker not in workers or worker in dead]
         orphans = session.execute(
-            select(Request).where(Request.state == RequestState.PROCESSING).with_for_update()
-        ).scalars().all()
+            select(Request).where(Request.id.in_(suspects), Request.state == RequestState.PROCESSING)
+            .order_by(Request.id).with_for_update()
+        ).scalars().all() if suspects else []
         requeued = []
         for row in orphans:
             if row.worker is None or row.worker not in workers or row.worker in dead:

@@ -1,4 +1,4 @@
-"""The job machinery's waits run on the context's clock: a fake clock drives them, nothing sleeps."""
+"""The job machinery's polls and waits run on the context's timer: a fake one drives them, nothing sleeps."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from support.site import load_site
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[ServiceContext]:
-    context = build_context(load_site(tmp_path), clock=FakeClock())
+    clock = FakeClock()
+    context = build_context(load_site(tmp_path), clock=clock, timer=clock)
     yield context
     context.engine.dispose()
 

@@ -12,8 +12,8 @@ A worker thread runs one started request:
 
 What differs by kind comes in as parameters: the target (the PACS a retrieval
 reads from, the destination a forward sends to), the retry policy, and the
-counts each kind writes and audits (`Record`). Every wait reads the service
-context's clock, so a test drives it without sleeping.
+counts each kind writes and audits (`Record`). Every poll and wait reads the
+service context's timer, so a test drives it with a fake one and nothing sleeps.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Project, Request
-from mi2b2.domain.clock import Clock
+from mi2b2.domain.clock import Timer
 from mi2b2.domain.governance import Denial, irb_active_at
 from mi2b2.domain.requests import RequestKind, RequestState, RetryPolicy
 from mi2b2.errors import RetriableError
@@ -73,14 +73,14 @@ def load(ctx: ServiceContext, request_id: int, kind: RequestKind) -> Job | None:
                    tuple(row.series_uids or ()), row.attempts)
 
 
-def wait_until(clock: Clock, done: Callable[[], bool], timeout: float, interval: float) -> bool:
-    """Ask ``done`` every ``interval`` seconds of ``clock`` until it says yes (True) or
+def wait_until(timer: Timer, done: Callable[[], bool], timeout: float, interval: float) -> bool:
+    """Ask ``done`` every ``interval`` seconds of ``timer`` until it says yes (True) or
     ``timeout`` seconds have passed (False)."""
-    deadline = clock.monotonic() + timeout
-    while clock.monotonic() < deadline:
+    deadline = timer.monotonic() + timeout
+    while timer.monotonic() < deadline:
         if done():
             return True
-        clock.sleep(interval)
+        timer.sleep(interval)
     return False
 
 
@@ -103,7 +103,7 @@ class Watch:
     def should_cancel(self) -> bool:
         if self._canceled or not self._due(self._checked):
             return self._canceled
-        self._checked = self._ctx.clock.monotonic()
+        self._checked = self._ctx.timer.monotonic()
         with self._ctx.sessions() as session:
             found = session.execute(
                 select(Request.cancel_requested, Project.active, Project.expires_on)
@@ -120,11 +120,11 @@ class Watch:
         """True at most once per POLL_SECONDS: the caller may write its progress now."""
         if not self._due(self._written):
             return False
-        self._written = self._ctx.clock.monotonic()
+        self._written = self._ctx.timer.monotonic()
         return True
 
     def _due(self, last: float | None) -> bool:
-        return last is None or self._ctx.clock.monotonic() - last >= POLL_SECONDS
+        return last is None or self._ctx.timer.monotonic() - last >= POLL_SECONDS
 
     def _access_ended(self, active: bool | None, expires_on: date | None) -> str | None:
         if not active or expires_on is None:  # None: the project row is gone

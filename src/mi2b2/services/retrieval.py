@@ -82,7 +82,7 @@ def _await_counts(ctx: ServiceContext, job: Job, sink: ReceiverSink, acknowledge
             received = session.execute(select(Request.received).where(Request.id == job.request_id)).scalar_one()
         return received >= acknowledged
 
-    jobs.wait_until(ctx.clock, counted, INDEX_WAIT_SECONDS, INDEX_POLL_SECONDS)
+    jobs.wait_until(ctx.timer, counted, INDEX_WAIT_SECONDS, INDEX_POLL_SECONDS)
 
 
 def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:

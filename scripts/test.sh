@@ -8,4 +8,5 @@ if command -v pg_ctlcluster >/dev/null && ! pg_isready -h 127.0.0.1 -q 2>/dev/nu
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
 .venv/bin/ruff check src tests bench
+.venv/bin/mypy  # strict, over src/ ([tool.mypy] in pyproject.toml)
 exec .venv/bin/python -m pytest "$@"

@@ -342,7 +342,7 @@ class ProjectConfig(Strict):
         """Each file of the allow-list, by the institution it lists (None: the file names its institutions)."""
         if self.mrn_file is not None:
             return {None: self.mrn_file}
-        return dict(self.mrn_files)
+        return {institution: path for institution, path in self.mrn_files.items()}
 
 
 class ServerConfig(Strict):

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
 from mi2b2.adapters.dicom.store_scp import StoreServer
-from mi2b2.services.cache import cache_store
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae
 from mi2b2.services.receiver import ReceiverSink, receive_limits

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from mi2b2.api.app import create_app
 from mi2b2.services.context import ServiceContext, build_context
-from mi2b2.services.dicomweb import MAX_FRAMES
+from mi2b2.services.dicomweb.query import MAX_FRAMES
 from mi2b2.testing import FakeClock
 from support.site import load_site
 from support.viewing import ROOT, SAMPLE_SERIES, SAMPLE_STUDY, Cached, fill

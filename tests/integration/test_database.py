@@ -43,6 +43,33 @@ def test_migrations_match_models_and_round_trip(ctx: ServiceContext) -> None:
     assert head is not None and head != "0001"
 
 
+def test_a_receiver_write_failure_marked_the_old_way_keeps_its_meaning(ctx: ServiceContext) -> None:
+    """Before 0008 the receiver marked "could not write" with 0xA700 in last_status;
+    an ended request's 0xA700 is what the PACS said, and stays only that."""
+    db.downgrade(ctx.engine, "0006")
+    with ctx.engine.begin() as connection:
+        for state, error in [("processing", "cannot write to the cache: No space left on device"),
+                             ("failed", "the PACS is out of resources")]:
+            connection.execute(text(
+                "insert into requests (kind, project_id, user_login, patient_id, study_uid, accession, series_uids,"
+                " priority, state, expected_instances, expected_bytes, received, failed, warnings, bytes, attempts,"
+                " last_error, last_status, created_at, started_at, cancel_requested)"
+                " values ('retrieve', 'alpha', 'alice', '77', '1.2.3', '', '[]', 0, :state, 1, 0, 0, 1, 0, 0, 1,"
+                " :error, 42752, :now, :now, false)"), {"state": state, "error": error, "now": ctx.clock.now()})
+    db.upgrade(ctx.engine)
+    with ctx.engine.connect() as connection:
+        rows = connection.execute(text(
+            "select state, write_failure, write_failed_at is not null, last_status from requests order by id")).all()
+    assert [tuple(r) for r in rows] == [
+        ("processing", "cannot write to the cache: No space left on device", True, 0xA700),
+        ("failed", None, False, 0xA700),
+    ]
+    db.downgrade(ctx.engine, "0006")  # and back: the old code reads the mark again
+    with ctx.engine.connect() as connection:
+        assert connection.execute(text("select last_status, last_error from requests where state = 'processing'")).one() \
+            == (0xA700, "cannot write to the cache: No space left on device")
+
+
 def test_config_is_mirrored_and_reload_is_audited(tmp_path: Path, ctx: ServiceContext) -> None:
     with ctx.engine.connect() as connection:
         assert connection.execute(text("select count(*) from project_mrns where project_id='alpha'")).scalar() == 5

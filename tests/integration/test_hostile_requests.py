@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mi2b2.config import load_config
 from mi2b2.services.context import build_context
-from mi2b2.services.dicomweb import MAX_FRAMES, MAX_LIMIT, MAX_PARAMETERS, MAX_PATTERN_CHARS
+from mi2b2.services.dicomweb.query import MAX_FRAMES, MAX_LIMIT, MAX_PARAMETERS, MAX_PATTERN_CHARS
 from support.server import Mi2b2Server, start_server
 from support.site import write_site
 from support.viewing import Cached, fill, free_port, place

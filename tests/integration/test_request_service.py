@@ -206,3 +206,27 @@ def test_user_cancel_of_a_whole_batch_notifies_once(ctx: ServiceContext) -> None
     with ctx.sessions() as session:
         notes = session.execute(select(Notification).where(Notification.user_login == "alice")).scalars().all()
     assert len(notes) == 1 and "2 canceled" in notes[0].subject
+
+
+def test_the_receiver_and_the_retrieval_speak_through_the_request_row(ctx: ServiceContext, clock: FakeClock) -> None:
+    from mi2b2.domain.clock import as_utc
+    from mi2b2.services.receipts import MoveSent, Receipt, receipt_of, record_attempt, record_write_failure
+
+    (request_id,) = add_requests(ctx, ALICE, "alpha", "main", [StudyPick("1.2")]).created
+    record_attempt(ctx, request_id, MoveSent(request_id, "MI2B2"))
+    assert receipt_of(ctx, request_id) == Receipt(received=0, write_failure=None)
+    record_write_failure(ctx, request_id, "cannot write to the cache: No space left on device")
+    assert receipt_of(ctx, request_id) == Receipt(0, "cannot write to the cache: No space left on device")
+    with ctx.sessions() as session:
+        row = session.get_one(Request, request_id)
+        # What users see meanwhile is unchanged: the receiver's reason and the status it answered.
+        assert (row.failed, row.last_error, row.last_status) == (1, "cannot write to the cache: No space left on device",
+                                                                 0xA700)
+        assert row.write_failed_at is not None
+        assert MONDAY_NOON <= as_utc(row.write_failed_at) < MONDAY_NOON + timedelta(seconds=1)  # the fake clock's now
+        assert (row.move_message_id, row.move_destination_ae) == (request_id, "MI2B2")
+    # The next attempt starts clean, and a C-GET names no C-MOVE.
+    record_attempt(ctx, request_id, None)
+    assert receipt_of(ctx, request_id).write_failure is None
+    with ctx.sessions() as session:
+        assert session.get_one(Request, request_id).move_message_id is None

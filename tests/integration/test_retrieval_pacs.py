@@ -16,9 +16,13 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy, Notification
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy, Notification, Request
+from mi2b2.domain.receipt import move_message_id
+from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.services import cache as cache_service
 from mi2b2.services.requests import StudyPick, add_requests, cancel_requests
+from mi2b2.services.retrieval import run_retrieval
 from mi2b2.synthetic import SyntheticStudy, write_study
 from support import studies
 from support.pacs import RunningPacs, free_port, start_dcmqrscp, start_orthanc, start_qrscp
@@ -217,6 +221,55 @@ def test_receipt_door_refuses_strangers_unrequested_studies_and_off_list_patient
         assert pipe.sink.indexer.flush(10)
         with pipe.ctx.sessions() as session:
             assert session.execute(select(func.count()).select_from(CachedStudy)).scalar_one() == 1
+
+
+GAMMA = """
+    [[projects]]
+    id = "gamma"
+    title = "Second cohort, same patients"
+    irb = "2026P000456"
+    expires = 2099-12-31
+    mrn_file = "alpha.mrns"
+    quota = "10 GiB"
+    institutions = ["general"]
+    members = [{ login = "alice" }]
+"""
+
+
+def test_two_projects_retrieving_one_study_at_once_each_get_their_own_instances(tmp_path: Path, setup: Setup) -> None:
+    """The receiver tells the two retrievals apart by the Move Originator Message ID the PACS
+    echoes from each C-MOVE (by the association itself, for C-GET). Matched by study alone,
+    the later request's instances would all go to the older one, in the other project."""
+    block = pacs_block("main", setup.pacs.ae_title, setup.pacs.port, f'retrieve = "{setup.method}"\n' + FAST_RETRIES)
+    site = retrieval_site(tmp_path, setup.receiver_port, block, projects=GAMMA)
+    with Pipeline(site, worker=False) as pipe:
+        older, newer = (_processing(pipe, project, studies.TRAUMA, expected=2) for project in ("alpha", "gamma"))
+        # The newer one runs while the older one is in flight too (started, its C-MOVE not yet sent).
+        assert run_retrieval(pipe.ctx, newer, pipe.sink) == "completed"
+        assert run_retrieval(pipe.ctx, older, pipe.sink) == "completed"
+        rows = pipe.requests([older, newer])
+        assert [(r.project_id, r.received, r.write_failure) for r in rows] == [("alpha", 2, None), ("gamma", 2, None)]
+        if setup.method == "c-move":
+            assert [(r.move_message_id, r.move_destination_ae) for r in rows] == [
+                (move_message_id(older), "MI2B2"), (move_message_id(newer), "MI2B2")]
+        with pipe.ctx.sessions() as session:
+            filed = session.execute(select(CachedStudy.project_id, func.count()).join(CachedInstance)
+                                    .group_by(CachedStudy.project_id).order_by(CachedStudy.project_id)).all()
+        assert [tuple(f) for f in filed] == [("alpha", 2), ("gamma", 2)]
+
+
+def _processing(pipe: Pipeline, project_id: str, study: SyntheticStudy, expected: int) -> int:
+    """A retrieval as the scheduler leaves it when it starts one (the scheduler itself
+    holds back a second retrieval of a study in flight from the same PACS)."""
+    with transaction(pipe.ctx.sessions) as session:
+        row = Request(kind=RequestKind.RETRIEVE, batch_id="test", project_id=project_id, user_login="alice",
+                      pacs_id="main", patient_id=study.patient_id, study_uid=studies.uid(study),
+                      accession=study.accession, series_uids=[], priority=0, state=RequestState.PROCESSING,
+                      expected_instances=expected, expected_bytes=0, attempts=1, created_at=pipe.ctx.clock.now(),
+                      started_at=pipe.ctx.clock.now(), worker="test")
+        session.add(row)
+        session.flush()
+        return row.id
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from pydicom.datadict import DicomDictionary
 
 from mi2b2.domain.safe_paths import check_all, inside, relative_name
 from mi2b2.errors import InvalidInput, LimitExceeded
-from mi2b2.services.dicomweb import (
+from mi2b2.services.dicomweb.matching import matches, wildcard
+from mi2b2.services.dicomweb.query import (
     MAX_FRAMES,
     MAX_INCLUDE_FIELDS,
     MAX_LIMIT,
@@ -25,9 +26,7 @@ from mi2b2.services.dicomweb import (
     MAX_PATTERN_CHARS,
     MAX_VALUE_CHARS,
     MAX_WILDCARD_VALUES,
-    _frame_numbers,
-    _wildcard,
-    matches,
+    frame_numbers,
     parse_query,
 )
 
@@ -37,7 +36,7 @@ KEYWORDS = [entry[4] for entry in DicomDictionary.values() if entry[4]]
 @settings(max_examples=3000, deadline=None)
 @given(st.text("ab.1*?", max_size=10), st.text("ab.1", max_size=12))
 def test_wildcards_match_exactly_as_shell_patterns_do(pattern: str, value: str) -> None:
-    assert _wildcard(pattern, value, False) == fnmatch.fnmatchcase(value, pattern)
+    assert wildcard(pattern, value, False) == fnmatch.fnmatchcase(value, pattern)
 
 
 def test_person_names_ignore_case_and_uids_do_not() -> None:
@@ -51,8 +50,8 @@ def test_a_pattern_that_makes_regular_expressions_backtrack_is_matched_at_once(r
     value = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012"
     started = time.perf_counter()
     for _ in range(100):
-        assert not _wildcard("*?" * repeats + "x", value, False)
-        assert _wildcard("*?" * min(repeats, len(value) // 2), value, False)
+        assert not wildcard("*?" * repeats + "x", value, False)
+        assert wildcard("*?" * min(repeats, len(value) // 2), value, False)
     assert time.perf_counter() - started < 1.0  # a regular expression took 52 s once, for 8 repeats
 
 
@@ -80,14 +79,14 @@ def test_limits_themselves_are_accepted() -> None:
 
 
 def test_frame_lists_are_deduplicated_in_order_and_capped() -> None:
-    assert _frame_numbers(",".join(["3", "1", "3"] * 1000)) == [3, 1]
-    assert _frame_numbers(",".join(str(n) for n in range(1, MAX_FRAMES + 1))) == list(range(1, MAX_FRAMES + 1))
+    assert frame_numbers(",".join(["3", "1", "3"] * 1000)) == [3, 1]
+    assert frame_numbers(",".join(str(n) for n in range(1, MAX_FRAMES + 1))) == list(range(1, MAX_FRAMES + 1))
     with pytest.raises(LimitExceeded, match=str(MAX_FRAMES)):
-        _frame_numbers(",".join(str(n) for n in range(1, MAX_FRAMES + 2)))
+        frame_numbers(",".join(str(n) for n in range(1, MAX_FRAMES + 2)))
     with pytest.raises(LimitExceeded, match=str(MAX_FRAMES)):
-        _frame_numbers(",".join(["1"] * 8000))
+        frame_numbers(",".join(["1"] * 8000))
     with pytest.raises(InvalidInput, match="from 1"):
-        _frame_numbers("0,1")
+        frame_numbers("0,1")
 
 
 @pytest.mark.parametrize("name", [

@@ -69,3 +69,47 @@ def test_receiver_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match="max_pdu"):
         parse_config("[dicom]\nmax_pdu = 0\n")
     assert parse_config('[dicom]\nmax_instance_size = "1 GiB"\n').dicom.max_instance_size == 1024**3
+
+
+def test_an_instance_belongs_to_the_retrieval_whose_c_move_it_names() -> None:
+    from mi2b2.domain.receipt import Candidate, MoveOrigin, match_retrieval, move_message_id
+
+    study, other = "1.2.840.1", "1.2.840.2"
+    # Two projects retrieving one study from one PACS, and a third retrieval of another study.
+    alpha = Candidate(7, study, move_message_id(7), "MI2B2")
+    gamma = Candidate(9, study, move_message_id(9), "MI2B2")
+    elsewhere = Candidate(8, other, move_message_id(8), "MI2B2")
+    both = [gamma, elsewhere, alpha]
+    assert match_retrieval(both, study, MoveOrigin("MI2B2", move_message_id(9)), "MI2B2") == 9
+    assert match_retrieval(both, study, MoveOrigin("MI2B2 ", move_message_id(7)), "MI2B2") == 7
+    # A message id is only ours when our AE title asked: pynetdicom's qrscp names itself.
+    assert match_retrieval(both, study, MoveOrigin("PACS", move_message_id(9)), "MI2B2") == 7
+    # The PACS does not say (C-GET, or a PACS that omits it), or names an id no retrieval of the study sent:
+    # the oldest retrieval of the study, as before message ids were recorded.
+    assert match_retrieval(both, study, MoveOrigin(), "MI2B2") == 7
+    assert match_retrieval(both, study, MoveOrigin("MI2B2", None), "MI2B2") == 7
+    assert match_retrieval(both, study, MoveOrigin("MI2B2", move_message_id(8)), "MI2B2") == 7
+    # A message id never takes an instance into another study's retrieval.
+    assert match_retrieval(both, "1.2.840.3", MoveOrigin("MI2B2", move_message_id(9)), "MI2B2") is None
+    assert match_retrieval([], study, MoveOrigin("MI2B2", 1), "MI2B2") is None
+    # A C-MOVE to another AE title is not one the instances arriving here were sent for.
+    assert match_retrieval([alpha, Candidate(9, study, move_message_id(9), "ELSEWHERE")], study,
+                           MoveOrigin("MI2B2", move_message_id(9)), "MI2B2") == 7
+
+
+def test_move_message_ids_are_valid_and_differ_between_retrievals_in_flight() -> None:
+    from mi2b2.domain.receipt import MESSAGE_IDS, move_message_id
+
+    ids = [move_message_id(n) for n in range(1, 3 * MESSAGE_IDS)]
+    assert min(ids) == 1 and max(ids) == 0xFFFF
+    window = [move_message_id(n) for n in range(40_000, 40_000 + MESSAGE_IDS)]
+    assert len(set(window)) == MESSAGE_IDS  # any 65,535 consecutive requests get distinct ids
+    assert move_message_id(12) == move_message_id(12)  # every attempt of a request names the same C-MOVE
+
+
+def test_a_receipt_accounts_for_the_acknowledged_instances_or_a_write_failure() -> None:
+    from mi2b2.services.receipts import Receipt
+
+    assert Receipt(received=6, write_failure=None).accounts_for(6)
+    assert not Receipt(received=5, write_failure=None).accounts_for(6)
+    assert Receipt(received=0, write_failure="cannot write to the cache: No space left on device").accounts_for(6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 
@@ -63,14 +64,19 @@ def withhold_exception_messages() -> None:
     Set on the record itself (its exc_text), so it holds for every handler,
     uvicorn's own included, whichever way the logging is configured."""
     make_record = logging.getLogRecordFactory()
-    if getattr(make_record, "withholds_messages", False):
+    if isinstance(make_record, _RecordWithoutMessages):
         return
+    logging.setLogRecordFactory(_RecordWithoutMessages(make_record))
 
-    def record_without_messages(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
+
+class _RecordWithoutMessages:
+    """A log record factory that wraps another and withholds exception messages (see above)."""
+
+    def __init__(self, make_record: Callable[..., logging.LogRecord]) -> None:
+        self._make_record = make_record
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self._make_record(*args, **kwargs)
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = exception_text(record.exc_info[1])
         return record
-
-    record_without_messages.withholds_messages = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(record_without_messages)

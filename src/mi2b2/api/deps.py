@@ -34,11 +34,12 @@ def app_service(request: Request, name: str, create: Callable[[ServiceContext], 
             if service is None:
                 service = create(state.context)
                 setattr(state, name, service)
-    return service  # type: ignore[no-any-return]
+    return service
 
 
 def get_context(request: Request) -> ServiceContext:
-    return request.app.state.context  # type: ignore[no-any-return]
+    context: ServiceContext = request.app.state.context
+    return context
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]

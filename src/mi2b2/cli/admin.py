@@ -19,7 +19,8 @@ def _password(prompt: bool, given: str | None) -> str | None:
     if given is not None:
         return given
     if prompt:
-        return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        return password
     return None
 
 

@@ -130,7 +130,7 @@ def fsck(
     Repair drops index rows of missing files, indexes unindexed files of
     patients on their project's allow-list (and deletes the rest, audited),
     fixes study totals and removes temp files left by dead receivers."""
-    from mi2b2.services.cache import fsck as check_cache  # the DICOM reader loads only for this command
+    from mi2b2.services.cache.fsck import fsck as check_cache  # the DICOM reader loads only for this command
 
     report = check_cache(local_context(config), operator(), repair)
     if fmt != "table":

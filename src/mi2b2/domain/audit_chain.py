@@ -208,15 +208,16 @@ def verify_chain(
     for checkpoint in checkpoints:
         pinned.setdefault(checkpoint.seq, []).append(checkpoint)
     newest = max(checkpoints, key=lambda c: c.seq, default=None)
-    keyed_from = key.keyed_from if key else None
-    counts = {"keyed_from": keyed_from, "checkpoints": len(checkpoints),
-              "newest_checkpoint": newest.seq if newest else None}
     expected_seq = 1
     expected_prev = GENESIS
     checked = keyed = 0
 
+    def verdict(ok: bool, bad_seq: int | None = None, problem: str = "") -> ChainVerdict:
+        return ChainVerdict(ok, checked, bad_seq, problem, keyed_from=key.keyed_from if key else None, keyed_rows=keyed,
+                            checkpoints=len(checkpoints), newest_checkpoint=newest.seq if newest else None)
+
     def broken(seq: int, problem: str) -> ChainVerdict:
-        return ChainVerdict(False, checked, seq, problem, keyed_rows=keyed, **counts)  # type: ignore[arg-type]
+        return verdict(False, seq, problem)
 
     for event in events:
         if event.seq != expected_seq:
@@ -245,4 +246,4 @@ def verify_chain(
     if key is not None and key.keyed_from > checked + 1:
         return broken(checked + 1, f"the key file says keyed rows start at row {key.keyed_from}, but the trail "
                                    f"ends at row {checked}: the newest rows were deleted, or the key is another trail's")
-    return ChainVerdict(True, checked, keyed_rows=keyed, **counts)  # type: ignore[arg-type]
+    return verdict(True)

@@ -168,7 +168,9 @@ def proposed_contexts(instances: Iterable[tuple[str, str]]) -> list[tuple[str, t
         syntaxes = stored.setdefault(sop_class, [])
         if syntax not in syntaxes:
             syntaxes.append(syntax)
-    contexts = [(sop_class, (syntax,)) for sop_class, syntaxes in stored.items() for syntax in syntaxes]
+    contexts: list[tuple[str, tuple[str, ...]]] = [
+        (sop_class, (syntax,)) for sop_class, syntaxes in stored.items() for syntax in syntaxes
+    ]
     for sop_class, syntaxes in stored.items():
         fallback = tuple(s for s in UNCOMPRESSED if s not in syntaxes)
         if fallback:

@@ -29,7 +29,7 @@ def login_allowed_at(failed_logins: int, last_failure: datetime | None) -> datet
     """
     if failed_logins < FREE_ATTEMPTS or last_failure is None:
         return None
-    delay = min(FIRST_DELAY * 2 ** min(failed_logins - FREE_ATTEMPTS, 16), LONGEST_DELAY)
+    delay: timedelta = min(FIRST_DELAY * 2 ** min(failed_logins - FREE_ATTEMPTS, 16), LONGEST_DELAY)
     return last_failure + delay
 
 

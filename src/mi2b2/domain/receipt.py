@@ -40,6 +40,58 @@ class InFlight:
 
 
 @dataclass(frozen=True)
+class MoveOrigin:
+    """Who asked the PACS to send an instance, as its C-STORE says: Move Originator
+    AE Title and Message ID (0000,1030-1031). Absent on C-GET and from some PACS."""
+
+    ae_title: str | None = None
+    message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A processing retrieval from the calling PACS, as far as matching needs it."""
+
+    request_id: int
+    study_uid: str
+    move_message_id: int | None = None  # of the C-MOVE its current attempt sent, if it sent one
+    move_destination_ae: str | None = None  # the AE title that C-MOVE named as destination
+
+
+MESSAGE_IDS = 0xFFFF  # Message ID is an unsigned 16-bit number; 0 is not used
+
+
+def move_message_id(request_id: int) -> int:
+    """The Message ID of a retrieval's C-MOVEs, the same on every attempt.
+
+    Two retrievals in flight at once get different ids unless their request
+    ids are 65,535 apart. A request's per-series C-MOVEs on one association
+    share it: PS3.7 forbids equal ids only among outstanding operations, and
+    ours run one after the other.
+    """
+    return 1 + (request_id - 1) % MESSAGE_IDS
+
+
+def match_retrieval(candidates: Iterable[Candidate], study_uid: str, origin: MoveOrigin, our_ae: str) -> int | None:
+    """The request an arriving instance belongs to, among the processing retrievals
+    from its PACS (None: it belongs to none of them).
+
+    First the retrieval whose C-MOVE the instance names: its Move Originator AE
+    is our AE title (mi2b2 issues its C-MOVEs under the title it receives at) and
+    its Move Originator Message ID that C-MOVE's. This tells two projects'
+    retrievals of one study apart. Otherwise (C-GET, a PACS that does not say,
+    names itself, or names an id we do not know) the oldest retrieval of the study.
+    """
+    of_study = sorted((c for c in candidates if c.study_uid == study_uid), key=lambda c: c.request_id)
+    if origin.message_id is not None and (origin.ae_title or "").strip() == our_ae.strip():
+        for candidate in of_study:
+            if (candidate.move_message_id == origin.message_id
+                    and (candidate.move_destination_ae or "").strip() == our_ae.strip()):
+                return candidate.request_id
+    return of_study[0].request_id if of_study else None
+
+
+@dataclass(frozen=True)
 class Refusal:
     status: StoreStatus
     reason: str

@@ -1,12 +1,10 @@
 """The life of a request (retrieve or forward), as pure rules.
 
-    scheduled ──> processing ──> completed | incomplete | failed
-        │              │
-        └──────────────┴──> canceled
-
-A failed, incomplete or canceled request may be retried (back to scheduled); a
-processing request that meets a transient failure goes back to scheduled with
-a ``not_before`` time (exponential backoff) until its attempts run out.
+Its states and every change between them are one table in
+`mi2b2.domain.request_states`; this module adds what users may ask of a
+request, the estimates of its size, and the judging of a finished retrieval.
+A processing request that meets a transient failure goes back to scheduled
+with a ``not_before`` time (exponential backoff) until its attempts run out.
 """
 
 from __future__ import annotations
@@ -15,14 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-
-class RequestState(StrEnum):
-    SCHEDULED = "scheduled"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    INCOMPLETE = "incomplete"
-    FAILED = "failed"
-    CANCELED = "canceled"
+# The states live with their table; the request log still finds them here.
+from mi2b2.domain.request_states import ENDED as ENDED
+from mi2b2.domain.request_states import Event, allows, sources
+from mi2b2.domain.request_states import RequestState as RequestState
 
 
 class RequestKind(StrEnum):
@@ -30,11 +24,8 @@ class RequestKind(StrEnum):
     FORWARD = "forward"
 
 
-ENDED = frozenset({RequestState.COMPLETED, RequestState.INCOMPLETE, RequestState.FAILED, RequestState.CANCELED})
-CANCELABLE = frozenset({RequestState.SCHEDULED, RequestState.PROCESSING})
-# A canceled request may be queued again too: canceling is how a user pauses a
-# retrieval (a PACS busy today, a wrong priority), and retry resumes it.
-RETRYABLE = frozenset({RequestState.FAILED, RequestState.INCOMPLETE, RequestState.CANCELED})
+CANCELABLE = sources(Event.CANCEL)
+RETRYABLE = sources(Event.RETRY)
 
 # Until an instance has arrived we know only how many to expect; this is a
 # CT/MR slice with headroom. Once bytes arrive the estimate follows them.
@@ -48,16 +39,17 @@ class TransitionRefused(Exception):
 
 def allowed_changes(state: str) -> dict[str, bool]:
     """What a user may do to a request in this state; the checks below refuse the rest."""
-    return {"cancel": state in CANCELABLE, "retry": state in RETRYABLE, "priority": state == RequestState.SCHEDULED}
+    return {"cancel": allows(state, Event.CANCEL), "retry": allows(state, Event.RETRY),
+            "priority": state == RequestState.SCHEDULED}
 
 
 def check_cancel(state: str) -> None:
-    if state not in CANCELABLE:
+    if not allows(state, Event.CANCEL):
         raise TransitionRefused(f"a {state} request cannot be canceled: only scheduled or processing ones can")
 
 
 def check_retry(state: str) -> None:
-    if state not in RETRYABLE:
+    if not allows(state, Event.RETRY):
         raise TransitionRefused(f"a {state} request cannot be retried: only failed, incomplete or canceled ones can")
 
 
@@ -121,5 +113,5 @@ class RetryPolicy:
         """When to try again after ``attempts`` transient failures; None when they are used up."""
         if attempts >= self.max_attempts:
             return None
-        delay = self.first_delay * (2 ** max(attempts - 1, 0))
+        delay = self.first_delay * (1 << max(attempts - 1, 0))
         return now + min(delay, self.max_delay)

@@ -29,7 +29,7 @@ from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, Mi2b2Error, NotFound, PermanentError
 from mi2b2.services.allow_list import allow_list_sizes
 from mi2b2.services.audit import Action, Outcome
-from mi2b2.services.cache import usage_in
+from mi2b2.services.cache.reads import usage_in
 from mi2b2.services.context import ServiceContext
 
 

@@ -23,13 +23,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Select, String, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters import syslog
 from mi2b2.adapters.crypto.audit_key import create_key_file, read_key_file
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import AuditEvent, AuditHead
+from mi2b2.adapters.db.tables import AuditEvent as AuditEvent  # re-exported: `list` returns these rows
+from mi2b2.adapters.db.tables import AuditHead
 from mi2b2.adapters.storage.checkpoint_file import append_line, read_lines
 from mi2b2.config import SyslogTarget
 from mi2b2.domain.audit_chain import (
@@ -310,7 +311,10 @@ class AuditTrail:
 
 def _fit(column: str, value: str | None) -> str | None:
     """The value as its column stores it (see `fit_field`)."""
-    return fit_field(value, AuditEvent.__table__.c[column].type.length)
+    column_type = AuditEvent.__table__.c[column].type
+    if not isinstance(column_type, String) or column_type.length is None:
+        raise TypeError(f"audit_events.{column} is not a text column of bounded length")
+    return fit_field(value, column_type.length)
 
 
 def _chained(row: AuditEvent) -> ChainedEvent:
@@ -345,7 +349,7 @@ def load_audit_key(sessions: sessionmaker[Session], key_file: Path) -> AuditKey:
     return key
 
 
-def _filtered(query: AuditFilter):  # type: ignore[no-untyped-def]
+def _filtered(query: AuditFilter) -> Select[AuditEvent]:
     statement = select(AuditEvent)
     if query.actor:
         statement = statement.where(AuditEvent.actor == query.actor)

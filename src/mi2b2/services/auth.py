@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.crypto.secrets import hash_password, new_token, token_digest, verify_password
-from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.engine import rows_changed, transaction
 from mi2b2.adapters.db.tables import ApiToken, LoginFailure, User
 from mi2b2.domain.clock import Clock, as_utc
 from mi2b2.domain.login_throttle import FORGET_AFTER, login_digest, must_wait
@@ -244,10 +244,9 @@ class Accounts:
 
 def _revoke_all(session: Session, user_id: int, now: datetime) -> int:
     """Revoke every API token and browser session of a user; how many there were."""
-    result = session.execute(
-        update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)).values(revoked_at=now)
+    return rows_changed(
+        session, update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)).values(revoked_at=now)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def _role(role: str) -> str:

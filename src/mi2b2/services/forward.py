@@ -51,16 +51,17 @@ from mi2b2.domain.forwarding import (
 from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at, local_date
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import Principal
+from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import jobs, notifications
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
-from mi2b2.services.cache import cache_store
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import local_ae
-from mi2b2.services.request_rows import mark_started
+from mi2b2.services.request_rows import change_state, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
 from mi2b2.services.scheduler import round_robin_cursor
 from mi2b2.services.search import allowed_values, load_policy
@@ -94,7 +95,7 @@ class _Study:
     series_uids: tuple[str, ...]  # empty: the whole study
     instances: int
     bytes: int
-    pacs_id: str  # the PACS it came from: the allow-list names patients per institution
+    pacs_id: str | None  # the PACS it came from: the allow-list names patients per institution
 
 
 # --- the door --------------------------------------------------------------------------
@@ -151,9 +152,9 @@ def add_forwards(
         raise InvalidInput(f"series {sorted(unknown_series)[0]!r} is not in the project's cache for the studies "
                            f"named; see `mi2b2 cache show {project_id} STUDY_UID`")
     busy = _queued(ctx, project_id, destination_id, studies)
-    patients_by_pacs: dict[str, set[str]] = defaultdict(set)
-    for study in cached.values():
-        patients_by_pacs[study.pacs_id].add(study.patient_id)
+    patients_by_pacs: dict[str | None, set[str]] = defaultdict(set)
+    for found in cached.values():
+        patients_by_pacs[found.pacs_id].add(found.patient_id)
     allowed_by_pacs = {pacs_id: allowed_values(ctx, project_id, pacs_id, patients)
                        for pacs_id, patients in patients_by_pacs.items()}  # one look-up per PACS, not per study
     allowed = {uid for uid, s in cached.items() if s.patient_id in allowed_by_pacs[s.pacs_id]}
@@ -184,7 +185,7 @@ def add_forwards(
                 kind=RequestKind.FORWARD, batch_id=report.batch_id, project_id=project_id, user_login=who.login,
                 destination_id=destination_id, patient_id=study.patient_id, study_uid=study.study_uid,
                 accession=study.accession, series_uids=list(study.series_uids), priority=priority,
-                state=RequestState.SCHEDULED, waiting_reason="waiting for the scheduler",
+                state=INITIAL, waiting_reason="waiting for the scheduler",
                 expected_instances=study.instances, expected_bytes=study.bytes, created_at=now,
             )
             session.add(row)
@@ -289,6 +290,8 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             select(Request.destination_id, Request.study_uid)
             .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING)
         ).all():
+            if destination_id is None:  # a forward always names its destination; the column is shared with retrievals
+                continue
             active[destination_id] += 1
             busy[destination_id].add(study_uid)
         queued = _forward_candidates(session, busy)
@@ -308,7 +311,9 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
                 ended[request_id] = (RequestState.FAILED, reason)
             started += plan.starts
         for row in session.execute(select(Request).where(Request.id.in_(list(ended)))).scalars():
-            row.state, row.last_error = ended[row.id]
+            state, reason = ended[row.id]
+            change_state(row, Event.CANCEL if state == RequestState.CANCELED else Event.REFUSE)
+            row.last_error = reason
             row.ended_at = now
             row.waiting_reason = None
         facts = session.execute(

@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.engine import serialize_scheduling, transaction
+from mi2b2.adapters.db.engine import rows_changed, serialize_scheduling, transaction
 from mi2b2.adapters.db.tables import CachedStudy, Notification, Project, ProjectMember, Request, User
 from mi2b2.adapters.email import MailError, send_mail
 from mi2b2.domain.clock import as_utc
@@ -290,6 +290,8 @@ def _deliver(ctx: ServiceContext, ids: Iterable[int]) -> None:
             .order_by(Notification.id)
         ).all()
     for note_id, subject, body, email in rows:
+        if email is None:  # the query keeps only users with an address
+            continue
         values: dict[str, object]
         try:
             send_mail(smtp, email, f"[mi2b2] {subject}", body, ctx.clock.now())
@@ -338,4 +340,4 @@ def mark_read(ctx: ServiceContext, who: Principal, ids: Iterable[int] | None = N
                 raise NotFound(f"you have no notifications {', '.join(str(i) for i in unknown)}; "
                                "list yours with `mi2b2 notifications`")
             statement = statement.where(Notification.id.in_(wanted))
-        return session.execute(statement.values(read_at=now)).rowcount or 0
+        return rows_changed(session, statement.values(read_at=now))

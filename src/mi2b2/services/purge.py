@@ -26,7 +26,8 @@ from mi2b2.domain.principal import Principal
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.errors import AccessDenied
 from mi2b2.services.audit import Action, AuditEntry, Outcome
-from mi2b2.services.cache import cache_store, remove_studies
+from mi2b2.services.cache.deletion import remove_studies
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed
 

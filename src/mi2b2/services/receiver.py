@@ -1,11 +1,14 @@
 """The C-STORE receipt door and the file's way into the project cache.
 
-For each arriving instance: find the retrieval it belongs to (the calling
-PACS and the study), judge it with `domain.receipt`, and then either refuse it
-(status + audit, the temp file is discarded by the adapter) or move the file
-into place and index it. The file is renamed into the cache before the index
-row is committed, so a crash in between leaves a complete, unindexed file that
-the retry or `fsck --repair` picks up, never an index row without a file.
+For each arriving instance: find the retrieval it belongs to (from the calling
+PACS, the one whose C-MOVE the instance names, else the one of its study: see
+`domain.receipt.match_retrieval`), judge it with `domain.receipt`, and then
+either refuse it (status + audit, the temp file is discarded by the adapter) or
+move the file into place and index it. The file is renamed into the cache
+before the index row is committed, so a crash in between leaves a complete,
+unindexed file that the retry or `fsck --repair` picks up, never an index row
+without a file. What the receiver tells the retrieval goes through
+`services.receipts`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
@@ -30,19 +34,23 @@ from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.config import SiteConfig
 from mi2b2.domain.audit_chain import fit_field
 from mi2b2.domain.receipt import (
+    Candidate,
     InFlight,
+    MoveOrigin,
     PacsIdentity,
     Refusal,
     StoreStatus,
     identify_peer,
     judge_receipt,
+    match_retrieval,
 )
 from mi2b2.domain.requests import RequestKind, RequestState, estimated_bytes
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services.allow_list import institution_rules, patient_allowed
 from mi2b2.services.audit import Action, Outcome
-from mi2b2.services.cache import Arrival, index_arrivals
+from mi2b2.services.cache.index import Arrival, index_instances
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.receipts import record_write_failure
 
 LOG = logging.getLogger(__name__)
 LOOKUP_SECONDS = 1.0  # how long a looked-up retrieval is trusted before asking the database again
@@ -107,7 +115,7 @@ class ReceiverSink:
         self.store = store
         self.request_id = request_id
         self.indexer = indexer or Indexer(ctx, store)
-        self._lookups: dict[tuple[tuple[str, ...], str], _Entry] = {}
+        self._lookups: dict[tuple[tuple[str, ...], str, MoveOrigin], _Entry] = {}
         self._owners: dict[int, str] = {}
         self._peers: dict[int, tuple[str, ...]] = {}  # association -> the PACS its peer is
         self._refused: dict[int, _Refused] = {}  # association -> what was refused on it so far
@@ -119,6 +127,15 @@ class ReceiverSink:
 
     def close(self) -> None:
         self.indexer.stop()
+
+    def incoming_dir(self) -> Path:
+        """Where a C-GET's arriving instances are written before they are judged."""
+        return self.store.incoming_dir()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Index what this process acknowledged so far: a fast path, for what another
+        process receives is counted all the same (see `receipts.receipt_of`)."""
+        return self.indexer.flush(timeout)
 
     # --- the association ---------------------------------------------------------------
 
@@ -161,9 +178,10 @@ class ReceiverSink:
 
     # --- each instance -----------------------------------------------------------------
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
         """From the header alone, before the adapter writes a byte."""
-        request = self._in_flight(peer, header.study_uid)
+        request = self._in_flight(peer, header.study_uid, MoveOrigin(move_originator_ae, move_originator_message_id))
         refusal = self._judge(request, peer, header, 0, move_originator_ae)
         if refusal is None:
             return None
@@ -178,7 +196,8 @@ class ReceiverSink:
     def accept(self, instance: ReceivedInstance) -> int:
         header = instance.header
         peer = instance.peer or Peer(instance.peer_ae.strip(), "", 0)
-        request = self._in_flight(peer, header.study_uid)
+        origin = MoveOrigin(instance.move_originator_ae, instance.move_originator_message_id)
+        request = self._in_flight(peer, header.study_uid, origin)
         refusal = self._judge(request, peer, header, instance.size, instance.move_originator_ae)
         if refusal is not None:
             self._note(peer, header, refusal, request)
@@ -189,7 +208,7 @@ class ReceiverSink:
         try:
             self._store(instance, request)
         except Mi2b2Error as exc:
-            fail_request_for_storage(self.ctx, request.request_id, f"cannot write to the cache: {exc}")
+            record_write_failure(self.ctx, request.request_id, f"cannot write to the cache: {exc}")
             return StoreStatus.OUT_OF_RESOURCES
         return StoreStatus.SUCCESS
 
@@ -203,8 +222,8 @@ class ReceiverSink:
 
     # --- lookup ------------------------------------------------------------------------
 
-    def _in_flight(self, peer: Peer, study_uid: str) -> InFlight | None:
-        key = (self._pacs_of(peer) if self.request_id is None else (), study_uid)
+    def _in_flight(self, peer: Peer, study_uid: str, origin: MoveOrigin) -> InFlight | None:
+        key = (self._pacs_of(peer) if self.request_id is None else (), study_uid, origin)
         with self._lock:
             entry = self._lookups.get(key)
             if entry is not None and self.ctx.timer.monotonic() - entry.looked_up < LOOKUP_SECONDS:
@@ -216,10 +235,10 @@ class ReceiverSink:
             self._lookups[key] = _Entry(request, self.ctx.timer.monotonic())
         return request
 
-    def _look_up(self, pacs_ids: tuple[str, ...], study_uid: str) -> InFlight | None:
+    def _look_up(self, pacs_ids: tuple[str, ...], study_uid: str, origin: MoveOrigin) -> InFlight | None:
         if self.request_id is None and not pacs_ids:
             return None
-        query = select(Request).where(
+        query = select(Request.id, Request.study_uid, Request.move_message_id, Request.move_destination_ae).where(
             Request.kind == RequestKind.RETRIEVE,
             Request.state == RequestState.PROCESSING,
             Request.study_uid == study_uid,
@@ -229,9 +248,12 @@ class ReceiverSink:
         else:
             query = query.where(Request.pacs_id.in_(list(pacs_ids)))
         with self.ctx.sessions() as session:
-            row = session.execute(query.order_by(Request.id).limit(1)).scalar_one_or_none()
-            if row is None:
+            candidates = [Candidate(row_id, uid, message_id, destination)
+                          for row_id, uid, message_id, destination in session.execute(query).all()]
+            request_id = match_retrieval(candidates, study_uid, origin, self.ctx.config.dicom.ae_title)
+            if request_id is None:
                 return None
+            row = session.get_one(Request, request_id)
             project = session.get_one(Project, row.project_id)
             allowed = patient_allowed(session, row.project_id, row.pacs_id, row.patient_id)
             rules = institution_rules(session, row.project_id, row.pacs_id)
@@ -255,8 +277,8 @@ class ReceiverSink:
         header = instance.header
         relative = self.store.relative_path(request.project_id, header.study_uid, header.series_uid, header.sop_instance_uid)
         size = self.store.move_in(instance.path, relative)
-        self.indexer.submit(Arrival(request.request_id, request.project_id, header, relative, size,
-                                    self._owner(request.request_id), request.pacs_id))
+        self.indexer.submit(Arrival(request.project_id, header, relative, size, self._owner(request.request_id),
+                                    request.pacs_id, request_id=request.request_id))
         self._count_used(request, size)
 
     def _owner(self, request_id: int) -> str:
@@ -316,14 +338,6 @@ def receive_limits(config: SiteConfig) -> ReceiveLimits:
     return ReceiveLimits(max_pdu=dicom.max_pdu, max_instance_bytes=dicom.max_instance_size,
                          max_associations_per_peer=dicom.max_associations_per_peer,
                          network_timeout=dicom.network_timeout)
-
-
-def fail_request_for_storage(ctx: ServiceContext, request_id: int, reason: str) -> None:
-    LOG.error("request %s: %s", request_id, reason)
-    with transaction(ctx.sessions) as session:
-        # The status marks the request for failing when its retrieval returns.
-        session.execute(update(Request).where(Request.id == request_id).values(
-            failed=Request.failed + 1, last_error=reason, last_status=int(StoreStatus.OUT_OF_RESOURCES)))
 
 
 class Indexer:
@@ -420,7 +434,7 @@ class Indexer:
                 self._remove_unindexed(batch)  # if even that fails, fsck finds them
             for request_id in {a.request_id for a in batch}:
                 with contextlib.suppress(Exception):
-                    fail_request_for_storage(self.ctx, request_id, f"cannot write to the cache: {exc}")
+                    record_write_failure(self.ctx, request_id, f"cannot write to the cache: {exc}")
         finally:
             with self._done:
                 self._committed += len(batch)
@@ -442,7 +456,7 @@ class Indexer:
             n, size = counts.setdefault(a.request_id, [0, 0])
             counts[a.request_id] = [n + 1, size + a.size]
         with transaction(self.ctx.sessions) as session:
-            index_arrivals(session, arrivals, self.ctx.clock.now())
+            index_instances(session, arrivals, self.ctx.clock.now())
             for request_id, (n, size) in counts.items():
                 row = session.get(Request, request_id)
                 if row is None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
@@ -21,6 +22,7 @@ from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, Request
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.mrn import issuer_conflicts
 from mi2b2.domain.principal import Principal
+from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import (
     CANCELABLE,
     ENDED,
@@ -38,6 +40,7 @@ from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services import notifications
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
+from mi2b2.services.request_rows import change_state
 from mi2b2.services.search import STUDY_ROOT, Door, allowed_values, count_instances, int_or_none, load_policy, open_door
 
 MAX_STUDIES_PER_CALL = 5000
@@ -101,7 +104,7 @@ def add_requests(
             row = Request(
                 kind=RequestKind.RETRIEVE, batch_id=report.batch_id, project_id=project_id, user_login=who.login,
                 pacs_id=pacs_id, patient_id=study.patient_id, study_uid=pick.study_uid, accession=study.accession,
-                series_uids=list(pick.series_uids), priority=priority, state=RequestState.SCHEDULED,
+                series_uids=list(pick.series_uids), priority=priority, state=INITIAL,
                 waiting_reason="waiting for the scheduler", expected_instances=study.expected_instances,
                 expected_bytes=estimated_bytes(study.expected_instances, 0, 0), created_at=now,
             )
@@ -324,7 +327,8 @@ def _require_member(ctx: ServiceContext, who: Principal, project_id: str) -> str
     return role
 
 
-def _change(ctx, who, request_ids, what, check, apply) -> list[int]:  # type: ignore[no-untyped-def]
+def _change(ctx: ServiceContext, who: Principal, request_ids: Sequence[int], what: str, check: Callable[[str], None],
+            apply: Callable[[Request, datetime], None]) -> list[int]:
     """Apply one user action to several requests, all or nothing."""
     ids = sorted(set(request_ids))
     if not ids:
@@ -370,7 +374,7 @@ def _projects_of(ctx: ServiceContext, ids: list[int]) -> set[str]:
 
 def _cancel(row: Request, now: Any) -> None:
     if row.state == RequestState.SCHEDULED:
-        row.state = RequestState.CANCELED
+        change_state(row, Event.CANCEL)
         row.ended_at = now
         row.waiting_reason = None
         row.last_error = "canceled by a user"
@@ -379,7 +383,7 @@ def _cancel(row: Request, now: Any) -> None:
 
 
 def _retry(row: Request, now: Any) -> None:
-    row.state = RequestState.SCHEDULED
+    change_state(row, Event.RETRY)
     row.waiting_reason = "waiting for the scheduler (retry)"
     row.not_before = None
     row.ended_at = None

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
@@ -22,14 +22,17 @@ from mi2b2.adapters.dicom.errors import DimseFailure
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
-from mi2b2.domain.receipt import StoreStatus
+from mi2b2.domain.receipt import move_message_id
+from mi2b2.domain.request_states import Event
 from mi2b2.domain.requests import RequestKind, RequestState, retrieval_outcome
 from mi2b2.errors import Mi2b2Error, RetriableError
 from mi2b2.services import jobs
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import local_ae, peer_for
+from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
+from mi2b2.services.request_rows import change_state
 
 LOG = logging.getLogger(__name__)
 INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
@@ -58,7 +61,7 @@ def run_retrieval(
                         record=_record())
     _free_the_pacs(ctx, job)
     pacs_freed()
-    _await_counts(ctx, job, sink, result.completed + result.warning)
+    _await_counts(ctx, job, sink, result.completed + result.warning)  # C-MOVE and C-GET alike
     if result.canceled:
         return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.status, record=_record())
     return _judge(ctx, job, result)
@@ -73,16 +76,12 @@ def _free_the_pacs(ctx: ServiceContext, job: Job) -> None:
 
 def _await_counts(ctx: ServiceContext, job: Job, sink: ReceiverSink, acknowledged: int) -> None:
     """Instances are answered before they are indexed (group commit): wait until
-    the request counts what the PACS says we acknowledged. A receiver in another
-    process is waited for through the database."""
-    sink.indexer.flush()
-
-    def counted() -> bool:
-        with ctx.sessions() as session:
-            received = session.execute(select(Request.received).where(Request.id == job.request_id)).scalar_one()
-        return received >= acknowledged
-
-    jobs.wait_until(ctx.timer, counted, INDEX_WAIT_SECONDS, INDEX_POLL_SECONDS)
+    the request counts what the PACS says we acknowledged, or the receiver says it
+    cannot write them. The receiver may be in another process, so this is read
+    from the database; flushing this process's receiver first only makes it quicker."""
+    sink.flush()
+    jobs.wait_until(ctx.timer, lambda: receipt_of(ctx, job.request_id).accounts_for(acknowledged),
+                    INDEX_WAIT_SECONDS, INDEX_POLL_SECONDS)
 
 
 def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:
@@ -90,7 +89,7 @@ def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException
     with transaction(ctx.sessions) as session:
         row = session.get(Request, request_id)
         if row is not None and row.state == RequestState.PROCESSING:
-            row.state = RequestState.FAILED
+            change_state(row, Event.FAIL)
             row.ended_at = ctx.clock.now()
             row.last_error = f"internal error ({type(error).__name__}): {error}; see the server log, then retry"
 
@@ -99,19 +98,21 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
     if watch.should_cancel():
         return RetrieveResult(status=0xFE00, completed=0, failed=0, warning=0, failed_sop_uids=[], canceled=True)
     model = QueryModel(pacs.query_model.value)
-    series = job.series_uids
     on_progress = _PacsTotal(ctx, job.request_id)
     LOG.info("request %s: retrieving from %s by %s", job.request_id, pacs.id, pacs.retrieve.value)
     if pacs.retrieve is RetrieveMethod.C_GET:
+        record_attempt(ctx, job.request_id, None)
         return get_study(
-            local_ae(ctx.config), peer_for(pacs), model, job.study_uid, job.patient_id, series,
-            sink=sink.for_request(job.request_id), incoming_dir=sink.store.incoming_dir(),
+            local_ae(ctx.config), peer_for(pacs), model, job.study_uid, job.patient_id, job.series_uids,
+            sink=sink.for_request(job.request_id), incoming_dir=sink.incoming_dir(),
             on_progress=on_progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=pacs.timeouts.network),
         )
+    move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
+    record_attempt(ctx, job.request_id, move)
     return move_study(
-        local_ae(ctx.config), peer_for(pacs), ctx.config.dicom.ae_title, model, job.study_uid, job.patient_id,
-        series, on_progress=on_progress, should_cancel=watch.should_cancel,
+        local_ae(ctx.config), peer_for(pacs), move.destination_ae, model, job.study_uid, job.patient_id,
+        job.series_uids, on_progress=on_progress, should_cancel=watch.should_cancel, message_id=move.message_id,
     )
 
 
@@ -137,21 +138,18 @@ class _PacsTotal:
 
 def _write_failure(ctx: ServiceContext, job: Job) -> str | None:
     """The receiver's reason, when it could not write this request's instances to the cache."""
-    with ctx.sessions() as session:
-        row = session.get_one(Request, job.request_id)
-        return row.last_error if row.last_status == StoreStatus.OUT_OF_RESOURCES else None
+    return receipt_of(ctx, job.request_id).write_failure
 
 
 def _judge(ctx: ServiceContext, job: Job, result: RetrieveResult) -> str:
     with ctx.sessions() as session:
         row = session.get_one(Request, job.request_id)
         expected = max(row.expected_instances, result.completed + result.failed + result.warning)
-        received = row.received
     record = _record(result, expected)
-    write_error = _write_failure(ctx, job)
-    if write_error:
-        return jobs.end(ctx, job, RequestState.FAILED, write_error, status=result.status, record=record)
-    outcome = retrieval_outcome(expected, received, result.failed, 0)
+    receipt = receipt_of(ctx, job.request_id)
+    if receipt.write_failure:
+        return jobs.end(ctx, job, RequestState.FAILED, receipt.write_failure, status=result.status, record=record)
+    outcome = retrieval_outcome(expected, receipt.received, result.failed, 0)
     return jobs.end(ctx, job, outcome.state, outcome.reason, status=result.status, record=record)
 
 

@@ -30,13 +30,14 @@ from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import irb_active_at
+from mi2b2.domain.request_states import Event, sources
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
 from mi2b2.domain.windows import Limits, limits_at
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.request_rows import mark_started
+from mi2b2.services.request_rows import change_state, mark_started
 
 
 @dataclass
@@ -158,13 +159,13 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
             select(Request.id, Request.worker).where(Request.state == RequestState.PROCESSING)
         ).all() if worker is None or worker not in workers or worker in dead]
         orphans = session.execute(
-            select(Request).where(Request.id.in_(suspects), Request.state == RequestState.PROCESSING)
+            select(Request).where(Request.id.in_(suspects), Request.state.in_(sources(Event.REQUEUE)))
             .order_by(Request.id).with_for_update()
         ).scalars().all() if suspects else []
         requeued = []
         for row in orphans:
             if row.worker is None or row.worker not in workers or row.worker in dead:
-                row.state = RequestState.SCHEDULED
+                change_state(row, Event.REQUEUE)
                 row.worker = None
                 row.waiting_reason = "requeued: the worker running it stopped"
                 requeued.append(row.id)
@@ -202,7 +203,8 @@ def _studies_in_flight(session: Session) -> dict[str, set[str]]:
         select(Request.pacs_id, Request.study_uid)
         .where(Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE)
     ).all():
-        busy[pacs_id].add(study_uid)
+        if pacs_id is not None:  # a retrieval always names its PACS
+            busy[pacs_id].add(study_uid)
     return busy
 
 
@@ -277,7 +279,7 @@ def _set_waiting(session: Session, waiting: dict[int, str]) -> None:
 def _cancel(session: Session, cancel: dict[int, str], now: datetime) -> None:
     for request_id, reason in cancel.items():
         row = session.get_one(Request, request_id)
-        row.state = RequestState.CANCELED
+        change_state(row, Event.CANCEL)
         row.ended_at = now
         row.waiting_reason = None
         row.last_error = f"canceled: {reason}"

@@ -8,7 +8,7 @@ are filtered again against the allow-list. Each search is stored and audited.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
@@ -118,9 +118,14 @@ class Door:
     def mrn_format(self) -> MrnFormat:
         return self.institution.mrn_format.to_domain()
 
-    def same_patient(self, answered: str, issuer: str, mrn: str) -> bool:
-        """Is an answer's patient the one asked for: the same canonical MRN, and no other issuer."""
-        return not issuer_conflicts(issuer, self.institution.issuer) and self.mrn_format.canonical_or_none(answered) == mrn
+    def asked_for(self, mrn: str) -> Callable[[tuple[str, str]], bool]:
+        """Is an answer's patient (PatientID, issuer) the one asked for: the same canonical MRN, and no other issuer."""
+
+        def same_patient(patient: tuple[str, str]) -> bool:
+            answered, issuer = patient
+            return not issuer_conflicts(issuer, self.institution.issuer) and self.mrn_format.canonical_or_none(answered) == mrn
+
+        return same_patient
 
 
 # public use cases ------------------------------------------------------------
@@ -134,8 +139,7 @@ def search_patients(ctx: ServiceContext, who: Principal, project_id: str, pacs_i
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for mrn in mrns:
             hits = _patients_for(pacs, door.pacs, mrn)
-            kept, rejected = filter_answers(hits, lambda h: (h.patient_id, h.issuer),
-                                            lambda pid, mrn=mrn: door.same_patient(*pid, mrn))
+            kept, rejected = filter_answers(hits, lambda h: (h.patient_id, h.issuer), door.asked_for(mrn))
             dropped.extend({"PatientID": h.patient_id, "IssuerOfPatientID": h.issuer} for h in rejected)
             for hit in kept:
                 found.setdefault(hit.patient_id, hit)
@@ -154,7 +158,7 @@ def search_studies(ctx: ServiceContext, who: Principal, project_id: str, pacs_id
     with ctx.open_find(ctx.config, door.pacs) as pacs:
         for mrn in mrns:
             answers = _find_studies(pacs, door.pacs, {**STUDY_KEYS, "PatientID": mrn}, today, report.warnings)
-            kept, rejected = filter_answers(answers, _patient_of, lambda pid, mrn=mrn: door.same_patient(*pid, mrn))
+            kept, rejected = filter_answers(answers, _patient_of, door.asked_for(mrn))
             dropped.extend(_trace(rejected))
             studies.extend(_study_hit(a, door) for a in kept)
             if not kept:
@@ -323,7 +327,7 @@ def screen_mrns(
     return report, mrns
 
 
-def allowed_values(ctx: ServiceContext, project_id: str, pacs_id: str, values: Iterable[str]) -> set[str]:
+def allowed_values(ctx: ServiceContext, project_id: str, pacs_id: str | None, values: Iterable[str]) -> set[str]:
     with ctx.sessions() as session:
         return allowed_patients(session, project_id, pacs_id, values)
 

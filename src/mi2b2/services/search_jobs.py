@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import func, insert, select, update
 
@@ -57,6 +57,14 @@ class JobTicket:
     refused: list[str]
 
 
+class Screened(TypedDict):
+    """What submission set aside, kept with the job (``search_jobs.screened``)."""
+
+    refused: list[str]
+    duplicates: list[str]
+    invalid: list[dict[str, Any]]
+
+
 # --- submitting -----------------------------------------------------------------------
 
 
@@ -78,6 +86,7 @@ def submit(ctx: ServiceContext, who: Principal, kind: str, project_id: str, pacs
 
 def create_job(ctx: ServiceContext, who: Principal, kind: str, project_id: str, pacs_id: str, text: str) -> JobTicket:
     door = search.open_door(ctx, who, project_id, pacs_id, operation=f"search {kind} job")
+    screened: Screened
     if kind == "accessions":
         parsed = parse_identifier_text(text, kind="accession number")
         values = parsed.unique

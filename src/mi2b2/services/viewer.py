@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
@@ -51,7 +52,7 @@ from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
-from mi2b2.services.cache import cache_store
+from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_readable, require_use
 
@@ -318,6 +319,7 @@ class CacheViewer:
 def _series_label(source: Path | bytes) -> SeriesLabel:
     with quiet():  # values are converted on access; pydicom's warnings would quote them
         try:
+            ds: Dataset
             if isinstance(source, Path):
                 ds = dcmread(source, stop_before_pixels=True, specific_tags=_SERIES_TAGS)
             else:

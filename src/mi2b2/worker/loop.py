@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
@@ -116,7 +117,7 @@ class Worker:
         self.ctx.audit.checkpoint()
 
     @staticmethod
-    def _guarded(step) -> bool:  # type: ignore[no-untyped-def]
+    def _guarded(step: Callable[[], object]) -> bool:
         """Run one step of the loop; the loop must outlive a database hiccup."""
         try:
             step()

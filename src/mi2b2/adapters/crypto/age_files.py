@@ -142,7 +142,8 @@ def _looks_like_key(value: str) -> bool:
 
 def encrypt(data: bytes, recipients: Sequence[Recipient]) -> bytes:
     try:
-        return pyrage.encrypt(data, list(recipients))  # type: ignore[no-any-return]
+        ciphertext: bytes = pyrage.encrypt(data, list(recipients))
+        return ciphertext
     except pyrage.EncryptError as exc:  # pragma: no cover - only with unusable recipients, checked earlier
         raise PermanentError(f"age encryption failed ({exc})") from None
 
@@ -150,7 +151,8 @@ def encrypt(data: bytes, recipients: Sequence[Recipient]) -> bytes:
 def decrypt(data: bytes, identities: Sequence[Identity], what: str) -> bytes:
     """Decrypt in memory; DecryptionFailed names whether the key or the file is to blame."""
     try:
-        return pyrage.decrypt(data, list(identities))  # type: ignore[no-any-return]
+        plaintext: bytes = pyrage.decrypt(data, list(identities))
+        return plaintext
     except pyrage.DecryptError as exc:
         raise DecryptionFailed(_decrypt_problem(str(exc), what)) from None
 
@@ -166,14 +168,16 @@ def _decrypt_problem(reason: str, what: str) -> str:
 def encrypt_with_passphrase(data: bytes, passphrase: str) -> bytes:
     """scrypt: about a second by design, so call it once per download."""
     try:
-        return pyrage.passphrase.encrypt(data, passphrase)  # type: ignore[no-any-return]
+        ciphertext: bytes = pyrage.passphrase.encrypt(data, passphrase)
+        return ciphertext
     except pyrage.EncryptError as exc:  # pragma: no cover
         raise PermanentError(f"age passphrase encryption failed ({exc})") from None
 
 
 def decrypt_with_passphrase(data: bytes, passphrase: str, what: str) -> bytes:
     try:
-        return pyrage.passphrase.decrypt(data, passphrase)  # type: ignore[no-any-return]
+        plaintext: bytes = pyrage.passphrase.decrypt(data, passphrase)
+        return plaintext
     except pyrage.DecryptError:
         raise DecryptionFailed(f"wrong passphrase for {what} (or the file is damaged); "
                                "give the passphrase the download was made with") from None

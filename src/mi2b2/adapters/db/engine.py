@@ -15,9 +15,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import UpdateBase
 
 from mi2b2.errors import ConfigError, RetriableError
 
@@ -65,6 +66,15 @@ _WRITES = "mi2b2_writes"
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def rows_changed(session: Session, statement: UpdateBase) -> int:
+    """Run an UPDATE or DELETE; how many rows it changed."""
+    result = session.execute(statement)
+    # Only a cursor result counts rows, and a statement without RETURNING always gives one.
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"{type(statement).__name__} gave no row count")
+    return result.rowcount or 0
 
 
 @contextmanager

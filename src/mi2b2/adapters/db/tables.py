@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -47,7 +48,7 @@ class Institution(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # MRN format and Issuer of Patient ID: every process judges patients by the same rules.
-    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Department(Base):
@@ -70,7 +71,7 @@ class PacsNode(Base):
     port: Mapped[int] = mapped_column(Integer)
     retrieve_method: Mapped[str] = mapped_column(String(8))
     query_model: Mapped[str] = mapped_column(String(8))
-    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # timeouts, windows, time zone
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # timeouts, windows, time zone
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
@@ -81,7 +82,7 @@ class Destination(Base):
     ae_title: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
-    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
@@ -93,7 +94,7 @@ class Project(Base):
     expires_on: Mapped[date] = mapped_column(Date)
     quota_bytes: Mapped[int] = mapped_column(BigInteger)
     max_studies_per_patient: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    institutions: Mapped[list] = mapped_column(JSON, default=list)
+    institutions: Mapped[list[str]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
@@ -164,7 +165,7 @@ class Query(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
     pacs_id: Mapped[str] = mapped_column(ForeignKey("pacs_nodes.id"))
     kind: Mapped[str] = mapped_column(String(16))  # patients, studies, accessions, series
-    keys: Mapped[dict] = mapped_column(JSON)
+    keys: Mapped[dict[str, Any]] = mapped_column(JSON)
     result_count: Mapped[int] = mapped_column(Integer, default=0)
     refused_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -182,7 +183,7 @@ class Request(Base):
     patient_id: Mapped[str] = mapped_column(String(64))
     study_uid: Mapped[str] = mapped_column(String(64))
     accession: Mapped[str] = mapped_column(String(64), default="")
-    series_uids: Mapped[list] = mapped_column(JSON, default=list)
+    series_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="scheduled")
     waiting_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -205,6 +206,14 @@ class Request(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     not_before: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The receiver's word to the retrieval (services/receipts.py): it could not
+    # write this attempt's instances to the cache, why and when. The attempt fails.
+    write_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    write_failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # The C-MOVE this attempt sent, so the receiver can tell its instances from
+    # another project's retrieval of the same study (their Move Originator Message ID).
+    move_message_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    move_destination_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
     __table_args__ = (
         Index("ix_requests_state_pacs", "state", "pacs_id"),
         Index("ix_requests_project_state", "project_id", "state"),
@@ -383,7 +392,7 @@ class SearchJob(Base):
     state: Mapped[str] = mapped_column(String(16), default="queued")
     total: Mapped[int] = mapped_column(Integer)
     done: Mapped[int] = mapped_column(Integer, default=0)
-    screened: Mapped[dict] = mapped_column(JSON, default=dict)  # refused, duplicates, invalid at submission
+    screened: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # refused, duplicates, invalid at submission
     waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -413,4 +422,4 @@ class SearchJobPart(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("search_jobs.id", ondelete="CASCADE"), index=True)
     first_position: Mapped[int] = mapped_column(Integer)
     query_id: Mapped[int] = mapped_column(Integer)
-    report: Mapped[dict] = mapped_column(JSON)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)

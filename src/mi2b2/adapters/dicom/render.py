@@ -37,7 +37,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from mi2b2.errors import InvalidInput, NotFound
@@ -256,7 +257,8 @@ def _functional(ds: Dataset, index: int, sequence: str) -> Dataset | None:
             continue
         inner = items[position].get(sequence)
         if inner:
-            return inner[0]  # type: ignore[no-any-return]
+            item: Dataset = inner[0]
+            return item
     return None
 
 
@@ -344,7 +346,7 @@ def apply_window(frame: Frame, window: Window | None) -> np.ndarray:
         y = np.where(x > c - 0.5, np.float32(255), np.float32(0))
     else:
         y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.0
-    out = np.clip(np.rint(y), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(y), 0, 255).astype(np.uint8)
     return 255 - out if frame.invert else out
 
 

@@ -54,7 +54,7 @@ from pydicom.uid import (
 )
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext, build_context, build_role
+from pynetdicom.presentation import build_context, build_role
 from pynetdicom.status import code_to_category
 
 from mi2b2.adapters.dicom.errors import (
@@ -108,7 +108,7 @@ _GET_SOP_CLASS = {
 # What a C-GET offers to receive in, per storage class. A PACS picks one per
 # class and must send every instance of that class in it (transcoding or
 # failing the others), so the common stored forms go first.
-_GET_TRANSFER_SYNTAXES: list[UID] = [
+_GET_TRANSFER_SYNTAXES: list[str | UID] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLossless,
@@ -170,8 +170,16 @@ def move_study(
     on_progress: Callable[[RetrieveProgress], None] = _ignore,
     should_cancel: Callable[[], bool] = _never,
     cancel_grace: float = CANCEL_GRACE,
+    message_id: int | None = None,
 ) -> RetrieveResult:
-    """C-MOVE the study (or the listed series of it) from `peer` to `destination_ae`."""
+    """C-MOVE the study (or the listed series of it) from `peer` to `destination_ae`.
+
+    With `message_id`, every C-MOVE request (one per series) carries it: the PACS
+    echoes it as Move Originator Message ID in each C-STORE, and the receiver
+    tells this retrieval's instances by it. Reusing it is allowed because the
+    requests run one after another (PS3.7 10.1.5.1.1 forbids equal ids only
+    among outstanding operations).
+    """
     model = _model(model)
     if not destination_ae.strip():
         raise InvalidInput("a C-MOVE needs a destination AE title; configure the receiver's AE title")
@@ -182,7 +190,8 @@ def move_study(
     def send(identifier: Dataset, message_id: int) -> Iterator[tuple[Dataset, Dataset | None]]:
         return assoc.send_c_move(identifier, destination_ae, sop_class, msg_id=message_id)
 
-    operation = _Operation(assoc, peer, "C-MOVE", sop_class, send, on_progress, should_cancel, cancel_grace, destination_ae)
+    operation = _Operation(assoc, peer, "C-MOVE", sop_class, send, on_progress, should_cancel, cancel_grace, destination_ae,
+                           message_id)
     return operation.run(requests)
 
 
@@ -214,9 +223,10 @@ def get_study(
     incoming_dir = Path(incoming_dir)
     incoming_dir.mkdir(parents=True, exist_ok=True)
     sop_class = _GET_SOP_CLASS[model]
-    storage = _get_storage_contexts()
+    classes = _get_storage_classes()
+    storage = [build_context(sop_class, _GET_TRANSFER_SYNTAXES) for sop_class in classes]
     # SCP role for every storage class: the PACS sends C-STOREs to us.
-    roles = [build_role(context.abstract_syntax, scp_role=True) for context in storage]
+    roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
     assoc = _associate(
         local,
         peer,
@@ -241,9 +251,9 @@ def get_study(
         receiver.close()
 
 
-def _get_storage_contexts() -> list[PresentationContext]:
-    # One context is the C-GET's own.
-    return [build_context(cx.abstract_syntax, _GET_TRANSFER_SYNTAXES) for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1]]
+def _get_storage_classes() -> list[UID]:
+    # One context is the C-GET's own. pynetdicom's storage contexts all name their class.
+    return [cx.abstract_syntax for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1] if cx.abstract_syntax is not None]
 
 
 # --- shared ------------------------------------------------------------------------------
@@ -344,6 +354,7 @@ class _Operation:
         should_cancel: Callable[[], bool],
         grace: float,
         destination_ae: str | None,
+        message_id: int | None = None,
     ) -> None:
         self.assoc = assoc
         self.peer = peer
@@ -352,6 +363,7 @@ class _Operation:
         self.send = send
         self.on_progress = on_progress
         self.destination_ae = destination_ae
+        self.message_id = message_id  # of every request, if fixed; else 1, 2, ... in turn
         context = next((cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class), None)
         self.context_id = int(context.context_id or 0) if context is not None else None
         self.cancel = _Cancel(assoc, self.context_id or 0, should_cancel, grace)
@@ -387,9 +399,10 @@ class _Operation:
         for number, identifier in enumerate(requests, start=1):
             if results and self.cancel.wanted():
                 break
-            self.cancel.message_id = number
+            message_id = self.message_id or number
+            self.cancel.message_id = message_id
             try:
-                responses = self.send(identifier, number)
+                responses = self.send(identifier, message_id)
             except ValueError as exc:
                 raise InvalidInput(f"the retrieve identifier cannot be encoded: {exc}") from exc
             except RuntimeError as exc:

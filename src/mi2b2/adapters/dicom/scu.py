@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -168,17 +168,23 @@ def _prompt_dul(assoc: Association) -> None:
                 select.select([raw], [], [], _IDLE_WAIT)
         return check_socket()
 
-    dul._is_transport_event = wait_then_check  # type: ignore[method-assign]
+    dul._is_transport_event = wait_then_check  # type: ignore[method-assign]  # patches this association's DUL only
     dul._run_loop_delay = 0.0
     sock = dul.socket
     if sock is not None:
-        sock.recv = _whole_reader(sock)  # type: ignore[method-assign]
+        sock.recv = _whole_reader(sock)  # type: ignore[method-assign]  # patches this association's socket only
 
 
 _FIRST_READ = 1 << 20
 
 
-def _whole_reader(sock: Any) -> Callable[[int], bytearray]:
+class _SocketRead(Protocol):
+    """AssociationSocket.recv's signature, keyword name included."""
+
+    def __call__(self, nr_bytes: int) -> bytearray: ...
+
+
+def _whole_reader(sock: Any) -> _SocketRead:
     """AssociationSocket.recv, with one recv_into per kernel buffer instead of per 4 KiB."""
 
     def recv(nr_bytes: int) -> bytearray:
@@ -220,7 +226,7 @@ def keep_responses_for_the_caller(assoc: Association) -> None:
             queue.unfinished_tasks += 1
             queue.not_empty.notify()
 
-    assoc._serve_request = give_back  # type: ignore[method-assign]
+    assoc._serve_request = give_back  # type: ignore[method-assign]  # patches this association only
 
 
 def _associate(
@@ -247,6 +253,8 @@ def _associate(
     ae.maximum_pdu_size = local.max_pdu
     for context in contexts:
         if isinstance(context, PresentationContext):
+            if context.abstract_syntax is None:
+                raise ValueError("a proposed presentation context must name its abstract syntax")
             ae.add_requested_context(context.abstract_syntax, context.transfer_syntax)
         else:
             ae.add_requested_context(context)

@@ -54,6 +54,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydicom.uid import UID, AllTransferSyntaxes, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
@@ -159,8 +160,11 @@ class ReceiptGuard(Protocol):
         """None to accept an association from this peer, else the reason it is refused (the guard audits it)."""
         ...
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
-        """From the header, before a byte is written: a status to refuse the instance with, or None."""
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
+        """From the header, before a byte is written: a status to refuse the instance with, or None.
+
+        The move originator's AE title and message id name the C-MOVE the instance was sent for."""
         ...
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
@@ -176,7 +180,8 @@ class _NoGuard:
     def admit(self, peer: Peer) -> str | None:
         return None
 
-    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None) -> int | None:
+    def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
+              move_originator_message_id: int | None = None) -> int | None:
         return None
 
     def refused(self, peer: Peer, header: InstanceHeader | None, status: int, reason: str) -> None:
@@ -238,7 +243,7 @@ class StoreServer:
         ae.acse_timeout = min(30, self.limits.network_timeout)
         ae.dimse_timeout = 60
         ae.network_timeout = self.limits.network_timeout
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_CONN_CLOSE, self._on_close),
@@ -281,10 +286,11 @@ class StoreServer:
         assoc = event.assoc
         _set_nodelay(event)
         _prompt_dul(assoc)
-        address = str(event.address[0]) if event.address else ""
+        peer_address = getattr(event, "address", None)  # set on EVT_CONN_OPEN only, so Event does not declare it
+        address = str(peer_address[0]) if peer_address else ""
         receiver = _StoreReceiver(assoc, self.sink, self.incoming_dir, peer=_peer_of(assoc, address),
                                   limits=self.limits)
-        assoc._mi2b2_receiver = receiver  # type: ignore[attr-defined]
+        assoc._mi2b2_receiver = receiver  # type: ignore[attr-defined]  # carried by the association for its later events
         with self._lock:
             self._receivers.add(receiver)
 
@@ -365,9 +371,9 @@ def _prefer_the_senders_transfer_syntax(event: evt.Event) -> None:
         order = preferred.setdefault(str(requested.abstract_syntax), [])
         order.extend(ts for ts in requested.transfer_syntax if ts in _ACCEPTED and ts not in order)
     for supported in assoc.acceptor.supported_contexts:
-        order = preferred.get(str(supported.abstract_syntax))
-        if order:
-            supported._transfer_syntax = order  # already validated UIDs: skip the setter's checks
+        sender_order = preferred.get(str(supported.abstract_syntax))
+        if sender_order:
+            supported._transfer_syntax = sender_order  # already validated UIDs: skip the setter's checks
 
 
 def _refuse_unexpected_store(event: evt.Event) -> int:
@@ -402,7 +408,7 @@ def _scp_contexts() -> list[PresentationContext]:
     for abstract in [_VERIFICATION, *(cx.abstract_syntax for cx in AllStoragePresentationContexts)]:
         context = _SharedUidContext()
         context.abstract_syntax = abstract
-        context.transfer_syntax = ACCEPTED_TRANSFER_SYNTAXES
+        context.transfer_syntax = list(ACCEPTED_TRANSFER_SYNTAXES)  # the setter copies it anyway
         contexts.append(context)
     return contexts
 
@@ -487,7 +493,7 @@ class _StoreReceiver:
         # come from another thread, and a closed fd number gets reused.
         self._lock = threading.Lock()
         self._contexts: dict[int, PresentationContext] | None = None
-        assoc.dimse.receive_primitive = self.receive  # type: ignore[method-assign]
+        assoc.dimse.receive_primitive = self.receive  # type: ignore[method-assign]  # this association's P-DATA comes here
         _read_pdus_bounded(assoc, self._fragment, self._mid_data_set, self.limits, on_release=self._ended)
 
     def receive(self, primitive: P_DATA) -> None:
@@ -553,7 +559,7 @@ class _StoreReceiver:
 
     def _pass_on(self, context_id: int, data: bytes | memoryview) -> None:
         primitive = P_DATA()
-        primitive.presentation_data_value_list = [[context_id, bytes(data)]]
+        primitive.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]  # setter demands lists
         self._pass_on_to(primitive)
         # pynetdicom clears its partial message once it has decoded a whole one.
         self._mode = _Mode.IDLE if self._assoc.dimse.message is None else _Mode.PASS_ON
@@ -613,7 +619,7 @@ class _StoreReceiver:
                 return
             arrival.header = header
             try:
-                status = self.guard.judge(self.peer(), header, arrival.originator_ae)
+                status = self.guard.judge(self.peer(), header, arrival.originator_ae, arrival.originator_message_id)
             except Exception as exc:
                 LOG.error("judging a C-STORE failed (%s); answered 0x%04X", type(exc).__name__, STATUS_OUT_OF_RESOURCES)
                 status = STATUS_OUT_OF_RESOURCES
@@ -720,7 +726,8 @@ class _StoreReceiver:
             dul.socket.send(_p_data_tf(arrival.context_id, command))
         else:
             response = P_DATA()
-            response.presentation_data_value_list = [[arrival.context_id, b"\x03" + command]]
+            command_pdv = [arrival.context_id, b"\x03" + command]
+            response.presentation_data_value_list = [command_pdv]  # type: ignore[list-item]  # setter demands lists
             dul.send_pdu(response)
         if self._after_each is not None:
             try:
@@ -748,7 +755,7 @@ class _StoreReceiver:
                     self._refused(header, STATUS_CANNOT_UNDERSTAND,
                                   "the data set's SOP Instance UID differs from the request's")
                     return STATUS_CANNOT_UNDERSTAND
-                status = self.guard.judge(peer, header, arrival.originator_ae)
+                status = self.guard.judge(peer, header, arrival.originator_ae, arrival.originator_message_id)
                 if status is not None:
                     return int(status)
             instance = ReceivedInstance(
@@ -893,7 +900,7 @@ def _read_pdus_bounded(
         dul._recv_pdu.put(decoded)
         return True
 
-    dul._read_pdu_data = read  # type: ignore[method-assign]
+    dul._read_pdu_data = read  # type: ignore[method-assign]  # patches this association's DUL only
 
 
 def _drain_socket(raw: socket.socket, dul: Any, timeout: float) -> None:

@@ -12,7 +12,7 @@ and moved into place with ``os.replace`` on the same file system: a reader
 sees either no file or the whole file, never a half-written one.
 
 The index (which files exist, their sizes, who fetched them) lives in the
-database; ``services/cache.py`` keeps the two in step and ``fsck`` compares them.
+database; ``services/cache/`` keeps the two in step and ``fsck`` compares them.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ class CacheStore:
 
     def stale_incoming_files(self) -> list[str]:
         """Temp files left by dead processes, relative to the root."""
-        files = []
+        files: list[str] = []
         for folder in self.stale_incoming():
             for dirpath, _dirs, names in os.walk(folder):
                 files.extend((Path(dirpath) / n).relative_to(self.root).as_posix() for n in sorted(names))

@@ -7,7 +7,7 @@ data, and neither the browser nor a proxy should keep a copy on disk.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -36,7 +36,7 @@ PAGE_HEADERS = {
 class NoStoreRoute(APIRoute):
     """A route whose every response carries ``Cache-Control: no-store`` (and nosniff)."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def no_store(request: Request) -> Response:

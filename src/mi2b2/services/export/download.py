@@ -22,6 +22,7 @@ are the cache's own.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -116,7 +117,7 @@ class ZipDownload:
     studies: int
     files: int
     bytes: int  # plaintext bytes of the images; the ZIP is slightly larger
-    chunks: Iterator[bytes]
+    chunks: Iterator[builtins.bytes]  # the field above hides the builtin in this class body
 
 
 @dataclass(frozen=True)

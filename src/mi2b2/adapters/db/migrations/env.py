@@ -1,7 +1,7 @@
 """Alembic environment: always given a connection by ``engine.upgrade``."""
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from mi2b2.adapters.db.tables import Base
 
@@ -9,7 +9,7 @@ config = context.config
 connection = config.attributes.get("connection")
 
 
-def run(conn) -> None:  # type: ignore[no-untyped-def]
+def run(conn: Connection) -> None:
     context.configure(
         connection=conn,
         target_metadata=Base.metadata,
@@ -21,7 +21,10 @@ def run(conn) -> None:  # type: ignore[no-untyped-def]
 
 
 if connection is None:
-    with create_engine(config.get_main_option("sqlalchemy.url")).begin() as conn:
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("alembic needs a connection in config.attributes or sqlalchemy.url in its configuration")
+    with create_engine(url).begin() as conn:
         run(conn)
 else:
     run(connection)

@@ -1,0 +1,227 @@
+"""The DICOMweb service: every QIDO-RS and WADO-RS door, who may pass it, and what is audited.
+
+Each door checks first: the project's read rule (`data_access.require_use`)
+and, for studies named exactly, that their patients are still on the
+allow-list; then it reads (`records`), matches (`matching`), negotiates
+(`negotiation`) and frames the answer (`multipart`).
+
+Audit. Reading through DICOMweb is audited like the viewer and downloads,
+with ``"via": "dicomweb"``: a study search is one ``view`` event; series and
+instance searches and metadata one ``view`` per user and study per
+``VIEW_AUDIT_HOURS``; a study or series retrieve one ``download`` event each
+(with counts and bytes); instance and frame retrieves - which a viewer issues
+by the hundred - one ``download`` per user and study per ``VIEW_AUDIT_HOURS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import CachedStudy
+from mi2b2.adapters.dicom.dicom_json import metadata_json, read_header, search_json, stored_transfer_syntax
+from mi2b2.adapters.dicom.frames import read_frames
+from mi2b2.domain.governance import DataUse
+from mi2b2.domain.principal import Principal
+from mi2b2.errors import NotFound
+from mi2b2.services.audit import Action
+from mi2b2.services.context import ServiceContext
+from mi2b2.services.data_access import require_patients_allowed, require_use
+from mi2b2.services.dicomweb.multipart import Multipart, files_answer, parts_answer
+from mi2b2.services.dicomweb.negotiation import frame_media_type, require_stored_syntaxes_allowed
+from mi2b2.services.dicomweb.query import Query, exact_uids, frame_numbers
+from mi2b2.services.dicomweb.records import (
+    INSTANCE_DEFAULT,
+    SERIES_DEFAULT,
+    SERIES_LEVEL,
+    SERIES_MORE,
+    STUDY_DEFAULT,
+    STUDY_INDEXED,
+    STUDY_LEVEL,
+    STUDY_MORE,
+    CachedFile,
+    Record,
+    cached_files,
+    instance_records,
+    passes,
+    series_records,
+    study_records,
+)
+from mi2b2.services.viewer import VIEW_AUDIT_HOURS, OnceLog, check_uid
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    content_type: str
+    body: Iterator[bytes]
+    parts: int
+    bytes: int
+
+    @classmethod
+    def of(cls, answer: Multipart, parts: int, size: int) -> Retrieval:
+        return cls(answer.content_type, answer.body, parts, size)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    items: list[dict[str, Any]]
+    warnings: tuple[str, ...] = ()
+
+
+class DicomWeb:
+    """QIDO-RS and WADO-RS for one API process (it remembers what it audited)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.audited = OnceLog(ctx.clock)
+
+    # search ---------------------------------------------------------------------------------------
+
+    def search_studies(self, who: Principal, project_id: str, query: Query, base: str) -> SearchResult:
+        self._may_search(who, project_id, query.filters.get("StudyInstanceUID"))
+        if "Modality" in query.filters and "ModalitiesInStudy" not in query.filters:
+            # Modality is a series attribute; at study level it can only mean "a series of this modality".
+            filters = dict(query.filters)
+            filters["ModalitiesInStudy"] = filters.pop("Modality")
+            query = Query(filters, query.include, query.include_all, query.limit, query.offset, query.warnings)
+        studies = [s for s in study_records(self.ctx, project_id, query.filters, base) if passes(s, query.filters)]
+        page = query.page(studies)
+        extra = sorted(query.include | set(query.filters))
+        more = STUDY_MORE if query.include_all else ()
+        items = [search_json(s, STUDY_DEFAULT + more, False, extra) for s in page]
+        patient = query.filters.get("PatientID") if "*" not in query.filters.get("PatientID", "*") else None
+        self.ctx.audit.record(who, Action.VIEW, project_id=project_id, patient_id=patient,
+                              detail={"via": "dicomweb", "kind": "search", "level": "study",
+                                      "filters": query.filters, "matches": len(studies), "returned": len(page)})
+        return SearchResult(items, query.warnings)
+
+    def search_series(self, who: Principal, project_id: str, study_uid: str | None, query: Query,
+                      base: str) -> SearchResult:
+        self._may_search(who, project_id, study_uid or query.filters.get("StudyInstanceUID"))
+        filters = dict(query.filters)
+        if study_uid is not None:
+            filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
+        series = series_records(self.ctx, project_id, filters, base, must_exist=study_uid)
+        page = query.page([s for s in series if passes(s, filters)])
+        extra = sorted(query.include | set(query.filters))
+        more = SERIES_MORE if query.include_all else ()
+        items = [search_json(s, SERIES_DEFAULT + more, False, extra) for s in page]
+        self._viewed(who, project_id, page, "search series")
+        return SearchResult(items, query.warnings)
+
+    def search_instances(self, who: Principal, project_id: str, study_uid: str | None, series_uid: str | None,
+                         query: Query, base: str) -> SearchResult:
+        self._may_search(who, project_id, study_uid or query.filters.get("StudyInstanceUID"))
+        filters = dict(query.filters)
+        if study_uid is not None:
+            filters["StudyInstanceUID"] = check_uid(study_uid, "StudyInstanceUID")
+        if series_uid is not None:
+            filters["SeriesInstanceUID"] = check_uid(series_uid, "SeriesInstanceUID")
+        series = series_records(self.ctx, project_id, {k: v for k, v in filters.items() if k in STUDY_INDEXED},
+                                base, must_exist=study_uid)
+        series_filters = {k: v for k, v in filters.items() if k in STUDY_LEVEL or k in SERIES_LEVEL}
+        series = [s for s in series if passes(s, series_filters)]
+        if series_uid is not None and not series:
+            raise NotFound(f"series {series_uid} is not in the cache of project {project_id!r}")
+        rest = {k: v for k, v in filters.items() if k not in series_filters}
+        page = query.page([i for i in instance_records(self.ctx, series) if passes(i, rest)])
+        extra = sorted(query.include | set(query.filters))
+        items = [search_json(i, INSTANCE_DEFAULT, query.include_all, extra) for i in page]
+        self._viewed(who, project_id, page, "search instances")
+        return SearchResult(items, query.warnings)
+
+    # metadata and retrieve ---------------------------------------------------------------------------
+
+    def metadata(self, who: Principal, project_id: str, study_uid: str, series_uid: str | None = None,
+                 sop_uid: str | None = None, base: str = "") -> list[dict[str, Any]]:
+        files = self._scope(who, project_id, study_uid, series_uid, sop_uid, "read metadata (DICOMweb)")
+        items = []
+        for file in files:
+            header = read_header(file.path)
+            if header is not None:
+                url = f"{base}/studies/{file.study_uid}/series/{file.series_uid}/instances/{file.sop_uid}"
+                items.append(metadata_json(header, url))
+        self._viewed(who, project_id, files, "metadata")
+        return items
+
+    def retrieve(self, who: Principal, project_id: str, study_uid: str, series_uid: str | None = None,
+                 sop_uid: str | None = None, transfer_syntaxes: frozenset[str] | None = None) -> Retrieval:
+        """The instances of a study, series or one instance, as multipart/related application/dicom."""
+        files = self._scope(who, project_id, study_uid, series_uid, sop_uid, "retrieve (DICOMweb)")
+        require_stored_syntaxes_allowed((stored_transfer_syntax(f.path) for f in files), transfer_syntaxes)
+        total = sum(f.size for f in files)
+        level = "instance" if sop_uid else "series" if series_uid else "study"
+        self._downloaded(who, project_id, files[0], level, len(files), total, series_uid, once=sop_uid is not None)
+        return Retrieval.of(files_answer([f.path for f in files]), len(files), total)
+
+    def retrieve_frames(self, who: Principal, project_id: str, study_uid: str, series_uid: str, sop_uid: str,
+                        frame_list: str, accept: str) -> Retrieval:
+        """Frames of one instance: as stored (compressed frames in their own media type) or raw bytes."""
+        numbers = frame_numbers(frame_list)
+        (file,) = self._scope(who, project_id, study_uid, series_uid, sop_uid, "retrieve frames (DICOMweb)")
+        stored = read_frames(file.path, sop_uid)
+        bad = [n for n in numbers if n > stored.count]
+        if bad:
+            raise NotFound(f"frame {bad[0]} does not exist: instance {sop_uid} has {stored.count} frame(s)")
+        media = frame_media_type(stored.transfer_syntax, stored.encapsulated, accept)
+        size = sum(len(stored.frame(n)) for n in numbers)  # each frame once to check and measure it
+        self._downloaded(who, project_id, file, "frames", 1, size, series_uid, once=True)
+        part_type = f"{media}; transfer-syntax={stored.transfer_syntax}" if stored.encapsulated else media
+        return Retrieval.of(parts_answer(stored.stream(numbers), media, part_type), len(numbers), size)
+
+    def locate(self, who: Principal, project_id: str, study_uid: str, series_uid: str, sop_uid: str) -> None:
+        """Check an instance exists in the project's cache (for the rendered resources)."""
+        self._scope(who, project_id, study_uid, series_uid, sop_uid, "render (DICOMweb)")
+
+    # doors -----------------------------------------------------------------------------------------
+
+    def _may_search(self, who: Principal, project_id: str, study_uids: str | None) -> None:
+        """The read door; a search naming studies exactly is refused for a withdrawn patient (others are left out)."""
+        require_use(self.ctx, who, project_id, DataUse.READ, "search the cache (DICOMweb)")
+        named = exact_uids(study_uids)
+        if named is not None:
+            require_patients_allowed(self.ctx, who, project_id, named, "search the cache (DICOMweb)")
+
+    def _scope(self, who: Principal, project_id: str, study_uid: str, series_uid: str | None, sop_uid: str | None,
+               operation: str) -> list[CachedFile]:
+        """The read door for one study (its patient still allowed), then its files on disk."""
+        check_uid(study_uid, "StudyInstanceUID")
+        if series_uid is not None:
+            check_uid(series_uid, "SeriesInstanceUID")
+        if sop_uid is not None:
+            check_uid(sop_uid, "SOPInstanceUID")
+        require_use(self.ctx, who, project_id, DataUse.READ, operation)
+        require_patients_allowed(self.ctx, who, project_id, [study_uid], operation)
+        return cached_files(self.ctx, project_id, study_uid, series_uid, sop_uid)
+
+    # audit -----------------------------------------------------------------------------------------
+
+    def _viewed(self, who: Principal, project_id: str, items: Sequence[Record | CachedFile], kind: str) -> None:
+        # A view changes nothing in the database, so its audit row is a transaction of its own,
+        # committed before any image leaves.
+        studies = {(item.study_uid, item.patient_id) for item in items}
+        for study_uid, patient_id in sorted(studies):
+            if self.audited.first((who.login, project_id, study_uid, "view")):
+                self.ctx.audit.record(who, Action.VIEW, project_id=project_id, patient_id=patient_id,
+                                      study_uid=study_uid, detail={"via": "dicomweb", "kind": kind,
+                                                                   "again_after_hours": VIEW_AUDIT_HOURS})
+
+    def _downloaded(self, who: Principal, project_id: str, first: CachedFile, level: str, count: int, size: int,
+                    series_uid: str | None, once: bool) -> None:
+        if once and not self.audited.first((who.login, project_id, first.study_uid, "download")):
+            return
+        now = self.ctx.clock.now()
+        detail: dict[str, Any] = {"via": "dicomweb", "level": level, "instances": count, "bytes": size}
+        if series_uid:
+            detail["series_uid"] = series_uid
+        if once:
+            detail["again_after_hours"] = VIEW_AUDIT_HOURS
+        with transaction(self.ctx.sessions) as session:  # "last downloaded" and its audit row commit together
+            session.execute(update(CachedStudy).where(CachedStudy.id == first.study_id)
+                            .values(last_downloaded_by=who.login[:64], last_downloaded_at=now))
+            self.ctx.audit.record(who, Action.DOWNLOAD, project_id=project_id, patient_id=first.patient_id,
+                                  study_uid=first.study_uid, detail=detail, session=session)

@@ -37,17 +37,17 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="find-probe-"))
     study = SyntheticStudy("PROBE0001", "PROBE^PATIENT", "19800101", "O", "PRB1", "20240101", "CT", "probe", 1, 2)
     files = write_study(study, root / "data")
-    nodelay = scu._set_nodelay
+    nodelay = scu.set_nodelay
     for start in (start_orthanc, start_dcmqrscp, start_qrscp):
         pacs = start(root / start.__name__)
         try:
             pacs.load(files)
             peer = scu.DicomPeer(pacs.ae_title, pacs.host, pacs.port)
-            scu._set_nodelay = nodelay
+            scu.set_nodelay = nodelay
             with_nd = per_find_ms(peer, n)
-            scu._set_nodelay = lambda event: None
+            scu.set_nodelay = lambda assoc: None
             without = per_find_ms(peer, min(n, 20))
-            scu._set_nodelay = nodelay
+            scu.set_nodelay = nodelay
             print(
                 f"{pacs.kind:9s} TCP_NODELAY: median {with_nd[0]:6.2f} ms mean {with_nd[1]:6.2f} ms"
                 f" | Nagle: median {without[0]:6.2f} ms mean {without[1]:6.2f} ms"

@@ -33,7 +33,7 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from mi2b2.adapters.dicom.scu import keep_responses_for_the_caller
+from mi2b2.adapters.dicom.netdicom_internals import keep_responses_for_the_caller, set_nodelay
 from mi2b2.errors import Mi2b2Error, PermanentError
 
 __all__ = [
@@ -276,9 +276,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def _no_delay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(event.assoc)
 
 
 def _accepts_tcp(host: str, port: int) -> bool:

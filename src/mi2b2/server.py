@@ -8,6 +8,7 @@ from typing import Any
 
 import uvicorn
 
+from mi2b2.adapters.dicom.netdicom_internals import require_tested_pynetdicom
 from mi2b2.api.app import create_app
 from mi2b2.config import SiteConfig
 from mi2b2.domain.principal import SYSTEM
@@ -34,6 +35,7 @@ SHUTDOWN_GRACE_SECONDS = 5
 
 
 def run_server(config: SiteConfig, ready_message: str | None = None) -> None:
+    require_tested_pynetdicom()  # before anything runs, the database migration included
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mi2b2").setLevel(logging.INFO)
     ctx = build_context(config, migrate=True, sync_config=True)

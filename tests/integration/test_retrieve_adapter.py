@@ -35,7 +35,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from mi2b2.adapters.dicom.errors import DimseFailure, MoveDestinationUnknown, PacsUnreachable
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, QueryModel
-from mi2b2.adapters.dicom.store_scp import IMPLEMENTATION_CLASS_UID, ReceivedInstance, StoreServer
+from mi2b2.adapters.dicom.store_receipt import ReceivedInstance
+from mi2b2.adapters.dicom.store_scp import StoreServer
+from mi2b2.adapters.dicom.store_wire import IMPLEMENTATION_CLASS_UID
 from mi2b2.errors import PermanentError, RetriableError
 from mi2b2.synthetic import SyntheticStudy, series_instance_uid, sop_instance_uid, study_instance_uid, write_study
 from support.pacs import RunningPacs, free_port, start_dcmqrscp, start_orthanc, start_qrscp

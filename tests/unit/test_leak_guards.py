@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from mi2b2.adapters.process import WITHHELD, exception_text, withhold_exception_messages
 from mi2b2.adapters.storage.cache_files import _check_uid
-from mi2b2.config import _ae_title, _identifier
+from mi2b2.config import check_ae_title, check_identifier
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.principal import login_problem
 from mi2b2.errors import InvalidInput
@@ -22,7 +22,7 @@ from support.api_client import ROOT, faked_pacs_client, log_in
 def test_a_trailing_newline_passes_no_validator() -> None:
     assert looks_like_uid("1.2.3") and not looks_like_uid("1.2.3\n")
     assert login_problem("alice") is None and login_problem("alice\n") is not None
-    for check, good in ((_identifier, "alpha"), (_ae_title, "MI2B2")):
+    for check, good in ((check_identifier, "alpha"), (check_ae_title, "MI2B2")):
         assert check(good) == good
         with pytest.raises(ValueError):
             check(good + "\n")

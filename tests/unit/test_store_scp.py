@@ -18,14 +18,14 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 
 from mi2b2.adapters.dicom import files
-from mi2b2.adapters.dicom.store_scp import (
+from mi2b2.adapters.dicom.store_scp import scp_contexts
+from mi2b2.adapters.dicom.store_wire import (
     IMPLEMENTATION_CLASS_UID,
-    _Arrival,
-    _file_meta,
-    _fragments,
-    _parse_store_request,
-    _scp_contexts,
-    _store_response,
+    StoreRequest,
+    file_meta,
+    p_data_fragments,
+    parse_store_request,
+    store_response,
 )
 from mi2b2.synthetic import SyntheticStudy, write_study
 
@@ -44,7 +44,7 @@ def test_store_request_is_parsed_like_pynetdicom_encodes_it() -> None:
     request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.4.5"  # odd length: padded
     request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = "MI2B2", 42
     request.DataSet = io.BytesIO(b"\x00" * 8)
-    arrival = _parse_store_request(_command_set(request, C_STORE_RQ()), context_id=3)
+    arrival = parse_store_request(_command_set(request, C_STORE_RQ()), context_id=3)
     assert arrival is not None
     assert (arrival.context_id, arrival.message_id) == (3, 7)
     assert (arrival.sop_class, arrival.sop_instance) == (CTImageStorage, "1.2.3.4.5")
@@ -54,28 +54,28 @@ def test_store_request_is_parsed_like_pynetdicom_encodes_it() -> None:
 def test_other_commands_are_left_to_pynetdicom() -> None:
     echo = C_ECHO()
     echo.MessageID, echo.AffectedSOPClassUID = 1, "1.2.840.10008.1.1"
-    assert _parse_store_request(_command_set(echo, C_ECHO_RQ()), context_id=1) is None
-    assert _parse_store_request(b"\x00\x00\x00\x01\xff\xff", context_id=1) is None  # truncated
+    assert parse_store_request(_command_set(echo, C_ECHO_RQ()), context_id=1) is None
+    assert parse_store_request(b"\x00\x00\x00\x01\xff\xff", context_id=1) is None  # truncated
 
 
 def test_store_response_decodes_as_a_c_store_rsp() -> None:
-    arrival = _Arrival(context_id=1, message_id=9, sop_class=CTImageStorage, sop_instance="1.2.3.4.5",
+    arrival = StoreRequest(context_id=1, message_id=9, sop_class=CTImageStorage, sop_instance="1.2.3.4.5",
                        originator_ae=None, originator_message_id=None)
-    command = decode(io.BytesIO(_store_response(arrival, 0xA700)), True, True)
+    command = decode(io.BytesIO(store_response(arrival, 0xA700)), True, True)
     assert command.CommandField == 0x8001
     assert command.MessageIDBeingRespondedTo == 9
     assert command.CommandDataSetType == 0x0101
     assert command.Status == 0xA700
     assert command.AffectedSOPClassUID == CTImageStorage
     assert command.AffectedSOPInstanceUID == "1.2.3.4.5"
-    encoded = _store_response(arrival, 0)
+    encoded = store_response(arrival, 0)
     assert struct.unpack_from("<I", encoded, 8)[0] == len(encoded) - 12  # CommandGroupLength
 
 
 def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
     sop_uid = "1.2.3.4.5"  # odd length: padded with NUL
     path = tmp_path / "x.dcm"
-    path.write_bytes(_file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian, "ORTHANC"))
+    path.write_bytes(file_meta(CTImageStorage, sop_uid, ExplicitVRLittleEndian, "ORTHANC"))
     meta = dcmread(path).file_meta
     assert meta.MediaStorageSOPClassUID == CTImageStorage
     assert meta.MediaStorageSOPInstanceUID == sop_uid
@@ -91,13 +91,13 @@ def test_fragments_of_a_p_data_pdu() -> None:
 
     body = pdv(1, 0x03, b"cmd") + pdv(3, 0x00, b"data")
     pdu = memoryview(bytearray(struct.pack(">BBI", 4, 0, len(body)) + body))
-    assert [(cx, bytes(data)) for cx, data in _fragments(pdu) or []] == [(1, b"\x03cmd"), (3, b"\x00data")]
-    assert _fragments(pdu[:-2]) is None  # an item longer than the PDU
-    assert _fragments(memoryview(bytearray(struct.pack(">BBI", 4, 0, 0)))) is None
+    assert [(cx, bytes(data)) for cx, data in p_data_fragments(pdu) or []] == [(1, b"\x03cmd"), (3, b"\x00data")]
+    assert p_data_fragments(pdu[:-2]) is None  # an item longer than the PDU
+    assert p_data_fragments(memoryview(bytearray(struct.pack(">BBI", 4, 0, 0)))) is None
 
 
 def test_scp_contexts_copy_cheaply_but_separately() -> None:
-    contexts = _scp_contexts()
+    contexts = scp_contexts()
     clone = copy.deepcopy(contexts)
     assert [c.abstract_syntax for c in clone] == [c.abstract_syntax for c in contexts]
     clone[1].transfer_syntax = [ExplicitVRLittleEndian]

@@ -53,7 +53,7 @@ def download(
 
     if not study_uids and not all_studies:
         raise InvalidInput("name StudyInstanceUIDs to download, or --all for the whole cache")
-    secret = _passphrase(passphrase, passphrase_file, confirm=not (to / "manifest.age").exists())
+    secret = ask_passphrase(passphrase, passphrase_file, confirm=not (to / "manifest.age").exists())
     keys = _recipients(recipients or [])
     if secret is not None and keys:
         raise InvalidInput("choose --passphrase or --recipient, not both")
@@ -87,14 +87,15 @@ def decrypt(
     is written; a wrong key or a damaged file leaves --to untouched."""
     from mi2b2.services.export.reader import decrypt_download
 
-    secret = _passphrase(passphrase, passphrase_file, confirm=False)
+    secret = ask_passphrase(passphrase, passphrase_file, confirm=False)
     with console.status("decrypting and checking every file before writing any"):
         report = decrypt_download(source, to, secret, [str(i) for i in identities or []])
     console.print(f"{report.files} files decrypted into {to}"
                   + (f", {report.already_there} were already there" if report.already_there else ""), style="green")
 
 
-def _passphrase(flag: bool, file: Path | None, confirm: bool) -> str | None:
+def ask_passphrase(flag: bool, file: Path | None, confirm: bool) -> str | None:
+    """The passphrase from --passphrase-file, else $MI2B2_PASSPHRASE or the terminal when asked for; None if not."""
     if file is not None:
         try:
             lines = file.read_text(encoding="utf-8").splitlines()

@@ -70,9 +70,11 @@ def receiver(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 def _run_background(config: Path, receiver: bool, worker: bool, what: str) -> None:
+    from mi2b2.adapters.dicom.netdicom_internals import require_tested_pynetdicom
     from mi2b2.runtime import run_until_signal
     from mi2b2.services.context import build_context
 
+    require_tested_pynetdicom()  # before anything runs, the database migration included
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mi2b2").setLevel(logging.INFO)
     site = load_config(config)

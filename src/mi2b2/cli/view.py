@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from mi2b2.cli.download import PASSPHRASE_ENV, PassphraseFile, _passphrase
+from mi2b2.cli.download import PASSPHRASE_ENV, PassphraseFile, ask_passphrase
 from mi2b2.errors import InvalidInput
 
 PassphraseFlag = Annotated[bool, typer.Option(
@@ -38,7 +38,7 @@ def view(
     from mi2b2.api.routers.viewer import create_local_app
     from mi2b2.services.viewer import LocalLibrary, open_local
 
-    secret = _passphrase(passphrase, passphrase_file, confirm=False)
+    secret = ask_passphrase(passphrase, passphrase_file, confirm=False)
     source = open_local(path, secret, [str(i) for i in identities or []])
     try:
         print(f"reading {path} ...", flush=True)

@@ -29,7 +29,7 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.adapters.dicom.scu import resolve_host
-from mi2b2.adapters.dicom.store_scp import Peer, ReceivedInstance, ReceiveLimits
+from mi2b2.adapters.dicom.store_receipt import Peer, ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.config import SiteConfig
 from mi2b2.domain.audit_chain import fit_field

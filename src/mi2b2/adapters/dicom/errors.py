@@ -16,7 +16,8 @@ from network addresses, AE titles and status codes only.
     ├── DimseFailure           the PACS answered an operation with a failure status
     │   ├── ResultsTruncated   the PACS stopped a C-FIND early (its answer limit)
     │   └── MoveDestinationUnknown  the PACS does not know our receiver (C-MOVE 0xA801)
-    └── ReceiverUnavailable    our own DICOM receiver cannot listen on its port
+    ├── ReceiverUnavailable    our own DICOM receiver cannot listen on its port
+    └── UntestedPynetdicom     the installed pynetdicom is not a release mi2b2 was tested with
 """
 
 from __future__ import annotations
@@ -209,4 +210,18 @@ class ReceiverUnavailable(PermanentError):
             f"the DICOM receiver {ae_title} cannot listen on {host}:{port} ({reason}); if another "
             "program (or another mi2b2 receiver) holds that port, stop it or choose another receiver "
             "port in the site configuration, and check that the host address belongs to this machine"
+        )
+
+
+class UntestedPynetdicom(PermanentError):
+    """The installed pynetdicom is outside the range mi2b2 was tested with (see netdicom_internals)."""
+
+    def __init__(self, installed: str, tested: str) -> None:
+        self.installed = installed
+        self.tested = tested
+        super().__init__(
+            f"pynetdicom {installed} is installed, but mi2b2 was tested with pynetdicom{tested} only: it relies "
+            "on pynetdicom internals that change between releases. Install a tested release "
+            f"(pip install 'pynetdicom{tested}', or pip install -c constraints.txt . from the mi2b2 checkout), "
+            "then start mi2b2 again"
         )

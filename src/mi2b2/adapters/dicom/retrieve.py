@@ -3,7 +3,7 @@
 `move_study` asks the PACS to send the study to a destination AE (mi2b2's
 `StoreServer`, which the PACS admin registered); `get_study` fetches it over
 our own association (C-GET), the received instances going through the same
-receiver code as the StoreServer's (`store_scp._StoreReceiver`).
+receiver code as the StoreServer's (`store_receiver.StoreReceiver`).
 
 What both return or raise:
 
@@ -57,6 +57,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context, build_role
 from pynetdicom.status import code_to_category
 
+from mi2b2.adapters.dicom.dimse_status import DimseService, status_text
 from mi2b2.adapters.dicom.errors import (
     AssociationAborted,
     DimseFailure,
@@ -64,23 +65,10 @@ from mi2b2.adapters.dicom.errors import (
     PacsBusy,
     ServiceNotSupported,
 )
-from mi2b2.adapters.dicom.scu import (
-    DicomPeer,
-    LocalAE,
-    QueryModel,
-    _associate,
-    _lost,
-    _prompt_dul,
-    _release,
-    _status_text,
-)
-from mi2b2.adapters.dicom.store_scp import (
-    InstanceSink,
-    ReceiveLimits,
-    _refuse_unexpected_store,
-    _StoreReceiver,
-    outbound_peer,
-)
+from mi2b2.adapters.dicom.netdicom_internals import prompt_network_thread
+from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, QueryModel, associate, no_response_error, release
+from mi2b2.adapters.dicom.store_receipt import InstanceSink, ReceiveLimits, outbound_peer
+from mi2b2.adapters.dicom.store_receiver import StoreReceiver, refuse_unexpected_store
 from mi2b2.errors import InvalidInput
 
 __all__ = [
@@ -123,6 +111,10 @@ _GET_TRANSFER_SYNTAXES: list[str | UID] = [
     DeflatedExplicitVRLittleEndian,
 ]
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+# The storage classes a C-GET offers to receive; one context is the C-GET's own.
+_GET_STORAGE_CLASSES: list[UID] = [
+    cx.abstract_syntax for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1] if cx.abstract_syntax is not None
+]
 
 
 @dataclass(frozen=True)
@@ -185,13 +177,13 @@ def move_study(
         raise InvalidInput("a C-MOVE needs a destination AE title; configure the receiver's AE title")
     requests = _identifiers(model, study_uid, patient_id, series_uids)
     sop_class = _MOVE_SOP_CLASS[model]
-    assoc = _associate(local, peer, [sop_class], f"{_MODEL_NAMES[model]} C-MOVE", on_connect=_prompt)
+    assoc = associate(local, peer, [sop_class], f"{_MODEL_NAMES[model]} C-MOVE", on_connect=_prompt)
 
     def send(identifier: Dataset, message_id: int) -> Iterator[tuple[Dataset, Dataset | None]]:
         return assoc.send_c_move(identifier, destination_ae, sop_class, msg_id=message_id)
 
-    operation = _Operation(assoc, peer, "C-MOVE", sop_class, send, on_progress, should_cancel, cancel_grace, destination_ae,
-                           message_id)
+    operation = _Operation(assoc, peer, DimseService.C_MOVE, sop_class, send, on_progress, should_cancel, cancel_grace,
+                           destination_ae, message_id)
     return operation.run(requests)
 
 
@@ -223,11 +215,10 @@ def get_study(
     incoming_dir = Path(incoming_dir)
     incoming_dir.mkdir(parents=True, exist_ok=True)
     sop_class = _GET_SOP_CLASS[model]
-    classes = _get_storage_classes()
-    storage = [build_context(sop_class, _GET_TRANSFER_SYNTAXES) for sop_class in classes]
+    storage = [build_context(storage_class, _GET_TRANSFER_SYNTAXES) for storage_class in _GET_STORAGE_CLASSES]
     # SCP role for every storage class: the PACS sends C-STOREs to us.
-    roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
-    assoc = _associate(
+    roles = [build_role(storage_class, scp_role=True) for storage_class in _GET_STORAGE_CLASSES]
+    assoc = associate(
         local,
         peer,
         [sop_class, *storage],
@@ -239,21 +230,16 @@ def get_study(
     def send(identifier: Dataset, message_id: int) -> Iterator[tuple[Dataset, Dataset | None]]:
         return assoc.send_c_get(identifier, sop_class, msg_id=message_id)
 
-    operation = _Operation(assoc, peer, "C-GET", sop_class, send, on_progress, should_cancel, cancel_grace, None)
-    assoc.bind(evt.EVT_C_STORE, _refuse_unexpected_store)
+    operation = _Operation(assoc, peer, DimseService.C_GET, sop_class, send, on_progress, should_cancel, cancel_grace, None)
+    assoc.bind(evt.EVT_C_STORE, refuse_unexpected_store)
     sender = outbound_peer(peer.ae_title, peer.host)
-    receiver = _StoreReceiver(assoc, sink, incoming_dir, peer=lambda: sender, after_each=operation.cancel.poll,
-                              limits=limits or ReceiveLimits(max_pdu=local.max_pdu or ReceiveLimits.max_pdu,
-                                                             network_timeout=peer.network_timeout))
+    receiver = StoreReceiver(assoc, sink, incoming_dir, peer=lambda: sender, after_each=operation.cancel.poll,
+                             limits=limits or ReceiveLimits(max_pdu=local.max_pdu or ReceiveLimits.max_pdu,
+                                                            network_timeout=peer.network_timeout))
     try:
         return operation.run(requests)
     finally:
         receiver.close()
-
-
-def _get_storage_classes() -> list[UID]:
-    # One context is the C-GET's own. pynetdicom's storage contexts all name their class.
-    return [cx.abstract_syntax for cx in StoragePresentationContexts[: _MAX_CONTEXTS - 1] if cx.abstract_syntax is not None]
 
 
 # --- shared ------------------------------------------------------------------------------
@@ -262,7 +248,7 @@ _MODEL_NAMES = {QueryModel.PATIENT_ROOT: "Patient Root", QueryModel.STUDY_ROOT: 
 
 
 def _prompt(event: evt.Event) -> None:
-    _prompt_dul(event.assoc)
+    prompt_network_thread(event.assoc)
 
 
 def _model(model: QueryModel | str) -> QueryModel:
@@ -347,7 +333,7 @@ class _Operation:
         self,
         assoc: Association,
         peer: DicomPeer,
-        name: str,
+        service: DimseService,
         sop_class: UID,
         send: _Send,
         on_progress: Callable[[RetrieveProgress], None],
@@ -358,7 +344,8 @@ class _Operation:
     ) -> None:
         self.assoc = assoc
         self.peer = peer
-        self.name = name
+        self.service = service
+        self.name = str(service)
         self.sop_class = sop_class
         self.send = send
         self.on_progress = on_progress
@@ -380,7 +367,7 @@ class _Operation:
             if self.assoc.is_established:
                 self.assoc.abort()
             raise
-        _release(self.assoc)
+        release(self.assoc)
         LOG.info(
             "%s from %s: status 0x%04X, %d completed, %d failed, %d warning%s in %.2f s",
             self.name,
@@ -430,7 +417,7 @@ class _Operation:
                 if self.cancel.sent_at is not None:
                     # We cancelled and the PACS went quiet: pynetdicom aborted after the grace period.
                     return _canceled(progress)
-                raise _lost(self.peer, now - waiting_since, self.name)
+                raise no_response_error(self.peer, now - waiting_since, self.name)
             waiting_since = now
             code = int(status.Status)
             if code_to_category(code) == "Pending":
@@ -477,7 +464,7 @@ class _Operation:
             # destination refused them, which a retry would not change.
             return result
         if 0xA700 <= code <= 0xA7FF:  # Refused: out of resources (A701: matches, A702: sub-operations)
-            raise PacsBusy(peer, f"{operation} status 0x{code:04X}, {_status_text(code)}")
+            raise PacsBusy(peer, f"{operation} status 0x{code:04X}, {status_text(self.service, code)}")
         if self.destination_ae is not None and not (completed or failed or warning or progress.completed or progress.failed):
             # Orthanc answers 0xC000 with no counts both for a destination it
             # does not know and for a sub-operation the destination refused.
@@ -487,7 +474,7 @@ class _Operation:
                 "receiver refused an instance, mi2b2's audit trail says why"
             )
             comment = f"{comment}; {hint}" if comment else hint
-        raise DimseFailure(peer, operation, code, _status_text(code), comment)
+        raise DimseFailure(peer, operation, code, status_text(self.service, code), comment)
 
 
 def _total(results: list[RetrieveResult]) -> RetrieveResult:

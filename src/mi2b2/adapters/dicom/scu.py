@@ -16,9 +16,7 @@ Two things matter beyond correctness:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import select
 import socket
 import threading
 import time
@@ -26,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -37,12 +35,9 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.status import (
-    GENERAL_STATUS,
-    QR_FIND_SERVICE_CLASS_STATUS,
-    code_to_category,
-)
+from pynetdicom.status import code_to_category
 
+from mi2b2.adapters.dicom.dimse_status import DimseService, status_text
 from mi2b2.adapters.dicom.errors import (
     AssociationAborted,
     AssociationRejected,
@@ -53,6 +48,7 @@ from mi2b2.adapters.dicom.errors import (
     ResultsTruncated,
     ServiceNotSupported,
 )
+from mi2b2.adapters.dicom.netdicom_internals import keep_responses_for_the_caller, set_nodelay
 from mi2b2.errors import InvalidInput
 
 __all__ = [
@@ -61,9 +57,13 @@ __all__ = [
     "LocalAE",
     "QueryLevel",
     "QueryModel",
+    "associate",
     "echo",
     "find_once",
+    "no_response_error",
     "open_find_session",
+    "release",
+    "resolve_host",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -130,106 +130,7 @@ _FLOAT_VRS = frozenset({"FL", "FD"})
 # --- association -----------------------------------------------------------------
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: runs after TCP connect, before A-ASSOCIATE-RQ."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-# How long the network thread of a prompt association (`_prompt_dul`) waits
-# in select() for incoming data before it looks at its other queues again.
-_IDLE_WAIT = 0.001
-
-
-def _prompt_dul(assoc: Association) -> None:
-    """Let the association's network (DUL) thread wake up when data arrives.
-
-    pynetdicom's DUL loop polls: when a pass finds nothing to do it sleeps
-    1 ms (``_run_loop_delay``) before it looks at the socket again. A PACS
-    sending a study waits for our C-STORE response before it sends the next
-    instance, so that sleep lands on every instance: ~1 ms each, about half of
-    what DCMTK's storescp needs for a 512 KB image on loopback. Here the
-    idle wait moves into select() on the socket (same 1 ms cadence for the
-    DUL's other queues, so no extra CPU when idle) and data wakes the thread
-    at once. Also reads each PDU with recv_into instead of 4 KiB recv()
-    calls. Per association, from its EVT_CONN_OPEN handler (before its
-    reactor runs), so nothing else in the process changes.
-    """
-    dul = assoc.dul
-    check_socket = dul._is_transport_event
-
-    def wait_then_check() -> bool:
-        sock = dul.socket
-        raw = sock.socket if sock is not None else None
-        if raw is not None:
-            # Errors are left to pynetdicom's own check, which reports them.
-            with contextlib.suppress(OSError, ValueError):
-                select.select([raw], [], [], _IDLE_WAIT)
-        return check_socket()
-
-    dul._is_transport_event = wait_then_check  # type: ignore[method-assign]  # patches this association's DUL only
-    dul._run_loop_delay = 0.0
-    sock = dul.socket
-    if sock is not None:
-        sock.recv = _whole_reader(sock)  # type: ignore[method-assign]  # patches this association's socket only
-
-
-_FIRST_READ = 1 << 20
-
-
-class _SocketRead(Protocol):
-    """AssociationSocket.recv's signature, keyword name included."""
-
-    def __call__(self, nr_bytes: int) -> bytearray: ...
-
-
-def _whole_reader(sock: Any) -> _SocketRead:
-    """AssociationSocket.recv, with one recv_into per kernel buffer instead of per 4 KiB."""
-
-    def recv(nr_bytes: int) -> bytearray:
-        raw = sock.socket
-        # Grown as bytes arrive, never sized by the length a peer claims: a PDU
-        # header saying 4 GiB must not make us allocate 4 GiB.
-        buffer = bytearray(min(nr_bytes, _FIRST_READ))
-        received = 0
-        while received < nr_bytes:
-            if received == len(buffer):
-                buffer.extend(bytes(min(nr_bytes - received, max(len(buffer), _FIRST_READ))))
-            view = memoryview(buffer)
-            count = raw.recv_into(view[received:])
-            del view
-            if not count:  # connection closed: pynetdicom checks the length it got
-                return buffer[:received]
-            received += count
-        return buffer
-
-    return recv
-
-
-def keep_responses_for_the_caller(assoc: Association) -> None:
-    """Close a pynetdicom race that silently loses answers (C-FIND, C-STORE) to the requestor.
-
-    pynetdicom's reactor thread may pass its pause checkpoint just before
-    ``send_c_find`` pauses it, then take the next DIMSE message off the queue
-    and "serve" it as if it were a request. On a fast PACS (TCP_NODELAY) under
-    CPU load that message is a pending C-FIND response: the answer vanishes and
-    the find ends with Success (seen: 2 of 1,200 finds against Orthanc). We
-    only ever act as the requestor here, so anything the reactor picks up is a
-    response meant for the caller: put it back at the head of the queue.
-    """
-    queue = assoc.dimse.msg_queue
-
-    def give_back(msg: Any, context_id: int) -> None:
-        with queue.mutex:
-            queue.queue.appendleft((context_id, msg))
-            queue.unfinished_tasks += 1
-            queue.not_empty.notify()
-
-    assoc._serve_request = give_back  # type: ignore[method-assign]  # patches this association only
-
-
-def _associate(
+def associate(
     local: LocalAE,
     peer: DicomPeer,
     contexts: Sequence[UID | PresentationContext],
@@ -262,7 +163,7 @@ def _associate(
     connected = threading.Event()
 
     def on_open(event: evt.Event) -> None:
-        _set_nodelay(event)
+        set_nodelay(event.assoc)
         if on_connect is not None:
             on_connect(event)
         connected.set()
@@ -335,7 +236,7 @@ def _association_error(
     )
 
 
-def _release(assoc: Association) -> None:
+def release(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
     elif assoc.is_alive():
@@ -352,18 +253,18 @@ def echo(local: LocalAE, peer: DicomPeer) -> float:
     about: a PACS that accepts TCP but cannot negotiate is not healthy.
     """
     started = time.perf_counter()
-    assoc = _associate(local, peer, [_VERIFICATION], "the Verification service (C-ECHO)")
+    assoc = associate(local, peer, [_VERIFICATION], "the Verification service (C-ECHO)")
     try:
         status = assoc.send_c_echo()
         elapsed = time.perf_counter() - started
         if "Status" not in status:
-            raise _lost(peer, time.perf_counter() - started, "C-ECHO")
+            raise no_response_error(peer, time.perf_counter() - started, "C-ECHO")
         code = int(status.Status)
         if code != 0x0000:
-            raise DimseFailure(str(peer), "C-ECHO", code, _status_text(code))
+            raise DimseFailure(str(peer), "C-ECHO", code, status_text(DimseService.C_ECHO, code))
         return elapsed
     finally:
-        _release(assoc)
+        release(assoc)
 
 
 # --- C-FIND ------------------------------------------------------------------------
@@ -385,7 +286,7 @@ class FindSession:
 
     def open(self) -> None:
         if self._assoc is None or not self._assoc.is_established:
-            self._assoc = _associate(
+            self._assoc = associate(
                 self.local,
                 self.peer,
                 list(_FIND_SOP_CLASS.values()),
@@ -395,7 +296,7 @@ class FindSession:
     def close(self) -> None:
         assoc, self._assoc = self._assoc, None
         if assoc is not None:
-            _release(assoc)
+            release(assoc)
 
     def __enter__(self) -> Self:
         return self  # find() associates on first use
@@ -459,7 +360,7 @@ class FindSession:
         last = time.perf_counter()
         for status, found in responses:
             if "Status" not in status:
-                raise _lost(peer, time.perf_counter() - last, "C-FIND")
+                raise no_response_error(peer, time.perf_counter() - last, "C-FIND")
             last = time.perf_counter()
             code = int(status.Status)
             category = code_to_category(code)
@@ -481,10 +382,10 @@ class FindSession:
                 raise ResultsTruncated(str(peer), code, answers)
             comment = str(status.get("ErrorComment", "")) or None
             if 0xA700 <= code <= 0xA7FF:  # Refused: out of resources
-                raise PacsBusy(str(peer), f"C-FIND status 0x{code:04X}, {_status_text(code)}")
+                raise PacsBusy(str(peer), f"C-FIND status 0x{code:04X}, {status_text(DimseService.C_FIND, code)}")
             # Other warnings too: C-FIND defines none that leave the answer
             # list trustworthy, so they fail like failures do.
-            raise DimseFailure(str(peer), "C-FIND", code, _status_text(code), comment)
+            raise DimseFailure(str(peer), "C-FIND", code, status_text(DimseService.C_FIND, code), comment)
         raise AssociationAborted(str(peer), "C-FIND")
 
 
@@ -568,16 +469,7 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _status_text(code: int) -> str:
-    known = QR_FIND_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
-    if known is not None:
-        return known[1]
-    if 0xC000 <= code <= 0xCFFF:
-        return "Unable to process"
-    return code_to_category(code)
-
-
-def _lost(peer: DicomPeer, waited: float, operation: str) -> Exception:
+def no_response_error(peer: DicomPeer, waited: float, operation: str) -> Exception:
     """No response came: tell a timeout from a dropped association."""
     limit = min(peer.dimse_timeout, peer.network_timeout)
     if waited >= limit * 0.95:

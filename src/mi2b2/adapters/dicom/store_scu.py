@@ -5,15 +5,15 @@ per instance, what the destination answered. What matters beyond correctness:
 
 * No decoding. A file whose stored transfer syntax the destination accepts is
   streamed from disk as it is, in chunks of the destination's maximum PDU,
-  never parsed (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, see
-  `_StreamFromFiles`). Only an instance whose stored syntax was refused is
+  never parsed (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, for this
+  thread only: `netdicom_internals.files_sent_as_stored`). Only an instance whose stored syntax was refused is
   decoded (pydicom, with pylibjpeg for JPEG, JPEG-LS, JPEG 2000 and RLE) and
   re-encoded uncompressed; the caller counts that as a warning.
 * Negotiation. Per SOP class we propose the stored syntax alone, and the
   uncompressed syntaxes in a second context (`domain.forwarding`), so the
   destination's answer tells us exactly which instances go out unchanged.
 * Latency. TCP_NODELAY on the socket and the prompt network thread of
-  `scu._prompt_dul`: a destination answers each C-STORE before we send the
+  `netdicom_internals.prompt_network_thread`: a destination answers each C-STORE before we send the
   next, so per-instance stalls would add up over a study.
 * PHI. Nothing here logs or raises with identifiers: messages carry the
   destination's address, status codes and SOP class names only.
@@ -27,7 +27,6 @@ Every other failure status fails that one instance and the next one is sent.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,11 +38,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
-from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.status import code_to_category
 
+from mi2b2.adapters.dicom.dimse_status import DimseService, status_text
 from mi2b2.adapters.dicom.errors import (
     AssociationAborted,
     AssociationRejected,
@@ -52,7 +52,8 @@ from mi2b2.adapters.dicom.errors import (
     PacsUnreachable,
     ServiceNotSupported,
 )
-from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, _associate, _prompt_dul, _release
+from mi2b2.adapters.dicom.netdicom_internals import files_sent_as_stored, prompt_network_thread
+from mi2b2.adapters.dicom.scu import DicomPeer, LocalAE, associate, release
 from mi2b2.domain.forwarding import choose_syntax, proposed_contexts
 from mi2b2.errors import PermanentError, RetriableError
 
@@ -115,7 +116,7 @@ class DestinationRefused(PermanentError):
 
 
 def _association_failure(name: str, peer: DicomPeer, local: LocalAE, error: Exception) -> Exception:
-    """The PACS-worded errors of `scu._associate`, reworded for a forward destination."""
+    """The PACS-worded errors of `scu.associate`, reworded for a forward destination."""
     if isinstance(error, PacsUnreachable):
         return DestinationUnreachable(name, peer, error.reason)
     if isinstance(error, PacsBusy):
@@ -227,7 +228,7 @@ def store_files(
     contexts = [build_context(sop_class, list(syntaxes))
                 for sop_class, syntaxes in proposed_contexts((f.sop_class, f.transfer_syntax) for f in files)]
     try:
-        assoc = _associate(local, peer, contexts, "Storage (C-STORE)", on_connect=_prompt)
+        assoc = associate(local, peer, contexts, "Storage (C-STORE)", on_connect=_prompt)
     except (PacsUnreachable, PacsBusy, PacsTimeout, AssociationAborted, AssociationRejected,
             ServiceNotSupported) as exc:
         raise _association_failure(name, peer, local, exc) from None
@@ -238,7 +239,7 @@ def store_files(
 
     started = time.perf_counter()
     try:
-        with _stream_from_files:
+        with files_sent_as_stored():
             for number, file in enumerate(files):
                 if number and should_cancel():
                     result.canceled = True
@@ -250,7 +251,7 @@ def store_files(
         if assoc.is_established:
             assoc.abort()
         raise
-    _release(assoc)
+    release(assoc)
     LOG.info("C-STORE to %s (%s): %d stored (%d with warnings, %d converted), %d failed%s in %.2f s",
              name, peer, result.stored, result.warnings, result.converted, result.failed,
              " (canceled)" if result.canceled else "", time.perf_counter() - started)
@@ -306,12 +307,12 @@ def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, acce
         result.warnings += 1
         result.last_status = code
     elif 0xA700 <= code <= 0xA7FF:
-        raise DestinationBusy(name, peer, f"C-STORE status 0x{code:04X}, {_status_text(code)}", status=code)
+        raise DestinationBusy(name, peer, f"C-STORE status 0x{code:04X}, {status_text(DimseService.C_STORE, code)}", status=code)
     else:
         comment = str(status.get("ErrorComment", "") or "")
         # The destination's own text may quote what it refused: kept only when short and free of digits (UIDs, MRNs).
         detail = f": {comment[:80]}" if comment and not any(c.isdigit() for c in comment) else ""
-        result._fail(f"status 0x{code:04X} ({_status_text(code)}{detail}) for {sop_name}", status=code)
+        result._fail(f"status 0x{code:04X} ({status_text(DimseService.C_STORE, code)}{detail}) for {sop_name}", status=code)
         return
     result.bytes += size
 
@@ -344,56 +345,5 @@ def _converted(path: Path, target: UID) -> Dataset:
     return ds
 
 
-class _StreamFromFiles:
-    """While entered, pynetdicom sends a file path's bytes as they are, without decoding them.
-
-    ``STORE_SEND_CHUNKED_DATASET`` is a process-wide switch, read when
-    `Association.send_c_store` is called with a path (never for a Dataset,
-    never on the receiving side). With it on, a path goes out only over a
-    context with exactly its stored syntax; with it off, pynetdicom decodes
-    the file first. Rather than flip it for the whole process for good (which
-    would change how any other code here sends paths, e.g. the demo loader),
-    it is on only while at least one forward is sending, and the previous
-    value comes back after the last one. Per call toggling would race between
-    concurrent forwards; a reference count does not. Code elsewhere in this
-    process that sends a *path* during a forward would be streamed too; no
-    mi2b2 code in a server or worker process does.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = False
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                self._saved = _config.STORE_SEND_CHUNKED_DATASET
-                _config.STORE_SEND_CHUNKED_DATASET = True
-            self._users += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                _config.STORE_SEND_CHUNKED_DATASET = self._saved
-
-
-_stream_from_files = _StreamFromFiles()
-
-
 def _prompt(event: evt.Event) -> None:
-    _prompt_dul(event.assoc)
-
-
-def _status_text(code: int) -> str:
-    known = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
-    if known is not None:
-        return known[1]
-    if 0xA700 <= code <= 0xA7FF:
-        return "Out of resources"
-    if 0xA900 <= code <= 0xA9FF:
-        return "Data set does not match SOP class"
-    if 0xC000 <= code <= 0xCFFF:
-        return "Cannot understand"
-    return code_to_category(code)
+    prompt_network_thread(event.assoc)

@@ -41,7 +41,7 @@ from mi2b2.services.export.layout import (
     keyed_paths,
     readme_text,
 )
-from mi2b2.services.export.reader import TEMP_SUFFIX, _Folder, file_sha256, keys_for, temp_name, write_atomically
+from mi2b2.services.export.reader import TEMP_SUFFIX, ExportFolder, file_sha256, keys_for, temp_name, write_atomically
 
 WORKERS = 4
 
@@ -183,7 +183,7 @@ def _check_folder(target: Path, encrypted: bool) -> None:
     if has_manifest and not encrypted:
         raise InvalidInput(f"{target} holds an encrypted download; to resume it give the same --passphrase or "
                            "--recipient (and --identity), or download plain into another folder")
-    if encrypted and not has_manifest and target.is_dir() and any(n.endswith(".dcm") for n in _Folder(target).names()):
+    if encrypted and not has_manifest and target.is_dir() and any(n.endswith(".dcm") for n in ExportFolder(target).names()):
         raise InvalidInput(f"{target} holds a plain download; download encrypted into another folder")
 
 
@@ -217,7 +217,7 @@ def _prepare_folder(target: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidInput(f"cannot create {target} ({exc.strerror or type(exc).__name__})") from None
-    for name in _Folder(target).names():  # what an interrupted run left: never a final name, never kept
+    for name in ExportFolder(target).names():  # what an interrupted run left: never a final name, never kept
         if name.endswith(TEMP_SUFFIX):
             (target / name).unlink(missing_ok=True)
 
@@ -228,7 +228,7 @@ def _encrypted_plan(target: Path, project: str, files: list[dict[str, Any]], pas
     """(keys to verify existing files, recipients to encrypt to, keyed name of each file); writes
     identity.age, manifest.age and README.txt before any image, so even a broken-off download can be
     resumed and read."""
-    folder = _Folder(target)
+    folder = ExportFolder(target)
     if folder.has(MANIFEST):
         keys = keys_for(folder, passphrase, identities, str(target))
         old = Manifest.from_json(age_files.decrypt(folder.read(MANIFEST), keys, MANIFEST))

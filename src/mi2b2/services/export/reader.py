@@ -40,7 +40,9 @@ class DownloadEntry:
     sop_uid: str | None = None
 
 
-class _Folder:
+class ExportFolder:
+    """A downloaded export unpacked in a folder, read by relative name (also what `fetch` resumes into)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -119,7 +121,7 @@ def _missing(name: str) -> InvalidInput:
 class DownloadReader:
     """The files of one download. ``entries()`` lists them; ``read(entry)`` gives the DICOM bytes."""
 
-    def __init__(self, source: _Folder | _Zip, manifest: Manifest | None, identities: list[Any]) -> None:
+    def __init__(self, source: ExportFolder | _Zip, manifest: Manifest | None, identities: list[Any]) -> None:
         self._source = source
         self.manifest = manifest
         self._identities = identities
@@ -181,7 +183,7 @@ def open_download(path: str | Path, passphrase: str | None = None,
     here, so a wrong key fails now, before any image is touched."""
     where = Path(path)
     if where.is_dir():
-        source: _Folder | _Zip = _Folder(where)
+        source: ExportFolder | _Zip = ExportFolder(where)
     elif where.is_file():
         source = _Zip(where)
     else:
@@ -201,7 +203,7 @@ def open_download(path: str | Path, passphrase: str | None = None,
         raise
 
 
-def keys_for(source: _Folder | _Zip, passphrase: str | None, identities: Sequence[str | Path | Any],
+def keys_for(source: ExportFolder | _Zip, passphrase: str | None, identities: Sequence[str | Path | Any],
              where: str) -> list[Any]:
     keys = age_files.load_identities(identities)
     if passphrase is not None:

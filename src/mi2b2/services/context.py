@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction, upgrade
 from mi2b2.config import PacsConfig, SiteConfig, load_config
-from mi2b2.domain.clock import Clock, SystemClock
+from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
 from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
@@ -42,6 +42,7 @@ class ServiceContext:
     audit: AuditTrail
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
+    timer: Timer = field(default_factory=SystemClock)  # polls and waits on the database and the receiver
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
@@ -79,6 +80,7 @@ def build_context(
     migrate: bool = True,
     sync_config: bool = True,
     audit_key: bool = True,
+    timer: Timer | None = None,
 ) -> ServiceContext:
     """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks."""
     clock = clock or SystemClock()
@@ -98,4 +100,4 @@ def build_context(
 
     # Every search, request look-up and job reaches the PACS through the query governor.
     governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
-    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed)
+    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock())

@@ -218,3 +218,21 @@ def test_migrating_the_allow_list_keeps_single_institution_lists_and_fails_close
     with ctx.engine.connect() as connection:
         beta = connection.execute(text("select institution_id, mrn from project_mrns where project_id='beta'")).all()
     assert sorted(beta) == [("general", "B-1"), ("general", "B-2")]
+
+
+def test_migrating_scheduler_cursors_gives_each_its_kind_and_round_trips(ctx: ServiceContext) -> None:
+    """0007: the forward scheduler's "@destination" keys in the PACS column become destination cursors."""
+    db.downgrade(ctx.engine, "0006")
+    with ctx.engine.begin() as connection:
+        connection.execute(text("insert into scheduler_cursors (pacs_id, last_project_id) values "
+                                "('main', 'alpha'), ('@xnat', 'beta'), ('@main', null)"))
+    db.upgrade(ctx.engine, "0007")
+    with ctx.engine.connect() as connection:
+        rows = connection.execute(text("select kind, target_id, last_project_id from scheduler_cursors")).all()
+    assert sorted(rows, key=str) == sorted([("pacs", "main", "alpha"), ("destination", "xnat", "beta"),
+                                            ("destination", "main", None)], key=str)
+    db.downgrade(ctx.engine, "0006")
+    with ctx.engine.connect() as connection:
+        old = connection.execute(text("select pacs_id, last_project_id from scheduler_cursors")).all()
+    assert sorted(old, key=str) == sorted([("main", "alpha"), ("@xnat", "beta"), ("@main", None)], key=str)
+    db.upgrade(ctx.engine)

@@ -15,6 +15,7 @@ from mi2b2.api.routers import dicomweb as dicomweb_router
 from mi2b2.api.routers import download as download_router
 from mi2b2.api.routers import forward as forward_router
 from mi2b2.api.routers import viewer as viewer_router
+from mi2b2.api.schemas.common import Health
 from mi2b2.services.context import ServiceContext
 from mi2b2.web import pages as client_pages
 
@@ -46,7 +47,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     api.include_router(download_router.router)
     api.include_router(viewer_router.router)
 
-    @api.get("/health", tags=["health"])
+    @api.get("/health", tags=["health"], response_model=Health)
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 

@@ -9,11 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mi2b2.adapters.db.outage import as_outage
 from mi2b2.api.deps import NotAuthenticated
+from mi2b2.api.schemas.common import ErrorBody
 from mi2b2.errors import (
     AccessDenied,
     InvalidInput,
@@ -27,13 +27,6 @@ from mi2b2.errors import (
 LOG = logging.getLogger(__name__)
 
 
-class ErrorBody(BaseModel):
-    """Every error answer: what went wrong and how to fix it, and the kind of error."""
-
-    error: str
-    kind: str
-
-
 # What any route can answer besides its success, documented once in the OpenAPI document (the app's
 # handlers and its body limit make these, whatever the route): 422 is ours, not FastAPI's `detail` list.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -45,6 +38,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "not found"),
         (413, "request body too large"),
         (422, "invalid input"),
+        (500, "an unexpected error; the server log has details"),
         (502, "a PACS or destination refused"),
         (503, "a PACS, a destination or the database is unavailable; try again (after Retry-After seconds when given)"),
     )

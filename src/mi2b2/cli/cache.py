@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mi2b2.api.schemas.cache import Usage
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SERVER,
@@ -20,6 +21,7 @@ from mi2b2.cli.common import (
     errors,
     local_context,
     operator,
+    plain,
 )
 
 app = typer.Typer(help="Your project's cache: how full it is, what is in it, deleting from it.", no_args_is_help=True)
@@ -41,7 +43,8 @@ def _count(number: int, one: str, many: str | None = None) -> str:
     return f"{number} {one if number == 1 else many or one + 's'}"
 
 
-def _usage_rows(usage: dict[str, Any]) -> list[dict[str, Any]]:
+def _usage_rows(answer: Usage) -> list[dict[str, Any]]:
+    usage = plain(answer)
     return [{
         "project": usage["project_id"], "quota": human_size(usage["quota_bytes"]),
         "used": human_size(usage["used_bytes"]), "in_flight": human_size(usage["in_flight_bytes"]),
@@ -56,9 +59,9 @@ def usage(project: ProjectArg, server: ServerOption = DEFAULT_SERVER, token: Tok
           fmt: FormatOption = "table") -> None:
     """Quota, space used, space reserved by running retrievals, and what is free."""
     with api_client(server, token) as client:
-        result = client.cache(project)["usage"]
+        result = client.cache(project).usage
     emit(_usage_rows(result), ["project", "quota", "used", "in_flight", "free", "studies"], fmt, "cache usage")
-    if result["over_quota"]:
+    if result.over_quota:
         errors.print(f"project {project} is over its quota: delete studies with `mi2b2 cache delete {project} UID...` "
                      "or ask an admin for more space; retrievals wait until there is room", style="yellow")
 
@@ -69,10 +72,10 @@ def list_studies(project: ProjectArg, server: ServerOption = DEFAULT_SERVER, tok
     """The studies in a project's cache, newest first."""
     with api_client(server, token) as client:
         result = client.cache(project)
-    rows = [{**study, "size": human_size(study["bytes"])} for study in result["studies"]]
-    used = result["usage"]
+    rows = [{**plain(study), "size": human_size(study.bytes)} for study in result.studies]
+    used = result.usage
     emit(rows, STUDY_COLUMNS, fmt,
-         f"cache of {project}: {len(rows)} studies, {human_size(used['used_bytes'])} of {human_size(used['quota_bytes'])}")
+         f"cache of {project}: {len(rows)} studies, {human_size(used.used_bytes)} of {human_size(used.quota_bytes)}")
 
 
 @app.command("delete")
@@ -81,11 +84,11 @@ def delete(project: ProjectArg, study_uids: Annotated[list[str], typer.Argument(
     """Delete studies from a project's cache; their space is free at once."""
     with api_client(server, token) as client:
         result = client.cache_delete(project, study_uids)
-    console.print(f"deleted {_count(len(result['deleted']), 'study', 'studies')} from {project}, "
-                  f"{human_size(result['bytes_freed'])} freed; {human_size(result['usage']['free_bytes'])} free now",
+    console.print(f"deleted {_count(len(result.deleted), 'study', 'studies')} from {project}, "
+                  f"{human_size(result.bytes_freed)} freed; {human_size(result.usage.free_bytes)} free now",
                   style="green")
-    if result["not_found"]:
-        errors.print(f"not in the cache (nothing to delete): {', '.join(result['not_found'])}", style="yellow")
+    if result.not_found:
+        errors.print(f"not in the cache (nothing to delete): {', '.join(result.not_found)}", style="yellow")
 
 
 def notifications(
@@ -95,7 +98,7 @@ def notifications(
 ) -> None:
     """Your notifications: failed retrievals and finished batches."""
     with api_client(server, token) as client:
-        rows = client.notifications(unread)
+        rows = [plain(notification) for notification in client.notifications(unread)]
         if mark_read and (shown := [r["id"] for r in rows if r["read_at"] is None]):
             client.mark_notifications_read(shown)
     if fmt == "table":

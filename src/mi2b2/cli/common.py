@@ -7,6 +7,7 @@ import getpass
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mi2b2.api.schemas.common import Readable
 from mi2b2.client import Mi2b2Client
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
@@ -63,12 +65,16 @@ def api_client(server: str, token: str | None) -> Mi2b2Client:
 
 
 def plain(value: Any) -> Any:
+    """A dataclass or an API answer as the JSON object it stands for (timestamps as the API writes them)."""
+    if isinstance(value, Readable):
+        return value.json_object()
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return value
 
 
-def emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str = "") -> None:
+def emit(answers: Sequence[Mapping[str, Any] | Readable], columns: list[str], fmt: str, title: str = "") -> None:
+    rows: list[dict[str, Any]] = [plain(answer) for answer in answers]
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2, default=str))
     elif fmt == "csv":

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from mi2b2.api.schemas.requests import RequestRow
 from mi2b2.cli.common import (
     DEFAULT_SERVER,
     FormatOption,
@@ -21,6 +22,7 @@ from mi2b2.cli.common import (
     console,
     emit,
     errors,
+    plain,
     read_uid_list,
 )
 from mi2b2.errors import InvalidInput
@@ -90,7 +92,7 @@ def show(request_id: Annotated[int, typer.Argument()], server: ServerOption = DE
          fmt: FormatOption = "table") -> None:
     """Everything about one request."""
     with api_client(server, token) as client:
-        row = client.request(request_id)
+        row = plain(client.request(request_id))
     if fmt == "table":
         table = Table(show_header=False)
         for key, value in row.items():
@@ -105,7 +107,7 @@ def cancel(ids: IdsArg, server: ServerOption = DEFAULT_SERVER, token: TokenOptio
     """Cancel scheduled or processing requests (a running retrieval is stopped with C-CANCEL)."""
     with api_client(server, token) as client:
         result = client.cancel_requests(ids)
-    console.print(f"canceled: {', '.join(map(str, result['canceled']))}", style="green")
+    console.print(f"canceled: {', '.join(map(str, result.canceled))}", style="green")
 
 
 @app.command("retry")
@@ -113,7 +115,7 @@ def retry(ids: IdsArg, server: ServerOption = DEFAULT_SERVER, token: TokenOption
     """Queue failed, incomplete or canceled requests again."""
     with api_client(server, token) as client:
         result = client.retry_requests(ids)
-    console.print(f"queued again: {', '.join(map(str, result['retried']))}", style="green")
+    console.print(f"queued again: {', '.join(map(str, result.retried))}", style="green")
 
 
 @app.command("priority")
@@ -122,10 +124,10 @@ def priority(value: Annotated[int, typer.Argument(help="-9..9")], ids: IdsArg, s
     """Change the priority of scheduled requests."""
     with api_client(server, token) as client:
         result = client.set_priority(ids, value)
-    console.print(f"priority {value}: {', '.join(map(str, result['changed']))}", style="green")
+    console.print(f"priority {value}: {', '.join(map(str, result.changed))}", style="green")
 
 
-def _progress_table(project: str, rows: list[dict[str, Any]]) -> Table:
+def _progress_table(project: str, rows: list[RequestRow]) -> Table:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1

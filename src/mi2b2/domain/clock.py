@@ -11,6 +11,22 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 
+class Timer(Protocol):
+    """Real elapsed time, for waits on real things: the database, the receiver, a PACS.
+
+    A `Clock` is also a Timer, but the two are kept apart in the service context:
+    a test may run the scheduler's clock faster than the wall (see
+    ``mi2b2.testing.ScaledClock``) while the database and the network keep their
+    own pace, and a unit test passes a fake for both so that nothing sleeps."""
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        ...
+
+
 class Clock(Protocol):
     def now(self) -> datetime:
         """Aware UTC datetime."""
@@ -18,6 +34,10 @@ class Clock(Protocol):
 
     def monotonic(self) -> float:
         """Seconds from an arbitrary origin, for measuring durations."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of this clock's time (a fake clock just moves on)."""
         ...
 
 

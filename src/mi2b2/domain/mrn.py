@@ -12,6 +12,7 @@ is "cleaned", because a loosely matched MRN is a different patient.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -63,7 +64,8 @@ class MrnFormat:
         """The institution's one spelling of ``value``; MrnFormatError if it cannot be one of its MRNs."""
         text = value.strip()
         if self.remove:
-            text = "".join(ch for ch in text if ch not in self.remove)
+            # Removing a separator can leave the spaces around it at an end: trim again.
+            text = "".join(ch for ch in text if ch not in self.remove).strip()
         if self.case == "upper":
             text = text.upper()
         elif self.case == "lower":
@@ -76,7 +78,8 @@ class MrnFormat:
                 raise MrnFormatError(f"has more than the institution's {self.digits} digits")
             text = significant.rjust(self.digits, "0")
         elif self.strip_leading_zeros:
-            text = text.lstrip("0") or ("0" if text else "")
+            # Spaces between leading zeros ("0 012") go with them, or the result would change when canonicalised again.
+            text = "".join(itertools.dropwhile(lambda ch: ch == "0" or ch.isspace(), text)) or ("0" if text else "")
         if not text:
             raise MrnFormatError("is empty once the institution's MRN format is applied")
         return text

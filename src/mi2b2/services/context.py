@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
 from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
-from mi2b2.domain.clock import Clock, SystemClock
+from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
 from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
@@ -43,6 +43,7 @@ class ServiceContext:
     audit: AuditTrail
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
+    timer: Timer = field(default_factory=SystemClock)  # polls and waits on the database and the receiver
     file_digests: FileDigests = field(default_factory=FileDigests)  # of cache files, for download manifests
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
@@ -82,6 +83,7 @@ def build_context(
     sync_config: bool = True,
     audit_key: bool = True,
     require_current: bool = False,
+    timer: Timer | None = None,
 ) -> ServiceContext:
     """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks.
     ``require_current`` (with ``migrate=False``): refuse a database whose schema is not this code's, naming the fix."""
@@ -104,4 +106,4 @@ def build_context(
 
     # Every search, request look-up and job reaches the PACS through the query governor.
     governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
-    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed)
+    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock())

@@ -23,10 +23,9 @@ the database mirror it for foreign keys and history.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +35,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request, SchedulerCursor
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, CursorKind, Project, Request
 from mi2b2.adapters.dicom.scu import DicomPeer
 from mi2b2.adapters.dicom.store_scu import StoreProgress, StoreResult, store_files
 from mi2b2.config import DestinationConfig
@@ -55,18 +54,19 @@ from mi2b2.domain.principal import Principal
 from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
-from mi2b2.services import notifications
+from mi2b2.services import jobs, notifications
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import local_ae
-from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_ended, mark_started
+from mi2b2.services.request_rows import change_state, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
+from mi2b2.services.scheduler import round_robin_cursor
 from mi2b2.services.search import allowed_values, load_policy
 
 LOG = logging.getLogger(__name__)
-POLL_SECONDS = 1.0  # how often a running forward re-reads its cancel flag and writes progress
 
 _HINTS = {
     Denial.IRB_EXPIRED: "forwarding needs an active IRB approval; once it is renewed, the site admin updates "
@@ -300,7 +300,7 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             dest = configured.get(destination_id)
             rules = DestinationRules(destination_id, dest is not None, dest.max_concurrent if dest else 1,
                                      frozenset(dest.projects) if dest else frozenset())
-            cursor = _cursor(session, destination_id)
+            cursor = round_robin_cursor(session, CursorKind.DESTINATION, destination_id)
             plan = plan_destination(now, rules, active[destination_id], closed, queued[destination_id],
                                     cursor.last_project_id)
             cursor.last_project_id = plan.last_project
@@ -360,18 +360,6 @@ def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str
     return queued
 
 
-def _cursor(session: Session, destination_id: str) -> SchedulerCursor:
-    # Round-robin cursors share the retrieval scheduler's table. "@" cannot
-    # start a PACS id, so the keys never collide, and "@" + a 63-character
-    # id still fits the 64-character column.
-    key = f"@{destination_id}"
-    cursor = session.get(SchedulerCursor, key)
-    if cursor is None:
-        cursor = SchedulerCursor(pacs_id=key, last_project_id=None)
-        session.add(cursor)
-    return cursor
-
-
 def _apply(session: Session, starts: list[int], waiting: dict[int, str], worker_id: str, now: datetime) -> None:
     for request_id in starts:
         row = session.get_one(Request, request_id)
@@ -393,42 +381,33 @@ def _notify(ctx: ServiceContext, request_id: int) -> None:
 # --- running one forward ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Job:
-    request_id: int
-    project_id: str
-    destination_id: str
-    patient_id: str
-    study_uid: str
-    series_uids: tuple[str, ...]
-    attempts: int
-
-
 def run_forward(ctx: ServiceContext, request_id: int) -> str:
     """C-STORE one started forward to its destination; return the request's state afterwards."""
-    job = _load(ctx, request_id)
+    job = jobs.load(ctx, request_id, RequestKind.FORWARD)
     if job is None:
         return RequestState.CANCELED
-    dest = next((d for d in ctx.config.destinations if d.id == job.destination_id), None)
+    dest = next((d for d in ctx.config.destinations if d.id == job.target_id), None)
     if dest is None:
-        return _end(ctx, job, RequestState.FAILED, f"destination {job.destination_id!r} is no longer configured")
+        return jobs.end(ctx, job, RequestState.FAILED, f"destination {job.target_id!r} is no longer configured",
+                        record=_record())
     if dest.tls:
-        return _end(ctx, job, RequestState.FAILED, f"destination {dest.id!r} is configured for DICOM TLS, which this "
-                                                   "version of mi2b2 does not support")
+        return jobs.end(ctx, job, RequestState.FAILED, f"destination {dest.id!r} is configured for DICOM TLS, which "
+                        "this version of mi2b2 does not support", record=_record())
     paths = _files(ctx, job)
-    watch = _Watch(ctx, job.request_id, len(paths))
+    watch = jobs.Watch(ctx, job, stops_when_access_ends=False)
     LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
     try:
         result = store_files(local_ae(ctx.config), peer_for_destination(dest), dest.id, paths,
-                             should_cancel=watch.should_cancel, on_progress=watch.progress)
+                             should_cancel=watch.should_cancel, on_progress=_progress(ctx, job, watch, len(paths)))
     except RetriableError as exc:
-        return _transient(ctx, job, dest, exc)
+        return jobs.back_off(ctx, job, exc, dest.retries.to_domain(), _record())
     except Mi2b2Error as exc:
-        return _end(ctx, job, RequestState.FAILED, str(exc), expected=len(paths))
+        return jobs.end(ctx, job, RequestState.FAILED, str(exc), record=_record(expected=len(paths)))
+    record = _record(result, len(paths))
     if result.canceled:
-        return _end(ctx, job, RequestState.CANCELED, "canceled by a user", result, len(paths))
+        return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.last_status, record=record)
     outcome = forward_outcome(len(paths), result.stored, result.failed, result.reasons[0] if result.reasons else None)
-    return _end(ctx, job, outcome.state, outcome.reason, result, len(paths))
+    return jobs.end(ctx, job, outcome.state, outcome.reason, status=result.last_status, record=record)
 
 
 def peer_for_destination(dest: DestinationConfig) -> DicomPeer:
@@ -436,17 +415,7 @@ def peer_for_destination(dest: DestinationConfig) -> DicomPeer:
     return DicomPeer(dest.ae_title, dest.host, dest.port, t.connect, t.acse, t.dimse, t.network)
 
 
-def _load(ctx: ServiceContext, request_id: int) -> _Job | None:
-    with ctx.sessions() as session:
-        row = session.get(Request, request_id)
-        if (row is None or row.kind != RequestKind.FORWARD or row.state != RequestState.PROCESSING
-                or row.destination_id is None):
-            return None
-        return _Job(row.id, row.project_id, row.destination_id, row.patient_id, row.study_uid,
-                    tuple(row.series_uids or ()), row.attempts)
-
-
-def _files(ctx: ServiceContext, job: _Job) -> list[Path]:
+def _files(ctx: ServiceContext, job: Job) -> list[Path]:
     """The cached files of the study (or its chosen series), in series and instance order."""
     query = (
         select(CachedInstance.relative_path)
@@ -463,95 +432,33 @@ def _files(ctx: ServiceContext, job: _Job) -> list[Path]:
     return [store.absolute(path) for path in relative]
 
 
-class _Watch:
-    """Progress in, cancel out: at most one database round trip per POLL_SECONDS."""
-
-    def __init__(self, ctx: ServiceContext, request_id: int, expected: int) -> None:
-        self.ctx = ctx
-        self.request_id = request_id
-        self.expected = expected
-        self._checked = 0.0
-        self._written = 0.0
-        self._canceled = False
-
-    def should_cancel(self) -> bool:
-        if not self._canceled and time.monotonic() - self._checked >= POLL_SECONDS:
-            self._checked = time.monotonic()
-            with self.ctx.sessions() as session:
-                flag = session.execute(select(Request.cancel_requested).where(Request.id == self.request_id)).scalar()
-            self._canceled = bool(flag)
-        return self._canceled
-
-    def progress(self, p: StoreProgress) -> None:
-        if time.monotonic() - self._written < POLL_SECONDS:
+def _progress(ctx: ServiceContext, job: Job, watch: jobs.Watch, expected: int) -> Callable[[StoreProgress], None]:
+    def write(p: StoreProgress) -> None:
+        if not watch.progress_due():
             return
-        self._written = time.monotonic()
-        with transaction(self.ctx.sessions) as session:
-            row = session.get_one(Request, self.request_id)
-            row.expected_instances = self.expected
+        with transaction(ctx.sessions) as session:
+            row = session.get_one(Request, job.request_id)
+            row.expected_instances = expected
             row.received, row.failed, row.warnings, row.bytes = p.stored, p.failed, p.warnings + p.converted, p.bytes
 
-
-def _transient(ctx: ServiceContext, job: _Job, dest: DestinationConfig, exc: RetriableError) -> str:
-    now = ctx.clock.now()
-    retry_at = dest.retries.to_domain().next_try(job.attempts, now)
-    status = getattr(exc, "status", None)
-    if retry_at is None:
-        return _end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {exc}", status=status)
-    with transaction(ctx.sessions) as session:
-        # Nothing of this attempt counts: the next one sends the whole study again.
-        canceled = not back_off_unless_canceled(session.get_one(Request, job.request_id), exc, retry_at, now, status)
-        if canceled:
-            _audit_end(ctx, job, RequestState.CANCELED, "canceled by a user", {}, session)
-        else:
-            ctx.audit.record("worker", Action.FORWARD, Outcome.FAILED, project_id=job.project_id,
-                             patient_id=job.patient_id, study_uid=job.study_uid,
-                             detail={"request": job.request_id, "event": "transient failure",
-                                     "destination": job.destination_id, "attempt": job.attempts, "error": str(exc),
-                                     "retry_at": retry_at.isoformat()}, session=session)
-    if canceled:
-        return RequestState.CANCELED
-    LOG.warning("request %s: forward attempt %s failed (%s); retrying later", job.request_id, job.attempts,
-                type(exc).__name__)
-    return RequestState.SCHEDULED
+    return write
 
 
-def _end(
-    ctx: ServiceContext,
-    job: _Job,
-    state: RequestState,
-    reason: str | None,
-    result: StoreResult | None = None,
-    expected: int | None = None,
-    *,
-    status: int | None = None,
-) -> str:
-    now = ctx.clock.now()
-    with transaction(ctx.sessions) as session:
-        row = session.get_one(Request, job.request_id)
-        mark_ended(row, state, reason, result.last_status if result is not None else status, now)
+def _record(result: StoreResult | None = None, expected: int | None = None) -> jobs.Record:
+    """What a forward's end writes (what the destination stored) and audits."""
+
+    def record(row: Request) -> dict[str, int]:
         if expected is not None:
             row.expected_instances = expected
         if result is not None:
             row.received, row.failed, row.bytes = result.stored, result.failed, result.bytes
             # A conversion is worth a warning: the destination got another encoding than the cache holds.
             row.warnings = result.warnings + result.converted
-        counts = {"expected": row.expected_instances, "stored": row.received, "failed": row.failed,
-                  "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
-                  "attempt": job.attempts}
-        _audit_end(ctx, job, state, reason, counts, session)
-    LOG.info("request %s: forward %s (%s of %s instances)", job.request_id, state, counts.get("stored", 0),
-             counts.get("expected", 0))
-    return state
+        return {"expected": row.expected_instances, "stored": row.received, "failed": row.failed,
+                "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
+                "attempt": row.attempts}
 
-
-def _audit_end(ctx: ServiceContext, job: _Job, state: RequestState, reason: str | None, counts: dict[str, int],
-               session: Session) -> None:
-    outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
-    ctx.audit.record("worker", Action.FORWARD, outcome, project_id=job.project_id, patient_id=job.patient_id,
-                     study_uid=job.study_uid,
-                     detail={"request": job.request_id, "event": str(state), "destination": job.destination_id,
-                             "reason": reason or "", **counts}, session=session)
+    return record
 
 
 __all__ = [

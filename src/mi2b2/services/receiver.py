@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,11 +171,11 @@ class ReceiverSink:
     def _pacs_identities(self) -> list[PacsIdentity]:
         with self._lock:
             cached = self._identities
-        if cached is not None and time.monotonic() - cached[0] < RESOLVE_SECONDS:
+        if cached is not None and self.ctx.timer.monotonic() - cached[0] < RESOLVE_SECONDS:
             return cached[1]
         identities = pacs_identities(self.ctx.config)
         with self._lock:
-            self._identities = (time.monotonic(), identities)
+            self._identities = (self.ctx.timer.monotonic(), identities)
         return identities
 
     # --- each instance -----------------------------------------------------------------
@@ -244,14 +243,14 @@ class ReceiverSink:
         key = (self._pacs_of(peer) if self.request_id is None else (), study_uid, origin)
         with self._lock:
             entry = self._lookups.get(key)
-            if entry is not None and time.monotonic() - entry.looked_up < LOOKUP_SECONDS:
+            if entry is not None and self.ctx.timer.monotonic() - entry.looked_up < LOOKUP_SECONDS:
                 return entry.request
         request = self._look_up(*key)
         self._outage.succeeded()
         with self._lock:
             if len(self._lookups) > 10_000:  # strays with made-up study UIDs must not grow it forever
                 self._lookups.clear()
-            self._lookups[key] = _Entry(request, time.monotonic())
+            self._lookups[key] = _Entry(request, self.ctx.timer.monotonic())
         return request
 
     def _look_up(self, pacs_ids: tuple[str, ...], study_uid: str, origin: MoveOrigin) -> InFlight | None:
@@ -426,10 +425,11 @@ class Indexer:
             batch = [self._queue.get(timeout=0.5)]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + self.MAX_WAIT
+        timer = self.ctx.timer
+        deadline = timer.monotonic() + self.MAX_WAIT
         while len(batch) < self.MAX_BATCH:
             try:
-                batch.append(self._queue.get(timeout=max(min(deadline - time.monotonic(), self.IDLE_GAP), 0)))
+                batch.append(self._queue.get(timeout=max(min(deadline - timer.monotonic(), self.IDLE_GAP), 0)))
             except queue.Empty:
                 break
         return batch
@@ -470,7 +470,7 @@ class Indexer:
                 if busy_tries == 3:
                     raise RuntimeError("the database refused the cache index three times") from None
                 LOG.warning("indexing %d instances failed on a database error; trying again", len(arrivals))
-                time.sleep(1)
+                self.ctx.timer.sleep(1)
 
     def _remove_unindexed(self, batch: list[Arrival]) -> None:
         """Leave no file the index does not name (a resent instance indexed earlier stays)."""

@@ -18,7 +18,15 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
 from mi2b2.adapters.db.outage import DatabaseUnavailable
-from mi2b2.adapters.db.tables import CachedStudy, PacsStart, Project, Request, SchedulerCursor, Worker
+from mi2b2.adapters.db.tables import (
+    CachedStudy,
+    CursorKind,
+    PacsStart,
+    Project,
+    Request,
+    SchedulerCursor,
+    Worker,
+)
 from mi2b2.adapters.process import pid_alive
 from mi2b2.config import PacsConfig
 from mi2b2.domain.clock import as_utc
@@ -55,11 +63,11 @@ def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
                 _pacs_load(session, pacs, now),
                 budgets,
                 _candidates(session, pacs.id, busy.get(pacs.id, set())),
-                _cursor(session, pacs.id).last_project_id,
+                round_robin_cursor(session, CursorKind.PACS, pacs.id).last_project_id,
             )
             _apply_starts(session, pacs.id, plan.starts, worker_id, now, budgets)
             busy.setdefault(pacs.id, set()).update(_study_uids(session, plan.starts))
-            _cursor(session, pacs.id).last_project_id = plan.last_project
+            round_robin_cursor(session, CursorKind.PACS, pacs.id).last_project_id = plan.last_project
             _set_waiting(session, plan.waiting)
             _cancel(session, plan.cancel, now)
             result.started += plan.starts
@@ -146,9 +154,15 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
             w.id for w in workers.values()
             if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not pid_alive(w.pid))
         }
+        # Lock only the rows that look orphaned, in id order: locking every processing row
+        # on every tick made two workers deadlock, and held up the receiver counting arrivals.
+        suspects = [request_id for request_id, worker in session.execute(
+            select(Request.id, Request.worker).where(Request.state == RequestState.PROCESSING)
+        ).all() if worker is None or worker not in workers or worker in dead]
         orphans = session.execute(
-            select(Request).where(Request.state.in_(sources(Event.REQUEUE))).with_for_update()
-        ).scalars().all()
+            select(Request).where(Request.id.in_(suspects), Request.state.in_(sources(Event.REQUEUE)))
+            .order_by(Request.id).with_for_update()
+        ).scalars().all() if suspects else []
         requeued = []
         for row in orphans:
             if row.worker is None or row.worker not in workers or row.worker in dead:
@@ -238,10 +252,11 @@ def _candidates(session: Session, pacs_id: str, busy: set[str]) -> list[Candidat
     ]
 
 
-def _cursor(session: Session, pacs_id: str) -> SchedulerCursor:
-    cursor = session.get(SchedulerCursor, pacs_id)
+def round_robin_cursor(session: Session, kind: CursorKind, target_id: str) -> SchedulerCursor:
+    """Where round-robin over projects continues for one PACS's retrievals or one destination's forwards."""
+    cursor = session.get(SchedulerCursor, (str(kind), target_id))
     if cursor is None:
-        cursor = SchedulerCursor(pacs_id=pacs_id, last_project_id=None)
+        cursor = SchedulerCursor(kind=str(kind), target_id=target_id, last_project_id=None)
         session.add(cursor)
     return cursor
 

@@ -7,6 +7,7 @@ and the migration test compare against one metadata.
 from __future__ import annotations
 
 from datetime import date, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -234,11 +235,20 @@ class PacsStart(Base):
     __table_args__ = (Index("ix_pacs_starts_pacs_started", "pacs_id", "started_at"),)
 
 
+class CursorKind(StrEnum):
+    """What a round-robin turns over: the retrievals from one PACS, or the forwards to one destination."""
+
+    PACS = "pacs"
+    DESTINATION = "destination"
+
+
 class SchedulerCursor(Base):
-    """Per PACS, the project served last: where round-robin continues."""
+    """Per PACS (retrievals) and per destination (forwards), the project served
+    last: where round-robin continues."""
 
     __tablename__ = "scheduler_cursors"
-    pacs_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # a CursorKind
+    target_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the PACS's or the destination's id
     last_project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 

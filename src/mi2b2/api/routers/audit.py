@@ -9,9 +9,11 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from mi2b2.adapters.db.tables import AuditEvent
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import MAX_ROW_ID, Body
-from mi2b2.services.audit import EXPORT_COLUMNS, AuditEvent, AuditFilter
+from mi2b2.api.schemas.admin import AuditEventRow, ChainVerdict
+from mi2b2.api.schemas.bodies import MAX_ROW_ID, Body
+from mi2b2.services.audit import EXPORT_COLUMNS, AuditFilter
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -36,17 +38,18 @@ class AuditQueryBody(Body):
                            self.since, self.until, self.limit, self.offset)
 
 
-@router.post("/search")
+@router.post("/search", response_model=list[AuditEventRow])
 def search_events(body: AuditQueryBody, user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return [_event_json(row) for row in ctx.audit.list(user, body.to_filter())]
 
 
-@router.post("/export.csv")
+@router.post("/export.csv", response_class=StreamingResponse,
+             responses={200: {"content": {"text/csv": {}}, "description": "the matching events as CSV, streamed"}})
 def export_events_by_body(body: AuditQueryBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
     return _csv_response(ctx.audit.export_csv(user, body.to_filter()))
 
 
-@router.get("/verify")
+@router.get("/verify", response_model=ChainVerdict)
 def verify(user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     verdict = ctx.audit.verify(user)
     return {**asdict(verdict), "summary": verdict.summary}

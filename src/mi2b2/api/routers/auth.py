@@ -6,12 +6,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from mi2b2.api.deps import SESSION_COOKIE, ContextDep, CurrentUser, bearer_secret
-from mi2b2.api.schemas import LoginBody, RowIdPath, TokenBody
+from mi2b2.api.schemas.accounts import Identity, IssuedToken, TokenRow
+from mi2b2.api.schemas.bodies import LoginBody, RowIdPath, TokenBody
+from mi2b2.api.schemas.common import StatusReply
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-@router.post("/login")
+@router.post("/login", response_model=Identity)
 def login(body: LoginBody, request: Request, response: Response, ctx: ContextDep) -> dict[str, Any]:
     client = request.client.host if request.client else ""
     principal, session = ctx.accounts.login(body.login, body.password, client)
@@ -22,7 +24,7 @@ def login(body: LoginBody, request: Request, response: Response, ctx: ContextDep
     return {"login": principal.login, "role": principal.role.value, "display_name": principal.display_name}
 
 
-@router.post("/logout")
+@router.post("/logout", response_model=StatusReply)
 def logout(request: Request, response: Response, ctx: ContextDep) -> dict[str, str]:
     secret = bearer_secret(request)
     if secret:
@@ -31,24 +33,24 @@ def logout(request: Request, response: Response, ctx: ContextDep) -> dict[str, s
     return {"status": "logged out"}
 
 
-@router.get("/me")
+@router.get("/me", response_model=Identity)
 def me(user: CurrentUser) -> dict[str, str]:
     return {"login": user.login, "role": user.role.value, "display_name": user.display_name}
 
 
-@router.post("/tokens")
+@router.post("/tokens", response_model=IssuedToken)
 def create_token(body: TokenBody, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     issued = ctx.accounts.create_token(user, user.login, body.name, body.days)
     return {"id": issued.id, "token": issued.secret, "expires_at": issued.expires_at,
             "note": "store this token now; it is not shown again"}
 
 
-@router.get("/tokens")
+@router.get("/tokens", response_model=list[TokenRow])
 def list_tokens(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return [asdict(t) for t in ctx.accounts.list_tokens(user.login)]
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete("/tokens/{token_id}", response_model=StatusReply)
 def revoke_token(token_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, str]:
     ctx.accounts.revoke_token(user, token_id)
     return {"status": "revoked"}

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.routers.viewer import NO_STORE, NoStoreRoute, get_viewer, png_response
-from mi2b2.api.schemas import FrameNumber
+from mi2b2.api.schemas.bodies import FrameNumber
+from mi2b2.api.schemas.common import ErrorBody
 from mi2b2.errors import InvalidInput
 from mi2b2.services.dicomweb import (
     DicomWeb,
@@ -29,6 +30,32 @@ from mi2b2.services.dicomweb import (
 
 router = APIRouter(prefix="/dicomweb/projects/{project_id}", tags=["dicomweb"], route_class=NoStoreRoute)
 DICOM_JSON = "application/dicom+json"
+NOT_ACCEPTABLE: dict[int | str, dict[str, Any]] = {
+    406: {"model": ErrorBody, "description": "no representation the Accept header allows"},
+}
+SEARCH_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}},
+          "description": "matching DICOM JSON objects (PS3.18 F.2)"},
+}
+METADATA_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}},
+          "description": "the instances' metadata as DICOM JSON (PS3.18 F.2), bulk data by URI"},
+}
+MULTIPART_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "multipart/related; type=\"application/dicom\": the instances as stored, or converted as "
+                         "the Accept header asked"},
+    **NOT_ACCEPTABLE,
+}
+FRAMES_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "multipart/related: each frame's pixel data, raw or in its compressed media type"},
+    **NOT_ACCEPTABLE,
+}
+RENDERED_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "the frame as PNG"},
+    **NOT_ACCEPTABLE,
+}
 Accept = Annotated[str | None, Header()]
 
 
@@ -63,26 +90,26 @@ def _stream(retrieval: Retrieval) -> StreamingResponse:
 # --- QIDO-RS --------------------------------------------------------------------------------------
 
 
-@router.get("/studies", response_class=Response, responses={200: {"content": {DICOM_JSON: {}}}})
+@router.get("/studies", response_class=Response, responses=SEARCH_ANSWER)
 def search_studies(project_id: str, request: Request, user: CurrentUser, service: DicomWebDep) -> Response:
     """Cached studies matching the query (PatientID, PatientName, StudyDate range, AccessionNumber, ...)."""
     query = parse_query(request.query_params.multi_items())
     return _search(service.search_studies(user, project_id, query, _base(request, project_id)))
 
 
-@router.get("/series", response_class=Response, responses={200: {"content": {DICOM_JSON: {}}}})
+@router.get("/series", response_class=Response, responses=SEARCH_ANSWER)
 def search_all_series(project_id: str, request: Request, user: CurrentUser, service: DicomWebDep) -> Response:
     query = parse_query(request.query_params.multi_items())
     return _search(service.search_series(user, project_id, None, query, _base(request, project_id)))
 
 
-@router.get("/instances", response_class=Response, responses={200: {"content": {DICOM_JSON: {}}}})
+@router.get("/instances", response_class=Response, responses=SEARCH_ANSWER)
 def search_all_instances(project_id: str, request: Request, user: CurrentUser, service: DicomWebDep) -> Response:
     query = parse_query(request.query_params.multi_items())
     return _search(service.search_instances(user, project_id, None, None, query, _base(request, project_id)))
 
 
-@router.get("/studies/{study_uid}/series", response_class=Response, responses={200: {"content": {DICOM_JSON: {}}}})
+@router.get("/studies/{study_uid}/series", response_class=Response, responses=SEARCH_ANSWER)
 def search_series(project_id: str, study_uid: str, request: Request, user: CurrentUser,
                   service: DicomWebDep) -> Response:
     query = parse_query(request.query_params.multi_items())
@@ -90,7 +117,7 @@ def search_series(project_id: str, study_uid: str, request: Request, user: Curre
 
 
 @router.get("/studies/{study_uid}/instances", response_class=Response,
-            responses={200: {"content": {DICOM_JSON: {}}}})
+            responses=SEARCH_ANSWER)
 def search_study_instances(project_id: str, study_uid: str, request: Request, user: CurrentUser,
                            service: DicomWebDep) -> Response:
     query = parse_query(request.query_params.multi_items())
@@ -98,7 +125,7 @@ def search_study_instances(project_id: str, study_uid: str, request: Request, us
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances", response_class=Response,
-            responses={200: {"content": {DICOM_JSON: {}}}})
+            responses=SEARCH_ANSWER)
 def search_instances(project_id: str, study_uid: str, series_uid: str, request: Request, user: CurrentUser,
                      service: DicomWebDep) -> Response:
     query = parse_query(request.query_params.multi_items())
@@ -118,26 +145,29 @@ def _retrieve(service: DicomWeb, user: Any, project_id: str, study_uid: str, ser
         return _not_acceptable(error)
 
 
-@router.get("/studies/{study_uid}", response_class=StreamingResponse)
+@router.get("/studies/{study_uid}", response_class=StreamingResponse,
+            responses=MULTIPART_ANSWER)
 def retrieve_study(project_id: str, study_uid: str, user: CurrentUser, service: DicomWebDep,
                    accept: Accept = None) -> Response:
     """Every instance of the study, as stored, in one multipart/related answer."""
     return _retrieve(service, user, project_id, study_uid, None, None, accept)
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}", response_class=StreamingResponse)
+@router.get("/studies/{study_uid}/series/{series_uid}", response_class=StreamingResponse,
+            responses=MULTIPART_ANSWER)
 def retrieve_series(project_id: str, study_uid: str, series_uid: str, user: CurrentUser, service: DicomWebDep,
                     accept: Accept = None) -> Response:
     return _retrieve(service, user, project_id, study_uid, series_uid, None, accept)
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", response_class=StreamingResponse)
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", response_class=StreamingResponse,
+            responses=MULTIPART_ANSWER)
 def retrieve_instance(project_id: str, study_uid: str, series_uid: str, sop_uid: str, user: CurrentUser,
                       service: DicomWebDep, accept: Accept = None) -> Response:
     return _retrieve(service, user, project_id, study_uid, series_uid, sop_uid, accept)
 
 
-@router.get("/studies/{study_uid}/metadata", response_class=Response, responses={200: {"content": {DICOM_JSON: {}}}})
+@router.get("/studies/{study_uid}/metadata", response_class=Response, responses=METADATA_ANSWER)
 def study_metadata(project_id: str, study_uid: str, request: Request, user: CurrentUser,
                    service: DicomWebDep) -> Response:
     items = service.metadata(user, project_id, study_uid, base=_base(request, project_id))
@@ -145,7 +175,7 @@ def study_metadata(project_id: str, study_uid: str, request: Request, user: Curr
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/metadata", response_class=Response,
-            responses={200: {"content": {DICOM_JSON: {}}}})
+            responses=METADATA_ANSWER)
 def series_metadata(project_id: str, study_uid: str, series_uid: str, request: Request, user: CurrentUser,
                     service: DicomWebDep) -> Response:
     items = service.metadata(user, project_id, study_uid, series_uid, base=_base(request, project_id))
@@ -153,7 +183,7 @@ def series_metadata(project_id: str, study_uid: str, series_uid: str, request: R
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata", response_class=Response,
-            responses={200: {"content": {DICOM_JSON: {}}}})
+            responses=METADATA_ANSWER)
 def instance_metadata(project_id: str, study_uid: str, series_uid: str, sop_uid: str, request: Request,
                       user: CurrentUser, service: DicomWebDep) -> Response:
     items = service.metadata(user, project_id, study_uid, series_uid, sop_uid, base=_base(request, project_id))
@@ -161,7 +191,7 @@ def instance_metadata(project_id: str, study_uid: str, series_uid: str, sop_uid:
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frame_list}",
-            response_class=StreamingResponse)
+            response_class=StreamingResponse, responses=FRAMES_ANSWER)
 def retrieve_frames(project_id: str, study_uid: str, series_uid: str, sop_uid: str, frame_list: str,
                     user: CurrentUser, service: DicomWebDep, accept: Accept = None) -> Response:
     """Frames (from 1, comma-separated): raw bytes, or compressed frames in their own media type."""
@@ -200,7 +230,7 @@ def _rendered(request: Request, project_id: str, study_uid: str, series_uid: str
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/rendered", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}})
+            responses=RENDERED_ANSWER)
 def rendered_instance(project_id: str, study_uid: str, series_uid: str, sop_uid: str, request: Request,
                       user: CurrentUser, service: DicomWebDep, window: Window = None,
                       accept: Accept = None) -> Response:
@@ -208,7 +238,7 @@ def rendered_instance(project_id: str, study_uid: str, series_uid: str, sop_uid:
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{number}/rendered",
-            response_class=Response, responses={200: {"content": {"image/png": {}}}})
+            response_class=Response, responses=RENDERED_ANSWER)
 def rendered_frame(project_id: str, study_uid: str, series_uid: str, sop_uid: str, number: FrameNumber, request: Request,
                    user: CurrentUser, service: DicomWebDep, window: Window = None, accept: Accept = None) -> Response:
     return _rendered(request, project_id, study_uid, series_uid, sop_uid, number, user, service, window, accept)

@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import RowId
+from mi2b2.api.schemas.bodies import RowId
+from mi2b2.api.schemas.cache import DownloadManifest
 from mi2b2.services.export import download
 
 router = APIRouter(prefix="/projects/{project_id}/download", tags=["download"])
@@ -59,7 +60,7 @@ def download_zip(project_id: str, body: DownloadBody, user: CurrentUser, ctx: Co
     return StreamingResponse(result.chunks, media_type="application/zip", headers=headers)
 
 
-@router.post("/manifest")
+@router.post("/manifest", response_model=DownloadManifest)
 def download_manifest(project_id: str, body: ManifestBody, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return download.download_manifest(ctx, user, project_id, body.study_uids, body.all, body.encryption)
 

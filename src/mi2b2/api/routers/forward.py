@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import Body
+from mi2b2.api.schemas.bodies import Body
+from mi2b2.api.schemas.requests import DestinationRow, ForwardReport
 from mi2b2.services import forward as service
 
 router = APIRouter(tags=["forward"])
@@ -26,7 +27,7 @@ class ForwardBody(Body):
     priority: int = Field(0, ge=-9, le=9, description="higher starts first within the project")
 
 
-@router.post("/projects/{project_id}/forward")
+@router.post("/projects/{project_id}/forward", response_model=ForwardReport)
 def forward_studies(project_id: str, body: ForwardBody, user: CurrentUser, ctx: ContextDep,
                     http: Request) -> dict[str, Any]:
     report = service.add_forwards(ctx, user, project_id, body.destination, body.study_uids, body.series_uids or None,
@@ -37,6 +38,6 @@ def forward_studies(project_id: str, body: ForwardBody, user: CurrentUser, ctx: 
     return asdict(report)
 
 
-@router.get("/projects/{project_id}/destinations")
+@router.get("/projects/{project_id}/destinations", response_model=list[DestinationRow])
 def project_destinations(project_id: str, user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return service.list_destinations(ctx, user, project_id)

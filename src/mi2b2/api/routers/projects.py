@@ -6,24 +6,25 @@ from typing import Any
 from fastapi import APIRouter
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import PageLimit
+from mi2b2.api.schemas.bodies import PageLimit
+from mi2b2.api.schemas.search import MyProject, PacsRow, QueryRow
 from mi2b2.services import search
 from mi2b2.services.pacs import echo_pacs
 
 router = APIRouter(tags=["projects"])
 
 
-@router.get("/projects")
+@router.get("/projects", response_model=list[MyProject])
 def my_projects(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return search.my_projects(ctx, user)
 
 
-@router.get("/projects/{project_id}/queries")
+@router.get("/projects/{project_id}/queries", response_model=list[QueryRow])
 def project_queries(project_id: str, user: CurrentUser, ctx: ContextDep, limit: PageLimit = 200) -> list[dict[str, Any]]:
     return search.recent_queries(ctx, user, project_id, min(max(limit, 1), 5000))
 
 
-@router.get("/pacs")
+@router.get("/pacs", response_model=list[PacsRow])
 def list_pacs(user: CurrentUser, ctx: ContextDep, echo: bool = False) -> list[dict[str, Any]]:
     status = {r.pacs_id: r for r in echo_pacs(ctx.config)} if echo else {}
     nodes = []

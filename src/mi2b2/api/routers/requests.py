@@ -12,7 +12,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import PriorityBody, RequestAddBody, RequestIdsBody, RowIdPath
+from mi2b2.api.schemas.bodies import PriorityBody, RequestAddBody, RequestIdsBody, RowIdPath
+from mi2b2.api.schemas.requests import (
+    AddReport,
+    Canceled,
+    PacsState,
+    PriorityChanged,
+    RequestRow,
+    RequestsVersion,
+    Retried,
+)
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import requests as service
@@ -34,7 +43,7 @@ def _wake_worker(http: Request) -> None:
         worker.wake()
 
 
-@router.post("/requests")
+@router.post("/requests", response_model=AddReport)
 def add_requests(body: RequestAddBody, user: CurrentUser, ctx: ContextDep, http: Request) -> dict[str, Any]:
     picks = [StudyPick(s.study_uid.strip(), tuple(u.strip() for u in s.series_uids)) for s in body.studies]
     report = service.add_requests(ctx, user, body.project, body.pacs, picks, body.priority)
@@ -42,7 +51,7 @@ def add_requests(body: RequestAddBody, user: CurrentUser, ctx: ContextDep, http:
     return asdict(report)
 
 
-@router.get("/projects/{project_id}/requests")
+@router.get("/projects/{project_id}/requests", response_model=list[RequestRow])
 def list_requests(
     project_id: str,
     user: CurrentUser,
@@ -57,7 +66,9 @@ def list_requests(
     "/projects/{project_id}/requests/events",
     response_class=StreamingResponse,
     responses={200: {"description": "Server-Sent Events; or, without `Accept: text/event-stream`, one JSON object",
-                     "content": {EVENT_STREAM: {}, "application/json": {"example": {"version": "3f2a9c0d1e4b5a6f"}}}}},
+                     "model": RequestsVersion,
+                     "content": {EVENT_STREAM: {"schema": {"type": "string"}},
+                                 "application/json": {"example": {"version": "3f2a9c0d1e4b5a6f"}}}}},
 )
 async def request_events(project_id: str, user: CurrentUser, ctx: ContextDep, http: Request) -> Response:
     """The live request log: `event: requests` with `data: {"version": "..."}` at once and whenever the
@@ -107,31 +118,31 @@ def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/requests/{request_id}")
+@router.get("/requests/{request_id}", response_model=RequestRow)
 def show_request(request_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return service.show_request(ctx, user, request_id)
 
 
-@router.post("/requests/cancel")
+@router.post("/requests/cancel", response_model=Canceled)
 def cancel_requests(body: RequestIdsBody, user: CurrentUser, ctx: ContextDep, http: Request) -> dict[str, Any]:
     changed = service.cancel_requests(ctx, user, body.ids)
     _wake_worker(http)
     return {"canceled": changed}
 
 
-@router.post("/requests/retry")
+@router.post("/requests/retry", response_model=Retried)
 def retry_requests(body: RequestIdsBody, user: CurrentUser, ctx: ContextDep, http: Request) -> dict[str, Any]:
     changed = service.retry_requests(ctx, user, body.ids)
     _wake_worker(http)
     return {"retried": changed}
 
 
-@router.post("/requests/priority")
+@router.post("/requests/priority", response_model=PriorityChanged)
 def set_priority(body: PriorityBody, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return {"changed": service.set_priority(ctx, user, body.ids, body.priority)}
 
 
-@router.get("/pacs/state")
+@router.get("/pacs/state", response_model=list[PacsState])
 def pacs_state(user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     """Governance now, per PACS: window, active retrievals against the cap, recent starts against the rates."""
     return [asdict(state) for state in pacs_states(ctx)]

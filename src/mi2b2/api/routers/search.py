@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mi2b2.api.deps import ContextDep, CurrentUser
-from mi2b2.api.schemas import AccessionSearchBody, MrnSearchBody, RowIdPath, SeriesSearchBody
+from mi2b2.api.schemas.bodies import AccessionSearchBody, MrnSearchBody, RowIdPath, SeriesSearchBody
+from mi2b2.api.schemas.search import SearchJobResults, SearchJobStatus, SearchJobTicket, SearchReport
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import RetriableError
 from mi2b2.services import search, search_jobs
@@ -24,6 +25,9 @@ router = APIRouter(prefix="/search", tags=["search"])
 # the others wait without one. Without this, 40 users searching at once left no thread for downloads, the
 # viewer or logging in until a search ended (seen in tests/integration/test_load.py on PostgreSQL).
 SEARCH_THREADS = 8
+JOB_STARTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": SearchJobTicket, "description": "a search job was started (more identifiers than search.job_threshold)"},
+}
 
 
 async def _in_search_thread(http: Request, call: Callable[[], Any]) -> Any:
@@ -62,44 +66,43 @@ def _answer(ctx: ServiceContext, user: Principal, http: Request, kind: str, proj
     })
 
 
-@router.post("/patients", responses={202: {"description": "a search job was started (more identifiers than "
-                                                          "search.job_threshold)"}})
+@router.post("/patients", response_model=SearchReport, responses=JOB_STARTED)
 async def search_patients(body: MrnSearchBody, user: CurrentUser, ctx: ContextDep, http: Request) -> Any:
     return await _in_search_thread(http, partial(_answer, ctx, user, http, "patients", body.project, body.pacs, body.mrns))
 
 
-@router.post("/studies", responses={202: {"description": "a search job was started"}})
+@router.post("/studies", response_model=SearchReport, responses=JOB_STARTED)
 async def search_studies(body: MrnSearchBody, user: CurrentUser, ctx: ContextDep, http: Request) -> Any:
     return await _in_search_thread(http, partial(_answer, ctx, user, http, "studies", body.project, body.pacs, body.mrns))
 
 
-@router.post("/accessions", responses={202: {"description": "a search job was started"}})
+@router.post("/accessions", response_model=SearchReport, responses=JOB_STARTED)
 async def search_accessions(body: AccessionSearchBody, user: CurrentUser, ctx: ContextDep, http: Request) -> Any:
     call = partial(_answer, ctx, user, http, "accessions", body.project, body.pacs, body.accessions)
     return await _in_search_thread(http, call)
 
 
-@router.post("/series")
+@router.post("/series", response_model=SearchReport)
 async def search_series(body: SeriesSearchBody, user: CurrentUser, ctx: ContextDep, http: Request) -> dict[str, Any]:
     call = partial(search.search_series, ctx, user, body.project, body.pacs, body.studies)
     return asdict(await _in_search_thread(http, call))
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=list[SearchJobStatus])
 def list_jobs(project: str, user: CurrentUser, ctx: ContextDep) -> list[dict[str, Any]]:
     return search_jobs.list_jobs(ctx, user, project)
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=SearchJobStatus)
 def job_status(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.job_status(ctx, user, job_id)
 
 
-@router.get("/jobs/{job_id}/results")
+@router.get("/jobs/{job_id}/results", response_model=SearchJobResults)
 def job_results(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.job_results(ctx, user, job_id)
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=SearchJobStatus)
 def cancel_job(job_id: RowIdPath, user: CurrentUser, ctx: ContextDep) -> dict[str, Any]:
     return search_jobs.cancel_job(ctx, user, job_id)

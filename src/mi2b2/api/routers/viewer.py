@@ -16,7 +16,8 @@ from fastapi.routing import APIRoute
 
 from mi2b2.api.deps import CurrentUser, app_service
 from mi2b2.api.errors import install_error_handlers, status_for
-from mi2b2.api.schemas import FrameNumber
+from mi2b2.api.schemas.bodies import FrameNumber
+from mi2b2.api.schemas.viewer import ImageTags, LocalViewerStudy, LocalViewerTree, ViewerStudy, ViewerTree
 from mi2b2.errors import AccessDenied, Mi2b2Error
 from mi2b2.services.viewer import CacheViewer, LocalLibrary, frame_headers
 from mi2b2.web.pages import static_file
@@ -74,19 +75,19 @@ def png_response(rendered: Any) -> Response:
     return Response(rendered.png, media_type="image/png", headers=frame_headers(rendered))
 
 
-@router.get("/tree")
+@router.get("/tree", response_model=ViewerTree)
 def tree(project_id: str, user: CurrentUser, viewer: ViewerDep) -> dict[str, Any]:
     """Patients and their cached studies (patient ids travel in this body, never in URLs)."""
     return viewer.tree(user, project_id)
 
 
-@router.get("/studies/{study_uid}")
+@router.get("/studies/{study_uid}", response_model=ViewerStudy)
 def study(project_id: str, study_uid: str, user: CurrentUser, viewer: ViewerDep) -> dict[str, Any]:
     """A cached study's series and their images, in order."""
     return viewer.study(user, project_id, study_uid)
 
 
-@router.get("/instances/{sop_uid}/tags")
+@router.get("/instances/{sop_uid}/tags", response_model=ImageTags)
 def tags(project_id: str, sop_uid: str, user: CurrentUser, viewer: ViewerDep) -> dict[str, Any]:
     """Common tags of an image, with its frame count, size and transfer syntax."""
     return viewer.tags(user, project_id, sop_uid)
@@ -163,15 +164,15 @@ def create_local_app(library: LocalLibrary, token: str, allowed_hosts: set[str] 
     def page() -> Response:
         return asset("index.html")
 
-    @local.get("/api/tree")
+    @local.get("/api/tree", response_model=LocalViewerTree)
     def local_tree() -> dict[str, Any]:
         return library.tree()
 
-    @local.get("/api/studies/{study_uid}")
+    @local.get("/api/studies/{study_uid}", response_model=LocalViewerStudy)
     def local_study(study_uid: str) -> dict[str, Any]:
         return library.study(study_uid)
 
-    @local.get("/api/instances/{sop_uid}/tags")
+    @local.get("/api/instances/{sop_uid}/tags", response_model=ImageTags)
     def local_tags(sop_uid: str) -> dict[str, Any]:
         return library.tags(sop_uid)
 

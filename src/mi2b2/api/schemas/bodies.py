@@ -1,4 +1,4 @@
-"""Request bodies of the API (responses are the services' dataclasses)."""
+"""Request bodies and parameters of the API (answers are in the sibling modules of this package)."""
 
 from __future__ import annotations
 

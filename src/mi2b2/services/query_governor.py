@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -67,7 +66,6 @@ class QueryGovernor:
         self.clock = clock
         self.host = socket.gethostname()
         self.holder = f"{self.host}:{os.getpid()}:{os.urandom(3).hex()}"
-        self._sleep: Callable[[float], None] = getattr(clock, "sleep", time.sleep)
 
     # --- leases: query associations open at once ----------------------------------------
 
@@ -83,7 +81,7 @@ class QueryGovernor:
                     return Lease(ticket, pacs, lease_seconds)
                 if self.clock.monotonic() - started >= wait_seconds:
                     raise RetriableError(f"PACS {pacs.id!r}: {reason}; the search was not sent, try again later")
-                self._sleep(pause)
+                self.clock.sleep(pause)
                 pause = min(pause * 2, POLL_SECONDS[1])
         except BaseException:
             if ticket is not None:
@@ -149,7 +147,7 @@ class QueryGovernor:
             grant = lease.grant
             if grant is not None and lease.left > 0 and now < grant.deadline:
                 if now < grant.start:
-                    self._sleep((grant.start - now).total_seconds())
+                    self.clock.sleep((grant.start - now).total_seconds())
                     continue  # re-check: a sleep that overslept must not send late
                 lease.left -= 1
                 return

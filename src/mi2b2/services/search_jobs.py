@@ -15,7 +15,6 @@ first identifier not done, never asking the PACS twice for a stored answer.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -372,10 +371,9 @@ def _wait(ctx: ServiceContext, job_id: int, worker_id: str, reason: str, stoppin
         if job.state == RUNNING and job.worker == worker_id:
             job.waiting_reason = reason
             job.lease_until = now + timedelta(seconds=ctx.config.search.lease_seconds)
-    sleep: Callable[[float], None] = getattr(ctx.clock, "sleep", time.sleep)
     waited = 0.0
     while waited < RETRY_PAUSE and not stopping():
-        sleep(0.2)
+        ctx.clock.sleep(0.2)
         waited += 0.2
 
 

@@ -44,4 +44,4 @@ class PermanentError(Mi2b2Error):
 
 
 class RetriableError(Mi2b2Error):
-    pass
+    retry_after: int | None = None  # seconds worth waiting before trying again, when known

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mi2b2.adapters.db.outage import as_outage
 from mi2b2.api.deps import NotAuthenticated
 from mi2b2.api.schemas.common import ErrorBody
 from mi2b2.errors import (
@@ -39,7 +40,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "invalid input"),
         (500, "an unexpected error; the server log has details"),
         (502, "a PACS or destination refused"),
-        (503, "a PACS or destination is unavailable; try again"),
+        (503, "a PACS, a destination or the database is unavailable; try again (after Retry-After seconds when given)"),
     )
 }
 
@@ -64,7 +65,7 @@ def status_for(error: Mi2b2Error) -> int:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Mi2b2Error)
     async def _mi2b2_error(_request: Request, error: Mi2b2Error) -> JSONResponse:
-        return JSONResponse({"error": str(error), "kind": type(error).__name__}, status_code=status_for(error))
+        return _answer(error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -87,7 +88,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+        outage = as_outage(error)  # one the engine could not translate: the pool's own timeout
+        if outage is not None:
+            return _answer(outage)
         # Log the type only: exception text can carry identifiers from DICOM or SQL.
         LOG.error("unexpected %s while serving a request", type(error).__name__, exc_info=False)
         return JSONResponse({"error": "internal error; the server log has details", "kind": "InternalError"},
                             status_code=500)
+
+
+def _answer(error: Mi2b2Error) -> JSONResponse:
+    retry_after = error.retry_after if isinstance(error, RetriableError) else None
+    return JSONResponse({"error": str(error), "kind": type(error).__name__}, status_code=status_for(error),
+                        headers={"Retry-After": str(retry_after)} if retry_after is not None else None)

@@ -43,7 +43,7 @@ def user_add(
 @users.command("list")
 def user_list(config: ConfigOption = DEFAULT_CONFIG, fmt: FormatOption = "table") -> None:
     """List users."""
-    rows = [plain(u) for u in local_context(config).accounts.list_users()]
+    rows = [plain(u) for u in local_context(config, read_only=True).accounts.list_users()]
     emit(rows, ["login", "display_name", "role", "email", "disabled"], fmt, "users")
 
 
@@ -83,7 +83,7 @@ def token_create(
 @tokens.command("list")
 def token_list(login: str | None = None, config: ConfigOption = DEFAULT_CONFIG, fmt: FormatOption = "table") -> None:
     """List API tokens (never their secrets)."""
-    rows = [plain(t) for t in local_context(config).accounts.list_tokens(login)]
+    rows = [plain(t) for t in local_context(config, read_only=True).accounts.list_tokens(login)]
     emit(rows, ["id", "login", "name", "created_at", "expires_at", "revoked_at", "last_used_at"], fmt, "tokens")
 
 
@@ -107,7 +107,7 @@ def purge(
     retrieved right now are left for the next purge."""
     from mi2b2.services.purge import purge as run_purge
 
-    report = run_purge(local_context(config), operator(), apply=yes)
+    report = run_purge(local_context(config, read_only=not yes), operator(), apply=yes)
     rows = [plain(s) for s in report.studies]
     if fmt != "table" or rows:
         emit(rows, ["project_id", "study_uid", "instances", "bytes", "reason"], fmt, "studies")

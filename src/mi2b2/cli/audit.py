@@ -27,7 +27,7 @@ def audit_list(user: UserOpt = None, project: ProjectOpt = None, action: ActionO
                limit: Annotated[int, typer.Option(help="rows at most")] = 200,
                config: ConfigOption = DEFAULT_CONFIG, fmt: FormatOption = "table") -> None:
     """List audit events matching the filters."""
-    ctx = local_context(config)
+    ctx = local_context(config, read_only=True)
     rows = ctx.audit.list(operator(), AuditFilter(user, project, action, patient, since, until, limit))
     data = [{c: getattr(r, c) for c in EXPORT_COLUMNS} for r in rows]
     emit(data, ["seq", "occurred_at", "actor", "action", "outcome", "project_id", "pacs_id", "patient_id", "detail"],
@@ -40,7 +40,7 @@ def audit_export(user: UserOpt = None, project: ProjectOpt = None, action: Actio
                  csv_format: Annotated[bool, typer.Option("--csv", help="CSV (the only format)")] = True,
                  config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Write the matching events as CSV, hashes included, to standard output."""
-    ctx = local_context(config)
+    ctx = local_context(config, read_only=True)
     for chunk in ctx.audit.export_csv(operator(), AuditFilter(user, project, action, patient, since, until)):
         typer.echo(chunk, nl=False)
 
@@ -48,7 +48,7 @@ def audit_export(user: UserOpt = None, project: ProjectOpt = None, action: Actio
 @app.command("verify")
 def audit_verify(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Check the chain (keyed part with the key) and the signed checkpoints; exit 1 naming the first bad row."""
-    verdict = local_context(config).audit.verify(operator())
+    verdict = local_context(config, read_only=True).audit.verify(operator())
     if verdict.ok:
         console.print(f"audit trail intact: {verdict.summary}", style="green")
         return

@@ -135,7 +135,7 @@ def fsck(
     fixes study totals and removes temp files left by dead receivers."""
     from mi2b2.services.cache.fsck import fsck as check_cache  # the DICOM reader loads only for this command
 
-    report = check_cache(local_context(config), operator(), repair)
+    report = check_cache(local_context(config, read_only=not repair), operator(), repair)
     if fmt != "table":
         emit([{"check": key, "count": value} for key, value in report.counts().items()], ["check", "count"], fmt)
     else:

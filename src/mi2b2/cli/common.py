@@ -43,7 +43,12 @@ DEFAULT_CONFIG = Path("mi2b2.toml")
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
-def local_context(config_path: Path, sync_config: bool = False) -> ServiceContext:
+def local_context(config_path: Path, sync_config: bool = False, read_only: bool = False) -> ServiceContext:
+    """The services over the site's database. A command that only reads never migrates the database
+    (it may be shared with servers of another version); it stops, naming `mi2b2 db upgrade`, when the
+    schema is not this version's. A command that writes migrates it first, as `mi2b2 db upgrade` would."""
+    if read_only:
+        return build_context(load_config(config_path), sync_config=False, migrate=False, require_current=True)
     return build_context(load_config(config_path), sync_config=sync_config)
 
 

@@ -10,7 +10,8 @@ from typing import Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, transaction, upgrade
+from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
+from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
@@ -43,6 +44,7 @@ class ServiceContext:
     accounts: Accounts
     open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
     timer: Timer = field(default_factory=SystemClock)  # polls and waits on the database and the receiver
+    file_digests: FileDigests = field(default_factory=FileDigests)  # of cache files, for download manifests
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
@@ -80,13 +82,17 @@ def build_context(
     migrate: bool = True,
     sync_config: bool = True,
     audit_key: bool = True,
+    require_current: bool = False,
     timer: Timer | None = None,
 ) -> ServiceContext:
-    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks."""
+    """``audit_key=False`` only for `mi2b2 audit init-key`, which creates the key an existing trail lacks.
+    ``require_current`` (with ``migrate=False``): refuse a database whose schema is not this code's, naming the fix."""
     clock = clock or SystemClock()
     engine = make_engine(config.database_url())
     if migrate:
         upgrade(engine)
+    elif require_current:
+        require_current_schema(engine)
     sessions = make_sessionmaker(engine)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
     audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target())

@@ -26,6 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
 from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.outage import OutageLog, is_outage
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.adapters.dicom.scu import resolve_host
@@ -121,6 +122,7 @@ class ReceiverSink:
         self._refused: dict[int, _Refused] = {}  # association -> what was refused on it so far
         self._identities: tuple[float, list[PacsIdentity]] | None = None
         self._lock = threading.Lock()
+        self._outage = self.indexer.outage  # one account of the database's state for the receiver
 
     def for_request(self, request_id: int) -> ReceiverSink:
         return ReceiverSink(self.ctx, self.store, request_id, self.indexer)
@@ -181,7 +183,10 @@ class ReceiverSink:
     def judge(self, peer: Peer, header: InstanceHeader, move_originator_ae: str | None,
               move_originator_message_id: int | None = None) -> int | None:
         """From the header alone, before the adapter writes a byte."""
-        request = self._in_flight(peer, header.study_uid, MoveOrigin(move_originator_ae, move_originator_message_id))
+        try:
+            request = self._in_flight(peer, header.study_uid, MoveOrigin(move_originator_ae, move_originator_message_id))
+        except Exception as exc:
+            return self._unjudged(exc)
         refusal = self._judge(request, peer, header, 0, move_originator_ae)
         if refusal is None:
             return None
@@ -193,11 +198,23 @@ class ReceiverSink:
         with self._lock:
             self._refused.setdefault(peer.association, _Refused(peer)).add(header, status, reason, security=False)
 
+    def _unjudged(self, error: Exception) -> int:
+        """No verdict without the database: a status the PACS counts as a failure
+        of this instance alone, and no request failed for it (the retry sends it again)."""
+        if not is_outage(error):
+            raise error
+        self._outage.failed()
+        return StoreStatus.OUT_OF_RESOURCES
+
     def accept(self, instance: ReceivedInstance) -> int:
         header = instance.header
         peer = instance.peer or Peer(instance.peer_ae.strip(), "", 0)
         origin = MoveOrigin(instance.move_originator_ae, instance.move_originator_message_id)
-        request = self._in_flight(peer, header.study_uid, origin)
+        try:
+            request = self._in_flight(peer, header.study_uid, origin)
+            owner = self._owner(request.request_id) if request is not None else ""
+        except Exception as exc:
+            return self._unjudged(exc)
         refusal = self._judge(request, peer, header, instance.size, instance.move_originator_ae)
         if refusal is not None:
             self._note(peer, header, refusal, request)
@@ -206,7 +223,7 @@ class ReceiverSink:
             return refusal.status
         assert request is not None
         try:
-            self._store(instance, request)
+            self._store(instance, request, owner)
         except Mi2b2Error as exc:
             record_write_failure(self.ctx, request.request_id, f"cannot write to the cache: {exc}")
             return StoreStatus.OUT_OF_RESOURCES
@@ -229,6 +246,7 @@ class ReceiverSink:
             if entry is not None and self.ctx.timer.monotonic() - entry.looked_up < LOOKUP_SECONDS:
                 return entry.request
         request = self._look_up(*key)
+        self._outage.succeeded()
         with self._lock:
             if len(self._lookups) > 10_000:  # strays with made-up study UIDs must not grow it forever
                 self._lookups.clear()
@@ -273,12 +291,12 @@ class ReceiverSink:
 
     # --- outcomes ----------------------------------------------------------------------
 
-    def _store(self, instance: ReceivedInstance, request: InFlight) -> None:
+    def _store(self, instance: ReceivedInstance, request: InFlight, owner: str) -> None:
         header = instance.header
         relative = self.store.relative_path(request.project_id, header.study_uid, header.series_uid, header.sop_instance_uid)
         size = self.store.move_in(instance.path, relative)
-        self.indexer.submit(Arrival(request.project_id, header, relative, size, self._owner(request.request_id),
-                                    request.pacs_id, request_id=request.request_id))
+        self.indexer.submit(Arrival(request.project_id, header, relative, size, owner, request.pacs_id,
+                                    request_id=request.request_id))
         self._count_used(request, size)
 
     def _owner(self, request_id: int) -> str:
@@ -369,6 +387,7 @@ class Indexer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.outage = OutageLog("receiver", first_wait=1.0)
 
     def submit(self, arrival: Arrival) -> None:
         self._ensure_running()
@@ -419,15 +438,7 @@ class Indexer:
         try:
             gone = set(self.store.make_durable([a.relative_path for a in batch]))
             present = [a for a in batch if a.relative_path not in gone]
-            for _ in range(3):
-                try:
-                    self._index(present)
-                    break
-                except OperationalError:
-                    LOG.warning("indexing %d instances failed on a database error; trying again", len(present))
-                    self.ctx.timer.sleep(1)
-            else:
-                raise RuntimeError("the database refused the cache index three times")
+            self._index_until_done(present)
         except Exception as exc:
             LOG.exception("could not index %d received instances", len(batch))
             with contextlib.suppress(Exception):
@@ -439,6 +450,27 @@ class Indexer:
             with self._done:
                 self._committed += len(batch)
                 self._done.notify_all()
+
+    def _index_until_done(self, arrivals: list[Arrival]) -> None:
+        """A busy database gets three tries; one that is unreachable is waited for as long as it
+        takes (unless the receiver stops): the files are durable and the PACS was told they are stored."""
+        busy_tries = 0
+        while True:
+            try:
+                self._index(arrivals)
+                self.outage.succeeded()
+                return
+            except Exception as exc:
+                if is_outage(exc) and not self._stop.is_set():
+                    self._stop.wait(self.outage.failed())
+                    continue
+                if not isinstance(exc, OperationalError) or is_outage(exc):
+                    raise
+                busy_tries += 1
+                if busy_tries == 3:
+                    raise RuntimeError("the database refused the cache index three times") from None
+                LOG.warning("indexing %d instances failed on a database error; trying again", len(arrivals))
+                self.ctx.timer.sleep(1)
 
     def _remove_unindexed(self, batch: list[Arrival]) -> None:
         """Leave no file the index does not name (a resent instance indexed earlier stays)."""

@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
+from mi2b2.adapters.db.outage import DatabaseUnavailable
 from mi2b2.adapters.db.tables import (
     CachedStudy,
     CursorKind,
@@ -37,7 +38,7 @@ from mi2b2.domain.windows import Limits, limits_at
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.request_rows import change_state, mark_started
+from mi2b2.services.request_rows import back_off_unless_canceled, change_state, mark_started
 
 
 @dataclass
@@ -172,6 +173,22 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
         session.execute(delete(Worker).where(Worker.id.in_(dead)))
     return requeued
 
+
+
+def requeue_interrupted(ctx: ServiceContext, worker_id: str, request_ids: set[int]) -> list[int]:
+    """Requests this worker stopped running when the database went away go back to the queue
+    (or end canceled, if a user asked for that meanwhile). Returns those requeued."""
+    now = ctx.clock.now()
+    requeued = []
+    with transaction(ctx.sessions) as session:
+        rows = session.execute(
+            select(Request).where(Request.id.in_(sorted(request_ids)), Request.state == RequestState.PROCESSING,
+                                  Request.worker == worker_id).with_for_update()
+        ).scalars().all()
+        for row in rows:
+            if back_off_unless_canceled(row, DatabaseUnavailable(), now, now):
+                requeued.append(row.id)
+    return requeued
 
 
 # --- reading the counters ------------------------------------------------------------

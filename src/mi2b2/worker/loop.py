@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
+from mi2b2.adapters.db.outage import OutageLog, is_outage
 from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications, search_jobs
@@ -21,11 +22,19 @@ from mi2b2.services.context import ServiceContext
 from mi2b2.services.forward import run_forward, schedule_forwards
 from mi2b2.services.receiver import ReceiverSink
 from mi2b2.services.retrieval import fail_unexpectedly, run_retrieval
-from mi2b2.services.scheduler import heartbeat, new_worker_id, requeue_orphans, retire_worker, schedule_once
+from mi2b2.services.scheduler import (
+    heartbeat,
+    new_worker_id,
+    requeue_interrupted,
+    requeue_orphans,
+    retire_worker,
+    schedule_once,
+)
 
 LOG = logging.getLogger(__name__)
 MAX_PARALLEL = 32  # retrievals one worker runs at once; the PACS limits are usually far lower
 MAX_SEARCH_JOBS = 4  # search jobs one worker runs at once; the query governor paces them together
+INTERRUPTED = "interrupted"  # a run that stopped because the database went away; requeued once it is back
 
 
 class Worker:
@@ -41,6 +50,11 @@ class Worker:
         self._search_jobs: set[Future[str]] = set()
         self._thread: threading.Thread | None = None
         self._next_checkpoint = ctx.clock.now()
+        self._outage = OutageLog("worker", first_wait=self.poll_seconds)
+        self._outage_wait = self.poll_seconds
+        self._interrupted_lock = threading.Lock()
+        self._interrupted_requests: set[int] = set()
+        self._interrupted_jobs: set[int] = set()
 
     @property
     def stale_after(self) -> timedelta:
@@ -57,6 +71,7 @@ class Worker:
 
     def tick(self) -> list[int]:
         heartbeat(self.ctx, self.worker_id)
+        self._requeue_interrupted()
         requeue_orphans(self.ctx, self.stale_after)
         result = schedule_once(self.ctx, self.worker_id)
         for request_id in result.canceled:
@@ -84,10 +99,27 @@ class Worker:
             self._search_jobs.add(future)
             future.add_done_callback(self._search_jobs.discard)
 
+    def _requeue_interrupted(self) -> None:
+        """What the last outage interrupted goes back to the queue, now that the database answers."""
+        with self._interrupted_lock:
+            requests, jobs = set(self._interrupted_requests), set(self._interrupted_jobs)
+        if requests:
+            requeue_interrupted(self.ctx, self.worker_id, requests)
+        for job_id in jobs:
+            search_jobs.release_job(self.ctx, job_id, self.worker_id)
+        with self._interrupted_lock:
+            self._interrupted_requests -= requests
+            self._interrupted_jobs -= jobs
+
     def _run_search_job(self, job_id: int) -> str:
         try:
             return search_jobs.run_job(self.ctx, job_id, self.worker_id, self._stop.is_set)
-        except Exception:
+        except Exception as exc:
+            if is_outage(exc):
+                LOG.warning("search job %s: stopped, the database is unreachable; it resumes once it is back", job_id)
+                with self._interrupted_lock:
+                    self._interrupted_jobs.add(job_id)
+                return INTERRUPTED
             LOG.exception("search job %s crashed", job_id)
             with contextlib.suppress(Exception):  # else it waits for this worker to be gone
                 search_jobs.release_job(self.ctx, job_id, self.worker_id)
@@ -103,29 +135,39 @@ class Worker:
                 # a crashed worker's requests processing forever.
                 recovered = self._guarded(self.recover)
                 if not recovered:
-                    self._wake.wait(self.poll_seconds)
+                    self._pause()
                     continue
-            self._guarded(self.tick)
+                self._outage.succeeded()
+            if self._guarded(self.tick):
+                self._outage.succeeded()
             if self.ctx.clock.now() >= self._next_checkpoint:
                 self._guarded(self.checkpoint)
+            self._pause()
+
+    def _pause(self) -> None:
+        if self._outage.down:
+            self._stop.wait(self._outage_wait)  # backing off: finished retrievals need not wake it early
+        else:
             self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+        self._wake.clear()
 
     def checkpoint(self) -> None:
         """Sign the audit chain head into the checkpoint file outside the database."""
         self._next_checkpoint = self.ctx.clock.now() + timedelta(seconds=self.ctx.config.audit.checkpoint_seconds)
         self.ctx.audit.checkpoint()
 
-    @staticmethod
-    def _guarded(step: Callable[[], object]) -> bool:
-        """Run one step of the loop; the loop must outlive a database hiccup."""
+    def _guarded(self, step: Callable[[], object]) -> bool:
+        """Run one step of the loop; the loop must outlive a database outage (said once, then waited out)."""
+        name = getattr(step, "__name__", "step")
         try:
             step()
-        except Mi2b2Error as exc:
-            LOG.error("worker step %s failed: %s", step.__name__, exc)
-            return False
-        except Exception:
-            LOG.exception("worker step %s failed", step.__name__)
+        except Exception as exc:
+            if is_outage(exc):
+                self._outage_wait = self._outage.failed()
+            elif isinstance(exc, Mi2b2Error):
+                LOG.error("worker step %s failed: %s", name, exc)
+            else:
+                LOG.exception("worker step %s failed", name)
             return False
         return True
 
@@ -158,6 +200,12 @@ class Worker:
             else:
                 state = run_retrieval(self.ctx, request_id, self.sink, pacs_freed=self._wake.set)
         except Exception as exc:
+            if is_outage(exc):  # not the request's fault: it is retried, not failed
+                LOG.warning("request %s: stopped, the database is unreachable; it goes back to the queue once it is back",
+                            request_id)
+                with self._interrupted_lock:
+                    self._interrupted_requests.add(request_id)
+                return INTERRUPTED
             LOG.exception("request %s: %s crashed", request_id, "forward" if forward else "retrieval")
             fail_unexpectedly(self.ctx, request_id, exc)
             state = "failed"

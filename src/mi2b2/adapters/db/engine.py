@@ -15,12 +15,15 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import UpdateBase
 
-from mi2b2.errors import ConfigError, RetriableError
+from mi2b2.adapters.db.outage import DatabaseUnavailable, translate_outages
+from mi2b2.errors import ConfigError, PermanentError, RetriableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -38,6 +41,7 @@ def make_engine(url: str) -> Engine:
             f"server.database_url {url!r} is not usable ({exc}); "
             "use sqlite:///path/mi2b2.db or postgresql+psycopg://user@host/db"
         ) from None
+    translate_outages(engine)
     return engine
 
 
@@ -98,6 +102,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+    except DatabaseUnavailable as exc:
+        raise RetriableError(f"cannot reach the database at {engine.url!r}: {exc.__cause__}") from None
     except OperationalError as exc:
         raise RetriableError(f"cannot reach the database at {engine.url!r}: {exc.orig}") from None
 
@@ -112,6 +118,42 @@ def downgrade(engine: Engine, revision: str) -> None:
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+class SchemaNotCurrent(PermanentError):
+    """The database's schema is not the one this version of mi2b2 was written for."""
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Refuse, naming the fix, a database whose schema is missing or behind this code's head
+    revision (or ahead of it). Changes nothing: for commands that only read."""
+    where = f"the database at {engine.url.render_as_string(hide_password=True)}"
+    upgrade_first = "run `mi2b2 db upgrade` (with the same --config) first: a command that only reads never changes the schema"
+    if _sqlite_file_missing(engine):  # connecting would create an empty file
+        raise SchemaNotCurrent(f"{where} does not exist yet; {upgrade_first}")
+    current = current_revision(engine)
+    scripts = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    head = scripts.get_current_head()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaNotCurrent(f"{where} has no mi2b2 schema yet; {upgrade_first}")
+    try:
+        known = scripts.get_revision(current) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise SchemaNotCurrent(f"{where} is at schema revision {current}, which this version of mi2b2 does not know "
+                               "(a newer version migrated it); use that version")
+    raise SchemaNotCurrent(f"{where} is at schema revision {current}, behind this version of mi2b2 ({head}); "
+                           f"{upgrade_first}")
+
+
+def _sqlite_file_missing(engine: Engine) -> bool:
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return False
+    return not Path(database).exists()
 
 
 def has_schema(engine: Engine) -> bool:

@@ -26,10 +26,10 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 from PIL import Image
@@ -134,19 +134,60 @@ class Rendered:
     frame_count: int
 
 
-_QUIET = threading.RLock()
+class _QuietThreads:
+    """A warnings filter entry's message pattern that matches only in threads inside `quiet()`.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list, so threads
+    using it at once leave one another's filters behind and it needed a global
+    lock, which made every viewer decode wait for the one before. This entry
+    stays in the list and asks a thread-local depth instead: each thread
+    silences only its own warnings, and decodes run side by side."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def match(self, _message: str) -> bool:  # what the warnings module calls on a filter's message pattern
+        return bool(getattr(self._local, "depth", 0))
+
+    def enter(self) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def leave(self) -> None:
+        self._local.depth -= 1
+
+
+_QUIET_THREADS = _QuietThreads()
+_QUIET_FILTER = ("ignore", _QUIET_THREADS, Warning, None, 0)
+_FILTER_PLACING = threading.Lock()
+
+
+def _quiet_filter_first() -> None:
+    """Keep our entry first: a test runner or a ``catch_warnings`` block elsewhere replaces the
+    list (ours goes back in front on the next use) or adds entries in front of it."""
+    filters = cast("list[Any]", warnings.filters)
+    if filters and filters[0] is _QUIET_FILTER:
+        return
+    with _FILTER_PLACING:
+        filters = cast("list[Any]", warnings.filters)
+        if filters and filters[0] is _QUIET_FILTER:
+            return
+        with suppress(ValueError):
+            filters.remove(_QUIET_FILTER)
+        filters.insert(0, _QUIET_FILTER)
 
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Silence pydicom's warnings about odd files while reading and decoding.
+    """Silence pydicom's warnings about odd files while reading and decoding, in this thread only.
 
     They quote element values (a malformed PatientName included) and would
-    carry patient data into ordinary logs. ``catch_warnings`` changes process
-    state, so holders take turns; viewing is light enough for that."""
-    with _QUIET, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    carry patient data into ordinary logs."""
+    _quiet_filter_first()
+    _QUIET_THREADS.enter()
+    try:
         yield
+    finally:
+        _QUIET_THREADS.leave()
 
 
 # --- reading ----------------------------------------------------------------------------

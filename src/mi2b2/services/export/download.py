@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import stat
-import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -255,7 +254,7 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
         raise InvalidInput("encryption is 'passphrase', 'recipients' or absent")
     plan = plan_download(ctx, who, project_id, study_uids, all_studies)
     store = CacheStore(ctx.config.cache_dir())
-    digests = _digests([store.absolute(f.cache_path) for f in plan.files])
+    digests = _digests(ctx, project_id, [store.absolute(f.cache_path) for f in plan.files])
     seqs = _record_download(ctx, who, plan, VIA_FILES, encryption)
     return {
         "project": project_id,
@@ -269,37 +268,17 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
     }
 
 
-_digest_memo: dict[tuple[str, int, int, int], str] = {}
-_memo_lock = threading.Lock()
-_MEMO_LIMIT = 200_000
+def _digests(ctx: ServiceContext, project_id: str, paths: list[Path]) -> list[tuple[int, str]]:
+    """(size, SHA-256) of each file; the context remembers them, so a resumed download is cheap."""
+    def digest(path: Path) -> tuple[int, str]:
+        try:
+            return ctx.file_digests.of(project_id, path)
+        except FileNotFoundError:
+            raise PermanentError("a file of this download was deleted from the cache while it was prepared; "
+                                 "download again") from None
 
-
-def _digests(paths: list[Path]) -> list[tuple[int, str]]:
-    """(size, SHA-256) of each file; remembered per (path, size, mtime, inode) so a resumed download is cheap."""
     with ThreadPoolExecutor(PREFETCH_WORKERS) as pool:  # hashlib and reads release the GIL
-        return list(pool.map(_digest, paths))
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    try:
-        with open(path, "rb", buffering=0) as file:
-            info = os.fstat(file.fileno())
-            key = (str(path), info.st_size, info.st_mtime_ns, info.st_ino)
-            with _memo_lock:
-                known = _digest_memo.get(key)
-            if known is not None:
-                return info.st_size, known
-            digest = hashlib.sha256()
-            while chunk := file.read(CHUNK):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise PermanentError("a file of this download was deleted from the cache while it was prepared; "
-                             "download again") from None
-    with _memo_lock:
-        if len(_digest_memo) >= _MEMO_LIMIT:
-            _digest_memo.clear()
-        _digest_memo[key] = digest.hexdigest()
-    return info.st_size, digest.hexdigest()
+        return list(pool.map(digest, paths))
 
 
 def download_instance(ctx: ServiceContext, who: Principal, project_id: str, download_id: int, study_uid: str,

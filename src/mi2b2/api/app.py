@@ -8,6 +8,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from mi2b2 import __version__
+from mi2b2.api.docs import install_docs
 from mi2b2.api.errors import ERROR_RESPONSES, install_error_handlers
 from mi2b2.api.limits import BodyLimit
 from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects, requests, search
@@ -27,15 +28,17 @@ def _operation_id(route: APIRoute) -> str:
 
 def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     """``worker``, when this process runs one, is woken as soon as work is queued."""
+    openapi_url = "/api/v1/openapi.json"
     app = FastAPI(
         title="mi2b2",
         version=__version__,
         description="IRB-governed research access to the hospital PACS",
         generate_unique_id_function=_operation_id,
-        openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        openapi_url=openapi_url,
+        docs_url=None,  # install_docs serves it with its assets, not from a CDN
         redoc_url=None,
     )
+    install_docs(app, openapi_url)
     app.state.context = context
     app.state.worker = worker
     install_error_handlers(app)

@@ -42,6 +42,8 @@ RESEARCHER = "bob"  # a member of alpha only
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Operations that end the caller's own credentials (the run would go on unauthenticated) or never end.
 SKIPPED = {("DELETE", "/api/v1/tokens/{token_id}"), ("POST", "/api/v1/auth/logout"), ("POST", "/api/v1/logout")}
+# Their documented 503 is the answer itself: this site runs no worker, so the readiness probe says not ready.
+SERVER_ERROR_IS_AN_ANSWER = {"GET /health/ready"}
 PROJECT_PARAMS = ("project_id", "project")
 STUDY_PARAMS = ("study_uid",)
 
@@ -119,8 +121,9 @@ def fuzz_operation(operation: Any, live: Live, headers: dict[str, str], failures
         except requests.RequestException as error:
             failures.setdefault(f"{operation.label}: connection", f"{type(error).__name__}: {error}")
             return
+        checks = [c for c in CHECKS if c is not not_a_server_error] if operation.label in SERVER_ERROR_IS_AN_ANSWER else CHECKS
         try:
-            case.validate_response(response, checks=CHECKS, headers=headers)
+            case.validate_response(response, checks=checks, headers=headers)
         except FailureGroup as group:
             for failure in group.exceptions:
                 failures.setdefault(f"{operation.label}: {failure.title} {response.status_code}",

@@ -15,6 +15,7 @@ from mi2b2.api.routers import admin, audit, auth, cache, notifications, projects
 from mi2b2.api.routers import dicomweb as dicomweb_router
 from mi2b2.api.routers import download as download_router
 from mi2b2.api.routers import forward as forward_router
+from mi2b2.api.routers import health as health_router
 from mi2b2.api.routers import viewer as viewer_router
 from mi2b2.api.schemas.common import Health
 from mi2b2.services.context import ServiceContext
@@ -55,6 +56,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     app.include_router(api)
+    app.include_router(health_router.router)  # /health/live and /health/ready, outside the versioned API
     app.include_router(client_pages.router)  # the browser client, /app/
     app.include_router(viewer_router.page_router)  # the viewer page, /viewer/
     app.include_router(dicomweb_router.router, responses=ERROR_RESPONSES)  # /dicomweb/projects/{project}/...

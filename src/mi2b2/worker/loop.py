@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 from mi2b2.adapters.db.outage import OutageLog, is_outage
+from mi2b2.domain.health import worker_stale_after
 from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications, search_jobs
@@ -58,8 +59,7 @@ class Worker:
 
     @property
     def stale_after(self) -> timedelta:
-        # Another worker is presumed dead after missing several heartbeats.
-        return timedelta(seconds=max(30.0, 10 * self.poll_seconds))
+        return worker_stale_after(self.poll_seconds)
 
     def recover(self) -> None:
         """After a crash: requeue what dead workers left processing and drop their temp files."""

@@ -74,6 +74,7 @@ from mi2b2.config.fields import (
 from mi2b2.config.fields import (
     parse_size as parse_size,
 )
+from mi2b2.config.ldap import LdapConfig as LdapConfig
 from mi2b2.config.pacs import (
     DepartmentConfig as DepartmentConfig,
 )
@@ -322,6 +323,7 @@ class SiteConfig(Strict):
     search: SearchConfig = SearchConfig()
     smtp: SmtpConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    ldap: LdapConfig | None = None
     site: SiteSettings = SiteSettings()
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -13,10 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from mi2b2.adapters.crypto.secrets import hash_password, new_token, token_digest, verify_password
 from mi2b2.adapters.db.engine import rows_changed, transaction
 from mi2b2.adapters.db.tables import ApiToken, LoginFailure, User
+from mi2b2.adapters.ldap_directory import DirectoryRefused, LdapDirectory
 from mi2b2.domain.clock import Clock, as_utc
+from mi2b2.domain.directory_roles import role_for_groups
 from mi2b2.domain.login_throttle import FORGET_AFTER, login_digest, must_wait
 from mi2b2.domain.principal import LOGIN, Principal, Role, login_problem
-from mi2b2.errors import AccessDenied, InvalidInput, NotFound
+from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound
 from mi2b2.services.audit import Action, AuditTrail, Outcome
 
 NOT_A_LOGIN = "(not a login name)"
@@ -52,14 +54,24 @@ class IssuedToken:
     expires_at: datetime | None
 
 
+@dataclass(frozen=True)
+class DirectoryLogin:
+    """Sign-in through the site's directory, for every login but the local (break-glass) ones."""
+
+    directory: LdapDirectory
+    roles: Mapping[str, Role]  # group DN -> role
+    local_logins: frozenset[str] = frozenset()
+
+
 class Accounts:
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, audit: AuditTrail, session_hours: float = 12,
-                 max_token_days: float = 90) -> None:
+                 max_token_days: float = 90, directory: DirectoryLogin | None = None) -> None:
         self._sessions = sessions
         self._clock = clock
         self._audit = audit
         self._session_lifetime = timedelta(hours=session_hours)
         self._max_token_days = max_token_days
+        self._directory = directory
 
     # users -----------------------------------------------------------------
 
@@ -125,6 +137,9 @@ class Accounts:
         if wait is not None:
             self._audit.record(actor, Action.LOGIN, Outcome.DENIED, detail={"client": client, "reason": "throttled"})
             raise AccessDenied(f"too many failed logins; try again in {int(wait.total_seconds()) + 1} s")
+        if self._directory is not None and login not in self._directory.local_logins:
+            user = self._directory_user(self._directory, login, password, client, actor, (digest, client_key), now)
+            return self._open_session(user, client, failures is not None, (digest, client_key), now, via="ldap")
         # argon2 runs outside any transaction (on SQLite a write transaction holds
         # the one write lock), and against a dummy hash when there is no user.
         ok = verify_password(user.password_hash if user else None, password) and user is not None and not user.disabled
@@ -132,15 +147,57 @@ class Accounts:
             self._count_failure(digest, client_key, now)
             self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail={"client": client})
             raise AccessDenied("wrong login or password")
-        if failures:
+        return self._open_session(user, client, failures is not None, (digest, client_key), now)
+
+    def _open_session(self, user: User, client: str, had_failures: bool, failure_key: tuple[str, str], now: datetime,
+                      via: str | None = None) -> tuple[Principal, IssuedToken]:
+        if had_failures:
             with transaction(self._sessions) as session:
-                session.execute(delete(LoginFailure).where(LoginFailure.login_digest == digest,
-                                                           LoginFailure.client == client_key))
+                session.execute(delete(LoginFailure).where(LoginFailure.login_digest == failure_key[0],
+                                                           LoginFailure.client == failure_key[1]))
         principal = Principal(user.login, Role(user.role), user.display_name, client)
+        how: dict[str, object] = {"via": via} if via else {}
         issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime,
                              lambda session, token_id: self._audit.record(
-                                 principal, Action.LOGIN, detail={"session": token_id}, session=session))
+                                 principal, Action.LOGIN, detail={"session": token_id} | how, session=session))
         return principal, issued
+
+    def _directory_user(self, sign_in: DirectoryLogin, login: str, password: str, client: str, actor: str,
+                        failure_key: tuple[str, str], now: datetime) -> User:
+        """The user row of a login the directory accepted, created or given its current role; refusals audited."""
+        try:
+            if login_problem(login) is not None:
+                raise DirectoryRefused("not a valid login name")  # never sent to the directory
+            found = sign_in.directory.authenticate(login, password)
+        except DirectoryRefused as refused:
+            self._count_failure(*failure_key, now)
+            self._audit.record(actor, Action.LOGIN, Outcome.FAILED,
+                               detail={"client": client, "via": "ldap", "reason": refused.reason})
+            raise AccessDenied("wrong login or password") from None
+        except Mi2b2Error as error:  # unreachable directory, TLS or search account trouble: not the user's fault
+            self._audit.record(actor, Action.LOGIN, Outcome.FAILED,
+                               detail={"client": client, "via": "ldap", "reason": str(error)})
+            raise
+        role = role_for_groups(found.groups, sign_in.roles)
+        if role is None:
+            self._audit.record(actor, Action.LOGIN, Outcome.DENIED,
+                               detail={"client": client, "via": "ldap", "reason": "no directory group maps to a role"})
+            raise AccessDenied("your directory account has no mi2b2 role: none of your groups is mapped in the site's "
+                               "[ldap] roles; ask the mi2b2 admin to map one of your groups")
+        with transaction(self._sessions) as session:
+            user = session.scalar(select(User).where(User.login == login))
+            if user is None:
+                user = User(login=login, role=role.value, display_name=found.display_name, email=None,
+                            password_hash=None, created_at=now, disabled=False)
+                session.add(user)
+            elif not user.disabled:
+                user.role, user.display_name = role.value, found.display_name
+            session.flush()
+        if user.disabled:
+            self._audit.record(actor, Action.LOGIN, Outcome.DENIED,
+                               detail={"client": client, "via": "ldap", "reason": "disabled in mi2b2"})
+            raise AccessDenied("this account is disabled in mi2b2; ask the mi2b2 admin")
+        return user
 
     def _count_failure(self, digest: str, client: str, now: datetime) -> None:
         """One more failure, counted in one statement so that parallel guesses lose no update."""

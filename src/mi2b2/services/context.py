@@ -11,13 +11,14 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
+from mi2b2.adapters.ldap_directory import LdapDirectory
 from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
-from mi2b2.errors import InvalidInput
+from mi2b2.errors import ConfigError, InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
-from mi2b2.services.auth import Accounts
+from mi2b2.services.auth import Accounts, DirectoryLogin
 from mi2b2.services.site import ConfigChanges, apply_config
 
 
@@ -101,9 +102,29 @@ def build_context(
             changes = apply_config(session, config, clock.now())
             audit_canceled(audit, changes, session)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours,
-                        config.server.max_token_days)
+                        config.server.max_token_days, directory_login(config))
     from mi2b2.services.query_governor import QueryGovernor, governed_opener
 
     # Every search, request look-up and job reaches the PACS through the query governor.
     governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
     return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock())
+
+
+def directory_login(config: SiteConfig) -> DirectoryLogin | None:
+    """Sign-in through the site's LDAP directory, if ``[ldap]`` configures one."""
+    ldap = config.ldap
+    if ldap is None:
+        return None
+    password = None
+    if ldap.bind_password_file is not None:
+        path = config.resolve(ldap.bind_password_file)
+        try:
+            password = path.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"ldap bind_password_file {path}: {error.strerror}; create it with the search "
+                              f"account's password") from None
+    ca_file = config.resolve(ldap.ca_file) if ldap.ca_file else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(f"ldap ca_file {ca_file} does not exist; give the CA certificate(s) of the directory")
+    directory = LdapDirectory(ldap, ca_file, password)
+    return DirectoryLogin(directory, ldap.roles, frozenset(ldap.local_logins))

@@ -63,7 +63,9 @@ def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
                 LOG.warning("a cached file could not be converted for DICOMweb (%s); the answer lacks it", exc)
                 continue
             yield (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}\r\n"
-                   f"Content-Length: {len(converted)}\r\n\r\n").encode() + converted + b"\r\n"
+                   f"Content-Length: {len(converted)}\r\n\r\n").encode()
+            yield converted  # apart, not joined: one copy of the instance in memory, not two
+            yield b"\r\n"
             continue
         try:
             file = open(outgoing.path, "rb")  # noqa: SIM115 - closed below, after the generator resumes

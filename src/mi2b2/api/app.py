@@ -16,6 +16,7 @@ from mi2b2.api.routers import dicomweb as dicomweb_router
 from mi2b2.api.routers import download as download_router
 from mi2b2.api.routers import forward as forward_router
 from mi2b2.api.routers import health as health_router
+from mi2b2.api.routers import metrics as metrics_router
 from mi2b2.api.routers import viewer as viewer_router
 from mi2b2.api.schemas.common import Health
 from mi2b2.services.context import ServiceContext
@@ -57,6 +58,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
 
     app.include_router(api)
     app.include_router(health_router.router)  # /health/live and /health/ready, outside the versioned API
+    app.include_router(metrics_router.router)  # /metrics, for Prometheus
     app.include_router(client_pages.router)  # the browser client, /app/
     app.include_router(viewer_router.page_router)  # the viewer page, /viewer/
     app.include_router(dicomweb_router.router, responses=ERROR_RESPONSES)  # /dicomweb/projects/{project}/...

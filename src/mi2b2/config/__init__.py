@@ -7,6 +7,7 @@ so a site can keep its configuration, MRN lists and data together.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from datetime import date
@@ -294,12 +295,33 @@ class AuditConfig(Strict):
         return None if self.syslog is None else parse_syslog_url(self.syslog)
 
 
+class MetricsConfig(Strict):
+    """[metrics]: Prometheus at /metrics, for the monitoring's token or its addresses only."""
+
+    enabled: bool = False
+    token_file: Path | None = Field(None, description="file holding the bearer token a scraper sends")
+    allow_from: list[str] = Field(default_factory=list, description='client networks that need no token, '
+                                                                    'e.g. ["127.0.0.1/32", "10.1.0.0/16"]')
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(network, strict=False)) for network in value]
+
+    @model_validator(mode="after")
+    def _someone_may_read(self) -> MetricsConfig:
+        if self.enabled and self.token_file is None and not self.allow_from:
+            raise ValueError("[metrics] is enabled but nobody may read it: set token_file, allow_from or both")
+        return self
+
+
 class SiteConfig(Strict):
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     dicom: DicomConfig = DicomConfig()
     search: SearchConfig = SearchConfig()
     smtp: SmtpConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
     site: SiteSettings = SiteSettings()
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)
@@ -398,6 +420,9 @@ class SiteConfig(Strict):
 
     def audit_key_file(self) -> Path:
         return self.resolve(self.audit.key_file)
+
+    def metrics_token_file(self) -> Path | None:
+        return None if self.metrics.token_file is None else self.resolve(self.metrics.token_file)
 
     def audit_checkpoint_file(self) -> Path:
         if self.audit.checkpoint_file is not None:

@@ -43,8 +43,9 @@ METADATA_ANSWER: dict[int | str, dict[str, Any]] = {
 }
 MULTIPART_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {"content": {"multipart/related": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "multipart/related; type=\"application/dicom\": the instances as stored, or converted as "
-                         "the Accept header asked"},
+          "description": "multipart/related; type=\"application/dicom\": with no transfer-syntax parameter "
+                         "Explicit VR Little Endian (compressed instances decoded); with transfer-syntax=* "
+                         "the instances as stored"},
     **NOT_ACCEPTABLE,
 }
 FRAMES_ANSWER: dict[int | str, dict[str, Any]] = {
@@ -149,7 +150,7 @@ def _retrieve(service: DicomWeb, user: Any, project_id: str, study_uid: str, ser
             responses=MULTIPART_ANSWER)
 def retrieve_study(project_id: str, study_uid: str, user: CurrentUser, service: DicomWebDep,
                    accept: Accept = None) -> Response:
-    """Every instance of the study, as stored, in one multipart/related answer."""
+    """Every instance of the study in one multipart/related answer (as stored with transfer-syntax=*)."""
     return _retrieve(service, user, project_id, study_uid, None, None, accept)
 
 

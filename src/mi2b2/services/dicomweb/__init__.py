@@ -6,9 +6,10 @@ the rest of mi2b2: members of the project and site admins.
 
 Search answers from the cache index first (`records`), matching as PS3.4
 C.2.2.2 says (`matching`) the parameters a request gives (`query`). Retrieve
-streams the files from disk exactly as stored, no transcoding
-(`multipart`): a client that insists on a transfer syntax the files are not
-in gets 406 with the reason (`negotiation`). Frames (native or encapsulated)
+streams the files from disk as stored (`multipart`), or as Explicit VR Little
+Endian where the client asks for PS3.18's default or names it (compressed
+instances decoded, `adapters.dicom.transcode`); any other transfer syntax gets
+406 naming what is available (`negotiation`). Frames (native or encapsulated)
 and metadata are served too; the format work with pydicom lives in
 `adapters.dicom.frames` and `adapters.dicom.dicom_json`. The doors and the
 audit are in `service`.

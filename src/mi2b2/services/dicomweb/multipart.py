@@ -1,8 +1,9 @@
 """multipart/related framing for WADO-RS answers (PS3.18 8.6.1.2), streamed.
 
 Files go out from disk in chunks, each part naming its real transfer syntax;
-frames go out one at a time. Nothing larger than a chunk or a frame is held in
-memory, however large the answer.
+a file converted to Explicit VR Little Endian goes out whole once converted, one
+at a time; frames go out one at a time. Nothing larger than a chunk, a converted
+instance or a frame is held in memory, however large the answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mi2b2.adapters.dicom.files import parse_instance_header
+from mi2b2.adapters.dicom.transcode import EXPLICIT_VR_LITTLE_ENDIAN, ConversionFailed, as_explicit_little_endian
 from mi2b2.services.dicomweb.negotiation import DICOM
 
 LOG = logging.getLogger(__name__)
@@ -28,10 +30,19 @@ class Multipart:
     body: Iterator[bytes]
 
 
-def files_answer(paths: list[Path]) -> Multipart:
-    """Files as application/dicom parts, exactly as stored."""
+@dataclass(frozen=True)
+class OutgoingFile:
+    path: Path
+    convert: bool  # to Explicit VR Little Endian; else as stored
+
+
+def files_answer(files: list[OutgoingFile]) -> Multipart:
+    """Files as application/dicom parts, as stored or converted.
+
+    A conversion that fails raises ConversionFailed if it is the first part (nothing has been
+    sent yet, so the caller can still refuse); a later one is left out with a warning."""
     boundary = uuid.uuid4().hex
-    return Multipart(f'multipart/related; type="{DICOM}"; boundary={boundary}', _file_parts(paths, boundary))
+    return Multipart(f'multipart/related; type="{DICOM}"; boundary={boundary}', _file_parts(files, boundary))
 
 
 def parts_answer(parts: Iterable[bytes], media_type: str, part_type: str) -> Multipart:
@@ -41,10 +52,23 @@ def parts_answer(parts: Iterable[bytes], media_type: str, part_type: str) -> Mul
                      _byte_parts(parts, part_type, boundary))
 
 
-def _file_parts(paths: list[Path], boundary: str) -> Iterator[bytes]:
-    for path in paths:
+def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
+    for index, outgoing in enumerate(files):
+        if outgoing.convert:
+            try:
+                converted = as_explicit_little_endian(outgoing.path)
+            except ConversionFailed as exc:
+                if index == 0:
+                    raise
+                LOG.warning("a cached file could not be converted for DICOMweb (%s); the answer lacks it", exc)
+                continue
+            yield (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}\r\n"
+                   f"Content-Length: {len(converted)}\r\n\r\n").encode()
+            yield converted  # apart, not joined: one copy of the instance in memory, not two
+            yield b"\r\n"
+            continue
         try:
-            file = open(path, "rb")  # noqa: SIM115 - closed below, after the generator resumes
+            file = open(outgoing.path, "rb")  # noqa: SIM115 - closed below, after the generator resumes
         except FileNotFoundError:
             LOG.warning("a cached file disappeared while it was being sent over DICOMweb; the answer lacks it")
             continue

@@ -1,17 +1,22 @@
 """Content negotiation for WADO-RS (PS3.18 8.7): what an Accept header allows, against what is stored.
 
-mi2b2 sends files and frames exactly as stored, never transcoded: a client that
-insists on a form the data is not in gets 406 with the reason.
+Instances: ``transfer-syntax=*`` (OHIF), no Accept or ``*/*`` get the files as stored;
+``type="application/dicom"`` with no transfer-syntax gets PS3.18's default, Explicit VR
+Little Endian (Table 8.7.3-5), so a compressed instance is decoded (`adapters.dicom.transcode`);
+a named syntax is answered if it is the stored one or Explicit VR LE. Anything else is
+406 naming what is available. Frames go out as stored, never transcoded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 from mi2b2.errors import InvalidInput
 
 DICOM = "application/dicom"
 OCTET_STREAM = "application/octet-stream"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", EXPLICIT_VR_LITTLE_ENDIAN})
 
 # Transfer syntax -> media type of a frame in it (PS3.18 Table 8.7.3-2).
 FRAME_MEDIA = {
@@ -30,43 +35,65 @@ class NotAcceptable(InvalidInput):
     """The client accepts none of the forms the data exists in (HTTP 406)."""
 
 
-def dicom_transfer_syntaxes(accept: str | None) -> frozenset[str] | None:
-    """What an Accept header allows for application/dicom parts: None = anything (as stored).
+@dataclass(frozen=True)
+class WantedSyntaxes:
+    """What an Accept header allows for application/dicom parts."""
+
+    named: frozenset[str] = frozenset()  # transfer-syntax=<uid>
+    as_stored: bool = False  # transfer-syntax=*, or any media type at all (no Accept, */*)
+    default: bool = False  # application/dicom without transfer-syntax: PS3.18's default, Explicit VR LE
+
+
+AS_STORED = WantedSyntaxes(as_stored=True)
+
+
+def dicom_transfer_syntaxes(accept: str | None) -> WantedSyntaxes:
+    """What an Accept header allows for application/dicom parts.
 
     Raises NotAcceptable if it allows no application/dicom at all."""
     if not accept or not accept.strip():
-        return None
-    allowed: set[str] = set()
-    acceptable = False
+        return AS_STORED
+    named: set[str] = set()
+    acceptable = default = False
     for entry in accept.split(","):
         parts = [p.strip() for p in entry.split(";")]
         main = parts[0].lower()
         params = {k.strip().lower(): v.strip().strip('"') for k, v in (p.split("=", 1) for p in parts[1:] if "=" in p)}
-        if main in ("*/*", "multipart/*") or (main == "multipart/related" and params.get("type", DICOM).lower()
-                                               in (DICOM, "*/*", "application/*")):
+        if main in ("*/*", "multipart/*"):
+            return AS_STORED
+        if main == "multipart/related" and params.get("type", DICOM).lower() in (DICOM, "*/*", "application/*"):
             acceptable = True
             syntax = params.get("transfer-syntax")
-            if syntax is None or syntax == "*":
-                return None
-            allowed.add(syntax)
+            if syntax == "*":
+                return AS_STORED
+            if syntax is None:
+                default = True
+            else:
+                named.add(syntax)
         elif main == DICOM:
             raise NotAcceptable('WADO-RS answers as multipart/related; ask with Accept: multipart/related; '
                                 'type="application/dicom"')
     if not acceptable:
         raise NotAcceptable('nothing acceptable: instances come as multipart/related; type="application/dicom"')
-    return frozenset(allowed)
+    return WantedSyntaxes(frozenset(named), default=default)
 
 
-def require_stored_syntaxes_allowed(stored: Iterable[str], allowed: frozenset[str] | None) -> None:
-    """NotAcceptable unless every stored transfer syntax is one the client allowed (None allows all)."""
-    if allowed is None:
-        return
-    missing = sorted(s for s in set(stored) if s not in allowed)
-    if missing:
-        raise NotAcceptable(
-            f"these files are stored as {', '.join(missing)} and mi2b2 sends files as stored; "
-            'ask with transfer-syntax=* (Accept: multipart/related; type="application/dicom"; '
-            "transfer-syntax=*)")
+def answer_syntax(stored: str, wanted: WantedSyntaxes, unconvertible: str | None) -> str:
+    """The transfer syntax an instance stored in ``stored`` goes out in; NotAcceptable naming what is available.
+
+    ``unconvertible`` is why the instance cannot be made Explicit VR Little Endian (None if it can).
+    Uncompressed little endian goes out as stored where the default was asked: decoding it changes nothing."""
+    if wanted.as_stored or stored in wanted.named or (wanted.default and stored in NATIVE_LITTLE_ENDIAN):
+        return stored
+    if (wanted.default or EXPLICIT_VR_LITTLE_ENDIAN in wanted.named) and unconvertible is None:
+        return EXPLICIT_VR_LITTLE_ENDIAN
+    asked = ", ".join(sorted(wanted.named | ({EXPLICIT_VR_LITTLE_ENDIAN} if wanted.default else set())))
+    available = f"as stored (transfer-syntax={stored} or transfer-syntax=*)" if stored else "as stored (transfer-syntax=*)"
+    if unconvertible is None:
+        available += f" or as Explicit VR Little Endian (transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN})"
+        raise NotAcceptable(f"an instance stored as {stored} cannot be sent in {asked}; available: {available}")
+    raise NotAcceptable(f"an instance stored as {stored or 'an unknown transfer syntax'} cannot be sent in {asked} "
+                        f"(it cannot be converted: {unconvertible}); available: {available}")
 
 
 def frame_media_type(syntax: str, encapsulated: bool, accept: str) -> str:

@@ -9,12 +9,13 @@ Audit. Reading through DICOMweb is audited like the viewer and downloads,
 with ``"via": "dicomweb"``: a study search is one ``view`` event; series and
 instance searches and metadata one ``view`` per user and study per
 ``VIEW_AUDIT_HOURS``; a study or series retrieve one ``download`` event each
-(with counts and bytes); instance and frame retrieves - which a viewer issues
+(with counts and stored bytes); instance and frame retrieves - which a viewer issues
 by the hundred - one ``download`` per user and study per ``VIEW_AUDIT_HOURS``.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,21 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy
 from mi2b2.adapters.dicom.dicom_json import metadata_json, read_header, search_json, stored_transfer_syntax
 from mi2b2.adapters.dicom.frames import read_frames
+from mi2b2.adapters.dicom.transcode import ConversionFailed, why_not_convertible
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import NotFound
 from mi2b2.services.audit import Action
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import require_patients_allowed, require_use
-from mi2b2.services.dicomweb.multipart import Multipart, files_answer, parts_answer
-from mi2b2.services.dicomweb.negotiation import frame_media_type, require_stored_syntaxes_allowed
+from mi2b2.services.dicomweb.multipart import Multipart, OutgoingFile, files_answer, parts_answer
+from mi2b2.services.dicomweb.negotiation import (
+    AS_STORED,
+    NotAcceptable,
+    WantedSyntaxes,
+    answer_syntax,
+    frame_media_type,
+)
 from mi2b2.services.dicomweb.query import Query, exact_uids, frame_numbers
 from mi2b2.services.dicomweb.records import (
     INSTANCE_DEFAULT,
@@ -149,14 +157,25 @@ class DicomWeb:
         return items
 
     def retrieve(self, who: Principal, project_id: str, study_uid: str, series_uid: str | None = None,
-                 sop_uid: str | None = None, transfer_syntaxes: frozenset[str] | None = None) -> Retrieval:
-        """The instances of a study, series or one instance, as multipart/related application/dicom."""
+                 sop_uid: str | None = None, wanted: WantedSyntaxes = AS_STORED) -> Retrieval:
+        """The instances of a study, series or one instance, as multipart/related application/dicom.
+
+        Every instance's syntax is settled before anything is audited or sent, and the first
+        part is made then too, so a refusal (406) comes before the answer starts."""
         files = self._scope(who, project_id, study_uid, series_uid, sop_uid, "retrieve (DICOMweb)")
-        require_stored_syntaxes_allowed((stored_transfer_syntax(f.path) for f in files), transfer_syntaxes)
+        outgoing = [OutgoingFile(f.path, _converted(stored_transfer_syntax(f.path), wanted)) for f in files]
+        multipart = files_answer(outgoing)
+        body = multipart.body
+        try:
+            first = next(body)
+        except ConversionFailed as exc:
+            raise NotAcceptable(f"instance {files[0].sop_uid} cannot be sent as Explicit VR Little Endian: {exc}; "
+                                "ask for it as stored with transfer-syntax=*") from None
+        answer = Multipart(multipart.content_type, itertools.chain([first], body))
         total = sum(f.size for f in files)
         level = "instance" if sop_uid else "series" if series_uid else "study"
         self._downloaded(who, project_id, files[0], level, len(files), total, series_uid, once=sop_uid is not None)
-        return Retrieval.of(files_answer([f.path for f in files]), len(files), total)
+        return Retrieval.of(answer, len(files), total)
 
     def retrieve_frames(self, who: Principal, project_id: str, study_uid: str, series_uid: str, sop_uid: str,
                         frame_list: str, accept: str) -> Retrieval:
@@ -225,3 +244,8 @@ class DicomWeb:
                             .values(last_downloaded_by=who.login[:64], last_downloaded_at=now))
             self.ctx.audit.record(who, Action.DOWNLOAD, project_id=project_id, patient_id=first.patient_id,
                                   study_uid=first.study_uid, detail=detail, session=session)
+
+
+def _converted(stored: str, wanted: WantedSyntaxes) -> bool:
+    """Whether an instance stored in ``stored`` goes out converted; NotAcceptable if it cannot go out at all."""
+    return answer_syntax(stored, wanted, why_not_convertible(stored)) != stored

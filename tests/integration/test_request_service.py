@@ -230,3 +230,15 @@ def test_the_receiver_and_the_retrieval_speak_through_the_request_row(ctx: Servi
     assert receipt_of(ctx, request_id).write_failure is None
     with ctx.sessions() as session:
         assert session.get_one(Request, request_id).move_message_id is None
+
+
+def test_a_worker_never_requeues_its_own_running_requests(ctx: ServiceContext, clock: FakeClock) -> None:
+    """A tick held up past the stale limit (waiting for the database) must not take the
+    worker's own retrievals away from it: the receiver would then refuse their instances."""
+    (request_id,) = add_requests(ctx, ALICE, "alpha", "main", [StudyPick("1.1")]).created
+    with transaction(ctx.sessions) as session:
+        session.add(Worker(id="busy", host="elsewhere", pid=1, started_at=clock.now(), heartbeat_at=clock.now()))
+    assert schedule_once(ctx, "busy").started == [request_id]
+    clock.advance(minutes=10)  # its own heartbeat is now older than the limit
+    assert requeue_orphans(ctx, timedelta(minutes=5), caller="busy") == []
+    assert requeue_orphans(ctx, timedelta(minutes=5), caller="another") == [request_id]

@@ -140,32 +140,36 @@ def retire_worker(ctx: ServiceContext, worker_id: str) -> None:
         session.execute(delete(Worker).where(Worker.id == worker_id))
 
 
-def requeue_orphans(ctx: ServiceContext, stale_after: timedelta) -> list[int]:
+def requeue_orphans(ctx: ServiceContext, stale_after: timedelta, caller: str | None = None) -> list[int]:
     """Requests left processing by a worker that is gone go back to the queue.
 
     Gone means: no worker row, a heartbeat older than ``stale_after``, or a
     worker on this host whose process no longer exists (after a SIGKILL we
-    need not wait for its heartbeat to go stale). Attempts are kept."""
+    need not wait for its heartbeat to go stale). Attempts are kept. The
+    ``caller`` worker is alive, whatever its heartbeat says: a tick held up
+    (waiting for the database) past the limit must not take its own running
+    retrievals away from it."""
     now = ctx.clock.now()
     here = socket.gethostname()
     with transaction(ctx.sessions) as session:
         workers = {w.id: w for w in session.execute(select(Worker)).scalars()}
         dead = {
             w.id for w in workers.values()
-            if as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not pid_alive(w.pid))
+            if w.id != caller
+            and (as_utc(w.heartbeat_at) < now - stale_after or (w.host == here and not pid_alive(w.pid)))
         }
         # Lock only the rows that look orphaned, in id order: locking every processing row
         # on every tick made two workers deadlock, and held up the receiver counting arrivals.
         suspects = [request_id for request_id, worker in session.execute(
             select(Request.id, Request.worker).where(Request.state == RequestState.PROCESSING)
-        ).all() if worker is None or worker not in workers or worker in dead]
+        ).all() if worker != caller and (worker is None or worker not in workers or worker in dead)]
         orphans = session.execute(
             select(Request).where(Request.id.in_(suspects), Request.state.in_(sources(Event.REQUEUE)))
             .order_by(Request.id).with_for_update()
         ).scalars().all() if suspects else []
         requeued = []
         for row in orphans:
-            if row.worker is None or row.worker not in workers or row.worker in dead:
+            if row.worker != caller and (row.worker is None or row.worker not in workers or row.worker in dead):
                 change_state(row, Event.REQUEUE)
                 row.worker = None
                 row.waiting_reason = "requeued: the worker running it stopped"

@@ -64,7 +64,7 @@ class Worker:
     def recover(self) -> None:
         """After a crash: requeue what dead workers left processing and drop their temp files."""
         heartbeat(self.ctx, self.worker_id)
-        requeued = requeue_orphans(self.ctx, self.stale_after)
+        requeued = requeue_orphans(self.ctx, self.stale_after, caller=self.worker_id)
         removed = self.sink.store.clean_stale_incoming()
         if requeued or removed:
             LOG.warning("recovered %d interrupted requests and %d partial files", len(requeued), removed)
@@ -72,7 +72,7 @@ class Worker:
     def tick(self) -> list[int]:
         heartbeat(self.ctx, self.worker_id)
         self._requeue_interrupted()
-        requeue_orphans(self.ctx, self.stale_after)
+        requeue_orphans(self.ctx, self.stale_after, caller=self.worker_id)
         result = schedule_once(self.ctx, self.worker_id)
         for request_id in result.canceled:
             self._notify(request_id)

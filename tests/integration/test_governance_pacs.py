@@ -9,6 +9,7 @@ workers on PostgreSQL the same limits hold, because they live in the database.
 from __future__ import annotations
 
 import textwrap
+from datetime import timedelta
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,13 +99,16 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
     with fresh_database(backend, tmp_path) as url:
         site = _site(tmp_path, proxy.port, receiver_port, url)
         clock = ScaledClock(SPEED)
-        pipe = Pipeline(site, clock=clock, poll_seconds=0.05)
+        # Heartbeats are judged on the scheduler's clock, here 20× the wall: the default limit (30 s of it)
+        # would be 1.5 wall seconds, and a busy worker on a loaded machine would be taken for dead.
+        alive = timedelta(minutes=20)
+        pipe = Pipeline(site, clock=clock, poll_seconds=0.05, stale_after=alive)
         for n, project in enumerate(PROJECTS):
             picks = [StudyPick(study_instance_uid(s)) for s in STUDIES[n * PER_PROJECT:(n + 1) * PER_PROJECT]]
             assert len(add_requests(pipe.ctx, ALICE, project, "main", picks).created) == PER_PROJECT
         proxy.reset()  # count retrievals only, not the look-ups above
         # On PostgreSQL a second worker, with its own engine and id, competes for the same slots.
-        second = Pipeline(site, clock=clock, poll_seconds=0.05, receiver=False) if backend == "postgres" else None
+        second = Pipeline(site, clock=clock, poll_seconds=0.05, receiver=False, stale_after=alive) if backend == "postgres" else None
         with pipe:
             if second is not None:
                 second.__enter__()

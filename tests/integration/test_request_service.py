@@ -14,6 +14,7 @@ from sqlalchemy import select
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedStudy, Notification, Request, Worker
 from mi2b2.domain.principal import Principal, Role
+from mi2b2.domain.request_states import IllegalTransition, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.requests import (
@@ -24,6 +25,8 @@ from mi2b2.services.requests import (
     retry_requests,
     set_priority,
 )
+from mi2b2.services.request_rows import mark_ended
+from mi2b2.services.retrieval import fail_unexpectedly
 from mi2b2.services.scheduler import pacs_states, requeue_orphans, schedule_once
 from mi2b2.testing import FakeClock, FakeFindSession
 from support.site import load_site, pacs_block
@@ -242,3 +245,28 @@ def test_a_worker_never_requeues_its_own_running_requests(ctx: ServiceContext, c
     clock.advance(minutes=10)  # its own heartbeat is now older than the limit
     assert requeue_orphans(ctx, timedelta(minutes=5), caller="busy") == []
     assert requeue_orphans(ctx, timedelta(minutes=5), caller="another") == [request_id]
+
+
+def test_a_worker_taken_for_dead_cannot_end_or_fail_what_another_worker_now_runs(
+    ctx: ServiceContext, clock: FakeClock
+) -> None:
+    """The slow worker comes back after its request was requeued and started elsewhere: its
+    late 'completed' is refused, and its crash handler leaves the other worker's run alone."""
+    (request_id,) = add_requests(ctx, ALICE, "alpha", "main", [StudyPick("1.1")]).created
+    with transaction(ctx.sessions) as session:
+        session.add(Worker(id="slow", host="elsewhere", pid=1, started_at=clock.now(), heartbeat_at=clock.now()))
+    assert schedule_once(ctx, "slow").started == [request_id]
+    clock.advance(minutes=10)
+    assert requeue_orphans(ctx, timedelta(minutes=5), caller="fresh") == [request_id]
+    # Still queued: ending it from the slow worker's stale view is an illegal transition.
+    with transaction(ctx.sessions) as session, pytest.raises(IllegalTransition):
+        mark_ended(session.get_one(Request, request_id), RequestState.COMPLETED, None, 0, clock.now())
+    assert schedule_once(ctx, "fresh").started == [request_id]
+    fail_unexpectedly(ctx, request_id, RuntimeError("late crash"), worker_id="slow")
+    with ctx.sessions() as session:
+        row = session.get_one(Request, request_id)
+        assert (row.state, row.worker, row.last_error) == ("processing", "fresh", None)
+    fail_unexpectedly(ctx, request_id, RuntimeError("its own crash"), worker_id="fresh")
+    with ctx.sessions() as session:
+        row = session.get_one(Request, request_id)
+        assert row.state == "failed" and "its own crash" in (row.last_error or "")

@@ -6,6 +6,7 @@ Tests add requests through the service (or API), then wait for states.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,13 @@ class Pipeline:
     """Receiver and worker of one site, in this process."""
 
     def __init__(self, site: Path, clock: Clock | None = None, poll_seconds: float = 0.2,
-                 receiver: bool = True, worker: bool = True) -> None:
+                 receiver: bool = True, worker: bool = True, stale_after: timedelta | None = None) -> None:
         self.ctx: ServiceContext = build_context(load_config(site), clock=clock)
         self.sink = ReceiverSink(self.ctx, cache_store(self.ctx))
         dicom = self.ctx.config.dicom
         self.server = StoreServer(local_ae(self.ctx.config), "127.0.0.1", dicom.port, self.sink,
                                   self.sink.store.incoming_dir(), receive_limits(self.ctx.config)) if receiver else None
-        self.worker = Worker(self.ctx, self.sink, poll_seconds=poll_seconds) if worker else None
+        self.worker = Worker(self.ctx, self.sink, poll_seconds=poll_seconds, stale_after=stale_after) if worker else None
 
     def __enter__(self) -> Pipeline:
         if self.server is not None:

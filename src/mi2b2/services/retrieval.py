@@ -84,11 +84,12 @@ def _await_counts(ctx: ServiceContext, job: Job, sink: ReceiverSink, acknowledge
                     INDEX_WAIT_SECONDS, INDEX_POLL_SECONDS)
 
 
-def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException) -> None:
-    """A bug or a vanished PACS configuration must not leave a request holding a slot forever."""
+def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException, worker_id: str) -> None:
+    """A bug or a vanished PACS configuration must not leave a request holding a slot forever.
+    Only while ``worker_id`` still runs it: a request another worker took over is theirs to end."""
     with transaction(ctx.sessions) as session:
         row = session.get(Request, request_id)
-        if row is not None and row.state == RequestState.PROCESSING:
+        if row is not None and row.state == RequestState.PROCESSING and row.worker == worker_id:
             change_state(row, Event.FAIL)
             row.ended_at = ctx.clock.now()
             row.last_error = f"internal error ({type(error).__name__}): {error}; see the server log, then retry"

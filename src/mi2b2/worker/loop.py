@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from mi2b2.adapters.db.outage import OutageLog, is_outage
 from mi2b2.domain.health import worker_stale_after
+from mi2b2.domain.request_states import IllegalTransition
 from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications, search_jobs
@@ -36,13 +37,16 @@ LOG = logging.getLogger(__name__)
 MAX_PARALLEL = 32  # retrievals one worker runs at once; the PACS limits are usually far lower
 MAX_SEARCH_JOBS = 4  # search jobs one worker runs at once; the query governor paces them together
 INTERRUPTED = "interrupted"  # a run that stopped because the database went away; requeued once it is back
+LOST_RACE = "lost"  # a run whose request another worker requeued meanwhile (it judged this one gone)
 
 
 class Worker:
-    def __init__(self, ctx: ServiceContext, sink: ReceiverSink, poll_seconds: float | None = None) -> None:
+    def __init__(self, ctx: ServiceContext, sink: ReceiverSink, poll_seconds: float | None = None,
+                 stale_after: timedelta | None = None) -> None:
         self.ctx = ctx
         self.sink = sink
         self.poll_seconds = poll_seconds or ctx.config.server.worker_poll_seconds
+        self._stale_after = stale_after or worker_stale_after(self.poll_seconds)
         self.worker_id = new_worker_id()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -59,7 +63,8 @@ class Worker:
 
     @property
     def stale_after(self) -> timedelta:
-        return worker_stale_after(self.poll_seconds)
+        """How long another worker's heartbeat may be silent before its requests are taken back."""
+        return self._stale_after
 
     def recover(self) -> None:
         """After a crash: requeue what dead workers left processing and drop their temp files."""
@@ -206,8 +211,11 @@ class Worker:
                 with self._interrupted_lock:
                     self._interrupted_requests.add(request_id)
                 return INTERRUPTED
+            if isinstance(exc, IllegalTransition):  # another worker requeued it meanwhile: its run counts, not ours
+                LOG.warning("request %s: %s; this worker's result is dropped", request_id, exc)
+                return LOST_RACE
             LOG.exception("request %s: %s crashed", request_id, "forward" if forward else "retrieval")
-            fail_unexpectedly(self.ctx, request_id, exc)
+            fail_unexpectedly(self.ctx, request_id, exc, self.worker_id)
             state = "failed"
         finally:
             self._wake.set()  # a slot is free: schedule at once rather than at the next poll

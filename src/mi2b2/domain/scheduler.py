@@ -70,6 +70,9 @@ class PacsLoad:
     limits: Limits
     active: int
     recent_starts: Sequence[datetime]  # starts on this PACS within the last hour (any project, any worker)
+    # Why nothing may start now although the PACS could send: its C-MOVE needs a
+    # receiver of ours and none is alive (None when one is, or the PACS sends by C-GET).
+    receiver_down: str | None = None
 
 
 WAITING_FOR_SCHEDULER = "waiting for the scheduler"
@@ -202,12 +205,19 @@ def _eligible_queues(
     return queues
 
 
+def starts_left(now: datetime, load: PacsLoad) -> int:
+    """How many retrievals may start on the PACS now: per project, how many heads a tick reads."""
+    return _starts_left(now, load, 0)[0]
+
+
 def _starts_left(now: datetime, load: PacsLoad, started: int) -> tuple[int, str]:
     """How many more retrievals may start now after ``started`` began in this
     plan, and the reason to give the requests held back when that is none."""
     limits = load.limits
     if limits.closed:
         return 0, f"PACS closed now ({limits.window})"
+    if load.receiver_down is not None:
+        return 0, load.receiver_down
     active = load.active + started
     cap = limits.max_concurrent
     options = [(cap - active, f"PACS busy: {active} of {cap} retrievals active ({limits.window})")]

@@ -85,7 +85,7 @@ def test_planning_over_the_heads_gives_the_plan_over_the_whole_queue(situation) 
 @settings(max_examples=200, deadline=None)
 @given(situations())
 def test_the_heads_are_few_whatever_the_queue(situation) -> None:  # type: ignore[no-untyped-def]
-    load, projects, candidates, cursor = situation
+    load, projects, candidates, _ = situation
     heads = queue_heads(NOW, load, projects, candidates)
     open_heads = [c for c in heads if projects[c.project_id].may_retrieve]
     cap = max(load.limits.max_concurrent - load.active, 0)

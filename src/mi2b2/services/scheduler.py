@@ -142,6 +142,10 @@ def heartbeat(ctx: ServiceContext, worker_id: str, kind: WorkerKind = WorkerKind
             row.heartbeat_at = now
 
 
+def receivers_keep_heartbeats(session: Session) -> bool:
+    return session.execute(select(Worker.id).where(Worker.kind == WorkerKind.RECEIVER).limit(1)).first() is not None
+
+
 def receiver_missing(ctx: ServiceContext, session: Session, now: datetime) -> str | None:
     """Why no C-MOVE may start now: receivers keep heartbeats, and none is alive. None when
     one is, or when no receiver ever kept one here (a receiver run by a test harness or an

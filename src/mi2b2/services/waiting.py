@@ -50,5 +50,5 @@ def waiting_reasons(session: Session, rows: Sequence[Request], now: datetime) ->
             as_utc(r.not_before) if r.not_before else None, (r.pacs_id, r.study_uid) in busy,
         )
         free = int(quotas.get(r.project_id, 0)) - int(used.get(r.project_id, 0))
-        reasons[r.id] = waiting_reason(now, candidate, free, queue_reasons.get((r.pacs_id, r.project_id)))
+        reasons[r.id] = waiting_reason(now, candidate, free, queue_reasons.get((r.pacs_id or "", r.project_id)))
     return reasons

@@ -11,6 +11,7 @@ in before is then closed to reading like the rest of the project's cache.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -33,7 +34,7 @@ from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import change_state
-from mi2b2.services.scheduler import receiver_missing, receivers_keep_heartbeats
+from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_keep_heartbeats
 
 LOG = logging.getLogger(__name__)
 INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
@@ -100,13 +101,23 @@ def _receiver_down(ctx: ServiceContext, pacs: PacsConfig, status: int | None, re
 
 
 def _our_receiver_down(ctx: ServiceContext) -> bool:
-    """Receivers that keep heartbeats are trusted (a worker-only host has no receiver of its
-    own to try); without any, the configured receiver address is tried."""
+    """After a C-MOVE failed: no receiver of ours keeps a live heartbeat, or the receiver this
+    host runs (or, where none keeps heartbeats, the configured one) takes no connection now.
+    A worker-only host has no receiver of its own to try, and trusts the heartbeats."""
+    now = ctx.clock.now()
     with ctx.sessions() as session:
-        if receivers_keep_heartbeats(session):
-            return receiver_missing(ctx, session, ctx.clock.now()) is not None
+        if receiver_missing(ctx, session, now) is not None:
+            return True
+        local = receiver_hosts(session) & {socket.gethostname()} or not receivers_keep_heartbeats(session)
     dicom = ctx.config.dicom
-    return not accepts_connections(dicom.host, dicom.port)
+    return bool(local) and not accepts_connections(dicom.host, dicom.port)
+
+
+def _no_receiver_alive(ctx: ServiceContext) -> bool:
+    """Before a C-MOVE: receivers keep heartbeats and none is alive (the scheduler holds C-MOVEs
+    then; this catches one started just before the last receiver stopped)."""
+    with ctx.sessions() as session:
+        return receiver_missing(ctx, session, ctx.clock.now()) is not None
 
 
 def _unreachable(ctx: ServiceContext, pacs: PacsConfig, status: int | None) -> ReceiverUnreachable:
@@ -155,7 +166,7 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
             on_progress=on_progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=pacs.timeouts.network),
         )
-    if _our_receiver_down(ctx):  # the PACS would have nowhere to send: do not load it for nothing
+    if _no_receiver_alive(ctx):  # the PACS would have nowhere to send: do not load it for nothing
         raise _unreachable(ctx, pacs, None)
     move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
     record_attempt(ctx, job.request_id, move)

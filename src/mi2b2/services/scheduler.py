@@ -142,6 +142,11 @@ def heartbeat(ctx: ServiceContext, worker_id: str, kind: WorkerKind = WorkerKind
             row.heartbeat_at = now
 
 
+def receiver_hosts(session: Session) -> set[str]:
+    """Hosts where a receiver keeps (or kept) a heartbeat."""
+    return set(session.execute(select(Worker.host).where(Worker.kind == WorkerKind.RECEIVER)).scalars())
+
+
 def receivers_keep_heartbeats(session: Session) -> bool:
     return session.execute(select(Worker.id).where(Worker.kind == WorkerKind.RECEIVER).limit(1)).first() is not None
 

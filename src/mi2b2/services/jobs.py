@@ -143,7 +143,7 @@ def back_off(ctx: ServiceContext, job: Job, error: RetriableError, policy: Retry
     An attempt that does not ``count`` (mi2b2's own receiver was down) is given back:
     the request waits the policy's first delay and never fails for it."""
     now = ctx.clock.now()
-    retry_at = policy.next_try(job.attempts if counts else 1, now) or now + policy.first_delay
+    retry_at = policy.next_try(job.attempts, now) if counts else now + policy.first_delay
     status: int | None = getattr(error, "status", None)  # a destination's busy status, worth showing
     if retry_at is None:
         return end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {error}",

@@ -48,7 +48,8 @@ from mi2b2.adapters.dicom.errors import (
     ResultsTruncated,
     ServiceNotSupported,
 )
-from mi2b2.adapters.dicom.netdicom_internals import keep_responses_for_the_caller, set_nodelay
+from mi2b2.adapters.dicom.netdicom_internals import association_socket, keep_responses_for_the_caller, set_nodelay
+from mi2b2.adapters.dicom.tls import TlsClient, client_context, explain, recorded_failure, shake_hands
 from mi2b2.errors import InvalidInput
 
 __all__ = [
@@ -86,6 +87,7 @@ class DicomPeer:
     acse_timeout: float = 10.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
+    tls: TlsClient | None = None  # None: plain DICOM
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -161,9 +163,27 @@ def associate(
             ae.add_requested_context(context)
 
     connected = threading.Event()
+    tls_args = None
+    server_name = ""
+    if peer.tls is not None:
+        server_name = peer.tls.server_name or peer.host
+        tls_args = (client_context(peer.tls), server_name)
+    # The TLS socket and its failed handshake, kept from the network thread for the error.
+    tls_socket: list[socket.socket | None] = [None]
+    tls_error: list[BaseException] = []
 
     def on_open(event: evt.Event) -> None:
         set_nodelay(event.assoc)
+        if tls_args is not None:
+            tls_socket[0] = sock = association_socket(event.assoc)
+            try:
+                shake_hands(sock, peer.acse_timeout)
+            except OSError as exc:
+                tls_error.append(exc)
+                # Closed, not shut down: an SSLSocket shut down would send pynetdicom's request in clear.
+                if sock is not None:
+                    sock.close()
+                return
         if on_connect is not None:
             on_connect(event)
         connected.set()
@@ -176,11 +196,16 @@ def associate(
         max_pdu=local.max_pdu,
         ext_neg=list(roles) or None,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        tls_args=tls_args,
     )
     if assoc.is_established:
         keep_responses_for_the_caller(assoc)
         return assoc
     elapsed = time.monotonic() - started
+    if peer.tls is not None:
+        failure = tls_error[0] if tls_error else recorded_failure(tls_socket[0])
+        if failure is not None:
+            raise explain(failure, str(peer), peer.tls, server_name)
     raise _association_error(local, peer, assoc, connected.is_set(), elapsed, purpose)
 
 

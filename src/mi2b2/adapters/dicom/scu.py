@@ -256,7 +256,8 @@ def _association_error(
         called_ae=peer.ae_title,
         reason=(
             "the peer aborted or closed the connection instead of answering the "
-            "association request; is this port really the PACS's DICOM port?"
+            "association request; is this port really the PACS's DICOM port (and does it speak plain DICOM, "
+            "not DICOM TLS)?"
         ),
     )
 

@@ -211,4 +211,6 @@ def describe_refusal(error: BaseException) -> str:
         return f"not a TLS 1.2+ client ({reason})"
     if isinstance(error, ssl.SSLError) and "PEER_DID_NOT_RETURN_A_CERTIFICATE" in (error.reason or ""):
         return "no client certificate"
+    if isinstance(error, ssl.SSLError) and "ALERT" in (error.reason or ""):
+        return f"the sender refused the receiver's certificate ({reason}); it must trust the CA of dicom.tls.cert_file"
     return reason

@@ -200,7 +200,9 @@ class StoreServer:
             shake_hands(sock, min(30.0, self.limits.network_timeout))
         except OSError as exc:
             if sock is not None:
-                sock.close()  # pynetdicom then finds the connection gone and ends the association
+                sock.close()  # pynetdicom then finds the connection gone
+            # No A-ASSOCIATE-RQ can come now: the association ends at once instead of after the ACSE timeout.
+            assoc.acse_timeout = 0
             if _closed_unspoken(exc):
                 # A port probe (a load balancer's health check) or a sender that gave up: nothing to refuse.
                 LOG.debug("a connection from %s closed before its TLS handshake", address)

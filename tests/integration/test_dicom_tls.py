@@ -173,8 +173,11 @@ def test_a_pacs_certificate_from_another_ca_is_a_clear_error(tmp_path: Path, pki
         assert (row.last_error or "").startswith("TLS handshake with PACS ORTHANCTLS@127.0.0.1")
         assert "put the CA that issued the PACS's certificate in that file" in (row.last_error or "")
         assert "Traceback" not in (row.last_error or "")
+        # Both audited as security events: the search (by the find opener) and the request's end.
         events = _security_events(pipe)
-        assert [(e["event"], e["request"]) for e in events] == [("failed", created[0])]
+        assert sorted((str(e.get("event")), str(e.get("request"))) for e in events) == [
+            ("None", "None"), ("failed", str(created[0]))], events
+        assert all("certificate verify failed" in str(e.get("reason")) for e in events)
 
 
 def test_a_server_name_the_certificate_does_not_carry_is_named(tmp_path: Path, pki: Pki, tls_pacs: TlsPacs) -> None:

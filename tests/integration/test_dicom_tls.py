@@ -32,7 +32,7 @@ from mi2b2.services.forward import add_forwards
 from mi2b2.services.pacs import echo_pacs
 from mi2b2.services.requests import StudyPick, add_requests
 from mi2b2.services.search import search_studies
-from mi2b2.synthetic import write_study
+from mi2b2.synthetic import SyntheticStudy, write_study
 from support import studies
 from support.pacs import RunningPacs, free_port, start_orthanc, start_storescp
 from support.pipeline import ALICE, Pipeline, by_sop, cache_files, retrieval_site, same_instance
@@ -56,13 +56,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+# Instances of 128 KiB: several PDUs each, every PDU many TLS records.
+BIG = SyntheticStudy(patient_id="77", patient_name="TEST^BIG", birth_date="19700101", sex="M", accession="ACC-TLS",
+                     study_date="20240101", modality="CT", description="big CT", series_count=1,
+                     instances_per_series=8, rows=256, cols=256)
+
+
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_study(studies.TRAUMA, tmp_path_factory.mktemp("originals"))
 
 
 @pytest.fixture(scope="module")
-def tls_pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki, originals: list[Path]) -> Iterator[TlsPacs]:
+def big(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_study(BIG, tmp_path_factory.mktemp("big"))
+
+
+@pytest.fixture(scope="module")
+def tls_pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki, originals: list[Path],
+             big: list[Path]) -> Iterator[TlsPacs]:
     """Orthanc speaking DICOM TLS only, requiring client certificates from Test CA."""
     receiver_port = free_port()
     orthanc = start_orthanc(tmp_path_factory.mktemp("orthanc-tls"), ae_title=ORTHANC_AE, extra={
@@ -75,7 +87,7 @@ def tls_pacs(tmp_path_factory: pytest.TempPathFactory, pki: Pki, originals: list
                                       "UseDicomTls": True}},
     })
     try:
-        for path in originals:  # over HTTP: its DICOM port speaks TLS only
+        for path in originals + big:  # over HTTP: its DICOM port speaks TLS only
             upload = urllib.request.Request(f"{orthanc.http_url}/instances", data=path.read_bytes(), method="POST")
             with urllib.request.urlopen(upload, timeout=10) as response:
                 assert json.load(response)["Status"] in ("Success", "AlreadyStored")
@@ -89,9 +101,9 @@ def _tls_table(ca: Path, cert: Path | None = None, key: Path | None = None, extr
     return f'tls = {{ ca_file = "{ca}"{pair}{extra} }}'
 
 
-def _site(folder: Path, pki: Pki, tls_pacs: TlsPacs, pacs_ca: Path) -> Path:
-    pacs = pacs_block("main", ORTHANC_AE, tls_pacs.orthanc.port, _tls_table(pacs_ca, pki.client_cert, pki.client_key)
-                      + "\n" + textwrap.dedent("""
+def _site(folder: Path, pki: Pki, tls_pacs: TlsPacs, pacs_ca: Path, retrieve: str = "c-move") -> Path:
+    pacs = pacs_block("main", ORTHANC_AE, tls_pacs.orthanc.port, f'retrieve = "{retrieve}"\n'
+                      + _tls_table(pacs_ca, pki.client_cert, pki.client_key) + "\n" + textwrap.dedent("""
         [institutions.departments.pacs.retries]
         max_attempts = 3
         first_delay = 0.3
@@ -122,20 +134,22 @@ def _security_events(pipe: Pipeline) -> list[dict[str, object]]:
 
 
 def test_find_and_move_from_orthanc_into_the_tls_receiver(tmp_path: Path, pki: Pki, tls_pacs: TlsPacs,
-                                                          originals: list[Path]) -> None:
+                                                          originals: list[Path], big: list[Path]) -> None:
     with Pipeline(_site(tmp_path, pki, tls_pacs, pki.ca)) as pipe:
         (report,) = echo_pacs(pipe.ctx.config)  # `mi2b2 pacs check`
         assert report.reachable and report.address.endswith("(DICOM TLS)"), report.problem
 
         found = search_studies(pipe.ctx, ALICE, "alpha", "main", studies.TRAUMA.patient_id)  # C-FIND over TLS
-        assert [s.study_uid for s in found.studies] == [studies.uid(studies.TRAUMA)]
+        assert sorted(s.study_uid for s in found.studies) == sorted([studies.uid(studies.TRAUMA), studies.uid(BIG)])
 
-        created = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(studies.TRAUMA))]).created
-        (row,) = pipe.wait(created, timeout=30)  # Orthanc C-STOREs into our receiver as a TLS client
-        assert (row.state, row.received, row.expected_instances) == ("completed", 2, 2), row.last_error
+        picks = [StudyPick(studies.uid(studies.TRAUMA)), StudyPick(studies.uid(BIG))]
+        created = add_requests(pipe.ctx, ALICE, "alpha", "main", picks).created
+        rows = pipe.wait(created, timeout=30)  # Orthanc C-STOREs into our receiver as a TLS client
+        assert [(r.state, r.received, r.expected_instances) for r in rows] == [("completed", 2, 2),
+                                                                              ("completed", 8, 8)], rows
         received = by_sop(cache_files(pipe.ctx.config.cache_dir()))
-        assert sorted(received) == sorted(by_sop(originals))
-        for sop, original in by_sop(originals).items():
+        assert sorted(received) == sorted(by_sop(originals + big))
+        for sop, original in by_sop(originals + big).items():
             assert same_instance(original, received[sop])
 
         # An impostor with a certificate from another CA, and plain DICOM: refused, audited, nothing stored.
@@ -150,7 +164,19 @@ def test_find_and_move_from_orthanc_into_the_tls_receiver(tmp_path: Path, pki: P
         assert sorted(refusals) == ["TLS connection refused: certificate verify failed (unable to get local issuer "
                                     "certificate)", "TLS connection refused: not a TLS 1.2+ client (wrong version "
                                     "number)"], refusals
-        assert len(cache_files(pipe.ctx.config.cache_dir())) == len(originals)
+        assert len(cache_files(pipe.ctx.config.cache_dir())) == len(originals + big)
+
+
+def test_get_over_tls_from_orthanc(tmp_path: Path, pki: Pki, tls_pacs: TlsPacs, big: list[Path]) -> None:
+    """C-GET: Orthanc sends the instances back on our own TLS association, read by the receiver's PDU reader."""
+    with Pipeline(_site(tmp_path, pki, tls_pacs, pki.ca, retrieve="c-get"), receiver=False) as pipe:
+        created = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(BIG))]).created
+        (row,) = pipe.wait(created, timeout=30)
+        assert (row.state, row.received, row.expected_instances) == ("completed", 8, 8), row.last_error
+        received = by_sop(cache_files(pipe.ctx.config.cache_dir()))
+        assert sorted(received) == sorted(by_sop(big))
+        for sop, original in by_sop(big).items():
+            assert same_instance(original, received[sop])
 
 
 def test_a_pacs_certificate_from_another_ca_is_a_clear_error(tmp_path: Path, pki: Pki, tls_pacs: TlsPacs) -> None:

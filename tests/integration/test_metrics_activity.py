@@ -20,7 +20,7 @@ from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock
 from support.databases import fresh_database, postgres_available
-from support.site import write_site
+from support.site import pacs_block, write_site
 
 TOKEN = "activity-metrics-token"
 PATIENT = "PAT-SECRET-4711"
@@ -44,8 +44,7 @@ def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServiceConte
         pytest.skip("no PostgreSQL server on 127.0.0.1:5432")
     with fresh_database(request.param, tmp_path) as url:
         (tmp_path / "metrics.token").write_text(TOKEN)
-        pacs = f'\n[[institutions.departments.pacs]]\nid = "main"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 11113\n{QUERY_LIMITS}'
-        site = write_site(tmp_path, pacs_blocks=pacs, database_url=url,
+        site = write_site(tmp_path, pacs_blocks=pacs_block("main", "PACS", 11113, QUERY_LIMITS), database_url=url,
                           extra=f'{DESTINATION}\n[metrics]\nenabled = true\ntoken_file = "metrics.token"\n')
         context = build_context(load_config(site), clock=FakeClock())
         try:

@@ -47,7 +47,7 @@ def run_retrieval(
     if job is None:
         return RequestState.CANCELED
     _, _, pacs = ctx.config.pacs_location(job.target_id)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=True)
+    watch = jobs.Watch(ctx, job)
     try:
         result = _retrieve(ctx, job, pacs, sink, watch)
     except RetriableError as exc:

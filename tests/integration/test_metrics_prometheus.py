@@ -40,7 +40,8 @@ def served(tmp_path: Path) -> Iterator[Mi2b2Server]:
     folder = tmp_path / "site"
     folder.mkdir()
     (folder / "metrics.token").write_text(TOKEN + "\n")
-    site = write_site(folder, extra='\n[metrics]\nenabled = true\ntoken_file = "metrics.token"\n')
+    site = write_site(folder, extra='\n[metrics]\nenabled = true\ntoken_file = "metrics.token"\n'
+                                    'allow_from = ["10.1.0.0/16", "127.0.0.3/32"]\n')
     site.write_text(site.read_text().replace(
         "[server]\n", f"[server]\nhttp_port = {free_port()}\nrun_worker = false\nreceiver_process = false\n"))
     server = start_server(site)
@@ -99,6 +100,23 @@ def query_until(prometheus: str, promql: str, wanted: str, seconds: float = 20.0
             return result
         time.sleep(0.5)
     raise AssertionError(f"{promql} did not reach {wanted} within {seconds:g} s; last answer {result}")
+
+
+def test_allow_from_is_the_connecting_address_not_what_a_header_claims(served: Mi2b2Server) -> None:
+    """Loopback has many addresses: 127.0.0.3 is in allow_from, 127.0.0.2 is not, and neither is
+    127.0.0.1, the one proxy uvicorn believes."""
+
+    def get(source: str, headers: dict[str, str] | None = None) -> int:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10) as client:
+            return client.get(f"{served.url}/metrics", headers=headers).status_code
+
+    assert get("127.0.0.3") == 200
+    assert get("127.0.0.2") == 401
+    for claimed in ("10.1.2.3", "127.0.0.3", "127.0.0.2, 10.1.2.3"):
+        assert get("127.0.0.2", {"X-Forwarded-For": claimed}) == 401, claimed
+        assert get("127.0.0.2", {"Forwarded": f"for={claimed}"}) == 401, claimed
+    # A proxy on the host itself is believed, as the README says: let Prometheus scrape serve directly.
+    assert get("127.0.0.1", {"X-Forwarded-For": "10.1.2.3"}) == 200
 
 
 def test_prometheus_reads_the_queue_of_a_project(served: Mi2b2Server, prometheus: str) -> None:

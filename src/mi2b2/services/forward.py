@@ -389,7 +389,7 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
         return jobs.end(ctx, job, RequestState.FAILED, f"destination {job.target_id!r} is no longer configured",
                         record=_record())
     paths = _files(ctx, job)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=False)
+    watch = jobs.Watch(ctx, job)
     LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
     try:
         result = store_files(local_ae(ctx.config), peer_for_destination(dest, ctx.config), dest.id, paths,

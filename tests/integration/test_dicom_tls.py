@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import textwrap
 import time
@@ -23,11 +24,11 @@ import pytest
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import AuditEvent
-from mi2b2.adapters.dicom.errors import TlsHandshakeFailed
+from mi2b2.adapters.dicom.errors import TlsHandshakeFailed, TlsSettingsUnusable
 from mi2b2.adapters.dicom.scu import DicomPeer, FindSession, LocalAE
-from mi2b2.adapters.dicom.store_receipt import ReceivedInstance
+from mi2b2.adapters.dicom.store_receipt import ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.dicom.store_scp import StoreServer
-from mi2b2.adapters.dicom.tls import TlsClient, TlsServer
+from mi2b2.adapters.dicom.tls import TlsClient, TlsServer, client_context, server_context
 from mi2b2.services.forward import add_forwards
 from mi2b2.services.pacs import echo_pacs
 from mi2b2.services.requests import StudyPick, add_requests
@@ -251,8 +252,12 @@ def test_storescu_with_tls_into_the_receiver(tmp_path: Path, pki: Pki, originals
     kept.mkdir()
     sink = _Keep(kept)
     tls = TlsServer(pki.server_cert, pki.server_key, pki.ca, require_client_cert=True)
-    with StoreServer(LocalAE("MI2B2"), "127.0.0.1", 0, sink, tmp_path / "incoming", tls=tls) as server:
+    limits = ReceiveLimits(network_timeout=3)
+    with StoreServer(LocalAE("MI2B2"), "127.0.0.1", 0, sink, tmp_path / "incoming", limits, tls=tls) as server:
         port = str(server.port)
+        # A client that connects and says nothing holds only its own thread, for the handshake's time limit:
+        # everyone else still gets through meanwhile.
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         good = _dcmtk("storescu", "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca),
                       "-aec", "MI2B2", "127.0.0.1", port, *map(str, originals))
         assert good.returncode == 0, good.stderr
@@ -269,11 +274,14 @@ def test_storescu_with_tls_into_the_receiver(tmp_path: Path, pki: Pki, originals
         # A port probe (a load balancer's health check) is no refusal.
         with socket.create_connection(("127.0.0.1", server.port), timeout=2):
             pass
-        reasons = sorted(_eventually(lambda: [reason for _, reason in sink.refusals], 4))
-    assert reasons[:3] == ["certificate verify failed (unable to get local issuer certificate)",
-                           "no client certificate", "not a TLS 1.2+ client (wrong version number)"], reasons
-    assert reasons[3].startswith("the sender refused the receiver's certificate"), reasons
-    assert len(sink.refusals) == 4  # the probe is not among them
+        reasons = sorted(_eventually(lambda: [reason for _, reason in sink.refusals], 5))
+        assert silent.recv(1) == b""  # dropped after the handshake's time limit
+        silent.close()
+    assert reasons[:4] == ["certificate verify failed (unable to get local issuer certificate)",
+                           "no answer during the handshake", "no client certificate",
+                           "not a TLS 1.2+ client (wrong version number)"], reasons
+    assert reasons[4].startswith("the sender refused the receiver's certificate"), reasons
+    assert len(sink.refusals) == 5  # the probe is not among them
     assert sorted(p.stem for p in kept.iterdir()) == sorted(by_sop(originals))  # nothing more kept
     assert not any((tmp_path / "incoming").iterdir())
 
@@ -314,3 +322,27 @@ def test_forward_to_a_tls_destination(tmp_path: Path, pki: Pki, originals: list[
         assert sorted(by_sop(arrived)) == sorted(by_sop(originals))
     finally:
         storescp.stop()
+
+
+def test_unusable_tls_files_name_the_setting_and_never_prompt(tmp_path: Path, pki: Pki) -> None:
+    mismatched = TlsClient(pki.ca, pki.client_cert, pki.other_key, setting="pacs['main'].tls")
+    with pytest.raises(TlsSettingsUnusable, match=r"pacs\['main'\].tls.cert_file and key_file cannot be used .* "
+                                                  "check that key_file is the private key of cert_file"):
+        client_context(mismatched)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.client_key), "-aes256", "-passout", "pass:secret", "-out",
+                    str(encrypted)], check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    # OpenSSL would ask for the passphrase on the terminal, and a worker would hang there.
+    with pytest.raises(TlsSettingsUnusable, match="encrypted with a passphrase"):
+        client_context(TlsClient(pki.ca, pki.client_cert, encrypted))
+    with pytest.raises(TlsSettingsUnusable, match="dicom.tls.cert_file and key_file"):
+        server_context(TlsServer(pki.server_cert, encrypted, pki.ca))
+
+    strict = server_context(TlsServer(pki.server_cert, pki.server_key, pki.ca))
+    anyone = server_context(TlsServer(pki.server_cert, pki.server_key, None, require_client_cert=False))
+    checked_if_sent = server_context(TlsServer(pki.server_cert, pki.server_key, pki.ca, require_client_cert=False))
+    assert [c.verify_mode for c in (strict, anyone, checked_if_sent)] == [ssl.CERT_REQUIRED, ssl.CERT_NONE,
+                                                                          ssl.CERT_OPTIONAL]
+    client = client_context(TlsClient(pki.ca))
+    assert (client.verify_mode, client.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert {c.minimum_version for c in (strict, anyone, client)} == {ssl.TLSVersion.TLSv1_2}

@@ -16,6 +16,7 @@ import subprocess
 import textwrap
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,22 @@ class _Keep:
         self.refusals.append((address, reason))
 
 
+def _old_tls_client(port: int, pki: Pki) -> None:
+    """A TLS 1.1 client with a good certificate: refused for its protocol version alone."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.ca)
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # an outdated client, on purpose
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 would not even offer TLS 1.1 otherwise
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with context.wrap_socket(raw, server_hostname="localhost"):
+            pass
+
+
 def test_storescu_with_tls_into_the_receiver(tmp_path: Path, pki: Pki, originals: list[Path]) -> None:
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -258,6 +275,7 @@ def test_storescu_with_tls_into_the_receiver(tmp_path: Path, pki: Pki, originals
         # A client that connects and says nothing holds only its own thread, for the handshake's time limit:
         # everyone else still gets through meanwhile.
         silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        silent.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         good = _dcmtk("storescu", "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca),
                       "-aec", "MI2B2", "127.0.0.1", port, *map(str, originals))
         assert good.returncode == 0, good.stderr
@@ -271,17 +289,20 @@ def test_storescu_with_tls_into_the_receiver(tmp_path: Path, pki: Pki, originals
         distrusting = _dcmtk("storescu", "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.other_ca),
                              "-aec", "MI2B2", "127.0.0.1", port, str(originals[0]))
         assert [r.returncode != 0 for r in (wrong_ca, no_cert, plain, distrusting)] == [True] * 4
+        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+            _old_tls_client(server.port, pki)
         # A port probe (a load balancer's health check) is no refusal.
-        with socket.create_connection(("127.0.0.1", server.port), timeout=2):
-            pass
-        reasons = sorted(_eventually(lambda: [reason for _, reason in sink.refusals], 5))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as probe:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reasons = sorted(_eventually(lambda: [reason for _, reason in sink.refusals], 6))
         assert silent.recv(1) == b""  # dropped after the handshake's time limit
         silent.close()
-    assert reasons[:4] == ["certificate verify failed (unable to get local issuer certificate)",
+    assert reasons[:5] == ["certificate verify failed (unable to get local issuer certificate)",
                            "no answer during the handshake", "no client certificate",
+                           "not a TLS 1.2+ client (unsupported protocol)",
                            "not a TLS 1.2+ client (wrong version number)"], reasons
-    assert reasons[4].startswith("the sender refused the receiver's certificate"), reasons
-    assert len(sink.refusals) == 5  # the probe is not among them
+    assert reasons[5].startswith("the sender refused the receiver's certificate"), reasons
+    assert len(sink.refusals) == 6  # the probe is not among them
     assert sorted(p.stem for p in kept.iterdir()) == sorted(by_sop(originals))  # nothing more kept
     assert not any((tmp_path / "incoming").iterdir())
 

@@ -25,8 +25,8 @@ import pytest
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import AuditEvent
-from mi2b2.adapters.dicom.errors import TlsHandshakeFailed, TlsSettingsUnusable
-from mi2b2.adapters.dicom.scu import DicomPeer, FindSession, LocalAE
+from mi2b2.adapters.dicom.errors import PacsTimeout, TlsHandshakeFailed, TlsSettingsUnusable
+from mi2b2.adapters.dicom.scu import DicomPeer, FindSession, LocalAE, echo
 from mi2b2.adapters.dicom.store_receipt import ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.dicom.store_scp import StoreServer
 from mi2b2.adapters.dicom.tls import TlsClient, TlsServer, client_context, server_context
@@ -367,3 +367,13 @@ def test_unusable_tls_files_name_the_setting_and_never_prompt(tmp_path: Path, pk
     client = client_context(TlsClient(pki.ca))
     assert (client.verify_mode, client.check_hostname) == (ssl.CERT_REQUIRED, True)
     assert {c.minimum_version for c in (strict, anyone, client)} == {ssl.TLSVersion.TLSv1_2}
+
+
+def test_a_peer_silent_in_the_handshake_is_a_timeout_to_retry(pki: Pki) -> None:
+    """Accepts TCP, never answers the ClientHello: a loaded PACS, maybe; retried, not failed for good."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = DicomPeer("SILENT", "127.0.0.1", listener.getsockname()[1], connect_timeout=2, acse_timeout=1,
+                         tls=TlsClient(pki.ca))
+        with pytest.raises(PacsTimeout, match=r"SILENT@127.0.0.1:\d+ did not answer within 1 s while we waited for "
+                                              "its side of the TLS handshake"):
+            echo(LocalAE("MI2B2"), peer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -200,6 +201,11 @@ def associate(
     elapsed = time.monotonic() - started
     if peer.tls is not None:
         failure = tls_error[0] if tls_error else recorded_failure(tls_socket[0])
+        # Silence or a dropped connection may pass (a loaded PACS); a refused certificate will not.
+        if isinstance(failure, TimeoutError):
+            raise PacsTimeout(str(peer), "its side of the TLS handshake", peer.acse_timeout)
+        if isinstance(failure, (ConnectionError, ssl.SSLEOFError)):
+            raise AssociationAborted(str(peer), "the TLS handshake")
         if failure is not None:
             raise explain(failure, str(peer), peer.tls, server_name)
     raise _association_error(local, peer, assoc, connected.is_set(), elapsed, purpose)

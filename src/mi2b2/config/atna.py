@@ -25,7 +25,7 @@ class AtnaConfig(Strict):
     audit_source_id: str | None = Field(None, description="AuditSourceID in every message (default: this host's "
                                                           "name); the SIEM tells sources apart by it")
     enterprise_site_id: str | None = Field(None, description="AuditEnterpriseSiteID, e.g. the hospital's name")
-    max_message_bytes: int = Field(8192, ge=1024, le=1048576,
+    max_message_bytes: int = Field(8192, ge=4096, le=1048576,
                                    description="a message longer than this is shortened (instance lists, then the "
                                                "query text give way to counts and a digest); the collector must "
                                                "accept it (rsyslog: global(maxMessageSize=...))")

@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ FACILITY_LOG_AUDIT = 13  # RFC 5424 facility "log audit"
 SEVERITY_NOTICE = 5
 TIMEOUT_SECONDS = 3.0
 UDP_MAX_BYTES = 65000
+ACCEPTANCE_SECONDS = 0.3  # how long a new TLS connection waits for a refusal of mi2b2's certificate
 BOM = b"\xef\xbb\xbf"  # RFC 5424 6.4: a MSG in UTF-8 starts with it
 
 
@@ -118,13 +120,40 @@ class SyslogConnection:
                         f"({exc.verify_message}); check [audit.atna] ca_file (the CA that signed the collector's "
                         "certificate) and server_name (a name in that certificate)") from None
                 except ssl.SSLError as exc:
-                    raise SyslogTlsError(f"TLS with the collector at {self.target} failed ({exc.reason or exc}); "
-                                         "check that it speaks TLS 1.2 or newer and, if it asks for a client "
-                                         "certificate, [audit.atna] cert_file and key_file") from None
+                    raise self._refused(exc) from None
+                if isinstance(sock, ssl.SSLSocket) and sock.version() == "TLSv1.3":
+                    self._await_acceptance(sock)
             return sock
         except BaseException:
             sock.close()
             raise
+
+    def _refused(self, exc: ssl.SSLError | None) -> SyslogTlsError:
+        why = "it closed the connection" if exc is None else (exc.reason or str(exc))
+        return SyslogTlsError(f"TLS with the collector at {self.target} failed ({why}); check that it speaks TLS 1.2 "
+                              "or newer and, if it asks for a client certificate, that [audit.atna] cert_file and "
+                              "key_file hold one it accepts")
+
+    def _await_acceptance(self, sock: socket.socket) -> None:
+        """In TLS 1.3 the client's handshake ends before the server has judged the client's certificate;
+        a refusal comes as an alert just after. Wait for it briefly, once per connection, so that no
+        message is written into a connection the collector is about to drop (and taken for sent)."""
+        deadline = time.monotonic() + ACCEPTANCE_SECONDS
+        sock.setblocking(False)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([sock], [], [], left)
+                if not readable:
+                    return
+                try:
+                    if sock.recv(1) == b"":
+                        raise self._refused(None)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue  # a session ticket: the server is still talking
+                except ssl.SSLError as exc:
+                    raise self._refused(exc) from None
+        finally:
+            sock.settimeout(self._timeout)
 
     @staticmethod
     def _peer_closed(sock: socket.socket) -> bool:

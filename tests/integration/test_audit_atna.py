@@ -264,7 +264,12 @@ def test_missing_tls_files_stop_the_worker_from_starting_with_the_fix(tmp_path: 
         str(pki.ca), str(tmp_path / "missing-ca.pem")))
     ctx = build_context(load_config(site))
     try:
-        with pytest.raises(ConfigError, match="missing-ca.pem does not exist; fix ca_file"):
+        with pytest.raises(ConfigError, match="ca_file: .*missing-ca.pem does not exist; fix ca_file"):
             AtnaSender(ctx.sessions, ctx.clock, ctx.config)
+        (tmp_path / "not-a-key.pem").write_text("not a key")
+        broken = load_config(write_site(tmp_path / "broken", extra=atna_block(f"tls://127.0.0.1:{free_port()}", pki)
+                                        .replace(str(pki.client_key), str(tmp_path / "not-a-key.pem"))))
+        with pytest.raises(ConfigError, match="cannot load the TLS files"):
+            AtnaSender(ctx.sessions, ctx.clock, broken)
     finally:
         ctx.engine.dispose()

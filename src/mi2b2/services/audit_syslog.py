@@ -19,7 +19,6 @@ import socket
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -94,15 +93,15 @@ class AtnaSender:
         self._retry_max = atna.retry_max_seconds
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"[:128]
         target = atna.target()
-        def resolved(path: Path | None) -> Path | None:
-            return None if path is None else config.resolve(path)
-
-        tls = TlsSettings(resolved(atna.ca_file), resolved(atna.cert_file), resolved(atna.key_file), atna.server_name)
+        files = {name: config.resolve(path) for name, path in
+                 (("ca_file", atna.ca_file), ("cert_file", atna.cert_file), ("key_file", atna.key_file)) if path}
+        for name, path in files.items():
+            if not path.is_file():
+                raise ConfigError(f"[audit.atna] {name}: {path} does not exist; fix {name} (a path relative to the "
+                                  "configuration file's folder, or absolute)")
+        tls = TlsSettings(files.get("ca_file"), files.get("cert_file"), files.get("key_file"), atna.server_name)
         try:
             self._connection = SyslogConnection(target, tls)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"[audit.atna]: {exc.filename} does not exist; fix ca_file, cert_file or key_file")\
-                from None
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a file that is no certificate or key
             raise ConfigError(f"[audit.atna]: cannot load the TLS files ({exc}); ca_file must hold PEM CA "
                               "certificates, cert_file and key_file a PEM certificate and its key") from None

@@ -155,8 +155,7 @@ class SyslogConnection:
         finally:
             sock.settimeout(self._timeout)
 
-    @staticmethod
-    def _peer_closed(sock: socket.socket) -> bool:
+    def _peer_closed(self, sock: socket.socket) -> bool:
         """True when the collector closed (or reset) the connection since the last message."""
         if sock.type == socket.SOCK_DGRAM:
             return False
@@ -171,7 +170,7 @@ class SyslogConnection:
                 except ssl.SSLWantReadError:
                     return False  # a TLS record (e.g. a session ticket) that carried no data
                 finally:
-                    sock.settimeout(TIMEOUT_SECONDS)
+                    sock.settimeout(self._timeout)
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except OSError:
             return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from pydantic import (
 )
 
 from mi2b2.config.atna import AtnaConfig as AtnaConfig
+from mi2b2.config.dicom_tls import DicomTls as DicomTls
+from mi2b2.config.dicom_tls import ReceiverTls as ReceiverTls
+from mi2b2.config.dicom_tls import check_tls_files
 from mi2b2.config.fields import (  # re-exported: callers import them from mi2b2.config
     AE_TITLE as AE_TITLE,
 )
@@ -217,16 +221,15 @@ class DicomConfig(Strict):
     max_associations_per_peer: int = Field(8, ge=1, le=64, description="associations one address may hold open at once")
     network_timeout: float = Field(60.0, gt=0, description="seconds a peer may stay silent, or take over one PDU, "
                                                            "before the receiver aborts its association")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls: ReceiverTls | None = Field(None, description="DICOM TLS on the receiver's port (see README, DICOM TLS)")
 
-    @model_validator(mode="after")
-    def _tls_not_yet(self) -> DicomConfig:
-        # Refuse rather than ignore: a site that asks for DICOM TLS must not get plain DICOM silently.
-        if self.tls_cert or self.tls_key:
-            raise ValueError("DICOM TLS is not supported by this version; remove dicom.tls_cert and dicom.tls_key "
-                             "(or terminate TLS in front of mi2b2's DICOM port)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tls_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("tls_cert" in data or "tls_key" in data):
+            raise ValueError("dicom.tls_cert and dicom.tls_key are now a [dicom.tls] table: "
+                             'tls = { cert_file = "receiver.pem", key_file = "receiver.key", ca_file = "pacs-ca.pem" }')
+        return data
 
 
 class SearchConfig(Strict):
@@ -376,6 +379,17 @@ class SiteConfig(Strict):
             self._allow_lists[project.id] = load_allow_list(self, project)
         return self._allow_lists[project.id]
 
+    def tls_blocks(self) -> Iterator[tuple[str, DicomTls | ReceiverTls]]:
+        """Every DICOM TLS block, with where it is in the file."""
+        if self.dicom.tls is not None:
+            yield "dicom.tls", self.dicom.tls
+        for pacs in self.all_pacs():
+            if pacs.tls is not None:
+                yield f"pacs[{pacs.id!r}].tls", pacs.tls
+        for dest in self.destinations:
+            if dest.tls is not None:
+                yield f"destinations[{dest.id!r}].tls", dest.tls
+
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
 
@@ -464,6 +478,10 @@ def load_config(path: Path | str) -> SiteConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
     config = parse_config(text, source=path)
+    try:
+        check_tls_files(config.tls_blocks(), config.resolve)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     for project in config.projects:
         config.allow_list(project)  # fail now, not at the first search
     return config

@@ -106,10 +106,12 @@ def build_context(
             audit_canceled(audit, changes, session)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours,
                         config.server.max_token_days, directory_login(config))
+    from mi2b2.services.dicom_tls import audited_tls_failures
     from mi2b2.services.query_governor import QueryGovernor, governed_opener
 
     # Every search, request look-up and job reaches the PACS through the query governor.
-    governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
+    governed = governed_opener(QueryGovernor(sessions, clock),
+                               audited_tls_failures(audit, open_find or open_pacs_find_session))
     return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock())
 
 

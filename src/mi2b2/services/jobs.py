@@ -161,22 +161,23 @@ def back_off(ctx: ServiceContext, job: Job, error: RetriableError, policy: Retry
 
 def end(
     ctx: ServiceContext, job: Job, state: RequestState, reason: str | None, *, status: int | None = None,
-    record: Record,
+    record: Record, security: bool = False,
 ) -> RequestState:
-    """End the request in ``state``, with what ``record`` writes into its row, audited."""
+    """End the request in ``state``, with what ``record`` writes into its row, audited
+    (``security``: as a security event, e.g. a peer whose TLS certificate cannot be trusted)."""
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         row = session.get_one(Request, job.request_id)
         mark_ended(row, state, reason, status, now)
         counts = record(row)
         received, expected = row.received, row.expected_instances
-        _audit_end(ctx, session, job, state, reason, counts)
+        _audit_end(ctx, session, job, state, reason, {**counts, **({"security": True} if security else {})})
     LOG.info("request %s: %s %s (%s of %s instances)", job.request_id, job.kind, state, received, expected)
     return state
 
 
 def _audit_end(ctx: ServiceContext, session: Session, job: Job, state: RequestState, reason: str | None,
-               counts: dict[str, int]) -> None:
+               counts: dict[str, int | bool]) -> None:
     outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
     pacs_id, where = _audited_target(job)
     ctx.audit.record("worker", job.action, outcome, project_id=job.project_id, pacs_id=pacs_id,

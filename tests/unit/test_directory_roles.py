@@ -27,3 +27,9 @@ def test_several_mapped_groups_give_the_strongest_role() -> None:
 def test_no_mapped_group_gives_no_role() -> None:
     assert role_for_groups([], ROLES) is None
     assert role_for_groups(["cn=staff,ou=groups,dc=example,dc=org", "cn=researchers,dc=elsewhere"], ROLES) is None
+
+
+def test_provider_group_names_compare_exactly() -> None:
+    roles = {"mi2b2-admins": Role.ADMIN, "imaging/researchers": Role.RESEARCHER}
+    assert role_for_groups(["staff", "imaging/researchers"], roles, normal=str) is Role.RESEARCHER
+    assert role_for_groups(["MI2B2-ADMINS", " mi2b2-admins"], roles, normal=str) is None  # another group's name

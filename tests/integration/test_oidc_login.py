@@ -162,6 +162,11 @@ def test_the_strongest_role_among_the_groups_wins_and_follows_the_provider(
     assert app.post("/api/v1/auth/login", json={"login": "adam", "password": USERS["adam"].password}).status_code == 403
 
 
+def test_project_membership_comes_from_the_site_configuration_by_login(app: TestClient, idp: httpx.Client) -> None:
+    app.get(_back_from_provider(app, idp, "alice"), follow_redirects=False)  # the site's file names "alice" in projects
+    assert {project["id"] for project in app.get("/api/v1/projects").json()} == {"alpha", "beta"}
+
+
 def test_a_user_whose_groups_give_no_role_is_refused_with_a_clear_page_and_no_user_row(
         ctx: ServiceContext, app: TestClient, idp: httpx.Client) -> None:
     refused = app.get(_back_from_provider(app, idp, "nora"), follow_redirects=False)
@@ -227,6 +232,27 @@ def test_a_sign_in_left_too_long_is_refused(ctx: ServiceContext, app: TestClient
     assert isinstance(ctx.clock, FakeClock)
     ctx.clock.advance(minutes=11)
     _refusal(app.get(callback, follow_redirects=False), 403, "took longer than 10 minutes")
+
+
+def test_a_disabled_account_signs_in_no_more(ctx: ServiceContext, app: TestClient, idp: httpx.Client) -> None:
+    app.get(_back_from_provider(app, idp, "olivia"), follow_redirects=False)
+    ctx.accounts.disable_user(ROOT, "olivia")
+    assert app.get("/api/v1/auth/me").status_code == 401
+    _refusal(app.get(_back_from_provider(app, idp, "olivia"), follow_redirects=False), 403, "disabled in mi2b2")
+
+
+def test_sign_ins_in_progress_are_bounded(ctx: ServiceContext, app: TestClient) -> None:
+    assert ctx.oidc is not None
+    ctx.oidc.max_pending = 3  # anyone may start a sign-in: a flood of starts must not fill the database
+    for _ in range(3):
+        _to_provider(app)
+    answer = app.get("/api/v1/auth/oidc/start", follow_redirects=False)
+    assert answer.status_code == 503 and "sign-ins are in progress" in answer.text
+    assert _pending(ctx) == 3
+    assert isinstance(ctx.clock, FakeClock)
+    ctx.clock.advance(minutes=11)  # the abandoned ones expire and make room
+    _to_provider(app)
+    assert _pending(ctx) == 1
 
 
 def test_a_wrong_issuer_is_named_with_its_fix(tmp_path: Path, provider: RunningProvider) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import transaction
@@ -27,11 +27,12 @@ from mi2b2.config.oidc import OidcConfig
 from mi2b2.domain.clock import Clock, as_utc
 from mi2b2.domain.directory_roles import role_for_groups
 from mi2b2.domain.principal import LOGIN, Principal, login_problem
-from mi2b2.errors import AccessDenied, Mi2b2Error
+from mi2b2.errors import AccessDenied, Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, AuditTrail, Outcome
 from mi2b2.services.auth import Accounts, IssuedToken
 
 LOGIN_WINDOW = timedelta(minutes=10)
+MAX_PENDING = 10_000  # sign-ins in progress: anyone may start one, so their number is bounded
 VIA = "oidc"
 NO_LOGIN_YET = "(oidc sign-in)"  # the audit actor until the provider has named the user
 
@@ -44,7 +45,8 @@ class Started:
 
 class OidcSignIn:
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, audit: AuditTrail, accounts: Accounts,
-                 provider: OpenIdProvider, config: OidcConfig) -> None:
+                 provider: OpenIdProvider, config: OidcConfig, max_pending: int = MAX_PENDING) -> None:
+        self.max_pending = max_pending
         self._sessions = sessions
         self._clock = clock
         self._audit = audit
@@ -66,6 +68,11 @@ class OidcSignIn:
         now = self._clock.now()
         with transaction(self._sessions) as session:
             session.execute(delete(OidcLogin).where(OidcLogin.started_at < now - LOGIN_WINDOW))
+            if (session.scalar(select(func.count()).select_from(OidcLogin)) or 0) >= self.max_pending:
+                busy = RetriableError(f"more than {self.max_pending} sign-ins are in progress; try again in a few "
+                                      f"minutes")
+                busy.retry_after = 60
+                raise busy
             session.add(OidcLogin(state_digest=_digest(state), browser_digest=_digest(browser), nonce=nonce,
                                   code_verifier=verifier, started_at=now))
         return Started(url, browser)

@@ -37,6 +37,7 @@ const provider = new Provider(issuer, {
   claims: { openid: ['sub'], profile: ['name', 'preferred_username'], groups: ['groups'] },
   // Default true: the groups then reach mi2b2 only through userinfo. False puts every claim into the ID token.
   conformIdTokenClaims: settings.id_token_claims !== true,
+  ttl: { Interaction: 600, Session: 3600, Grant: 3600, AccessToken: 600, IdToken: 600 },
   features: { devInteractions: { enabled: true }, rpInitiatedLogout: { enabled: true } },
   async findAccount(ctx, id) {
     const user = users[id];

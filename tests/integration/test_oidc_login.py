@@ -220,11 +220,30 @@ def test_a_sign_in_finished_in_another_browser_is_refused_and_spent(
     assert "olivia" not in _logins(ctx)
 
 
-def test_the_provider_saying_no_is_a_clear_refusal(ctx: ServiceContext, app: TestClient) -> None:
+def test_the_provider_saying_no_is_a_clear_refusal_and_its_words_stay_text(ctx: ServiceContext, app: TestClient) -> None:
     state = httpx.URL(_to_provider(app)).params["state"]
     refused = app.get("/api/v1/auth/oidc/callback", params={"state": state, "error": "access_denied",
-                                                            "error_description": "End-User aborted interaction"})
-    _refusal(refused, 403, "the provider ended the sign-in: access_denied")
+                                                            "error_description": "<script>alert(1)</script>"})
+    _refusal(refused, 403, "the provider ended the sign-in: access_denied: &lt;script&gt;alert(1)&lt;/script&gt;")
+    assert "<script>" not in refused.text
+
+
+def test_an_answer_from_another_issuer_is_a_mix_up_and_refused(
+        ctx: ServiceContext, app: TestClient, idp: httpx.Client) -> None:
+    callback = httpx.URL(_back_from_provider(app, idp, "olivia"))
+    assert ctx.config.oidc is not None and callback.params["iss"] == ctx.config.oidc.issuer
+    mixed_up = callback.copy_set_param("iss", "https://evil.example.org")
+    _refusal(app.get(str(mixed_up), follow_redirects=False), 403, "not from")
+    assert "olivia" not in _logins(ctx)
+
+
+def test_a_provider_without_the_login_claim_is_refused_naming_the_setting(
+        tmp_path: Path, provider: RunningProvider, idp: httpx.Client) -> None:
+    ctx = _context(tmp_path, provider.issuer, 'login_claim = "employee_id"')
+    app = TestClient(create_app(ctx), base_url=APP)
+    _refusal(app.get(_back_from_provider(app, idp, "olivia"), follow_redirects=False), 403,
+             "sent no &#x27;employee_id&#x27; claim (set [oidc] login_claim")
+    assert _logins(ctx) == {"root"}
 
 
 def test_a_sign_in_left_too_long_is_refused(ctx: ServiceContext, app: TestClient, idp: httpx.Client) -> None:

@@ -84,6 +84,9 @@ class OidcSignIn:
         login: str | None = None
         try:
             pending = self._take(params.get("state", ""), browser_secret)
+            if "iss" in params and params["iss"] != self._config.issuer:
+                # RFC 9207: the answer names the provider that sent it; another one's answer is a mix-up attack.
+                raise OidcRefused(f"the answer comes from issuer {params['iss']!r}, not from {self._config.issuer!r}")
             if "error" in params:
                 raise OidcRefused(f"the provider ended the sign-in: {params['error']}"
                                   f"{': ' + params['error_description'] if params.get('error_description') else ''}")

@@ -162,6 +162,12 @@ def test_the_strongest_role_among_the_groups_wins_and_follows_the_provider(
     assert app.post("/api/v1/auth/login", json={"login": "adam", "password": USERS["adam"].password}).status_code == 403
 
 
+def test_a_huge_display_name_is_cut_to_what_the_user_row_holds(
+        ctx: ServiceContext, app: TestClient, idp: httpx.Client) -> None:
+    app.get(_back_from_provider(app, idp, "lars"), follow_redirects=False)
+    assert app.get("/api/v1/auth/me").json()["display_name"] == "L" * 200
+
+
 def test_project_membership_comes_from_the_site_configuration_by_login(app: TestClient, idp: httpx.Client) -> None:
     app.get(_back_from_provider(app, idp, "alice"), follow_redirects=False)  # the site's file names "alice" in projects
     assert {project["id"] for project in app.get("/api/v1/projects").json()} == {"alpha", "beta"}

@@ -4,6 +4,7 @@ Its users (password: USERS[login].password):
   olivia   groups imaging-researchers            -> researcher
   alice    groups imaging-researchers            -> researcher (support.site makes "alice" a project lead)
   adam     groups imaging-researchers, it-admins -> admin (the strongest role wins)
+  lars     groups imaging-researchers            -> researcher, with a 5000-character name
   nora     groups kitchen-staff                  -> no mi2b2 role: refused
   root     groups it-admins                      -> the name of mi2b2's break-glass account: refused
 
@@ -45,6 +46,7 @@ USERS = {
     "olivia": ProviderUser("olivia-password-1", "Olivia Imaging", ("imaging-researchers", "staff")),
     "alice": ProviderUser("alice-password-1", "Alice Lead", ("imaging-researchers",)),
     "adam": ProviderUser("adam-password-1", "Adam Admin", ("imaging-researchers", "it-admins")),
+    "lars": ProviderUser("lars-password-1", "L" * 5000, ("imaging-researchers",)),
     "nora": ProviderUser("nora-password-1", "Nora Norole", ("kitchen-staff",)),
     "root": ProviderUser("root-password-1", "Not The Break-Glass Root", ("it-admins",)),
 }

@@ -34,6 +34,7 @@ from mi2b2.services.auth import Accounts, IssuedToken
 LOGIN_WINDOW = timedelta(minutes=10)
 MAX_PENDING = 10_000  # sign-ins in progress: anyone may start one, so their number is bounded
 VIA = "oidc"
+DISPLAY_NAME_CHARS = 200  # users.display_name
 NO_LOGIN_YET = "(oidc sign-in)"  # the audit actor until the provider has named the user
 
 
@@ -113,8 +114,8 @@ class OidcSignIn:
             self._refuse(login, client, Outcome.FAILED, str(error))
             raise
         name = claims.get(self._config.display_name_claim)
-        return self._accounts.external_session(login, name if isinstance(name, str) and name else login, role,
-                                               VIA, client)
+        display_name = name.strip()[:DISPLAY_NAME_CHARS] if isinstance(name, str) and name.strip() else login
+        return self._accounts.external_session(login, display_name, role, VIA, client)
 
     def logout_url(self, post_logout_redirect_uri: str) -> str | None:
         return self._provider.logout_url(post_logout_redirect_uri)

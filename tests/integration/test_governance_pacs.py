@@ -9,8 +9,8 @@ workers on PostgreSQL the same limits hold, because they live in the database.
 from __future__ import annotations
 
 import textwrap
-from datetime import timedelta
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -108,7 +108,8 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
             assert len(add_requests(pipe.ctx, ALICE, project, "main", picks).created) == PER_PROJECT
         proxy.reset()  # count retrievals only, not the look-ups above
         # On PostgreSQL a second worker, with its own engine and id, competes for the same slots.
-        second = Pipeline(site, clock=clock, poll_seconds=0.05, receiver=False, stale_after=alive) if backend == "postgres" else None
+        second = (Pipeline(site, clock=clock, poll_seconds=0.05, receiver=False, stale_after=alive)
+                  if backend == "postgres" else None)
         with pipe:
             if second is not None:
                 second.__enter__()

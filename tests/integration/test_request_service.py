@@ -17,6 +17,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.domain.request_states import IllegalTransition, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.request_rows import mark_ended
 from mi2b2.services.requests import (
     StudyPick,
     add_requests,
@@ -25,7 +26,6 @@ from mi2b2.services.requests import (
     retry_requests,
     set_priority,
 )
-from mi2b2.services.request_rows import mark_ended
 from mi2b2.services.retrieval import fail_unexpectedly
 from mi2b2.services.scheduler import pacs_states, requeue_orphans, schedule_once
 from mi2b2.testing import FakeClock, FakeFindSession

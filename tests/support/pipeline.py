@@ -6,8 +6,8 @@ Tests add requests through the service (or API), then wait for states.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 

@@ -54,9 +54,6 @@ from mi2b2.config.fields import (
     Port as Port,
 )
 from mi2b2.config.fields import (
-    QueryModelName as QueryModelName,
-)
-from mi2b2.config.fields import (
     RetrieveMethod as RetrieveMethod,
 )
 from mi2b2.config.fields import (

@@ -70,11 +70,6 @@ class RetrieveMethod(StrEnum):
     C_GET = "c-get"
 
 
-class QueryModelName(StrEnum):
-    STUDY = "study"
-    PATIENT = "patient"
-
-
 class MemberRole(StrEnum):
     LEAD = "lead"
     RESEARCHER = "researcher"

@@ -19,12 +19,12 @@ from mi2b2.config.fields import (
     AeTitle,
     Identifier,
     Port,
-    QueryModelName,
     RetrieveMethod,
     Strict,
 )
 from mi2b2.domain.identifiers import problem_with
 from mi2b2.domain.mrn import InstitutionRules, MrnFormat
+from mi2b2.domain.query_model import QueryModel
 from mi2b2.domain.requests import RetryPolicy
 from mi2b2.domain.windows import WEEKDAYS, GovernanceWindow
 
@@ -105,7 +105,7 @@ class PacsConfig(Strict):
     host: str
     port: Port
     retrieve: RetrieveMethod = RetrieveMethod.C_MOVE
-    query_model: QueryModelName = QueryModelName.STUDY
+    query_model: QueryModel = QueryModel.STUDY_ROOT
     timezone: str = "UTC"
     timeouts: Timeouts = Timeouts()
     retries: RetryConfig = RetryConfig()

@@ -394,7 +394,7 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
         return jobs.end(ctx, job, RequestState.FAILED, f"destination {dest.id!r} is configured for DICOM TLS, which "
                         "this version of mi2b2 does not support", record=_record())
     paths = _files(ctx, job)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=False)
+    watch = jobs.Watch(ctx, job)
     LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
     try:
         result = store_files(local_ae(ctx.config), peer_for_destination(dest), dest.id, paths,

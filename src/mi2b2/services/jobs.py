@@ -87,10 +87,9 @@ def wait_until(timer: Timer, done: Callable[[], bool], timeout: float, interval:
 class Watch:
     """Cancel out, progress in: at most one database round trip per POLL_SECONDS each way."""
 
-    def __init__(self, ctx: ServiceContext, job: Job, *, stops_when_access_ends: bool) -> None:
+    def __init__(self, ctx: ServiceContext, job: Job) -> None:
         self._ctx = ctx
         self._job = job
-        self._stops_when_access_ends = stops_when_access_ends
         self._checked: float | None = None
         self._written: float | None = None
         self._canceled = False
@@ -111,8 +110,8 @@ class Watch:
                 .where(Request.id == self._job.request_id)
             ).one_or_none()
         flag, active, expires_on = found if found is not None else (False, None, None)
-        if self._stops_when_access_ends:
-            self.access_ended = self._access_ended(active, expires_on)
+        # A forward too: images must not keep leaving for a destination once the IRB no longer covers them.
+        self.access_ended = self._access_ended(active, expires_on)
         self._canceled = bool(flag) or self.access_ended is not None
         return self._canceled
 

@@ -18,6 +18,7 @@ from mi2b2.adapters.db.tables import CachedStudy, Project, Request, Worker
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.metrics_activity import ActivityCollector, ReceiverRefusals
 from mi2b2.services.scheduler import pacs_states
 
 
@@ -99,10 +100,14 @@ def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> Ga
     return GaugeMetricFamily(name, documentation, labels=["pacs"] if labels is None else labels)
 
 
-def site_registry(ctx: ServiceContext) -> CollectorRegistry:
-    """Only the site's collector: the process collectors of the default registry differ per process."""
+def site_registry(ctx: ServiceContext, refusals: ReceiverRefusals | None = None) -> CollectorRegistry:
+    """Only the site's collectors: the process collectors of the default registry differ per process.
+
+    ``refusals`` carries the receiver's refusal counts from one scrape to the next (see
+    services/metrics_activity.py); without one, they are summed from the whole audit trail."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SiteCollector(ctx))
+    registry.register(ActivityCollector(ctx, refusals or ReceiverRefusals()))
     return registry
 
 

@@ -20,7 +20,6 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
 from mi2b2.adapters.dicom.errors import DimseFailure
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
-from mi2b2.adapters.dicom.scu import QueryModel
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.receipt import move_message_id
 from mi2b2.domain.request_states import Event
@@ -48,7 +47,7 @@ def run_retrieval(
     if job is None:
         return RequestState.CANCELED
     _, _, pacs = ctx.config.pacs_location(job.target_id)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=True)
+    watch = jobs.Watch(ctx, job)
     try:
         result = _retrieve(ctx, job, pacs, sink, watch)
     except RetriableError as exc:
@@ -98,13 +97,12 @@ def fail_unexpectedly(ctx: ServiceContext, request_id: int, error: BaseException
 def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSink, watch: jobs.Watch) -> RetrieveResult:
     if watch.should_cancel():
         return RetrieveResult(status=0xFE00, completed=0, failed=0, warning=0, failed_sop_uids=[], canceled=True)
-    model = QueryModel(pacs.query_model.value)
     on_progress = _PacsTotal(ctx, job.request_id)
     LOG.info("request %s: retrieving from %s by %s", job.request_id, pacs.id, pacs.retrieve.value)
     if pacs.retrieve is RetrieveMethod.C_GET:
         record_attempt(ctx, job.request_id, None)
         return get_study(
-            local_ae(ctx.config), peer_for(pacs), model, job.study_uid, job.patient_id, job.series_uids,
+            local_ae(ctx.config), peer_for(pacs), pacs.query_model, job.study_uid, job.patient_id, job.series_uids,
             sink=sink.for_request(job.request_id), incoming_dir=sink.incoming_dir(),
             on_progress=on_progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=pacs.timeouts.network),
@@ -112,7 +110,7 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
     move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
     record_attempt(ctx, job.request_id, move)
     return move_study(
-        local_ae(ctx.config), peer_for(pacs), move.destination_ae, model, job.study_uid, job.patient_id,
+        local_ae(ctx.config), peer_for(pacs), move.destination_ae, pacs.query_model, job.study_uid, job.patient_id,
         job.series_uids, on_progress=on_progress, should_cancel=watch.should_cancel, message_id=move.message_id,
     )
 

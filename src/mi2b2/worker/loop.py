@@ -191,8 +191,11 @@ class Worker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             retire_worker(self.ctx, self.worker_id)
-        except Exception:
-            LOG.exception("could not retire worker %s", self.worker_id)
+        except Exception as exc:
+            if is_outage(exc):  # harmless: its heartbeat goes stale and another worker drops the row
+                LOG.warning("could not retire worker %s: the database is unreachable", self.worker_id)
+            else:
+                LOG.exception("could not retire worker %s", self.worker_id)
         self._guarded(self.checkpoint)  # a clean stop leaves the newest head signed
 
     def busy(self) -> int:

@@ -49,6 +49,7 @@ from mi2b2.adapters.dicom.errors import (
     ServiceNotSupported,
 )
 from mi2b2.adapters.dicom.netdicom_internals import keep_responses_for_the_caller, set_nodelay
+from mi2b2.domain.query_model import QueryModel as QueryModel
 from mi2b2.errors import InvalidInput
 
 __all__ = [
@@ -97,11 +98,6 @@ class LocalAE:
 
     ae_title: str
     max_pdu: int = 0  # 0 = unlimited; advertised to peers, large PDUs mean fewer round trips
-
-
-class QueryModel(StrEnum):
-    PATIENT_ROOT = "patient"
-    STUDY_ROOT = "study"
 
 
 class QueryLevel(StrEnum):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from mi2b2.errors import AccessDenied, ConfigError
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.testing import FakeClock
+from support.ldap import make_ca, server_certificate
 from support.oidc import CLIENT_ID, CLIENT_SECRET, ROLES, USERS, RunningProvider, browser_sign_in, start_provider
 from support.pacs import free_port
 from support.site import write_site
@@ -292,6 +294,25 @@ def test_a_provider_that_is_down_is_a_retriable_error(tmp_path: Path) -> None:
     ctx = _context(tmp_path, f"http://127.0.0.1:{free_port()}")
     answer = TestClient(create_app(ctx), base_url=APP).get("/api/v1/auth/oidc/start", follow_redirects=False)
     assert answer.status_code == 503 and "cannot be reached" in answer.text
+
+
+def test_an_https_provider_must_chain_to_the_configured_ca(tmp_path: Path) -> None:
+    ca_key, ca = make_ca(tmp_path, "provider-ca")
+    _, other_ca = make_ca(tmp_path, "other-ca")
+    https = start_provider(tmp_path / "tls", [CALLBACK], tls=server_certificate(tmp_path, ca_key, ca))
+    try:
+        ctx = _context(tmp_path / "trusting", https.issuer, f'ca_file = "{ca}"')
+        app = TestClient(create_app(ctx), base_url=APP)
+        with httpx.Client(base_url=https.issuer, verify=ssl.create_default_context(cafile=str(ca)), timeout=10) as idp:
+            app.get(_back_from_provider(app, idp, "olivia"), follow_redirects=False)  # code and tokens over TLS
+        assert app.get("/api/v1/auth/me").json()["login"] == "olivia"
+
+        wary = _context(tmp_path / "wary", https.issuer, f'ca_file = "{other_ca}"')
+        answer = TestClient(create_app(wary), base_url=APP).get("/api/v1/auth/oidc/start", follow_redirects=False)
+        assert answer.status_code == 502 and "its certificate must chain to [oidc] ca_file" in answer.text
+        assert _login_events(wary)[0][1] == "failed"
+    finally:
+        https.stop()
 
 
 # --- the ID token itself ----------------------------------------------------------------------------------------

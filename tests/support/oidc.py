@@ -57,10 +57,11 @@ class RunningProvider:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    tls: bool = False
 
     @property
     def issuer(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -76,8 +77,10 @@ class RunningProvider:
 
 
 def start_provider(folder: Path, redirect_uris: list[str], post_logout_redirect_uris: list[str] | None = None,
-                   port: int | None = None, id_token_claims: bool = False) -> RunningProvider:
-    """The provider on ``port`` (a free one if None), ready for logins once this returns."""
+                   port: int | None = None, id_token_claims: bool = False,
+                   tls: tuple[Path, Path] | None = None) -> RunningProvider:
+    """The provider on ``port`` (a free one if None), ready for logins once this returns; https with
+    ``tls`` = (key file, certificate file)."""
     node = shutil.which("node")
     if node is None or not (FOLDER / "node_modules" / "oidc-provider").is_dir():
         raise RuntimeError(f"the test OpenID provider is not installed: run scripts/setup.sh (it installs Debian's "
@@ -87,13 +90,14 @@ def start_provider(folder: Path, redirect_uris: list[str], post_logout_redirect_
     settings.write_text(json.dumps({
         "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": redirect_uris,
         "post_logout_redirect_uris": post_logout_redirect_uris or [], "id_token_claims": id_token_claims,
+        "tls": None if tls is None else {"key": str(tls[0]), "cert": str(tls[1])},
         "users": {login: {"password": u.password, "name": u.name, "groups": list(u.groups)} for login, u in USERS.items()},
     }))
     port = port or free_port()
     log = folder / "provider.log"
     process = subprocess.Popen([node, str(FOLDER / "provider.js"), str(port), str(settings)], cwd=FOLDER,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "NODE_ENV": "test"})
-    running = RunningProvider(port, process, log)
+    running = RunningProvider(port, process, log, tls is not None)
     try:
         _wait_until_listening(process, log)
     except BaseException:

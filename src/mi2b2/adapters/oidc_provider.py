@@ -64,7 +64,8 @@ class OpenIdProvider:
     def __init__(self, config: OidcConfig, client_secret: str, ca_file: Path | None = None) -> None:
         self._config = config
         self._client_secret = client_secret
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        # Without ca_file, the system's CAs (as for [ldap]), not a bundle shipped with a Python package.
+        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         transport = httpx.HTTPTransport(verify=verify, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(transport=transport, timeout=config.timeout_seconds, follow_redirects=False)
         self._lock = threading.Lock()

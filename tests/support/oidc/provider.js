@@ -3,17 +3,20 @@
 //   node provider.js <port> <settings.json>
 //
 // settings.json: { "client_id", "client_secret", "redirect_uris": [...], "post_logout_redirect_uris": [...],
-//                  "users": { login: { "password", "name", "groups": [...] } }, "id_token_claims": bool }
+//                  "users": { login: { "password", "name", "groups": [...] } }, "id_token_claims": bool,
+//                  "tls": { "key", "cert" } (optional) }
 // Prints "listening on http://127.0.0.1:<port>" once it accepts connections; SIGTERM stops it.
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer } from 'node:https';
 import { parse } from 'node:querystring';
 
 import Provider from 'oidc-provider';
 
 const [port, settingsFile] = process.argv.slice(2);
 const settings = JSON.parse(readFileSync(settingsFile, 'utf8'));
-const issuer = `http://127.0.0.1:${port}`;
+const issuer = `${settings.tls ? 'https' : 'http'}://127.0.0.1:${port}`;
 const users = settings.users;
 
 // A signing key of this run only: an ID token from an earlier run must not verify.
@@ -69,7 +72,11 @@ provider.use(async (ctx, next) => {
   await next();
 });
 
-const server = provider.listen(Number(port), '127.0.0.1', () => {
+// With "tls": { "key", "cert" } (PEM files) it serves https, as a production provider does.
+const server = settings.tls
+  ? createServer({ key: readFileSync(settings.tls.key), cert: readFileSync(settings.tls.cert) }, provider.callback())
+  : createHttpServer(provider.callback());
+server.listen(Number(port), '127.0.0.1', () => {
   console.log(`listening on ${issuer}`);
 });
 server.on('connection', (socket) => socket.setNoDelay(true));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from mi2b2.domain.principal import Role
 
@@ -24,3 +25,16 @@ def role_for_groups(groups: Iterable[str], roles: Mapping[str, Role],
     mapped = {normal(name): role for name, role in roles.items()}
     found = [mapped[name] for name in map(normal, groups) if name in mapped]
     return max(found, key=_STRENGTH.__getitem__, default=None)
+
+
+def groups_in_claim(claims: Mapping[str, Any], path: str) -> list[str]:
+    """The groups (or roles) a token's claim lists; a dotted path reaches into objects (Keycloak's
+    ``realm_access.roles``). A single string is one group; anything else is none."""
+    value: Any = claims
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []

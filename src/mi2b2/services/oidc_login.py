@@ -25,7 +25,7 @@ from mi2b2.adapters.db.tables import OidcLogin
 from mi2b2.adapters.oidc_provider import OidcRefused, OpenIdProvider
 from mi2b2.config.oidc import OidcConfig
 from mi2b2.domain.clock import Clock, as_utc
-from mi2b2.domain.directory_roles import role_for_groups
+from mi2b2.domain.directory_roles import groups_in_claim, role_for_groups
 from mi2b2.domain.principal import LOGIN, Principal, login_problem
 from mi2b2.errors import AccessDenied, Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, AuditTrail, Outcome
@@ -99,7 +99,7 @@ class OidcSignIn:
                                                     tokens.access_token)
             claims = self._with_userinfo(claims, tokens.access_token)
             login = _claimed_login(claims, self._config)
-            role = role_for_groups(_groups(claims, self._config.groups_claim), self._config.roles, normal=str)
+            role = role_for_groups(groups_in_claim(claims, self._config.groups_claim), self._config.roles, normal=str)
             if role is None:
                 self._refuse(login, client, Outcome.DENIED, "no group maps to a role")
                 raise AccessDenied(f"your {self._config.name} account has no mi2b2 role: none of your groups is "
@@ -157,18 +157,6 @@ def _claimed_login(claims: Mapping[str, Any], config: OidcConfig) -> str:
     if login in config.local_logins:
         raise OidcRefused(f"{login!r} is a break-glass account: it signs in with its local password only")
     return login
-
-
-def _groups(claims: Mapping[str, Any], path: str) -> list[str]:
-    """The groups (or roles) a claim lists; a dotted path reaches into objects (Keycloak's realm_access.roles)."""
-    value: Any = claims
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, str)]
-    return []
 
 
 def _digest(value: str) -> str:

@@ -393,6 +393,12 @@ def test_local_passwords_off_leave_only_the_break_glass_admin(tmp_path: Path, pr
     assert next(u for u in ctx.accounts.list_users() if u.login == "root").display_name == "root"
 
 
+def test_a_missing_client_secret_stops_the_start_naming_the_file(tmp_path: Path) -> None:
+    site = write_site(tmp_path, extra=_oidc_section("https://login.example.org"))
+    with pytest.raises(ConfigError, match=r"oidc client_secret_file .*oidc.secret: No such file"):
+        build_context(load_config(site), clock=FakeClock())
+
+
 def test_local_passwords_off_need_a_break_glass_account() -> None:
     section = _oidc_section("https://login.example.org", "local_passwords = false")
     with pytest.raises(ConfigError, match="at least one break-glass admin"):

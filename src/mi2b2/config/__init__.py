@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from mi2b2.config.atna import AtnaConfig as AtnaConfig
 from mi2b2.config.fields import (  # re-exported: callers import them from mi2b2.config
     AE_TITLE as AE_TITLE,
 )
@@ -97,6 +97,8 @@ from mi2b2.config.pacs import (
 from mi2b2.config.pacs import (
     WindowConfig as WindowConfig,
 )
+from mi2b2.config.syslog_url import SyslogTarget as SyslogTarget
+from mi2b2.config.syslog_url import parse_syslog_url as parse_syslog_url
 from mi2b2.domain.governance import DataPolicy
 from mi2b2.domain.mrn import AllowedMrn, parse_allow_list
 from mi2b2.domain.principal import login_problem
@@ -245,36 +247,6 @@ class SmtpConfig(Strict):
     starttls: bool = False
 
 
-@dataclass(frozen=True)
-class SyslogTarget:
-    transport: Literal["tcp", "udp"]
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}://{host}:{self.port}"
-
-
-def parse_syslog_url(url: str) -> SyslogTarget:
-    """``tcp://host:port`` or ``udp://host:port``; ValueError naming the fix for anything else."""
-    example = 'write e.g. "tcp://127.0.0.1:6514" or "udp://syslog.example.org:514"'
-    parsed = urlsplit(url.strip())
-    if parsed.scheme in ("tls", "tcp+tls", "ssl", "syslog-tls"):
-        raise ValueError(f"syslog {url!r}: TLS syslog is not supported yet; use plain tcp:// or udp:// (to a relay "
-                         f"on this host if the link must be encrypted); {example}")
-    if parsed.scheme not in ("tcp", "udp"):
-        raise ValueError(f"syslog {url!r} must start with tcp:// or udp://; {example}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = None
-    if (not parsed.hostname or port is None or port == 0 or parsed.path not in ("", "/")
-            or parsed.query or parsed.fragment or "@" in parsed.netloc):
-        raise ValueError(f"syslog {url!r} must be exactly a host and a port (1-65535); {example}")
-    return SyslogTarget("tcp" if parsed.scheme == "tcp" else "udp", parsed.hostname, port)
-
-
 class AuditConfig(Strict):
     """Where the audit trail's key and checkpoints live: outside the database, on purpose."""
 
@@ -289,6 +261,9 @@ class AuditConfig(Strict):
     @classmethod
     def _syslog(cls, value: str | None) -> str | None:
         return None if value is None else str(parse_syslog_url(value))
+
+    atna: AtnaConfig | None = Field(None, description="[audit.atna]: every audit event also goes to the security "
+                                                     "team's syslog as an IHE ATNA message")
 
     def syslog_target(self) -> SyslogTarget | None:
         return None if self.syslog is None else parse_syslog_url(self.syslog)

@@ -19,6 +19,7 @@ from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
 from mi2b2.errors import ConfigError, InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
+from mi2b2.services.audit_syslog import atna_queue
 from mi2b2.services.auth import Accounts, DirectoryLogin
 from mi2b2.services.oidc_login import OidcSignIn
 from mi2b2.services.site import ConfigChanges, apply_config
@@ -66,6 +67,7 @@ class ServiceContext:
             if also_record is not None:
                 also_record(session)
         self.config = new_config
+        self.audit.atna = atna_queue(new_config)  # names the PACS and destinations as now configured
         return changes
 
 
@@ -99,7 +101,8 @@ def build_context(
         require_current_schema(engine)
     sessions = make_sessionmaker(engine)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
-    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target())
+    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target(),
+                       atna_queue(config))
     if sync_config:
         with transaction(sessions) as session:
             changes = apply_config(session, config, clock.now())

@@ -1,7 +1,7 @@
 """oidc_logins: OpenID Connect sign-ins in progress; api_tokens.via: how a browser session was opened
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-05 02:30:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0010'
-down_revision = '0008'  # to be re-chained after 0009
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 

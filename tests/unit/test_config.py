@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from mi2b2.config import load_config, parse_size
+from mi2b2.config import OidcConfig, load_config, parse_size
 from mi2b2.domain.windows import GovernanceWindow, limits_at
 from mi2b2.errors import ConfigError
 from support.site import write_site
@@ -237,3 +237,16 @@ def test_each_institution_reads_its_list_in_its_own_format(tmp_path: Path) -> No
     alpha, beta = config.projects
     assert config.allow_list(alpha) == [("general", "000123"), ("general", "000077")]
     assert config.allow_list(beta) == [("general", "000123"), ("childrens", "000123"), ("childrens", "123")]
+
+
+def test_an_oidc_issuer_is_https_or_on_this_host_and_scopes_ask_for_openid() -> None:
+    base = {"client_id": "mi2b2", "client_secret_file": "secret", "roles": {"g": "researcher"}}
+    assert OidcConfig.model_validate(base | {"issuer": "http://127.0.0.1:9000"}).scopes == ["openid", "profile"]
+    assert OidcConfig.model_validate(base | {"issuer": "http://localhost:9000/realms/x"})
+    for issuer in ("http://login.example.org", "ftp://login.example.org", "https://login.example.org/?a=1", "login"):
+        with pytest.raises(ValueError, match="issuer"):
+            OidcConfig.model_validate(base | {"issuer": issuer})
+    with pytest.raises(ValueError, match='must include "openid"'):
+        OidcConfig.model_validate(base | {"issuer": "https://login.example.org", "scopes": ["profile"]})
+    with pytest.raises(ValueError, match="not a valid login"):
+        OidcConfig.model_validate(base | {"issuer": "https://login.example.org", "local_logins": ["no way"]})

@@ -76,6 +76,7 @@ from mi2b2.config.fields import (
     parse_size as parse_size,
 )
 from mi2b2.config.ldap import LdapConfig as LdapConfig
+from mi2b2.config.oidc import OidcConfig as OidcConfig
 from mi2b2.config.pacs import (
     DepartmentConfig as DepartmentConfig,
 )
@@ -299,6 +300,7 @@ class SiteConfig(Strict):
     smtp: SmtpConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     ldap: LdapConfig | None = None
+    oidc: OidcConfig | None = None
     site: SiteSettings = SiteSettings()
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)

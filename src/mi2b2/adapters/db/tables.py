@@ -157,6 +157,20 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    via: Mapped[str | None] = mapped_column(String(16), nullable=True)  # a session's sign-in: "ldap", "oidc"
+
+
+class OidcLogin(Base):
+    """A sign-in through the OpenID provider in progress: used once, by the browser that started it.
+
+    Only SHA-256 digests of the state and of the browser's cookie are kept."""
+
+    __tablename__ = "oidc_logins"
+    state_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_digest: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(128))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
 
 
 class Query(Base):

@@ -5,11 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog rsyslog-gnutls jing prometheus slapd ldap-utils haproxy nodejs npm)
+DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog rsyslog-gnutls jing prometheus slapd ldap-utils haproxy)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
+# Node.js for the tests' OpenID provider: Debian's, unless the machine already has one (a
+# NodeSource nodejs bundles npm and conflicts with Debian's npm package).
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     SUDO=""

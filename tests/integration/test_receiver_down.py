@@ -14,11 +14,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from mi2b2.adapters.db.tables import Worker as WorkerRow
 from mi2b2.adapters.dicom.store_scp import StoreServer
+from mi2b2.config import load_config
+from mi2b2.runtime import background
+from mi2b2.services.context import build_context
 from mi2b2.services.pacs import local_ae
 from mi2b2.services.receiver import receive_limits
 from mi2b2.services.requests import StudyPick, add_requests, list_requests
+from mi2b2.services.scheduler import receiver_missing
 from mi2b2.synthetic import write_study
 from mi2b2.worker.loop import Worker
 from mi2b2.worker.receiver_heartbeat import ReceiverHeartbeat
@@ -122,3 +128,20 @@ def test_with_every_receiver_gone_no_c_move_starts_and_the_log_says_why(
             back.stop()
             server.stop()
     assert done.state == "completed" and done.attempts == 1
+
+
+def test_a_running_receiver_keeps_a_heartbeat_and_marks_it_stopped_when_it_stops(tmp_path: Path) -> None:
+    site = retrieval_site(tmp_path, free_port(), pacs_block("main", "PACS", free_port()))
+    ctx = build_context(load_config(site))
+    try:
+        with background(ctx, receiver=True, worker=False) as (server, _):
+            assert server is not None
+            with ctx.sessions() as session:
+                assert receiver_missing(ctx, session, ctx.clock.now()) is None
+                kinds = session.execute(select(WorkerRow.kind)).scalars().all()
+            assert kinds == ["receiver"]
+        with ctx.sessions() as session:
+            missing = receiver_missing(ctx, session, ctx.clock.now())
+        assert missing is not None and missing.startswith("no mi2b2 receiver is running")
+    finally:
+        ctx.engine.dispose()

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from mi2b2.config.export_policy import ExportPolicyFields
 from mi2b2.config.fields import (  # re-exported: callers import them from mi2b2.config
     AE_TITLE as AE_TITLE,
 )
@@ -128,7 +129,7 @@ class MemberConfig(Strict):
         return value
 
 
-class ProjectConfig(Strict):
+class ProjectConfig(ExportPolicyFields):  # export, encrypted_only, [projects.deidentification]
     id: Identifier
     title: str = Field(min_length=1)
     irb: str = Field(min_length=1, description="IRB protocol number")

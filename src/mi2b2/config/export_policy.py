@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
 from mi2b2.config.fields import Strict
-from mi2b2.domain.deid.profile import ExportMode, ProfileOption
+from mi2b2.domain.deid.profile import ExportMode, Profile, ProfileOption
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PRIVATE = re.compile(r"^[ -~]{1,64}:[0-9A-Fa-f]{2}$")
@@ -63,3 +64,33 @@ class ExportPolicyFields(Strict):
                                                                   "(PS3.15 Annex E at every door out)")
     encrypted_only: bool = Field(False, description="plain (unencrypted) downloads are refused")
     deidentification: DeidentificationConfig = DeidentificationConfig()
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    """What a project's doors out must do; ``profile`` is None for an identified project."""
+
+    project_id: str
+    profile: Profile | None
+    encrypted_only: bool
+
+    @property
+    def deidentified(self) -> bool:
+        return self.profile is not None
+
+    def audit_detail(self) -> dict[str, object]:
+        """What each export's audit event records about the policy applied."""
+        if self.profile is None:
+            return {"export": ExportMode.IDENTIFIED.value}
+        return {"export": ExportMode.DEIDENTIFIED.value, "profile": self.profile.names()}
+
+
+def export_policy(project: ExportPolicyFields | None, project_id: str) -> ExportPolicy:
+    """The policy of a configured project; a project no longer configured exports nothing identified either
+    way, so it falls back to the default (its other doors refuse it for being unconfigured)."""
+    if project is None or project.export is ExportMode.IDENTIFIED:
+        return ExportPolicy(project_id, None, bool(project and project.encrypted_only))
+    settings = project.deidentification
+    return ExportPolicy(project_id, Profile.of(settings.options, settings.burned_in_cleared_series,
+                                               settings.burned_in_cleared_sop_classes, settings.safe_private),
+                        project.encrypted_only)

@@ -23,8 +23,8 @@ from datetime import timedelta
 from typing import Any, BinaryIO
 
 from pydicom import Dataset, dcmread, dcmwrite
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian

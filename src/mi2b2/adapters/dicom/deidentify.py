@@ -210,6 +210,7 @@ def _identifying_values(ds: Dataset) -> list[str]:
     for keyword in ("PatientName", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
                     "NameOfPhysiciansReadingStudy"):
         for name in _values(ds.get(keyword)):
+            values.append(str(name))
             values.extend(part for part in re.split(r"[\^= ,]+", str(name)) if len(part) >= 3)
     for keyword in ("PatientID", "AccessionNumber", "PatientBirthDate", "OtherPatientIDs", "StudyID",
                     "InstitutionName"):

@@ -514,6 +514,7 @@ def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callab
             elif data is not None:
                 # Whole small file in memory: stream-zip learns its CRC in one pass.
                 yield out.path, now, FILE_MODE, NO_COMPRESSION_64, (data,)
+                source.sent()
             elif source.deid is None:
                 path = source.store.absolute(file.cache_path)
                 size, crc = _size_and_crc(path)  # a second pass over a big file beats holding it
@@ -522,6 +523,7 @@ def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callab
                 source.withhold(chunks)
             else:
                 yield out.path, now, FILE_MODE, ZIP_64, chunks
+                source.sent()
             progress.add(file.study_uid, file.size)
         if source.deid is not None:
             yield deid.REPORT, now, FILE_MODE, NO_COMPRESSION_64, (source.deid.report.to_json(),)
@@ -555,10 +557,12 @@ def _encrypted_members(source: _Source, plan: DownloadPlan, now: datetime, encry
                 entries.append(ManifestEntry(name, out.path, digest, size, out.study_uid, out.series_uid,
                                              out.sop_uid))
                 yield name, now, FILE_MODE, NO_COMPRESSION_64, (ciphertext,)
+                source.sent()
             elif isinstance(chunks := source.big(file), Withheld):
                 source.withhold(chunks)
             else:
                 yield name, now, FILE_MODE, ZIP_64, _encrypt_streaming(chunks, out, name, recipients, entries)
+                source.sent()
             progress.add(file.study_uid, file.size)
         if source.deid is not None:
             yield deid.REPORT, now, FILE_MODE, NO_COMPRESSION_64, (source.deid.report.to_json(),)
@@ -636,6 +640,10 @@ class _Source:
         if isinstance(outcome, Withheld):
             return outcome
         return _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
+
+    def sent(self) -> None:
+        if self.deid is not None:
+            self.deid.report.exported += 1
 
     def withhold(self, withheld: Withheld) -> None:
         assert self.deid is not None

@@ -12,7 +12,10 @@ Doors that cannot de-identify yet refuse a de-identified project outright
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import DeidKey, DeidMapping
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.config.export_policy import ExportPolicy, export_policy
 from mi2b2.domain.deid.profile import ProfileOption
@@ -168,3 +171,47 @@ class WithheldReport:
                 "note": "Instances that may show identifiers in their pixels are withheld unless the project "
                         "cleared their series or SOP class; pixel data of exported instances is as stored."}
         return json.dumps(body, indent=1).encode()
+
+
+# headers already made ------------------------------------------------------------------
+
+
+FileIdentity = tuple[DeidEngine, int, int, int, int]  # engine (key and profile), device, inode, size, mtime
+
+
+class HeaderCache:
+    """De-identified headers already made, by cached file and key: a repeated download does not parse again.
+
+    Cache files are written once and placed by rename, so (device, inode, size, mtime) names one content.
+    Holds only de-identified bytes; bounded in bytes, least recently used out first."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self._entries: OrderedDict[FileIdentity, Deidentified | Withheld] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def identity(engine: DeidEngine, stat: os.stat_result) -> FileIdentity:
+        return engine, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def get(self, key: FileIdentity) -> Deidentified | Withheld | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: FileIdentity, outcome: Deidentified | Withheld) -> None:
+        size = len(outcome.header) + 200 if isinstance(outcome, Deidentified) else 200
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = outcome
+            self._bytes += size
+            while self._bytes > self._max and self._entries:
+                _old, dropped = self._entries.popitem(last=False)
+                self._bytes -= len(dropped.header) + 200 if isinstance(dropped, Deidentified) else 200
+
+
+HEADERS = HeaderCache()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import json
 import os
 import stat
@@ -42,7 +43,7 @@ from stream_zip import NO_COMPRESSION_64, ZIP_64, stream_zip
 from mi2b2.adapters.crypto import age_files
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld, deidentify_bytes, deidentify_file
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld, deidentify_file
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.config.export_policy import ExportPolicy
@@ -619,22 +620,39 @@ class _Source:
 
     def small(self, file: PlannedFile) -> bytes | Withheld | None:
         """A small file's bytes (de-identified if so); None for a big one, which ``big`` streams."""
-        data = _read_small(self.store, file)
-        if data is None or self.deid is None:
-            return data
-        copy, outcome = deidentify_bytes(data, self.deid.engine)
+        if self.deid is None:
+            return _read_small(self.store, file)
+        engine = self.deid.engine
+        try:
+            with open(self.store.absolute(file.cache_path), "rb", buffering=0) as handle:
+                stat = os.fstat(handle.fileno())
+                if stat.st_size > LARGE_MEMBER:
+                    return None
+                data = handle.read(stat.st_size + 1)
+        except FileNotFoundError:
+            raise PermanentError("a file was deleted from the cache during the download") from None
+        key = deid.HEADERS.identity(engine, stat)
+        outcome = deid.HEADERS.get(key)
+        if outcome is None:
+            outcome = deidentify_file(io.BytesIO(data), engine)
+            deid.HEADERS.put(key, outcome)
         if isinstance(outcome, Withheld):
             return outcome
-        return copy
+        return outcome.header + data[outcome.pixel_start:outcome.pixel_end]
 
     def big(self, file: PlannedFile) -> Iterator[bytes] | Withheld:
         """A big file in chunks: its de-identified header, then its pixel data read from the cache as it is."""
         path = self.store.absolute(file.cache_path)
         if self.deid is None:
             return _chunks_of(path)
+        engine = self.deid.engine
         try:
             with open(path, "rb") as handle:
-                outcome = deidentify_file(handle, self.deid.engine)
+                key = deid.HEADERS.identity(engine, os.fstat(handle.fileno()))
+                outcome = deid.HEADERS.get(key)
+                if outcome is None:
+                    outcome = deidentify_file(handle, engine)
+                    deid.HEADERS.put(key, outcome)
         except FileNotFoundError:
             raise PermanentError("a file was deleted from the cache during the download") from None
         if isinstance(outcome, Withheld):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -106,9 +107,17 @@ def table_source() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / TABLE_MODULE
 
 
-@cache
+_PARSING = threading.Lock()  # CPython 3.11's ast.parse can fail with SystemError when two threads parse at once
+
+
 def basic_profile() -> tuple[dict[int, Action], tuple[MaskedAction, ...]]:
     """Table E.1-1's Basic Profile column: (exact tags, masked repeating groups)."""
+    with _PARSING:
+        return _parsed_table()
+
+
+@cache
+def _parsed_table() -> tuple[dict[int, Action], tuple[MaskedAction, ...]]:
     tree = ast.parse(table_source().read_text(encoding="utf-8"))
     exact: dict[int, Action] = {}
     masked: list[MaskedAction] = []

@@ -91,7 +91,9 @@ def project_key(ctx: ServiceContext, project_id: str) -> bytes:
 
 def engine_for(ctx: ServiceContext, policy: ExportPolicy) -> DeidEngine:
     assert policy.profile is not None
-    return DeidEngine(policy.profile, Pseudonymizer(project_key(ctx, policy.project_id)))
+    engine = DeidEngine(policy.profile, Pseudonymizer(project_key(ctx, policy.project_id)))
+    _ = engine.table  # read the table here, once, not in the threads that stream the download
+    return engine
 
 
 def record_mappings(ctx: ServiceContext, project_id: str, pairs: Iterable[tuple[str, str, str]]) -> None:

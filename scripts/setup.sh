@@ -5,11 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog prometheus slapd ldap-utils dicom3tools)
+DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog rsyslog-gnutls jing prometheus slapd ldap-utils haproxy dicom3tools)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
+# Node.js for the tests' OpenID provider: Debian's, unless the machine already has one (a
+# NodeSource nodejs bundles npm and conflicts with Debian's npm package).
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     SUDO=""
@@ -32,4 +35,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -c "import mi2b2, pynetdicom, fastapi, pyrage" 
     touch "$stamp"
+fi
+
+# The tests' OpenID provider (npm oidc-provider), exactly as its lock file pins it.
+oidc=tests/support/oidc
+if [ ! -d "$oidc/node_modules" ] || [ "$oidc/package-lock.json" -nt "$oidc/node_modules" ]; then
+    (cd "$oidc" && npm ci --no-audit --no-fund --loglevel=error >/dev/null && touch node_modules)
 fi

@@ -21,7 +21,7 @@ from mi2b2.adapters.dicom.errors import ReceiverUnavailable
 from mi2b2.adapters.dicom.store_scp import StoreServer
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.pacs import local_ae
+from mi2b2.services.pacs import local_ae, receiver_tls
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.worker.loop import Worker
 
@@ -44,7 +44,7 @@ def background(
     sink = make_sink(ctx)
     in_process = receiver and not (receiver_process and ctx.config.source is not None)
     server = StoreServer(local_ae(ctx.config), ctx.config.dicom.host, ctx.config.dicom.port, sink,
-                         sink.store.incoming_dir(), receive_limits(ctx.config)) if in_process else None
+                         sink.store.incoming_dir(), receive_limits(ctx.config), receiver_tls(ctx.config)) if in_process else None
     loop = Worker(ctx, sink) if worker else None
     child: subprocess.Popen[bytes] | None = None
     try:

@@ -106,6 +106,19 @@ def test_the_worker_waits_out_an_outage_says_so_once_and_carries_on(
     assert not [r for r in caplog.records if r.name == "mi2b2.worker.loop" and r.levelno >= logging.ERROR]
 
 
+def test_a_worker_stopped_during_an_outage_says_so_without_a_traceback(
+        postgres_ctx: ServiceContext, caplog: pytest.LogCaptureFixture) -> None:
+    worker = WorkerLoop(postgres_ctx, ReceiverSink(postgres_ctx, cache_store(postgres_ctx)), poll_seconds=0.05)
+    caplog.set_level(logging.WARNING)
+    worker.start()
+    _heartbeat_after(postgres_ctx, worker.worker_id, None)
+    with database_down(postgres_ctx):
+        worker.stop()
+    loop = [r for r in caplog.records if r.name == "mi2b2.worker.loop"]
+    assert [r.getMessage() for r in loop] == [f"could not retire worker {worker.worker_id}: the database is unreachable"]
+    assert not [r for r in loop if r.levelno >= logging.ERROR or r.exc_info]
+
+
 def _heartbeat_after(ctx: ServiceContext, worker_id: str, since: datetime | None, timeout: float = 10) -> datetime:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

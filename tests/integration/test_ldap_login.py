@@ -25,6 +25,8 @@ from support.ldap import (
     READER_DN,
     READER_PASSWORD,
     RESEARCHERS,
+    STAFF,
+    SUFFIX,
     RunningSlapd,
     start_slapd,
 )
@@ -142,6 +144,25 @@ def test_filter_metacharacters_in_the_login_find_nobody(ctx: ServiceContext, sla
     for login in ("*)(uid=*", "*", "ann)(|(uid=*", "a*"):
         with pytest.raises(DirectoryRefused, match="no such user"):
             directory.authenticate(login, ANN_PASSWORD)
+
+
+def test_groups_are_searched_under_group_base_where_the_directory_keeps_no_member_of(slapd: RunningSlapd) -> None:
+    # "description" is on no user entry: every group below comes from the group search.
+    config = LdapConfig(servers=[slapd.url], bind_dn=READER_DN, bind_password_file=Path("unused"), user_base=PEOPLE,
+                        group_attribute="description", group_base=f"ou=groups,{SUFFIX}",
+                        roles={RESEARCHERS: Role.RESEARCHER})
+    directory = LdapDirectory(config, slapd.ca_file, READER_PASSWORD)
+    ann = directory.authenticate("ann", ANN_PASSWORD)
+    assert {group.lower() for group in ann.groups} == {RESEARCHERS.lower(), STAFF.lower()}
+    assert directory.authenticate("audrey", AUDREY_PASSWORD).groups == (AUDITORS,)
+    with pytest.raises(DirectoryRefused, match="bind refused"):
+        directory.authenticate("ann", "not ann's password")  # groups are read, but nothing is returned without a bind
+    # A filter may name the login rather than the DN (as posixGroup's memberUid does).
+    by_login = config.model_copy(update={"group_filter": f"(member=uid={{login}},{PEOPLE})"})
+    assert len(LdapDirectory(by_login, slapd.ca_file, READER_PASSWORD).authenticate("ann", ANN_PASSWORD).groups) == 2
+    with pytest.raises(ValueError, match="group_filter"):
+        LdapConfig(servers=[slapd.url], user_base=PEOPLE, roles={RESEARCHERS: Role.RESEARCHER},
+                   group_filter="member=uid=ann")
 
 
 def test_a_user_in_no_mapped_group_is_refused_with_the_reason(ctx: ServiceContext) -> None:

@@ -64,7 +64,7 @@ def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def _server_certificate(folder: Path, ca_key: Path, ca_cert: Path) -> tuple[Path, Path]:
+def server_certificate(folder: Path, ca_key: Path, ca_cert: Path) -> tuple[Path, Path]:
     key, csr, cert, ext = (folder / f"server.{s}" for s in ("key", "csr", "crt", "ext"))
     _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost")
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
@@ -78,7 +78,7 @@ def start_slapd(folder: Path) -> RunningSlapd:
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca(folder, "test-ca")
     _, other_ca = make_ca(folder, "other-ca")
-    server_key, server_cert = _server_certificate(folder, ca_key, ca_cert)
+    server_key, server_cert = server_certificate(folder, ca_key, ca_cert)
     (folder / "data").mkdir()
     (folder / "slapd.d").mkdir()
     config = folder / "config.ldif"

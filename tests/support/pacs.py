@@ -203,13 +203,16 @@ def start_orthanc(
 # --- DCMTK storescp (a forward destination) ---------------------------------------------
 
 
-def start_storescp(workdir: Path, ae_title: str = "DEST", implicit_only: bool = False) -> RunningPacs:
+def start_storescp(workdir: Path, ae_title: str = "DEST", implicit_only: bool = False,
+                   tls: tuple[Path, Path, Path] | None = None) -> RunningPacs:
     """storescp writing every received instance under ``workdir/received``.
 
     Bit-preserving (``+B``): each file holds the data set exactly as it came
     over the wire, so a test can compare bytes with what was sent. Accepts
     every transfer syntax it knows (``+xa``), or only Implicit VR Little
     Endian (``+xi``): a destination that refuses compressed and explicit data.
+    With `tls` (key, certificate, CA file), DICOM TLS only, a client
+    certificate from that CA required (DCMTK's default with ``+tls``).
     Caveat: DCMTK 3.6.7 has no bind option, so it listens on all interfaces.
     """
     workdir = Path(workdir)
@@ -219,9 +222,12 @@ def start_storescp(workdir: Path, ae_title: str = "DEST", implicit_only: bool = 
     log_path = workdir / "storescp.log"
     argv = ["storescp", "-v", "--aetitle", ae_title, "--max-pdu", str(MAX_PDU), "-od", str(received), "+B",
             "+xi" if implicit_only else "+xa", str(port)]
+    if tls is not None:
+        key, cert, ca = tls
+        argv[1:1] = ["+tls", str(key), str(cert), "+cf", str(ca)]
     process = _spawn(argv, workdir, log_path)
     peer = RunningPacs("storescp", ae_title, "127.0.0.1", port, None, workdir, log_path, process)
-    _wait_ready(peer, lambda: _echo_ok(ae_title, port))
+    _wait_ready(peer, (lambda: _tcp_ok(port)) if tls is not None else (lambda: _echo_ok(ae_title, port)))
     return peer
 
 

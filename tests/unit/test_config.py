@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
+import textwrap
 from datetime import UTC, datetime, time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from mi2b2.config import load_config, parse_size
+from mi2b2.config import OidcConfig, load_config, parse_size
 from mi2b2.domain.windows import GovernanceWindow, limits_at
 from mi2b2.errors import ConfigError
 from support.site import write_site
@@ -30,14 +32,60 @@ def test_the_test_site_is_valid(tmp_path: Path) -> None:
         (('cache_dir = "cache"', 'cache_dir = "cache"\ncolour = "blue"'), r"server.colour: unknown setting"),
         (('[dicom]', '[dicom\n'), "is not valid TOML"),
         (('mrn_file = "alpha.mrns"', 'mrn_file = "missing.mrns"'), "missing.mrns does not exist"),
-        (('ae_title = "MI2B2"', 'ae_title = "MI2B2"\ntls_cert = "c.pem"'), "DICOM TLS is not supported by this version"),
+        (('ae_title = "MI2B2"', 'ae_title = "MI2B2"\ntls_cert = "c.pem"'), r"now a \[dicom.tls\] table"),
+        (('ae_title = "MI2B2"', 'ae_title = "MI2B2"\ntls = { cert_file = "r.pem", key_file = "r.key" }'),
+         "require_client_cert = true needs ca_file"),
+        (('port = 11113', 'port = 11113\ntls = { ca_file = "ca.pem", cert_file = "c.pem" }'),
+         r"pacs\['main'\].tls: .*set both cert_file and key_file"),
+        (('port = 11113', 'port = 11113\ntls = { ca_file = "nowhere/ca.pem" }'),
+         r"pacs\['main'\].tls.ca_file: .*nowhere/ca.pem does not exist; fix the path"),
+        (('port = 11113', 'port = 11113\ntls = { ca_file = "alpha.mrns" }'),
+         r"pacs\['main'\].tls.ca_file: .*alpha.mrns does not hold PEM certificate"),
     ],
-    ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file", "dicom-tls"],
+    ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file",
+         "old-dicom-tls-keys", "receiver-tls-without-ca", "pacs-tls-half-pair", "pacs-tls-missing-ca", "pacs-tls-not-pem"],
 )
 def test_bad_config_gets_one_clear_message(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     path = write_site(tmp_path)
     path.write_text(path.read_text().replace(*change, 1))
     with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_dicom_tls_files_are_checked_when_the_configuration_loads(tmp_path: Path) -> None:
+    path = write_site(tmp_path, extra=textwrap.dedent("""
+        [[destinations]]
+        id = "research"
+        ae_title = "RESEARCH"
+        host = "127.0.0.1"
+        port = 11119
+        tls = { ca_file = "ca.pem", cert_file = "client.pem", key_file = "client.key" }
+    """))
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (tmp_path / "client.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (tmp_path / "client.key").write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match=r"destinations\['research'\].tls.key_file: .* encrypted with a passphrase"):
+        load_config(path)
+    (tmp_path / "client.key").write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+    (tmp_path / "client.key").chmod(0)
+    if os.access(tmp_path / "client.key", os.R_OK):  # running as root: permissions do not stop reading
+        (tmp_path / "client.key").unlink()
+        match = "client.key does not exist"
+    else:
+        match = "cannot read .*client.key .* make it readable"
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    (tmp_path / "client.key").unlink(missing_ok=True)
+    (tmp_path / "client.key").write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+    config = load_config(path)
+    assert config.destinations[0].tls is not None and config.destinations[0].tls.ca_file == Path("ca.pem")
+
+    # The old switch: false still means plain DICOM, true asks for the settings.
+    path.write_text(path.read_text().replace('tls = { ca_file = "ca.pem", cert_file = "client.pem", '
+                                             'key_file = "client.key" }', "tls = false"))
+    assert load_config(path).destinations[0].tls is None
+    path.write_text(path.read_text().replace("tls = false", "tls = true"))
+    with pytest.raises(ConfigError, match=r"replace tls = true with a table, e.g. tls = \{ ca_file"):
         load_config(path)
 
 
@@ -189,3 +237,16 @@ def test_each_institution_reads_its_list_in_its_own_format(tmp_path: Path) -> No
     alpha, beta = config.projects
     assert config.allow_list(alpha) == [("general", "000123"), ("general", "000077")]
     assert config.allow_list(beta) == [("general", "000123"), ("childrens", "000123"), ("childrens", "123")]
+
+
+def test_an_oidc_issuer_is_https_or_on_this_host_and_scopes_ask_for_openid() -> None:
+    base = {"client_id": "mi2b2", "client_secret_file": "secret", "roles": {"g": "researcher"}}
+    assert OidcConfig.model_validate(base | {"issuer": "http://127.0.0.1:9000"}).scopes == ["openid", "profile"]
+    assert OidcConfig.model_validate(base | {"issuer": "http://localhost:9000/realms/x"})
+    for issuer in ("http://login.example.org", "ftp://login.example.org", "https://login.example.org/?a=1", "login"):
+        with pytest.raises(ValueError, match="issuer"):
+            OidcConfig.model_validate(base | {"issuer": issuer})
+    with pytest.raises(ValueError, match='must include "openid"'):
+        OidcConfig.model_validate(base | {"issuer": "https://login.example.org", "scopes": ["profile"]})
+    with pytest.raises(ValueError, match="not a valid login"):
+        OidcConfig.model_validate(base | {"issuer": "https://login.example.org", "local_logins": ["no way"]})

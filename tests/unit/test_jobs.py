@@ -98,7 +98,7 @@ def test_the_watch_reads_the_cancel_flag_at_most_once_per_poll_interval(ctx: Ser
     job = jobs.load(ctx, _processing(ctx), RequestKind.RETRIEVE)
     assert job is not None
     clock = _fake(ctx)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=True)
+    watch = jobs.Watch(ctx, job)
     reads = _statements(ctx)
     assert not watch.should_cancel()
     assert len(reads) == 1  # the flag and the project's access in one round trip
@@ -118,15 +118,14 @@ def test_the_watch_reads_the_cancel_flag_at_most_once_per_poll_interval(ctx: Ser
     assert watch.progress_due()
 
 
-def test_the_end_of_access_stops_a_retrieval_but_not_a_forward(ctx: ServiceContext) -> None:
+def test_the_end_of_access_stops_a_running_retrieval_and_a_running_forward(ctx: ServiceContext) -> None:
     retrieval = jobs.load(ctx, _processing(ctx), RequestKind.RETRIEVE)
     assert retrieval is not None
     assert jobs.load(ctx, retrieval.request_id, RequestKind.FORWARD) is None  # not a forward
-    watches = jobs.Watch(ctx, retrieval, stops_when_access_ends=True)
     forward = jobs.Job(retrieval.request_id, RequestKind.FORWARD, "alpha", "xnat", "000123", "1.2.3", (), 1)
-    ignores = jobs.Watch(ctx, forward, stops_when_access_ends=False)
-    assert not watches.should_cancel() and not ignores.should_cancel()
+    watches = [jobs.Watch(ctx, retrieval), jobs.Watch(ctx, forward)]
+    assert not any(watch.should_cancel() for watch in watches)
     _fake(ctx).set(datetime(2100, 1, 2, tzinfo=UTC))  # alpha's IRB approval ended on 2099-12-31
-    assert watches.should_cancel()
-    assert watches.cancel_reason == "canceled: the project's IRB approval has expired"
-    assert not ignores.should_cancel()
+    for watch in watches:
+        assert watch.should_cancel()
+        assert watch.cancel_reason == "canceled: the project's IRB approval has expired"

@@ -119,3 +119,21 @@ def test_enabled_without_a_reader_is_a_config_error(tmp_path: Path) -> None:
     from mi2b2.errors import ConfigError
     with pytest.raises(ConfigError, match="nobody may read it"):
         load_config(write_site(tmp_path, extra="\n[metrics]\nenabled = true\n"))
+
+
+def test_near_misses_of_the_token_are_refused(tmp_path: Path) -> None:
+    ctx = metrics_site(tmp_path, allow_from='["10.1.0.0/16"]')
+    client = TestClient(create_app(ctx))
+    for near in (TOKEN[:-1], TOKEN + "x", TOKEN.upper(), f"{TOKEN} {TOKEN}", ""):
+        answer = client.get("/metrics", headers={"Authorization": f"Bearer {near}"})
+        assert answer.status_code == 403, near
+        assert TOKEN not in answer.text and "mi2b2_" not in answer.text
+    assert client.get("/metrics", params={"token": TOKEN}).status_code == 401  # only the header is read
+    # An emptied token file (a botched rotation) opens nothing, not even to an empty token.
+    (tmp_path / "metrics.token").write_text("\n")
+    assert client.get("/metrics", headers={"Authorization": "Bearer "}).status_code == 403
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403
+    # Outside allow_from, the addresses only decide when no token is sent.
+    outside = metrics_refusal(ctx, "10.2.0.1", None)
+    assert outside is not None and outside[0] == 401
+    assert metrics_refusal(ctx, "10.1.9.9", None) is None

@@ -53,3 +53,20 @@ def test_a_closed_port_is_an_oserror_for_the_caller_to_report() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(OSError):
         send(SyslogTarget("tcp", "127.0.0.1", port), rfc5424_message("audit-checkpoint", LINE, AT))
+
+
+def test_an_atna_message_is_marked_utf8_with_a_bom() -> None:
+    message = rfc5424_message("IHE+RFC-3881", "<AuditMessage UserName=\"Zoë\"/>", AT, hostname="gw1", utf8=True)
+    header, _, body = message.partition(b" - ")
+    assert header.endswith(b" IHE+RFC-3881") and body == b"\xef\xbb\xbf" + '<AuditMessage UserName="Zoë"/>'.encode()
+
+
+def test_udp_refuses_a_message_no_datagram_can_carry() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        target = SyslogTarget("udp", "127.0.0.1", receiver.getsockname()[1])
+        with pytest.raises(OSError, match="too large for one UDP datagram"):
+            send(target, b"x" * 70000)
+        send(target, b"<109>1 - - - - - - one datagram")
+        receiver.settimeout(5)
+        assert receiver.recv(65536) == b"<109>1 - - - - - - one datagram", "no framing over UDP (RFC 5426)"

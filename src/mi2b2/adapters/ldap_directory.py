@@ -7,6 +7,7 @@ chain to the configured CA file.
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from mi2b2.config.ldap import LdapConfig
 from mi2b2.errors import PermanentError, RetriableError
 
 INVALID_CREDENTIALS = 49
+GROUP_LIMIT = 1000  # a user in more groups than this is misconfigured; the first thousand still map a role
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,16 @@ class LdapDirectory:
             attributes = [config.group_attribute, config.display_name_attribute]
             search.search(config.user_base, query, SUBTREE, attributes=attributes, size_limit=2)
             entries = list(search.entries)
+            if not entries:
+                raise DirectoryRefused("no such user in the directory")
+            if len(entries) > 1:
+                raise DirectoryRefused("the login matches several directory entries; narrow [ldap] user_filter")
+            entry = entries[0]
+            values = entry.entry_attributes_as_dict
+            groups = (self._groups_of(search, entry.entry_dn, login) if config.group_base is not None
+                      else tuple(str(g) for g in values.get(config.group_attribute, [])))
         finally:
             search.unbind()
-        if not entries:
-            raise DirectoryRefused("no such user in the directory")
-        if len(entries) > 1:
-            raise DirectoryRefused("the login matches several directory entries; narrow [ldap] user_filter")
-        entry = entries[0]
         user = self._open(server, url, entry.entry_dn, password)
         try:
             if not user.bind():
@@ -90,9 +95,17 @@ class LdapDirectory:
                 raise DirectoryRefused(f"bind refused: {user.result.get('description')}")
         finally:
             user.unbind()
-        values = entry.entry_attributes_as_dict
         names = values.get(config.display_name_attribute) or [login]
-        return DirectoryUser(entry.entry_dn, str(names[0]), tuple(str(g) for g in values.get(config.group_attribute, [])))
+        return DirectoryUser(entry.entry_dn, str(names[0]), groups)
+
+    def _groups_of(self, search: Connection, user_dn: str, login: str) -> tuple[str, ...]:
+        """The DNs of the groups under ``group_base`` that name the user (directories without memberOf)."""
+        config = self._config
+        assert config.group_base is not None
+        values = {"{dn}": escape_filter_chars(user_dn), "{login}": escape_filter_chars(login)}
+        query = re.sub(r"\{dn\}|\{login\}", lambda match: values[match.group()], config.group_filter)
+        search.search(config.group_base, query, SUBTREE, attributes=[], size_limit=GROUP_LIMIT)
+        return tuple(group.entry_dn for group in search.entries)
 
     def _open(self, server: Server, url: str, dn: str | None, password: str | None) -> Connection:
         """A connection, encrypted before anything is sent; not yet bound."""

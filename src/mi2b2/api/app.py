@@ -17,6 +17,7 @@ from mi2b2.api.routers import download as download_router
 from mi2b2.api.routers import forward as forward_router
 from mi2b2.api.routers import health as health_router
 from mi2b2.api.routers import metrics as metrics_router
+from mi2b2.api.routers import oidc as oidc_router
 from mi2b2.api.routers import viewer as viewer_router
 from mi2b2.api.schemas.common import Health
 from mi2b2.services.context import ServiceContext
@@ -51,6 +52,7 @@ def create_app(context: ServiceContext, worker: Any = None) -> FastAPI:
     api.include_router(forward_router.router)
     api.include_router(download_router.router)
     api.include_router(viewer_router.router)
+    api.include_router(oidc_router.router)
 
     @api.get("/health", tags=["health"], response_model=Health)
     def health() -> dict[str, str]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,6 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+from mi2b2.config.atna import AtnaConfig as AtnaConfig
+from mi2b2.config.dicom_tls import DicomTls as DicomTls
+from mi2b2.config.dicom_tls import ReceiverTls as ReceiverTls
+from mi2b2.config.dicom_tls import check_tls_files
 from mi2b2.config.export_policy import ExportPolicyFields
 from mi2b2.config.fields import (  # re-exported: callers import them from mi2b2.config
     AE_TITLE as AE_TITLE,
@@ -73,6 +77,7 @@ from mi2b2.config.fields import (
     parse_size as parse_size,
 )
 from mi2b2.config.ldap import LdapConfig as LdapConfig
+from mi2b2.config.oidc import OidcConfig as OidcConfig
 from mi2b2.config.pacs import (
     DepartmentConfig as DepartmentConfig,
 )
@@ -97,6 +102,8 @@ from mi2b2.config.pacs import (
 from mi2b2.config.pacs import (
     WindowConfig as WindowConfig,
 )
+from mi2b2.config.syslog_url import SyslogTarget as SyslogTarget
+from mi2b2.config.syslog_url import parse_syslog_url as parse_syslog_url
 from mi2b2.domain.governance import DataPolicy
 from mi2b2.domain.mrn import AllowedMrn, parse_allow_list
 from mi2b2.domain.principal import login_problem
@@ -216,16 +223,15 @@ class DicomConfig(Strict):
     max_associations_per_peer: int = Field(8, ge=1, le=64, description="associations one address may hold open at once")
     network_timeout: float = Field(60.0, gt=0, description="seconds a peer may stay silent, or take over one PDU, "
                                                            "before the receiver aborts its association")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls: ReceiverTls | None = Field(None, description="DICOM TLS on the receiver's port (see README, DICOM TLS)")
 
-    @model_validator(mode="after")
-    def _tls_not_yet(self) -> DicomConfig:
-        # Refuse rather than ignore: a site that asks for DICOM TLS must not get plain DICOM silently.
-        if self.tls_cert or self.tls_key:
-            raise ValueError("DICOM TLS is not supported by this version; remove dicom.tls_cert and dicom.tls_key "
-                             "(or terminate TLS in front of mi2b2's DICOM port)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tls_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("tls_cert" in data or "tls_key" in data):
+            raise ValueError("dicom.tls_cert and dicom.tls_key are now a [dicom.tls] table: "
+                             'tls = { cert_file = "receiver.pem", key_file = "receiver.key", ca_file = "pacs-ca.pem" }')
+        return data
 
 
 class SearchConfig(Strict):
@@ -245,36 +251,6 @@ class SmtpConfig(Strict):
     starttls: bool = False
 
 
-@dataclass(frozen=True)
-class SyslogTarget:
-    transport: Literal["tcp", "udp"]
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}://{host}:{self.port}"
-
-
-def parse_syslog_url(url: str) -> SyslogTarget:
-    """``tcp://host:port`` or ``udp://host:port``; ValueError naming the fix for anything else."""
-    example = 'write e.g. "tcp://127.0.0.1:6514" or "udp://syslog.example.org:514"'
-    parsed = urlsplit(url.strip())
-    if parsed.scheme in ("tls", "tcp+tls", "ssl", "syslog-tls"):
-        raise ValueError(f"syslog {url!r}: TLS syslog is not supported yet; use plain tcp:// or udp:// (to a relay "
-                         f"on this host if the link must be encrypted); {example}")
-    if parsed.scheme not in ("tcp", "udp"):
-        raise ValueError(f"syslog {url!r} must start with tcp:// or udp://; {example}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = None
-    if (not parsed.hostname or port is None or port == 0 or parsed.path not in ("", "/")
-            or parsed.query or parsed.fragment or "@" in parsed.netloc):
-        raise ValueError(f"syslog {url!r} must be exactly a host and a port (1-65535); {example}")
-    return SyslogTarget("tcp" if parsed.scheme == "tcp" else "udp", parsed.hostname, port)
-
-
 class AuditConfig(Strict):
     """Where the audit trail's key and checkpoints live: outside the database, on purpose."""
 
@@ -289,6 +265,9 @@ class AuditConfig(Strict):
     @classmethod
     def _syslog(cls, value: str | None) -> str | None:
         return None if value is None else str(parse_syslog_url(value))
+
+    atna: AtnaConfig | None = Field(None, description="[audit.atna]: every audit event also goes to the security "
+                                                     "team's syslog as an IHE ATNA message")
 
     def syslog_target(self) -> SyslogTarget | None:
         return None if self.syslog is None else parse_syslog_url(self.syslog)
@@ -322,6 +301,7 @@ class SiteConfig(Strict):
     smtp: SmtpConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     ldap: LdapConfig | None = None
+    oidc: OidcConfig | None = None
     site: SiteSettings = SiteSettings()
     institutions: list[InstitutionConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)
@@ -401,6 +381,17 @@ class SiteConfig(Strict):
         if project.id not in self._allow_lists:
             self._allow_lists[project.id] = load_allow_list(self, project)
         return self._allow_lists[project.id]
+
+    def tls_blocks(self) -> Iterator[tuple[str, DicomTls | ReceiverTls]]:
+        """Every DICOM TLS block, with where it is in the file."""
+        if self.dicom.tls is not None:
+            yield "dicom.tls", self.dicom.tls
+        for pacs in self.all_pacs():
+            if pacs.tls is not None:
+                yield f"pacs[{pacs.id!r}].tls", pacs.tls
+        for dest in self.destinations:
+            if dest.tls is not None:
+                yield f"destinations[{dest.id!r}].tls", dest.tls
 
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
@@ -490,6 +481,10 @@ def load_config(path: Path | str) -> SiteConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
     config = parse_config(text, source=path)
+    try:
+        check_tls_files(config.tls_blocks(), config.resolve)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     for project in config.projects:
         config.allow_list(project)  # fail now, not at the first search
     return config

@@ -22,6 +22,10 @@ class LdapConfig(Strict):
     user_filter: str = Field("(uid={login})", description='"{login}" is replaced by the escaped login; '
                                                           'Active Directory: "(sAMAccountName={login})"')
     group_attribute: str = Field("memberOf", min_length=1, description="the user's attribute listing its group DNs")
+    group_base: str | None = Field(None, description='search groups here instead of reading group_attribute, for '
+                                                     'directories without memberOf, e.g. "ou=groups,dc=example,dc=org"')
+    group_filter: str = Field("(member={dn})", description='with group_base: "{dn}" is replaced by the escaped user '
+                                                           'DN; posixGroup: "(memberUid={login})"')
     display_name_attribute: str = Field("cn", min_length=1)
     roles: dict[str, Role] = Field(min_length=1, description="group DN -> mi2b2 role; a user in none is refused")
     local_logins: list[str] = Field(default_factory=list, description="accounts that keep signing in with their "
@@ -43,6 +47,14 @@ class LdapConfig(Strict):
     def _filter(cls, value: str) -> str:
         if "{login}" not in value or not (value.startswith("(") and value.endswith(")")):
             raise ValueError(f'user_filter {value!r} must be an LDAP filter in parentheses containing "{{login}}"')
+        return value
+
+    @field_validator("group_filter")
+    @classmethod
+    def _group_filter(cls, value: str) -> str:
+        if not ("{dn}" in value or "{login}" in value) or not (value.startswith("(") and value.endswith(")")):
+            raise ValueError(f'group_filter {value!r} must be an LDAP filter in parentheses containing "{{dn}}" '
+                             f'or "{{login}}"')
         return value
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from mi2b2.config.dicom_tls import DicomTls, tls_off_or_block
 from mi2b2.config.fields import (
     WILDCARD_CHARS,
     AeTitle,
@@ -116,6 +117,7 @@ class PacsConfig(Strict):
     default_max_concurrent_queries: int = Field(2, ge=1, description="query associations open at once")
     default_queries_per_second: float = Field(20, ge=0, description="C-FINDs per second; 0 = no cap")
     windows: list[WindowConfig] = Field(default_factory=list)
+    tls: DicomTls | None = Field(None, description="DICOM TLS for the associations mi2b2 opens to this PACS")
     addresses: list[str] = Field(default_factory=list, description="IP addresses or networks (CIDR) the PACS calls "
                                                                    "mi2b2's receiver from; empty: the addresses host "
                                                                    "resolves to")
@@ -196,7 +198,8 @@ class DestinationConfig(Strict):
     ae_title: AeTitle
     host: str
     port: Port
-    tls: bool = False
+    tls: Annotated[DicomTls | None, BeforeValidator(tls_off_or_block)] = Field(
+        None, description="DICOM TLS for the associations mi2b2 opens to this destination")
     projects: list[str] = Field(default_factory=list, description="projects that may forward here; empty = all")
     max_concurrent: int = Field(2, ge=1)
     timeouts: Timeouts = Timeouts()

@@ -1,8 +1,9 @@
-"""Which mi2b2 role a directory user's groups give."""
+"""Which mi2b2 role a user's groups give, from the site's directory (LDAP) or its OpenID provider."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from mi2b2.domain.principal import Role
 
@@ -15,8 +16,25 @@ def normal_dn(dn: str) -> str:
     return ",".join(part.strip() for part in dn.split(",")).lower()
 
 
-def role_for_groups(groups: Iterable[str], roles: Mapping[str, Role]) -> Role | None:
-    """The strongest role any of ``groups`` maps to, or None if none is mapped."""
-    mapped = {normal_dn(dn): role for dn, role in roles.items()}
-    found = [mapped[dn] for dn in map(normal_dn, groups) if dn in mapped]
+def role_for_groups(groups: Iterable[str], roles: Mapping[str, Role],
+                    normal: Callable[[str], str] = normal_dn) -> Role | None:
+    """The strongest role any of ``groups`` maps to, or None if none is mapped.
+
+    ``normal`` says when two group names are the same: DNs by default; an OpenID
+    provider's group names compare exactly (``normal=str``)."""
+    mapped = {normal(name): role for name, role in roles.items()}
+    found = [mapped[name] for name in map(normal, groups) if name in mapped]
     return max(found, key=_STRENGTH.__getitem__, default=None)
+
+
+def groups_in_claim(claims: Mapping[str, Any], path: str) -> list[str]:
+    """The groups (or roles) a token's claim lists; a dotted path reaches into objects (Keycloak's
+    ``realm_access.roles``). A single string is one group; anything else is none."""
+    value: Any = claims
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []

@@ -51,6 +51,7 @@ from mi2b2.domain.audit_chain import (
 from mi2b2.domain.clock import Clock
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, ConfigError, InvalidInput, PermanentError
+from mi2b2.services.audit_syslog import AtnaQueue
 
 LOG = logging.getLogger(__name__)
 INIT_KEY_COMMAND = "mi2b2 audit init-key"
@@ -117,8 +118,10 @@ class AuditEntry:
 
 class AuditTrail:
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, key: AuditKey | None = None,
-                 checkpoint_file: Path | None = None, syslog: SyslogTarget | None = None) -> None:
+                 checkpoint_file: Path | None = None, syslog: SyslogTarget | None = None,
+                 atna: AtnaQueue | None = None) -> None:
         self._sessions = sessions
+        self.atna = atna  # every event also queued for the security team's syslog, in its own transaction
         self._clock = clock
         self._key = key
         self._checkpoint_file = checkpoint_file
@@ -182,6 +185,8 @@ class AuditTrail:
             prev_hash = event_hash(event, self._key.secret_for(seq) if self._key else None)
             rows.append({**event.__dict__, "hash": prev_hash})
         session.execute(insert(AuditEvent), rows)
+        if self.atna is not None:
+            self.atna.enqueue(session, [ChainedEvent(**row) for row in rows], self._clock.now())
         session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, hash=prev_hash))
         return [row["seq"] for row in rows]
 

@@ -65,13 +65,16 @@ class DirectoryLogin:
 
 class Accounts:
     def __init__(self, sessions: sessionmaker[Session], clock: Clock, audit: AuditTrail, session_hours: float = 12,
-                 max_token_days: float = 90, directory: DirectoryLogin | None = None) -> None:
+                 max_token_days: float = 90, directory: DirectoryLogin | None = None,
+                 break_glass_only: frozenset[str] | None = None) -> None:
+        """``break_glass_only``: when local passwords are switched off, the logins that keep theirs."""
         self._sessions = sessions
         self._clock = clock
         self._audit = audit
         self._session_lifetime = timedelta(hours=session_hours)
         self._max_token_days = max_token_days
         self._directory = directory
+        self._break_glass_only = break_glass_only
 
     # users -----------------------------------------------------------------
 
@@ -140,12 +143,19 @@ class Accounts:
         if self._directory is not None and login not in self._directory.local_logins:
             user = self._directory_user(self._directory, login, password, client, actor, (digest, client_key), now)
             return self._open_session(user, client, failures is not None, (digest, client_key), now, via="ldap")
+        # Past the break-glass list the password is still checked (against a dummy hash), so that the
+        # answer and its time tell nothing about which logins are break-glass ones.
+        switched_off = self._break_glass_only is not None and login not in self._break_glass_only
         # argon2 runs outside any transaction (on SQLite a write transaction holds
         # the one write lock), and against a dummy hash when there is no user.
-        ok = verify_password(user.password_hash if user else None, password) and user is not None and not user.disabled
-        if not ok or user is None:
+        ok = verify_password(user.password_hash if user and not switched_off else None, password)
+        if not ok or user is None or user.disabled or switched_off:
             self._count_failure(digest, client_key, now)
-            self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail={"client": client})
+            detail = {"client": client} | ({"reason": "local passwords are off for this login"} if switched_off else {})
+            self._audit.record(actor, Action.LOGIN, Outcome.FAILED, detail=detail)
+            if self._break_glass_only is not None:
+                raise AccessDenied("wrong login or password (passwords work here only for break-glass accounts; "
+                                   "everyone else signs in through the site's single sign-on)")
             raise AccessDenied("wrong login or password")
         return self._open_session(user, client, failures is not None, (digest, client_key), now)
 
@@ -159,8 +169,33 @@ class Accounts:
         how: dict[str, object] = {"via": via} if via else {}
         issued = self._issue(user.id, "session", "browser session", now + self._session_lifetime,
                              lambda session, token_id: self._audit.record(
-                                 principal, Action.LOGIN, detail={"session": token_id} | how, session=session))
+                                 principal, Action.LOGIN, detail={"session": token_id} | how, session=session),
+                             via=via)
         return principal, issued
+
+    def external_session(self, login: str, display_name: str, role: Role, via: str, client: str
+                         ) -> tuple[Principal, IssuedToken]:
+        """A browser session for a user the site's identity provider vouched for, with the role its groups give:
+        the user row is created on first sign-in, its role and name follow the provider afterwards."""
+        now = self._clock.now()
+        user = self._external_user(login, display_name, role, via, client)
+        return self._open_session(user, client, False, ("", ""), now, via=via)
+
+    def _external_user(self, login: str, display_name: str, role: Role, via: str, client: str) -> User:
+        with transaction(self._sessions) as session:
+            user = session.scalar(select(User).where(User.login == login))
+            if user is None:
+                user = User(login=login, role=role.value, display_name=display_name, email=None,
+                            password_hash=None, created_at=self._clock.now(), disabled=False)
+                session.add(user)
+            elif not user.disabled:
+                user.role, user.display_name = role.value, display_name
+            session.flush()
+        if user.disabled:
+            self._audit.record(login, Action.LOGIN, Outcome.DENIED,
+                               detail={"client": client, "via": via, "reason": "disabled in mi2b2"})
+            raise AccessDenied("this account is disabled in mi2b2; ask the mi2b2 admin")
+        return user
 
     def _directory_user(self, sign_in: DirectoryLogin, login: str, password: str, client: str, actor: str,
                         failure_key: tuple[str, str], now: datetime) -> User:
@@ -184,20 +219,7 @@ class Accounts:
                                detail={"client": client, "via": "ldap", "reason": "no directory group maps to a role"})
             raise AccessDenied("your directory account has no mi2b2 role: none of your groups is mapped in the site's "
                                "[ldap] roles; ask the mi2b2 admin to map one of your groups")
-        with transaction(self._sessions) as session:
-            user = session.scalar(select(User).where(User.login == login))
-            if user is None:
-                user = User(login=login, role=role.value, display_name=found.display_name, email=None,
-                            password_hash=None, created_at=now, disabled=False)
-                session.add(user)
-            elif not user.disabled:
-                user.role, user.display_name = role.value, found.display_name
-            session.flush()
-        if user.disabled:
-            self._audit.record(actor, Action.LOGIN, Outcome.DENIED,
-                               detail={"client": client, "via": "ldap", "reason": "disabled in mi2b2"})
-            raise AccessDenied("this account is disabled in mi2b2; ask the mi2b2 admin")
-        return user
+        return self._external_user(login, found.display_name, role, "ldap", client)
 
     def _count_failure(self, digest: str, client: str, now: datetime) -> None:
         """One more failure, counted in one statement so that parallel guesses lose no update."""
@@ -210,11 +232,14 @@ class Accounts:
                 set_={"failures": LoginFailure.failures + 1, "last_failure": now},
             ))
 
-    def logout(self, secret: str) -> None:
+    def logout(self, secret: str) -> str | None:
+        """End the session (or revoke the token) ``secret`` names; how that session was signed in ("oidc", ...)."""
         with transaction(self._sessions) as session:
-            session.execute(
-                update(ApiToken).where(ApiToken.token_hash == token_digest(secret)).values(revoked_at=self._clock.now())
-            )
+            token = session.scalar(select(ApiToken).where(ApiToken.token_hash == token_digest(secret)))
+            if token is None or token.revoked_at is not None:
+                return None
+            token.revoked_at = self._clock.now()
+            return token.via
 
     # tokens ----------------------------------------------------------------
 
@@ -286,12 +311,12 @@ class Accounts:
         return Principal(user.login, Role(user.role), user.display_name, client)
 
     def _issue(self, user_id: int, kind: str, name: str, expires: datetime | None,
-               audit: Callable[[Session, int], object]) -> IssuedToken:
+               audit: Callable[[Session, int], object], via: str | None = None) -> IssuedToken:
         """A new token; ``audit`` records it in the same transaction (session, token id)."""
         secret = new_token()
         with transaction(self._sessions) as session:
             token = ApiToken(user_id=user_id, kind=kind, name=name, token_hash=token_digest(secret),
-                             created_at=self._clock.now(), expires_at=expires)
+                             created_at=self._clock.now(), expires_at=expires, via=via)
             session.add(token)
             session.flush()
             token_id = token.id

@@ -12,13 +12,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
 from mi2b2.adapters.ldap_directory import LdapDirectory
+from mi2b2.adapters.oidc_provider import OpenIdProvider
 from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock, Timer
 from mi2b2.domain.principal import SYSTEM, Principal
 from mi2b2.errors import ConfigError, InvalidInput
 from mi2b2.services.audit import Action, AuditEntry, AuditTrail, Outcome, load_audit_key
+from mi2b2.services.audit_syslog import atna_queue
 from mi2b2.services.auth import Accounts, DirectoryLogin
+from mi2b2.services.oidc_login import OidcSignIn
 from mi2b2.services.site import ConfigChanges, apply_config
 
 
@@ -46,6 +49,7 @@ class ServiceContext:
     open_find: FindOpener = field(default=open_pacs_find_session)  # governed by build_context
     timer: Timer = field(default_factory=SystemClock)  # polls and waits on the database and the receiver
     file_digests: FileDigests = field(default_factory=FileDigests)  # of cache files, for download manifests
+    oidc: OidcSignIn | None = None  # single sign-on, when [oidc] configures it
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
@@ -63,6 +67,7 @@ class ServiceContext:
             if also_record is not None:
                 also_record(session)
         self.config = new_config
+        self.audit.atna = atna_queue(new_config)  # names the PACS and destinations as now configured
         return changes
 
 
@@ -96,18 +101,43 @@ def build_context(
         require_current_schema(engine)
     sessions = make_sessionmaker(engine)
     key = load_audit_key(sessions, config.audit_key_file()) if audit_key else None
-    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target())
+    audit = AuditTrail(sessions, clock, key, config.audit_checkpoint_file(), config.audit.syslog_target(),
+                       atna_queue(config))
     if sync_config:
         with transaction(sessions) as session:
             changes = apply_config(session, config, clock.now())
             audit_canceled(audit, changes, session)
+    oidc = config.oidc
+    break_glass_only = None if oidc is None or oidc.local_passwords else frozenset(oidc.local_logins)
     accounts = Accounts(sessions, clock, audit, config.server.session_hours,
-                        config.server.max_token_days, directory_login(config))
+                        config.server.max_token_days, directory_login(config), break_glass_only)
+    from mi2b2.services.dicom_tls import audited_tls_failures
     from mi2b2.services.query_governor import QueryGovernor, governed_opener
 
     # Every search, request look-up and job reaches the PACS through the query governor.
-    governed = governed_opener(QueryGovernor(sessions, clock), open_find or open_pacs_find_session)
-    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock())
+    governed = governed_opener(QueryGovernor(sessions, clock),
+                               audited_tls_failures(audit, open_find or open_pacs_find_session))
+    sign_in = None if oidc is None else OidcSignIn(sessions, clock, audit, accounts, openid_provider(config), oidc)
+    return ServiceContext(config, engine, sessions, clock, audit, accounts, governed, timer or SystemClock(),
+                          oidc=sign_in)
+
+
+def openid_provider(config: SiteConfig) -> OpenIdProvider:
+    """The relying party of ``[oidc]``; the provider itself is first asked at the first sign-in."""
+    oidc = config.oidc
+    assert oidc is not None
+    path = config.resolve(oidc.client_secret_file)
+    try:
+        secret = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"oidc client_secret_file {path}: {error.strerror}; create it with the client secret the "
+                          f"provider issued to mi2b2") from None
+    if not secret:
+        raise ConfigError(f"oidc client_secret_file {path} is empty; put the provider's client secret in it")
+    ca_file = config.resolve(oidc.ca_file) if oidc.ca_file else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(f"oidc ca_file {ca_file} does not exist; give the CA certificate(s) of the provider")
+    return OpenIdProvider(oidc, secret, ca_file)
 
 
 def directory_login(config: SiteConfig) -> DirectoryLogin | None:

@@ -36,9 +36,10 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, CursorKind, Project, Request
+from mi2b2.adapters.dicom.errors import TlsHandshakeFailed
 from mi2b2.adapters.dicom.scu import DicomPeer
 from mi2b2.adapters.dicom.store_scu import StoreProgress, StoreResult, store_files
-from mi2b2.config import DestinationConfig
+from mi2b2.config import DestinationConfig, SiteConfig
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.forwarding import (
     DestinationRules,
@@ -61,7 +62,7 @@ from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.export.deid import Door, policy_of, refuse_door
 from mi2b2.services.jobs import Job
-from mi2b2.services.pacs import local_ae
+from mi2b2.services.pacs import client_tls, local_ae
 from mi2b2.services.request_rows import change_state, mark_started
 from mi2b2.services.requests import MAX_STUDIES_PER_CALL, PRIORITY_RANGE
 from mi2b2.services.scheduler import round_robin_cursor
@@ -111,7 +112,7 @@ def list_destinations(ctx: ServiceContext, who: Principal, project_id: str) -> l
         raise AccessDenied(f"project {project_id!r}: {Denial.NOT_MEMBER.value}; {_HINTS[Denial.NOT_MEMBER]}")
     return [
         {"id": d.id, "name": d.name or d.id, "ae_title": d.ae_title, "host": d.host, "port": d.port,
-         "max_concurrent": d.max_concurrent, "tls": d.tls, "all_projects": not d.projects}
+         "max_concurrent": d.max_concurrent, "tls": d.tls is not None, "all_projects": not d.projects}
         for d in ctx.config.destinations if destination_allows(d.projects, project_id)
     ]
 
@@ -143,9 +144,6 @@ def add_forwards(
         _deny(ctx, who, project_id, destination_id, reason)
         raise AccessDenied(f"{reason}; use one listed by `mi2b2 destinations {project_id}`, or ask the site "
                            "admin to add the project to that destination's projects")
-    if destination.tls:
-        raise InvalidInput(f"destination {destination_id!r} is configured for DICOM TLS, which this version of "
-                           "mi2b2 does not support; set tls = false for it (or terminate TLS in front of it)")
 
     report = ForwardReport(batch_id=str(uuid.uuid4()), destination_id=destination_id)
     cached = _cached(ctx, project_id, studies, series)
@@ -392,22 +390,20 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
     if dest is None:
         return jobs.end(ctx, job, RequestState.FAILED, f"destination {job.target_id!r} is no longer configured",
                         record=_record())
-    if dest.tls:
-        return jobs.end(ctx, job, RequestState.FAILED, f"destination {dest.id!r} is configured for DICOM TLS, which "
-                        "this version of mi2b2 does not support", record=_record())
     if policy_of(ctx, job.project_id).deidentified:  # queued before the project became de-identified
         return jobs.end(ctx, job, RequestState.FAILED, f"project {job.project_id!r} exports de-identified data only; "
                         f"{Door.FORWARD} does not de-identify yet", record=_record())
     paths = _files(ctx, job)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=False)
+    watch = jobs.Watch(ctx, job)
     LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
     try:
-        result = store_files(local_ae(ctx.config), peer_for_destination(dest), dest.id, paths,
+        result = store_files(local_ae(ctx.config), peer_for_destination(dest, ctx.config), dest.id, paths,
                              should_cancel=watch.should_cancel, on_progress=_progress(ctx, job, watch, len(paths)))
     except RetriableError as exc:
         return jobs.back_off(ctx, job, exc, dest.retries.to_domain(), _record())
     except Mi2b2Error as exc:
-        return jobs.end(ctx, job, RequestState.FAILED, str(exc), record=_record(expected=len(paths)))
+        return jobs.end(ctx, job, RequestState.FAILED, str(exc), record=_record(expected=len(paths)),
+                        security=isinstance(exc, TlsHandshakeFailed) and exc.security)
     record = _record(result, len(paths))
     if result.canceled:
         return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.last_status, record=record)
@@ -415,9 +411,10 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
     return jobs.end(ctx, job, outcome.state, outcome.reason, status=result.last_status, record=record)
 
 
-def peer_for_destination(dest: DestinationConfig) -> DicomPeer:
+def peer_for_destination(dest: DestinationConfig, config: SiteConfig) -> DicomPeer:
     t = dest.timeouts
-    return DicomPeer(dest.ae_title, dest.host, dest.port, t.connect, t.acse, t.dimse, t.network)
+    tls = client_tls(config, dest.tls, f"destinations[{dest.id!r}].tls", "destination")
+    return DicomPeer(dest.ae_title, dest.host, dest.port, t.connect, t.acse, t.dimse, t.network, tls)
 
 
 def _files(ctx: ServiceContext, job: Job) -> list[Path]:

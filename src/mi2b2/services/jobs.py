@@ -87,10 +87,9 @@ def wait_until(timer: Timer, done: Callable[[], bool], timeout: float, interval:
 class Watch:
     """Cancel out, progress in: at most one database round trip per POLL_SECONDS each way."""
 
-    def __init__(self, ctx: ServiceContext, job: Job, *, stops_when_access_ends: bool) -> None:
+    def __init__(self, ctx: ServiceContext, job: Job) -> None:
         self._ctx = ctx
         self._job = job
-        self._stops_when_access_ends = stops_when_access_ends
         self._checked: float | None = None
         self._written: float | None = None
         self._canceled = False
@@ -111,8 +110,8 @@ class Watch:
                 .where(Request.id == self._job.request_id)
             ).one_or_none()
         flag, active, expires_on = found if found is not None else (False, None, None)
-        if self._stops_when_access_ends:
-            self.access_ended = self._access_ended(active, expires_on)
+        # A forward too: images must not keep leaving for a destination once the IRB no longer covers them.
+        self.access_ended = self._access_ended(active, expires_on)
         self._canceled = bool(flag) or self.access_ended is not None
         return self._canceled
 
@@ -162,22 +161,23 @@ def back_off(ctx: ServiceContext, job: Job, error: RetriableError, policy: Retry
 
 def end(
     ctx: ServiceContext, job: Job, state: RequestState, reason: str | None, *, status: int | None = None,
-    record: Record,
+    record: Record, security: bool = False,
 ) -> RequestState:
-    """End the request in ``state``, with what ``record`` writes into its row, audited."""
+    """End the request in ``state``, with what ``record`` writes into its row, audited
+    (``security``: as a security event, e.g. a peer whose TLS certificate cannot be trusted)."""
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         row = session.get_one(Request, job.request_id)
         mark_ended(row, state, reason, status, now)
         counts = record(row)
         received, expected = row.received, row.expected_instances
-        _audit_end(ctx, session, job, state, reason, counts)
+        _audit_end(ctx, session, job, state, reason, {**counts, **({"security": True} if security else {})})
     LOG.info("request %s: %s %s (%s of %s instances)", job.request_id, job.kind, state, received, expected)
     return state
 
 
 def _audit_end(ctx: ServiceContext, session: Session, job: Job, state: RequestState, reason: str | None,
-               counts: dict[str, int]) -> None:
+               counts: dict[str, int | bool]) -> None:
     outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
     pacs_id, where = _audited_target(job)
     ctx.audit.record("worker", job.action, outcome, project_id=job.project_id, pacs_id=pacs_id,

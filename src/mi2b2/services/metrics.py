@@ -17,7 +17,9 @@ from sqlalchemy import func, select
 from mi2b2.adapters.db.tables import CachedStudy, Project, Request, Worker
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.requests import RequestKind, RequestState
+from mi2b2.services.audit_syslog import backlog as audit_syslog_backlog
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.metrics_activity import ActivityCollector, ReceiverRefusals
 from mi2b2.services.scheduler import pacs_states
 
 
@@ -31,6 +33,7 @@ class SiteCollector(Collector):
         yield from self._pacs()
         yield from self._projects()
         yield from self._workers_and_receiver()
+        yield from self._audit_syslog()
 
     def _pacs(self) -> Iterator[Metric]:
         families = {
@@ -95,14 +98,26 @@ class SiteCollector(Collector):
         yield from (ages, instances, received_bytes)
 
 
+    def _audit_syslog(self) -> Iterator[Metric]:
+        queued = _gauge("mi2b2_audit_syslog_backlog", "ATNA audit messages queued for the security team's syslog "
+                        "collector, not yet delivered ([audit.atna])", [])
+        with self.ctx.sessions() as session:
+            queued.add_metric([], audit_syslog_backlog(session))
+        yield queued
+
+
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, labels=["pacs"] if labels is None else labels)
 
 
-def site_registry(ctx: ServiceContext) -> CollectorRegistry:
-    """Only the site's collector: the process collectors of the default registry differ per process."""
+def site_registry(ctx: ServiceContext, refusals: ReceiverRefusals | None = None) -> CollectorRegistry:
+    """Only the site's collectors: the process collectors of the default registry differ per process.
+
+    ``refusals`` carries the receiver's refusal counts from one scrape to the next (see
+    services/metrics_activity.py); without one, they are summed from the whole audit trail."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SiteCollector(ctx))
+    registry.register(ActivityCollector(ctx, refusals or ReceiverRefusals()))
     return registry
 
 

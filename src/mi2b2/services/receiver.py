@@ -154,6 +154,13 @@ class ReceiverSink:
             self._peers[peer.association] = verdict.pacs_ids
         return None
 
+    def tls_refused(self, address: str, reason: str) -> None:
+        """A sender failed the receiver's TLS handshake (another CA, no certificate, plain DICOM)."""
+        self.ctx.audit.record(
+            f"dicom:{address}", Action.RECEIVE, Outcome.DENIED,
+            detail={"reason": "TLS connection refused: " + reason, "security": True, "address": address},
+        )
+
     def association_ended(self, peer: Peer) -> None:
         with self._lock:
             self._peers.pop(peer.association, None)

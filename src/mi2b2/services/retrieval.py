@@ -18,7 +18,7 @@ from sqlalchemy import update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
-from mi2b2.adapters.dicom.errors import DimseFailure
+from mi2b2.adapters.dicom.errors import DimseFailure, TlsHandshakeFailed
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.receipt import move_message_id
@@ -47,7 +47,7 @@ def run_retrieval(
     if job is None:
         return RequestState.CANCELED
     _, _, pacs = ctx.config.pacs_location(job.target_id)
-    watch = jobs.Watch(ctx, job, stops_when_access_ends=True)
+    watch = jobs.Watch(ctx, job)
     try:
         result = _retrieve(ctx, job, pacs, sink, watch)
     except RetriableError as exc:
@@ -57,7 +57,7 @@ def run_retrieval(
         # of its own; ours is the reason worth showing.
         status = exc.status if isinstance(exc, DimseFailure) else None
         return jobs.end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status,
-                        record=_record())
+                        record=_record(), security=isinstance(exc, TlsHandshakeFailed) and exc.security)
     _free_the_pacs(ctx, job)
     pacs_freed()
     _await_counts(ctx, job, sink, result.completed + result.warning)  # C-MOVE and C-GET alike
@@ -102,7 +102,8 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
     if pacs.retrieve is RetrieveMethod.C_GET:
         record_attempt(ctx, job.request_id, None)
         return get_study(
-            local_ae(ctx.config), peer_for(pacs), pacs.query_model, job.study_uid, job.patient_id, job.series_uids,
+            local_ae(ctx.config), peer_for(pacs, ctx.config), pacs.query_model, job.study_uid, job.patient_id,
+            job.series_uids,
             sink=sink.for_request(job.request_id), incoming_dir=sink.incoming_dir(),
             on_progress=on_progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=pacs.timeouts.network),
@@ -110,7 +111,8 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
     move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
     record_attempt(ctx, job.request_id, move)
     return move_study(
-        local_ae(ctx.config), peer_for(pacs), move.destination_ae, pacs.query_model, job.study_uid, job.patient_id,
+        local_ae(ctx.config), peer_for(pacs, ctx.config), move.destination_ae, pacs.query_model, job.study_uid,
+        job.patient_id,
         job.series_uids, on_progress=on_progress, should_cancel=watch.should_cancel, message_id=move.message_id,
     )
 

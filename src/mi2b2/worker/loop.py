@@ -20,6 +20,7 @@ from mi2b2.domain.request_states import IllegalTransition
 from mi2b2.domain.requests import ENDED
 from mi2b2.errors import Mi2b2Error
 from mi2b2.services import notifications, search_jobs
+from mi2b2.services.audit_syslog import AtnaDelivery, AtnaSender
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.forward import run_forward, schedule_forwards
 from mi2b2.services.receiver import ReceiverSink
@@ -60,6 +61,9 @@ class Worker:
         self._interrupted_lock = threading.Lock()
         self._interrupted_requests: set[int] = set()
         self._interrupted_jobs: set[int] = set()
+        # Its own thread: a collector that is slow or down must not hold up scheduling.
+        self._atna = (AtnaDelivery(AtnaSender(ctx.sessions, ctx.clock, ctx.config), self.poll_seconds)
+                      if ctx.config.audit.atna is not None else None)
 
     @property
     def stale_after(self) -> timedelta:
@@ -179,6 +183,8 @@ class Worker:
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="mi2b2-worker", daemon=True)
         self._thread.start()
+        if self._atna is not None:
+            self._atna.start()
 
     def wake(self) -> None:
         self._wake.set()
@@ -191,9 +197,14 @@ class Worker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             retire_worker(self.ctx, self.worker_id)
-        except Exception:
-            LOG.exception("could not retire worker %s", self.worker_id)
+        except Exception as exc:
+            if is_outage(exc):  # harmless: its heartbeat goes stale and another worker drops the row
+                LOG.warning("could not retire worker %s: the database is unreachable", self.worker_id)
+            else:
+                LOG.exception("could not retire worker %s", self.worker_id)
         self._guarded(self.checkpoint)  # a clean stop leaves the newest head signed
+        if self._atna is not None:
+            self._atna.stop()  # after the last events above were recorded: they go out too
 
     def busy(self) -> int:
         return len(self._running)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -156,6 +157,20 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    via: Mapped[str | None] = mapped_column(String(16), nullable=True)  # a session's sign-in: "ldap", "oidc"
+
+
+class OidcLogin(Base):
+    """A sign-in through the OpenID provider in progress: used once, by the browser that started it.
+
+    Only SHA-256 digests of the state and of the browser's cookie are kept."""
+
+    __tablename__ = "oidc_logins"
+    state_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_digest: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(128))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
 
 
 class Query(Base):
@@ -350,6 +365,30 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditSyslogOutbox(Base):
+    """ATNA messages waiting for the security team's syslog collector, written in the transaction
+    of their audit event and deleted once sent, oldest first. ``attempts``, ``next_attempt_at``
+    and ``last_error`` describe the oldest row's delivery while the collector is unreachable."""
+
+    __tablename__ = "audit_syslog_outbox"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    audit_seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    message: Mapped[bytes] = mapped_column(LargeBinary)  # the RFC 5424 message, framed at sending
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AuditSyslogSender(Base):
+    """One row: which process delivers the outbox, until when. One sender keeps the messages in order."""
+
+    __tablename__ = "audit_syslog_sender"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class QueryLease(Base):

@@ -16,6 +16,8 @@ from network addresses, AE titles and status codes only.
     ├── DimseFailure           the PACS answered an operation with a failure status
     │   ├── ResultsTruncated   the PACS stopped a C-FIND early (its answer limit)
     │   └── MoveDestinationUnknown  the PACS does not know our receiver (C-MOVE 0xA801)
+    ├── TlsHandshakeFailed     no DICOM TLS with the peer (its certificate, ours, or no TLS there)
+    ├── TlsSettingsUnusable    the certificate or key files of a DICOM TLS setting cannot be loaded
     ├── ReceiverUnavailable    our own DICOM receiver cannot listen on its port
     └── UntestedPynetdicom     the installed pynetdicom is not a release mi2b2 was tested with
 """
@@ -196,6 +198,29 @@ class MoveDestinationUnknown(DimseFailure):
             f"AE title {destination_ae!r}, the host name or address of the machine running the mi2b2 receiver, "
             "and the receiver's port from the site configuration. Or switch this PACS node to C-GET",
         )
+
+
+class TlsHandshakeFailed(PermanentError):
+    """The TLS handshake with a PACS or destination failed: retrying will not change a certificate.
+
+    ``security`` marks a peer whose certificate could not be trusted (another
+    CA, another name, expired): someone else may be answering at its address.
+    """
+
+    def __init__(self, peer: str, kind: str, reason: str, fix: str, security: bool) -> None:
+        self.peer = peer
+        self.reason = reason
+        self.security = security
+        super().__init__(f"TLS handshake with {kind} {peer} failed: {reason}; {fix}")
+
+
+class TlsSettingsUnusable(PermanentError):
+    """A DICOM TLS setting names files that cannot be loaded (bad PEM, key of another certificate)."""
+
+    def __init__(self, setting: str, reason: str, fix: str) -> None:
+        self.setting = setting
+        super().__init__(f"the DICOM TLS setting {setting} cannot be used ({reason}); {fix}, then reload "
+                         "the configuration")
 
 
 class ReceiverUnavailable(PermanentError):

@@ -23,6 +23,7 @@ import copy
 import re
 import select
 import socket
+import ssl
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -44,11 +45,13 @@ __all__ = [
     "TESTED_PYNETDICOM",
     "DimseTap",
     "NetworkLayer",
+    "association_socket",
     "cheaply_copied_context",
     "files_sent_as_stored",
     "keep_responses_for_the_caller",
     "pinned_range",
     "prompt_network_thread",
+    "readable",
     "reject_association",
     "require_tested_pynetdicom",
     "set_nodelay",
@@ -138,9 +141,9 @@ def prompt_network_thread(assoc: Association) -> None:
     def wait_then_check() -> bool:
         raw = _raw_socket(dul.socket)
         if raw is not None:
-            # Errors are left to pynetdicom's own check, which reports them.
+            # Errors are left to pynetdicom's own check, which reports them (and sees TLS's pending bytes).
             with contextlib.suppress(OSError, ValueError):
-                select.select([raw], [], [], _IDLE_WAIT)
+                readable(raw, _IDLE_WAIT)
         return check_socket()
 
     dul._is_transport_event = wait_then_check  # type: ignore[method-assign]  # the per-association wrap described above
@@ -183,6 +186,23 @@ def _whole_reader(sock: AssociationSocket) -> _SocketRead:
 
 def _raw_socket(sock: AssociationSocket | None) -> socket.socket | None:
     return sock.socket if sock is not None else None
+
+
+def association_socket(assoc: Association) -> socket.socket | None:
+    """The association's socket (an SSLSocket under DICOM TLS), for its EVT_CONN_OPEN handler."""
+    return _raw_socket(assoc.dul.socket)
+
+
+def readable(raw: socket.socket, timeout: float) -> bool:
+    """Bytes to read within `timeout`: in the kernel, or already decrypted inside an SSLSocket.
+
+    select() sees only the kernel's buffer; a TLS record read whole may hold
+    more than the last read took, and select would then wait for bytes that
+    already arrived.
+    """
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return True
+    return bool(select.select([raw], [], [], timeout)[0])
 
 
 def keep_responses_for_the_caller(assoc: Association) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
-from mi2b2.adapters.dicom.netdicom_internals import NetworkLayer
+from mi2b2.adapters.dicom.netdicom_internals import NetworkLayer, readable
 from mi2b2.adapters.dicom.store_receipt import ReceiveLimits
 from mi2b2.adapters.dicom.store_wire import A_RELEASE_RQ, P_DATA_TF, PDU_LENGTH, PDU_TYPES, p_data_fragments
 
@@ -86,7 +86,7 @@ def read_pdus_bounded(
         for _ in range(_PDUS_PER_PASS):
             if not mid_message() or not network.is_established():
                 return
-            if not select.select([raw], [], [], _NEXT_FRAGMENT_WAIT)[0]:
+            if not readable(raw, _NEXT_FRAGMENT_WAIT):
                 return
             if not read_one(raw):
                 return
@@ -141,7 +141,7 @@ def _drain_socket(raw: socket.socket, network: NetworkLayer, timeout: float) -> 
         raw.settimeout(0)
         if not raw.recv(65536):
             network.connection_closed()
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):  # nothing waiting (SSLWantReadError: under TLS)
         pass
     except OSError:
         network.connection_closed()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,8 @@ from mi2b2.adapters.dicom.errors import (
     ResultsTruncated,
     ServiceNotSupported,
 )
-from mi2b2.adapters.dicom.netdicom_internals import keep_responses_for_the_caller, set_nodelay
+from mi2b2.adapters.dicom.netdicom_internals import association_socket, keep_responses_for_the_caller, set_nodelay
+from mi2b2.adapters.dicom.tls import TlsClient, client_context, explain, recorded_failure, shake_hands
 from mi2b2.domain.query_model import QueryModel as QueryModel
 from mi2b2.errors import InvalidInput
 
@@ -87,6 +89,7 @@ class DicomPeer:
     acse_timeout: float = 10.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
+    tls: TlsClient | None = None  # None: plain DICOM
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -157,9 +160,27 @@ def associate(
             ae.add_requested_context(context)
 
     connected = threading.Event()
+    tls_args = None
+    server_name = ""
+    if peer.tls is not None:
+        server_name = peer.tls.server_name or peer.host
+        tls_args = (client_context(peer.tls), server_name)
+    # The TLS socket and its failed handshake, kept from the network thread for the error.
+    tls_socket: list[socket.socket | None] = [None]
+    tls_error: list[BaseException] = []
 
     def on_open(event: evt.Event) -> None:
         set_nodelay(event.assoc)
+        if tls_args is not None:
+            tls_socket[0] = sock = association_socket(event.assoc)
+            try:
+                shake_hands(sock, peer.acse_timeout)
+            except OSError as exc:
+                tls_error.append(exc)
+                # Closed, not shut down: an SSLSocket shut down would send pynetdicom's request in clear.
+                if sock is not None:
+                    sock.close()
+                return
         if on_connect is not None:
             on_connect(event)
         connected.set()
@@ -172,11 +193,21 @@ def associate(
         max_pdu=local.max_pdu,
         ext_neg=list(roles) or None,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        tls_args=tls_args,
     )
     if assoc.is_established:
         keep_responses_for_the_caller(assoc)
         return assoc
     elapsed = time.monotonic() - started
+    if peer.tls is not None:
+        failure = tls_error[0] if tls_error else recorded_failure(tls_socket[0])
+        # Silence or a dropped connection may pass (a loaded PACS); a refused certificate will not.
+        if isinstance(failure, TimeoutError):
+            raise PacsTimeout(str(peer), "its side of the TLS handshake", peer.acse_timeout)
+        if isinstance(failure, (ConnectionError, ssl.SSLEOFError)):
+            raise AssociationAborted(str(peer), "the TLS handshake")
+        if failure is not None:
+            raise explain(failure, str(peer), peer.tls, server_name)
     raise _association_error(local, peer, assoc, connected.is_set(), elapsed, purpose)
 
 
@@ -227,7 +258,8 @@ def _association_error(
         called_ae=peer.ae_title,
         reason=(
             "the peer aborted or closed the connection instead of answering the "
-            "association request; is this port really the PACS's DICOM port?"
+            "association request; is this port really the PACS's DICOM port (and does it speak plain DICOM, "
+            "not DICOM TLS)?"
         ),
     )
 

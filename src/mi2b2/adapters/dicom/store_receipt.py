@@ -25,6 +25,7 @@ __all__ = [
     "ReceiptGuard",
     "ReceiveLimits",
     "ReceivedInstance",
+    "TlsRefusals",
     "ae_title_text",
     "guard_of",
     "next_association_number",
@@ -105,6 +106,15 @@ class ReceiptGuard(Protocol):
 
     def association_ended(self, peer: Peer) -> None:
         """The association is gone: what was refused on it can be recorded once."""
+        ...
+
+
+@runtime_checkable
+class TlsRefusals(Protocol):
+    """A sink that also hears of senders refused in the TLS handshake (on the connection's thread)."""
+
+    def tls_refused(self, address: str, reason: str) -> None:
+        """Before any DICOM: no AE title is known, only the address and what was wrong (audit it)."""
         ...
 
 

@@ -41,6 +41,7 @@ C-STOREs), `pdu_reader` (bounded reading on the network thread), `store_wire`
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
 from mi2b2.adapters.dicom.netdicom_internals import (
+    association_socket,
     cheaply_copied_context,
     prompt_network_thread,
     reject_association,
@@ -60,8 +62,16 @@ from mi2b2.adapters.dicom.netdicom_internals import (
     set_transfer_syntax_order,
 )
 from mi2b2.adapters.dicom.scu import LocalAE
-from mi2b2.adapters.dicom.store_receipt import InstanceSink, Peer, ReceiveLimits, ae_title_text, next_association_number
+from mi2b2.adapters.dicom.store_receipt import (
+    InstanceSink,
+    Peer,
+    ReceiveLimits,
+    TlsRefusals,
+    ae_title_text,
+    next_association_number,
+)
 from mi2b2.adapters.dicom.store_receiver import StoreReceiver, refuse_unexpected_store
+from mi2b2.adapters.dicom.tls import TlsServer, describe_refusal, server_context, shake_hands
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "StoreServer", "scp_contexts"]
 
@@ -85,11 +95,17 @@ class StoreServer:
     decided per instance, because only the instance says which request and
     project it belongs to. The server itself bounds what any peer can make it
     hold: associations per address, PDU length, instance size, and time.
+
+    With `tls`, every association is DICOM TLS: a sender that does not
+    complete the handshake (plain DICOM, a certificate from another CA, none
+    where one is required) is disconnected before a DICOM byte is read, and
+    told to the sink when it keeps `TlsRefusals`.
     """
 
     def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path,
-                 limits: ReceiveLimits | None = None) -> None:
+                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None) -> None:
         self.local = local
+        self.tls = tls
         self.host = host
         self._requested_port = port
         self.sink = sink
@@ -129,15 +145,18 @@ class StoreServer:
             (evt.EVT_CONN_CLOSE, self._on_close),
             (evt.EVT_C_STORE, refuse_unexpected_store),
         ]
+        ssl_context = server_context(self.tls) if self.tls is not None else None
         try:
             server = ae.start_server(
-                (self.host, self._requested_port), block=False, evt_handlers=handlers, contexts=scp_contexts()
+                (self.host, self._requested_port), block=False, evt_handlers=handlers, contexts=scp_contexts(),
+                ssl_context=ssl_context,
             )
         except OSError as exc:
             raise ReceiverUnavailable(self.local.ae_title, self.host, self._requested_port, exc) from None
         assert server is not None
         self._server = server
-        LOG.info("DICOM receiver %s listening on %s:%d", self.local.ae_title, self.host, self.port)
+        LOG.info("DICOM receiver %s listening on %s:%d%s", self.local.ae_title, self.host, self.port,
+                 " (DICOM TLS)" if self.tls is not None else "")
 
     def stop(self) -> None:
         """Stop listening, abort associations still open and drop their partial files."""
@@ -162,15 +181,41 @@ class StoreServer:
         self.stop()
 
     def _on_connect(self, event: evt.Event) -> None:
-        # Runs before the association's threads start: nothing has been read yet.
+        # Runs on the connection's own thread before the association's start: nothing has been read yet.
         assoc = event.assoc
         set_nodelay(assoc)
-        prompt_network_thread(assoc)
         address = _connection_address(event)
+        if self.tls is not None and not self._tls_handshake(assoc, address):
+            return
+        prompt_network_thread(assoc)
         receiver = StoreReceiver(assoc, self.sink, self.incoming_dir, peer=_peer_of(assoc, address),
                                  limits=self.limits)
         with self._lock:
             self._receivers[assoc] = receiver
+
+    def _tls_handshake(self, assoc: Association, address: str) -> bool:
+        """The sender's TLS handshake; False (and the connection closed) if it failed."""
+        sock = association_socket(assoc)
+        try:
+            shake_hands(sock, min(30.0, self.limits.network_timeout))
+        except OSError as exc:
+            if sock is not None:
+                sock.close()  # pynetdicom then finds the connection gone
+            # No A-ASSOCIATE-RQ can come now: the association ends at once instead of after the ACSE timeout.
+            assoc.acse_timeout = 0
+            if _closed_unspoken(exc):
+                # A port probe (a load balancer's health check) or a sender that gave up: nothing to refuse.
+                LOG.debug("a connection from %s closed before its TLS handshake", address)
+                return False
+            reason = describe_refusal(exc)
+            LOG.warning("refused a DICOM TLS connection from %s: %s", address, reason)
+            if isinstance(self.sink, TlsRefusals):
+                try:
+                    self.sink.tls_refused(address, reason)
+                except Exception:  # the refusal stands whatever the sink does; it logs its own trouble
+                    LOG.exception("could not record the refused TLS connection from %s", address)
+            return False
+        return True
 
     def _on_requested(self, event: evt.Event) -> None:
         """The A-ASSOCIATE-RQ is read: refuse a peer over its cap or not allowed, before negotiating."""
@@ -204,6 +249,10 @@ class StoreServer:
         if receiver is None:
             return
         receiver.close()  # an instance cut off mid-transfer leaves nothing behind
+
+
+def _closed_unspoken(error: OSError) -> bool:
+    return isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError))
 
 
 def _peer_of(assoc: Association, address: str) -> Callable[[], Peer]:

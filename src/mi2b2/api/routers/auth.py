@@ -6,9 +6,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from mi2b2.api.deps import SESSION_COOKIE, ContextDep, CurrentUser, bearer_secret
-from mi2b2.api.schemas.accounts import Identity, IssuedToken, TokenRow
+from mi2b2.api.routers.oidc import START, base_url
+from mi2b2.api.schemas.accounts import Identity, IssuedToken, LoggedOut, SignInMethods, TokenRow
 from mi2b2.api.schemas.bodies import LoginBody, RowIdPath, TokenBody
 from mi2b2.api.schemas.common import StatusReply
+from mi2b2.services.oidc_login import VIA as OIDC
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -24,13 +26,23 @@ def login(body: LoginBody, request: Request, response: Response, ctx: ContextDep
     return {"login": principal.login, "role": principal.role.value, "display_name": principal.display_name}
 
 
-@router.post("/logout", response_model=StatusReply)
-def logout(request: Request, response: Response, ctx: ContextDep) -> dict[str, str]:
+@router.get("/methods", response_model=SignInMethods)
+def methods(ctx: ContextDep) -> dict[str, Any]:
+    oidc = ctx.config.oidc
+    return {"password": "everyone" if oidc is None or oidc.local_passwords else "break-glass",
+            "provider": None if ctx.oidc is None else {"name": ctx.oidc.provider_name, "url": START}}
+
+
+@router.post("/logout", response_model=LoggedOut)
+def logout(request: Request, response: Response, ctx: ContextDep) -> dict[str, Any]:
     secret = bearer_secret(request)
-    if secret:
-        ctx.accounts.logout(secret)
+    via = ctx.accounts.logout(secret) if secret else None
     response.delete_cookie(SESSION_COOKIE, path="/")
-    return {"status": "logged out"}
+    provider_logout = None
+    if via == OIDC and ctx.oidc is not None:
+        # RP-initiated logout: the browser goes on to end its session at the provider, when it offers that.
+        provider_logout = ctx.oidc.logout_url(base_url(request, ctx) + "/app/")
+    return {"status": "logged out", "provider_logout": provider_logout}
 
 
 @router.get("/me", response_model=Identity)

@@ -36,3 +36,20 @@ class TokenRow(auth.TokenView, Readable):
 @dataclass(frozen=True)
 class UserRow(auth.UserView, Readable):
     """A user account (never its password hash)."""
+
+
+class SignInProvider(Reply):
+    name: str  # shown as "Sign in with <name>"
+    url: str  # where the browser goes to start
+
+
+class SignInMethods(Reply):
+    """How one signs in here (asked before signing in)."""
+
+    password: str  # "everyone", or "break-glass" when local passwords are off for all others
+    provider: SignInProvider | None
+
+
+class LoggedOut(Reply):
+    status: str
+    provider_logout: str | None  # where the browser also ends its session at the site's OpenID provider

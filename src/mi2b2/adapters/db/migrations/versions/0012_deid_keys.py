@@ -1,7 +1,7 @@
 """deid_keys and deid_mappings: per-project pseudonym secrets and the honest broker's mapping
 
 Revision ID: 0012
-Revises: 0008
+Revises: 0010
 Create Date: 2026-12-05 02:30:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0012'
-down_revision = '0008'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 

@@ -10,6 +10,7 @@ import { repositoryTab } from "./repository.js";
 import { requestsTab } from "./requests.js";
 import { studiesTab } from "./studies.js";
 import { viewTab } from "./view.js";
+import { tokensPanel } from "./tokens.js";
 
 const $ = (id) => document.getElementById(id);
 const REMEMBERED = "mi2b2.context"; // project and PACS ids only: nothing about patients
@@ -72,7 +73,10 @@ function showLogin(reason = "") {
   $("tabs").hidden = true;
   $("pickers").hidden = true;
   $("logout").hidden = true;
+  $("tokens-button").hidden = true;
+  $("my-tokens").hidden = true;
   $("who").textContent = "";
+  showSignInMethods().catch(() => { /* the password form still works */ });
   const wasHidden = $("login").hidden;
   $("login").hidden = false;
   $("login-error").textContent = reason;
@@ -92,11 +96,27 @@ $("login").addEventListener("submit", async (event) => {
   }
 });
 
+/** "Sign in with <provider>" when the site has single sign-on; the password form stays for break-glass accounts. */
+async function showSignInMethods() {
+  const methods = await get("/auth/methods");
+  const link = $("sign-in-provider");
+  link.hidden = !methods.provider;
+  if (methods.provider) {
+    link.textContent = `Sign in with ${methods.provider.name}`;
+    link.href = methods.provider.url;
+  }
+  $("password-note").hidden = methods.password !== "break-glass";
+}
+
 $("logout").addEventListener("click", async () => {
-  await app.run($("logout"), () => post("/auth/logout"));
+  const answer = await app.run($("logout"), () => post("/auth/logout"));
   location.hash = "";
-  location.reload();
+  // Signed in through the site's provider: end the session there too, which then sends the browser back here.
+  if (answer && answer.provider_logout) location.assign(answer.provider_logout);
+  else location.reload();
 });
+
+tokensPanel($("tokens-button"), $("my-tokens"), app);
 
 // --- project and PACS pickers ----------------------------------------------------------------------
 
@@ -231,6 +251,7 @@ async function start() {
   $("login").hidden = true;
   $("tabs").hidden = false;
   $("logout").hidden = false;
+  $("tokens-button").hidden = false;
   $("who").textContent = `${app.user.display_name || app.user.login} (${app.user.role})`;
   buildPages();
   fillProjects();

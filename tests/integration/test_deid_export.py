@@ -339,3 +339,30 @@ def test_doors_that_do_not_de_identify_yet_refuse_a_de_identified_project(
     # The same door still serves an identified project to its members.
     if door == "DICOMweb":
         assert api(ctx, tokens["alice"]).get("/dicomweb/projects/alpha/studies").status_code == 200
+
+
+def test_a_big_instance_streams_its_header_then_its_pixel_data_as_stored(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path) -> None:
+    """Above the in-memory size (LARGE_MEMBER) a file is never held whole: the new header, then the
+    cache's pixel bytes in chunks, in the ZIP and in the CLI's file fetch."""
+    ctx, tokens = placed
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    source.PatientID, source.PatientName = "PAT004", "BIG^PATIENT"
+    source.Rows = source.Columns = 4200  # 35 MB of 16-bit pixels
+    source.PixelData = (bytes(range(256)) * (4200 * 4200 * 2 // 256 + 1))[:4200 * 4200 * 2]
+    big = tmp_path / "big.dcm"
+    source.save_as(big, enforce_file_format=True)
+    place(ctx, "gamma", big)
+    study = str(source.StudyInstanceUID)
+    bob = api(ctx, tokens["bob"])
+    files = unzip(bob.post("/api/v1/projects/gamma/download", json={"study_uids": [study]}).content)
+    (data,) = [d for n, d in files.items() if n.endswith(".dcm")]
+    assert b"BIG^PATIENT" not in data and str(source.SOPInstanceUID).encode() not in data
+    assert data.endswith(bytes(source.PixelData)) and dcmread(io.BytesIO(data)).PatientID.startswith("P")
+    manifest = bob.post("/api/v1/projects/gamma/download/manifest", json={"study_uids": [study]}).json()
+    (entry,) = manifest["files"]
+    fetched = bob.post("/api/v1/projects/gamma/download/instance", json={
+        "download_id": manifest["studies"][0]["download_id"], "study_uid": entry["study_uid"],
+        "sop_uid": entry["sop_uid"]})
+    assert fetched.status_code == 200 and int(fetched.headers["content-length"]) == entry["size"] == len(data)
+    assert fetched.content == data

@@ -223,3 +223,19 @@ def test_a_damaged_file_is_withheld_never_sent_as_it_is(damage: str) -> None:
                               "cut pixel data": data[:-300]}
     out, outcome = deidentify_bytes(broken[damage], ENGINE)
     assert out is None and isinstance(outcome, Withheld) and "not readable" in outcome.reason
+
+
+def test_a_deeply_nested_name_is_replaced_too() -> None:
+    ds = dcmread(io.BytesIO(sample("CT_small.dcm")))
+    item = Dataset()
+    ds.ReferencedStudySequence = [item]
+    for _ in range(60):  # sequences in sequences: the walk goes all the way down
+        inner = Dataset()
+        item.ReferencedStudySequence = [inner]
+        item = inner
+    item.PatientName = "HIDDEN^DEEP"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    out, _ = deidentify_bytes(buffer.getvalue(), ENGINE)
+    assert out is not None and b"HIDDEN" not in out and b"1.2.3.4.5.6.7" not in out

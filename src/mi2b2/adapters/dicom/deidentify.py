@@ -131,10 +131,14 @@ def deidentify_file(fp: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld
                                 str(ds.get("SeriesInstanceUID", "") or ""))
     if verdict.withhold:
         return Withheld(verdict.reason, series, str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "")))
-    _deidentify_dataset(ds, engine)
     header = io.BytesIO()
-    ds.preamble = b"\0" * 128  # a preamble may hold a TIFF header naming the patient
-    dcmwrite(header, ds, enforce_file_format=True)
+    try:
+        _deidentify_dataset(ds, engine)
+        ds.preamble = b"\0" * 128  # a preamble may hold a TIFF header naming the patient
+        dcmwrite(header, ds, enforce_file_format=True)
+    except Exception as exc:  # whatever a hostile header does, it is withheld, never sent as it is
+        return Withheld(f"could not be de-identified ({type(exc).__name__})", series,
+                        str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""))
     return Deidentified(header.getvalue(), start, end, str(ds.PatientID), str(ds.StudyInstanceUID),
                         str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
 

@@ -43,7 +43,7 @@ from stream_zip import NO_COMPRESSION_64, ZIP_64, stream_zip
 from mi2b2.adapters.crypto import age_files
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld, deidentify_file
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.config.export_policy import ExportPolicy
@@ -422,13 +422,12 @@ def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPo
                        "`mi2b2 admin fsck --repair`") from None
     if isinstance(data, bytes):
         return InstanceDownload(len(data), iter((data,)))
-    outcome = data if data is not None else source.big(file)
+    outcome = data if data is not None else source.big_outcome(file)
     if isinstance(outcome, Withheld):
         raise NotFound(f"that image is withheld from this project's de-identified exports: {outcome.reason}")
-    size = sum(len(chunk) for chunk in outcome)  # a big file: measured once, then sent
-    chunks = source.big(file)
-    assert not isinstance(chunks, Withheld)
-    return InstanceDownload(size, chunks)
+    path = source.store.absolute(relative)
+    return InstanceDownload(outcome.size, _header_and_range(outcome.header, path, outcome.pixel_start,
+                                                            outcome.pixel_end))
 
 
 def _file_chunks(file: Any) -> Iterator[bytes]:
@@ -645,6 +644,15 @@ class _Source:
         path = self.store.absolute(file.cache_path)
         if self.deid is None:
             return _chunks_of(path)
+        outcome = self.big_outcome(file)
+        if isinstance(outcome, Withheld):
+            return outcome
+        return _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
+
+    def big_outcome(self, file: PlannedFile) -> Deidentified | Withheld:
+        """The de-identified header of a big file and where its pixel data lies (made once, then cached)."""
+        assert self.deid is not None
+        path = self.store.absolute(file.cache_path)
         engine = self.deid.engine
         try:
             with open(path, "rb") as handle:
@@ -655,9 +663,7 @@ class _Source:
                     deid.HEADERS.put(key, outcome)
         except FileNotFoundError:
             raise PermanentError("a file was deleted from the cache during the download") from None
-        if isinstance(outcome, Withheld):
-            return outcome
-        return _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
+        return outcome
 
     def sent(self) -> None:
         if self.deid is not None:

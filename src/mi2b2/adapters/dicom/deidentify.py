@@ -123,7 +123,8 @@ def deidentify_file(fp: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld
         else:
             start = fp.tell()
             end = _pixel_extent(fp, start, syntax.is_little_endian, syntax.is_implicit_VR)
-    except (InvalidDicomError, UnreadableInstance, ValueError, KeyError, EOFError, OSError, struct.error) as exc:
+    except (InvalidDicomError, UnreadableInstance, ValueError, KeyError, EOFError, OSError, struct.error,
+            RecursionError) as exc:  # RecursionError: sequences nested deeper than pydicom reads
         return Withheld(f"not readable as DICOM ({type(exc).__name__})", "", "", "")
     series = engine.pseudonyms.uid(str(ds.get("SeriesInstanceUID", "")))
     verdict = burned_in_verdict(engine.profile, str(ds.get("BurnedInAnnotation", "") or ""),

@@ -1,6 +1,6 @@
 """deid_keys and deid_mappings: per-project pseudonym secrets and the honest broker's mapping
 
-Revision ID: 0012
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-05 02:30:00
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-05 02:30:00
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0012'
+revision = '0011'
 down_revision = '0010'
 branch_labels = None
 depends_on = None

@@ -14,9 +14,14 @@ It times
   (c) the same, encrypted to an age public key (recipients mode),
   (d) ``mi2b2 download P --all --to DIR -r age1...``: the CLI's encrypted folder
       download (a real subprocess: its ~2-3 s start-up is included),
+  (e) the plain ZIP of a project whose export policy is ``deidentified`` holding the
+      same studies, against (b) again: each phase repeats its download for at least
+      1 s; best of several phases, alternating; the first de-identified download
+      (no header made yet) is printed too,
 
 checks that the ZIPs and the folder hold every file, prints MB/s and ends
-with ``ratio: <(c) MB/s / (b) MB/s>`` (target >= 0.7; plain_vs_disk target >= 0.8).
+with ``ratio: <(c) MB/s / (b) MB/s>`` (target >= 0.7; plain_vs_disk target >= 0.8;
+deid_vs_plain target >= 0.7).
 Everything it starts is stopped, and its temp folder removed, on exit.
 """
 
@@ -51,6 +56,9 @@ from mi2b2.synthetic import SyntheticStudy, write_study  # noqa: E402
 from support.pacs import free_port  # noqa: E402
 
 PROJECT = "bench"
+DEID_PROJECT = "benchdeid"
+PHASE_SECONDS = 1.0
+PHASES = 3
 INSTANCE_BYTES = 525_636  # one 512x512 16-bit CT instance as mi2b2.synthetic writes it
 PER_SERIES = 25
 
@@ -90,18 +98,33 @@ def write_site(folder: Path) -> Path:
         quota = "100 GiB"
         institutions = ["bench"]
         members = [{{ login = "bench" }}]
+
+        [[projects]]
+        id = "{DEID_PROJECT}"
+        title = "Download benchmark, de-identified"
+        irb = "BENCH-0003"
+        expires = 2099-12-31
+        mrn_file = "bench.mrns"
+        quota = "100 GiB"
+        institutions = ["bench"]
+        members = [{{ login = "bench" }}]
+        export = "deidentified"
+        [projects.deidentification]
+        options = ["retain_longitudinal_modified_dates"]
         """), encoding="utf-8")
     return path
 
 
-def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path]]:
-    """Synthetic studies generated in the cache's incoming folder, placed and indexed as the receiver does."""
+def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path], list[Path]]:
+    """Synthetic studies generated in the cache's incoming folder, placed and indexed as the receiver does
+    (in both projects: the de-identified one holds copies of the same files)."""
     token = researcher_token(config_path)
     ctx = build_context(load_config(config_path))
     try:
         store = cache_store(ctx)
         studies = max(1, round(megabytes * 1_000_000 / (INSTANCE_BYTES * PER_SERIES * 2)))
         placed: list[Path] = []
+        copies: list[Path] = []
         for n in range(1, studies + 1):
             study = SyntheticStudy(
                 patient_id=f"BENCH{n:04d}", patient_name=f"BENCH^PATIENT{n:04d}", birth_date="19700101", sex="O",
@@ -112,13 +135,18 @@ def fill_cache(config_path: Path, megabytes: int) -> tuple[str, list[Path]]:
             with transaction(ctx.sessions) as session:
                 for file in generated:
                     header = read_instance_header(file)
-                    relative = store.relative_path(PROJECT, header.study_uid, header.series_uid,
-                                                   header.sop_instance_uid)
-                    size = store.place(file, relative)
-                    index_instance(session, PROJECT, header, relative, size, ctx.clock.now(), "bench", "unused")
-                    placed.append(store.absolute(relative))
+                    for project, into in ((DEID_PROJECT, copies), (PROJECT, placed)):
+                        relative = store.relative_path(project, header.study_uid, header.series_uid,
+                                                       header.sop_instance_uid)
+                        if project == DEID_PROJECT:
+                            shutil.copyfile(file, file.with_suffix(".copy"))
+                            size = store.place(file.with_suffix(".copy"), relative)
+                        else:
+                            size = store.place(file, relative)
+                        index_instance(session, project, header, relative, size, ctx.clock.now(), "bench", "unused")
+                        into.append(store.absolute(relative))
         shutil.rmtree(store.incoming_dir(), ignore_errors=True)
-        return token, placed
+        return token, placed, copies
     finally:
         ctx.engine.dispose()
 
@@ -154,7 +182,8 @@ def time_disk(paths: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - started, total
 
 
-def time_zip(url: str, token: str, paths: list[Path], out: Path, encryption: dict[str, object] | None) -> tuple[float, int]:
+def time_zip(url: str, token: str, paths: list[Path], out: Path, encryption: dict[str, object] | None,
+             project: str = PROJECT) -> tuple[float, int]:
     """Consume the streamed ZIP with curl, as a researcher's script might.
 
     A C client: with a Python client on the same two cores the client, not the
@@ -165,7 +194,7 @@ def time_zip(url: str, token: str, paths: list[Path], out: Path, encryption: dic
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--fail-with-body", "--request", "POST",
          "--header", f"Authorization: Bearer {token}", "--header", "Content-Type: application/json",
-         "--data-binary", body, "--output", str(out), f"{url}/api/v1/projects/{PROJECT}/download"],
+         "--data-binary", body, "--output", str(out), f"{url}/api/v1/projects/{project}/download"],
         capture_output=True, text=True, timeout=1800, check=False)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
@@ -186,14 +215,43 @@ def time_cli(url: str, token: str, paths: list[Path], target: Path, recipient: s
     return elapsed
 
 
+def phase(url: str, token: str, paths: list[Path], out: Path, project: str) -> tuple[float, int]:
+    """(seconds, downloads) of as many downloads as fill PHASE_SECONDS."""
+    elapsed, runs = 0.0, 0
+    while elapsed < PHASE_SECONDS:
+        seconds, _size = time_zip(url, token, paths, out, None, project)
+        elapsed += seconds
+        runs += 1
+    return elapsed, runs
+
+
+def time_deid_vs_plain(url: str, token: str, paths: list[Path], copies: list[Path], root: Path
+                       ) -> tuple[float, float, float]:
+    """(first de-identified run, best de-identified phase, best plain phase), in seconds per download."""
+    first, _size = time_zip(url, token, copies, root / "deid.zip", None, DEID_PROJECT)
+    check_zip(root / "deid.zip", len(copies), encrypted=False, report=True)
+    best_plain = best_deid = float("inf")
+    for _ in range(PHASES):
+        seconds, runs = phase(url, token, paths, root / "plain.zip", PROJECT)
+        best_plain = min(best_plain, seconds / runs)
+        seconds, runs = phase(url, token, copies, root / "deid.zip", DEID_PROJECT)
+        best_deid = min(best_deid, seconds / runs)
+    check_zip(root / "deid.zip", len(copies), encrypted=False, report=True)
+    (root / "plain.zip").unlink()
+    (root / "deid.zip").unlink()
+    return first, best_deid, best_plain
+
+
 def cli_startup() -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mi2b2", "--help"], capture_output=True, check=True, timeout=120)
     return time.perf_counter() - started
 
 
-def check_zip(path: Path, expected: int, encrypted: bool) -> None:
+def check_zip(path: Path, expected: int, encrypted: bool, report: bool = False) -> None:
     with zipfile.ZipFile(path) as archive:
+        if report and "deidentification-report.json" not in archive.namelist():
+            raise BenchFailure(f"{path.name} has no deidentification-report.json")
         names = [n for n in archive.namelist() if n.endswith(".dcm.age" if encrypted else ".dcm")]
         if len(names) != expected:
             raise BenchFailure(f"{path.name} holds {len(names)} images, expected {expected}")
@@ -214,7 +272,7 @@ def main() -> None:
             site.mkdir()
             config_path = write_site(site)
             t0 = time.perf_counter()
-            token, paths = fill_cache(config_path, megabytes)
+            token, paths, copies = fill_cache(config_path, megabytes)
             size = sum(p.stat().st_size for p in paths)
             print(f"setup: {len(paths)} instances, {size / 1e6:.0f} MB generated and indexed in "
                   f"{time.perf_counter() - t0:.1f} s")
@@ -233,6 +291,7 @@ def main() -> None:
             if len(stored) != len(paths):
                 raise BenchFailure(f"the CLI download holds {len(stored)} images, expected {len(paths)}")
             startup = cli_startup()
+            deid_first, deid_best, plain_best = time_deid_vs_plain(url, token, paths, copies, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -248,7 +307,13 @@ def main() -> None:
           f"({encrypted_bytes / 1e6:.0f} MB ZIP)")
     print(f"mi2b2 CLI, age-encrypted folder download: {cli:.2f} s, {rate(cli):.0f} MB/s of images "
           f"(includes the command's start-up, {startup:.2f} s alone)")
+    print(f"mi2b2 API, de-identified ZIP, first download (every header made): {deid_first:.2f} s, "
+          f"{rate(deid_first):.0f} MB/s of images")
+    print(f"mi2b2 API, best of {PHASES} phases of >= {PHASE_SECONDS:g} s: plain ZIP {plain_best:.2f} s "
+          f"({rate(plain_best):.0f} MB/s), de-identified ZIP {deid_best:.2f} s ({rate(deid_best):.0f} MB/s)")
     print(f"plain_vs_disk: {rate(plain) / rate(disk):.3f}")
+    print(f"deid_first_vs_plain: {rate(deid_first) / rate(plain_best):.3f}")
+    print(f"deid_vs_plain: {rate(deid_best) / rate(plain_best):.3f}")
     print(f"cli_encrypted_vs_plain: {rate(cli) / rate(plain):.3f}")
     print(f"ratio: {rate(encrypted) / rate(plain):.3f}")
 

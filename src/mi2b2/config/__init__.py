@@ -27,6 +27,7 @@ from mi2b2.config.atna import AtnaConfig as AtnaConfig
 from mi2b2.config.dicom_tls import DicomTls as DicomTls
 from mi2b2.config.dicom_tls import ReceiverTls as ReceiverTls
 from mi2b2.config.dicom_tls import check_tls_files
+from mi2b2.config.export_policy import ExportPolicyFields
 from mi2b2.config.fields import (  # re-exported: callers import them from mi2b2.config
     AE_TITLE as AE_TITLE,
 )
@@ -135,7 +136,7 @@ class MemberConfig(Strict):
         return value
 
 
-class ProjectConfig(Strict):
+class ProjectConfig(ExportPolicyFields):  # export, encrypted_only, [projects.deidentification]
     id: Identifier
     title: str = Field(min_length=1)
     irb: str = Field(min_length=1, description="IRB protocol number")

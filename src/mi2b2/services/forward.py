@@ -60,6 +60,7 @@ from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.export.deid import Door, policy_of, refuse_door
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import client_tls, local_ae
 from mi2b2.services.request_rows import change_state, mark_started
@@ -137,6 +138,7 @@ def add_forwards(
     if denial is not None:
         _deny(ctx, who, project_id, destination_id, denial.value)
         raise AccessDenied(f"project {project_id!r}: {denial.value}; {_HINTS[denial]}")
+    refuse_door(ctx, who, project_id, Door.FORWARD)
     if not destination_allows(destination.projects, project_id):
         reason = f"destination {destination_id!r} does not accept forwards from project {project_id!r}"
         _deny(ctx, who, project_id, destination_id, reason)
@@ -388,6 +390,9 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
     if dest is None:
         return jobs.end(ctx, job, RequestState.FAILED, f"destination {job.target_id!r} is no longer configured",
                         record=_record())
+    if policy_of(ctx, job.project_id).deidentified:  # queued before the project became de-identified
+        return jobs.end(ctx, job, RequestState.FAILED, f"project {job.project_id!r} exports de-identified data only; "
+                        f"{Door.FORWARD} does not de-identify yet", record=_record())
     paths = _files(ctx, job)
     watch = jobs.Watch(ctx, job)
     LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)

@@ -246,6 +246,13 @@ def search_series(
     return _finish(ctx, who, door, report, {"studies": wanted}, len(report.series), [])
 
 
+def _export_fields(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
+    from mi2b2.services.export.deid import policy_of  # the DICOM engine loads only where it is used
+
+    policy = policy_of(ctx, project_id)
+    return {"export": "deidentified" if policy.deidentified else "identified", "encrypted_only": policy.encrypted_only}
+
+
 def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
     now = ctx.clock.now()
     with ctx.sessions() as session:
@@ -257,6 +264,7 @@ def my_projects(ctx: ServiceContext, who: Principal) -> list[dict[str, Any]]:
             {"id": p.id, "title": p.title, "irb": p.irb_number, "expires": p.expires_on.isoformat(),
              "expired": not irb_active_at(p.expires_on, now, ctx.config.project_zone(p.id)), "active": p.active,
              "role": role, "data_policy": ctx.config.project_data_policy(p.id).value,
+             **_export_fields(ctx, p.id),
              "institutions": list(p.institutions), "quota_bytes": p.quota_bytes,
              "max_studies_per_patient": p.max_studies_per_patient}
             for p, role in rows

@@ -55,6 +55,7 @@ from mi2b2.services.audit import Action
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_readable, require_use
+from mi2b2.services.export.deid import Door, refuse_door
 
 VIEW_AUDIT_HOURS = 8
 HEAD_BYTES = 64 * 1024  # enough for the header of nearly every file (see adapters/dicom/files.py)
@@ -190,6 +191,7 @@ class CacheViewer:
     def tree(self, who: Principal, project_id: str) -> dict[str, Any]:
         """Patients > studies of the cache; series and images come with ``study``."""
         require_use(self.ctx, who, project_id, DataUse.READ, "view the cache")
+        refuse_door(self.ctx, who, project_id, Door.VIEWER)
         with self.ctx.sessions() as session:
             series_counts = dict(session.execute(
                 select(CachedInstance.cached_study_id, func.count(func.distinct(CachedInstance.series_uid)))
@@ -215,6 +217,7 @@ class CacheViewer:
     def study(self, who: Principal, project_id: str, study_uid: str) -> dict[str, Any]:
         check_uid(study_uid, "StudyInstanceUID")
         require_readable(self.ctx, who, project_id, [study_uid], DataUse.READ, "view a cached study")
+        refuse_door(self.ctx, who, project_id, Door.VIEWER)
         with self.ctx.sessions() as session:
             study = session.scalar(
                 select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
@@ -271,6 +274,7 @@ class CacheViewer:
         check_uid(sop_uid, "SOPInstanceUID")
         # Every time: membership, the IRB and the allow-list can change while a study is open.
         require_use(self.ctx, who, project_id, DataUse.READ, operation)
+        refuse_door(self.ctx, who, project_id, Door.VIEWER)
         with self._places_lock:
             known = self._places.get((project_id, sop_uid))
             if known is not None:

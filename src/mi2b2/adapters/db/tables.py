@@ -491,3 +491,26 @@ class SearchJobPart(Base):
     first_position: Mapped[int] = mapped_column(Integer)
     query_id: Mapped[int] = mapped_column(Integer)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class DeidKey(Base):
+    """A de-identified project's pseudonym secret: made on first use, never leaves the server."""
+
+    __tablename__ = "deid_keys"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))  # hex
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class DeidMapping(Base):
+    """Original -> pseudonym of each patient and study a de-identified export handed out (the honest
+    broker's table: for the project's lead and admins only, never for members)."""
+
+    __tablename__ = "deid_mappings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # "patient" or "study"
+    original: Mapped[str] = mapped_column(String(200))
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    __table_args__ = (UniqueConstraint("project_id", "kind", "original"),)

@@ -104,6 +104,8 @@ class ProjectHeading(Reply):
 class MyProject(ProjectHeading):
     role: str
     data_policy: str
+    export: str = "identified"  # or "deidentified": every door out de-identifies or refuses
+    encrypted_only: bool = False
     institutions: list[str]
     quota_bytes: int
     max_studies_per_patient: int | None

@@ -59,6 +59,7 @@ from mi2b2.services.dicomweb.records import (
     series_records,
     study_records,
 )
+from mi2b2.services.export.deid import Door, refuse_door
 from mi2b2.services.viewer import VIEW_AUDIT_HOURS, OnceLog, check_uid
 
 
@@ -201,6 +202,7 @@ class DicomWeb:
     def _may_search(self, who: Principal, project_id: str, study_uids: str | None) -> None:
         """The read door; a search naming studies exactly is refused for a withdrawn patient (others are left out)."""
         require_use(self.ctx, who, project_id, DataUse.READ, "search the cache (DICOMweb)")
+        refuse_door(self.ctx, who, project_id, Door.DICOMWEB)
         named = exact_uids(study_uids)
         if named is not None:
             require_patients_allowed(self.ctx, who, project_id, named, "search the cache (DICOMweb)")
@@ -214,6 +216,7 @@ class DicomWeb:
         if sop_uid is not None:
             check_uid(sop_uid, "SOPInstanceUID")
         require_use(self.ctx, who, project_id, DataUse.READ, operation)
+        refuse_door(self.ctx, who, project_id, Door.DICOMWEB)
         require_patients_allowed(self.ctx, who, project_id, [study_uid], operation)
         return cached_files(self.ctx, project_id, study_uid, series_uid, sop_uid)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import json
 import os
 import stat
@@ -42,14 +43,18 @@ from stream_zip import NO_COMPRESSION_64, ZIP_64, stream_zip
 from mi2b2.adapters.crypto import age_files
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
-from mi2b2.adapters.dicom.files import read_instance_header
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
+from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
+from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_readable
+from mi2b2.services.export import deid
+from mi2b2.services.export.deid import WithheldReport
 from mi2b2.services.export.layout import (
     IDENTITY,
     MANIFEST,
@@ -104,6 +109,11 @@ class DownloadPlan:
     project_id: str
     studies: list[StudyPlan]
     files: list[PlannedFile]
+    # What the files were planned from, for a de-identified layout: studies, series, one header per study.
+    study_infos: list[StudyInfo] = field(default_factory=list)
+    series_infos: dict[str, SeriesInfo] = field(default_factory=dict)
+    instance_infos: list[InstanceInfo] = field(default_factory=list)
+    headers: dict[str, InstanceHeader] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -154,7 +164,7 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
                 .where(CachedInstance.cached_study_id.in_(list(study_of)))
             )
         ]
-    series = _series_infos(store, instances)
+    series, headers = _series_infos(store, instances)
     studies = [StudyInfo(r.study_uid, r.patient_id, r.study_date, r.accession) for r in rows]
     files = plan_paths(studies, series, instances)
     _check_on_disk(store, files)
@@ -165,7 +175,11 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
     plans = [StudyPlan(r.study_uid, r.patient_id, *totals[r.study_uid]) for r in rows if totals[r.study_uid][0]]
     if not plans:
         raise NotFound(f"the studies asked for have no images in the cache of project {project_id!r} yet")
-    return DownloadPlan(project_id, plans, files)
+    study_headers: dict[str, InstanceHeader] = {}
+    for instance in instances:
+        if instance.series_uid in headers:
+            study_headers.setdefault(instance.study_uid, headers[instance.series_uid])
+    return DownloadPlan(project_id, plans, files, studies, series, instances, study_headers)
 
 
 def _check_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
@@ -184,19 +198,21 @@ def _check_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
     return wanted
 
 
-def _series_infos(store: CacheStore, instances: list[InstanceInfo]) -> dict[str, SeriesInfo]:
+def _series_infos(store: CacheStore, instances: list[InstanceInfo]
+                  ) -> tuple[dict[str, SeriesInfo], dict[str, InstanceHeader]]:
     """SeriesNumber and Modality are not in the index: read them from one file of each series."""
     first: dict[str, InstanceInfo] = {}
     for instance in instances:
         first.setdefault(instance.series_uid, instance)
-    infos = {}
+    infos, headers = {}, {}
     for uid, instance in first.items():
         try:
             header = read_instance_header(store.absolute(instance.cache_path))
             infos[uid] = SeriesInfo(uid, header.series_number, header.modality)
+            headers[uid] = header
         except InvalidInput:
             infos[uid] = SeriesInfo(uid, None, "")  # unreadable now: fsck's business; the name falls back
-    return infos
+    return infos, headers
 
 
 def _check_on_disk(store: CacheStore, files: list[PlannedFile]) -> None:
@@ -211,7 +227,7 @@ def _check_on_disk(store: CacheStore, files: list[PlannedFile]) -> None:
 
 
 def _record_download(ctx: ServiceContext, who: Principal, plan: DownloadPlan, via: str,
-                     encryption: str | None) -> dict[str, int]:
+                     encryption: str | None, policy: ExportPolicy) -> dict[str, int]:
     """One DOWNLOAD event per study and last_downloaded_by/at, in one transaction; returns study_uid -> event seq.
 
     The bytes stream after this commits (a read): a transfer cut short is recorded as FAILED afterwards."""
@@ -225,7 +241,8 @@ def _record_download(ctx: ServiceContext, who: Principal, plan: DownloadPlan, vi
         seqs = dict(zip([study.study_uid for study in plan.studies], ctx.audit.record_many(session, [
             AuditEntry(who, Action.DOWNLOAD, project_id=plan.project_id, patient_id=study.patient_id,
                        study_uid=study.study_uid,
-                       detail={"via": via, "files": study.instances, "bytes": study.bytes, "encryption": encryption})
+                       detail={"via": via, "files": study.instances, "bytes": study.bytes, "encryption": encryption,
+                               **policy.audit_detail()})
             for study in plan.studies]), strict=True))
     return seqs
 
@@ -253,19 +270,58 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
     if encryption not in (None, "passphrase", "recipients"):
         raise InvalidInput("encryption is 'passphrase', 'recipients' or absent")
     plan = plan_download(ctx, who, project_id, study_uids, all_studies)
+    policy = deid.policy_of(ctx, project_id)
+    if encryption is None:
+        deid.refuse_plain(ctx, who, policy)
     store = CacheStore(ctx.config.cache_dir())
-    digests = _digests(ctx, project_id, [store.absolute(f.cache_path) for f in plan.files])
-    seqs = _record_download(ctx, who, plan, VIA_FILES, encryption)
+    prepared = _prepare_deid(ctx, policy, plan)
+    if prepared is None:
+        digests: list[tuple[int, str] | Withheld] = list(
+            _digests(ctx, project_id, [store.absolute(f.cache_path) for f in plan.files]))
+    else:
+        digests = _deid_digests(_Source(store, prepared), plan.files)
+    seqs = _record_download(ctx, who, plan, VIA_FILES, encryption, policy)
+    files, total = [], 0
+    for f, digest in zip(plan.files, digests, strict=True):
+        out = f if prepared is None else prepared.outputs[f.cache_path]
+        if isinstance(digest, Withheld):
+            continue
+        size, sha256 = digest
+        total += size
+        files.append({"path": out.path, "number": out.number, "study_uid": out.study_uid,
+                      "series_uid": out.series_uid, "sop_uid": out.sop_uid, "size": size, "sha256": sha256})
+    # A de-identified manifest names studies by their pseudonymous UIDs, as its files do.
+    named = (lambda uid: uid) if prepared is None else prepared.engine.pseudonyms.uid
     return {
         "project": project_id,
         "created_at": ctx.clock.now().isoformat(timespec="seconds"),
-        "studies": [{"study_uid": s.study_uid, "download_id": seqs[s.study_uid], "files": s.instances,
+        "studies": [{"study_uid": named(s.study_uid), "download_id": seqs[s.study_uid], "files": s.instances,
                      "bytes": s.bytes} for s in plan.studies],
-        "files": [{"path": f.path, "number": f.number, "study_uid": f.study_uid, "series_uid": f.series_uid,
-                   "sop_uid": f.sop_uid, "size": size, "sha256": digest}
-                  for f, (size, digest) in zip(plan.files, digests, strict=True)],
-        "bytes": sum(size for size, _digest in digests),
+        "files": files,
+        "bytes": total,
     }
+
+
+def _deid_digests(source: _Source, files: list[PlannedFile]) -> list[tuple[int, str] | Withheld]:
+    """(size, SHA-256) of each de-identified copy, or why it is withheld: the copy is made again, the same,
+    when the file is fetched (the same key gives the same bytes)."""
+    def digest(file: PlannedFile) -> tuple[int, str] | Withheld:
+        data = source.small(file)
+        if isinstance(data, Withheld):
+            return data
+        if data is not None:
+            return len(data), hashlib.sha256(data).hexdigest()
+        chunks = source.big(file)
+        if isinstance(chunks, Withheld):
+            return chunks
+        sha, size = hashlib.sha256(), 0
+        for chunk in chunks:
+            sha.update(chunk)
+            size += len(chunk)
+        return size, sha.hexdigest()
+
+    with ThreadPoolExecutor(PREFETCH_WORKERS) as pool:
+        return list(pool.map(digest, files))
 
 
 def _digests(ctx: ServiceContext, project_id: str, paths: list[Path]) -> list[tuple[int, str]]:
@@ -287,6 +343,9 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
     _check_uids([study_uid], False)
     if not UID.match(sop_uid) or len(sop_uid) > 64:
         raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
+    policy = deid.policy_of(ctx, project_id)
+    if policy.deidentified:
+        return _deidentified_instance(ctx, who, policy, download_id, study_uid, sop_uid)
     require_readable(ctx, who, project_id, [study_uid], DataUse.READ, "download")
     with ctx.sessions() as session:
         event = session.get(AuditEvent, download_id)
@@ -320,6 +379,57 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
     return InstanceDownload(os.fstat(file.fileno()).st_size, _file_chunks(file))
 
 
+def _ticket(ctx: ServiceContext, who: Principal, project_id: str, download_id: int) -> str | None:
+    """The (original) study a recent folder download of this user covers, if ``download_id`` is one."""
+    with ctx.sessions() as session:
+        event = session.get(AuditEvent, download_id)
+        if (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value
+                and event.actor == who.login and event.project_id == project_id
+                and json.loads(event.detail).get("via") == VIA_FILES
+                and datetime.fromisoformat(event.occurred_at) >= ctx.clock.now() - timedelta(hours=TICKET_HOURS)):
+            return event.study_uid
+    return None
+
+
+def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPolicy, download_id: int,
+                           study_uid: str, sop_uid: str) -> InstanceDownload:
+    """One file of a de-identified folder download, named by the pseudonymous UIDs its manifest gave."""
+    project_id = policy.project_id
+    require_readable(ctx, who, project_id, [], DataUse.READ, "download")
+    engine = deid.engine_for(ctx, policy)
+    original = _ticket(ctx, who, project_id, download_id)
+    if original is None or engine.pseudonyms.uid(original) != study_uid:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, study_uid=original,
+                         detail={"reason": "no download covers this file", "operation": "download",
+                                 "download_id": download_id})
+        raise AccessDenied("this download_id does not cover that study (or is older than "
+                           f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
+    require_readable(ctx, who, project_id, [original], DataUse.READ, "download")
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(CachedInstance.sop_instance_uid, CachedInstance.relative_path)
+            .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
+            .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == original)).all()
+    relative = next((path for sop, path in rows if engine.pseudonyms.uid(sop) == sop_uid), None)
+    if relative is None:
+        raise NotFound("that image is no longer in the project's cache (deleted since the manifest was made)")
+    source = _Source(CacheStore(ctx.config.cache_dir()), _Deid(engine, {}, WithheldReport(policy)))
+    file = PlannedFile(original, "", "", "", "", 0, relative)
+    try:
+        data = source.small(file)
+    except PermanentError:
+        raise NotFound("that image is indexed but missing from the cache; an admin should run "
+                       "`mi2b2 admin fsck --repair`") from None
+    if isinstance(data, bytes):
+        return InstanceDownload(len(data), iter((data,)))
+    outcome = data if data is not None else source.big_outcome(file)
+    if isinstance(outcome, Withheld):
+        raise NotFound(f"that image is withheld from this project's de-identified exports: {outcome.reason}")
+    path = source.store.absolute(relative)
+    return InstanceDownload(outcome.size, _header_and_range(outcome.header, path, outcome.pixel_start,
+                                                            outcome.pixel_end))
+
+
 def _file_chunks(file: Any) -> Iterator[bytes]:
     with file:
         while chunk := file.read(CHUNK):
@@ -345,6 +455,10 @@ def zip_download(ctx: ServiceContext, who: Principal, project_id: str, study_uid
         else:
             recipients = age_files.parse_recipients(encryption.recipients)
     plan = plan_download(ctx, who, project_id, study_uids, all_studies)
+    policy = deid.policy_of(ctx, project_id)
+    if encryption is None:
+        deid.refuse_plain(ctx, who, policy)
+    source = _Source(CacheStore(ctx.config.cache_dir()), _prepare_deid(ctx, policy, plan))
     now = ctx.clock.now()
     if encryption is not None and encryption.passphrase is not None:
         identity = age_files.new_identity()
@@ -352,15 +466,15 @@ def zip_download(ctx: ServiceContext, who: Principal, project_id: str, study_uid
         # The one scrypt of this download; every file is encrypted to the identity it protects.
         identity_age = age_files.encrypt_with_passphrase(age_files.identity_file_text(identity).encode(),
                                                          encryption.passphrase)
-    _record_download(ctx, who, plan, VIA_ZIP, encryption.mode if encryption else None)
-    store = CacheStore(ctx.config.cache_dir())
+    _record_download(ctx, who, plan, VIA_ZIP, encryption.mode if encryption else None, policy)
     stamp = now.strftime("%Y%m%d-%H%M%S")
+    kind = "-deidentified" if policy.deidentified else ""
     if encryption is None:
-        members = _plain_members(store, plan, now)
-        name = f"mi2b2-{project_id}-{stamp}.zip"
+        members = _plain_members(source, plan, now)
+        name = f"mi2b2-{project_id}-{stamp}{kind}.zip"
     else:
-        members = _encrypted_members(store, plan, now, encryption, recipients, identity_age)
-        name = f"mi2b2-{project_id}-{stamp}-encrypted.zip"
+        members = _encrypted_members(source, plan, now, encryption, recipients, identity_age)
+        name = f"mi2b2-{project_id}-{stamp}{kind}-encrypted.zip"
     return ZipDownload(name, len(plan.studies), len(plan.files), plan.bytes,
                        _audited_stream(ctx, who, plan, members))
 
@@ -391,30 +505,41 @@ def _audited_stream(ctx: ServiceContext, who: Principal, plan: DownloadPlan,
             _record_interrupted(ctx, who, plan, progress.sent)
 
 
-def _plain_members(store: CacheStore, plan: DownloadPlan, now: datetime) -> Callable[[_Progress], Iterator[_Member]]:
+def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callable[[_Progress], Iterator[_Member]]:
     def members(progress: _Progress) -> Iterator[_Member]:
-        for file, data in _prefetched(plan.files, lambda f: _read_small(store, f), lambda f: f.size):
-            if data is not None:
+        for file, data in _prefetched(plan.files, source.small, lambda f: f.size):
+            out = source.output(file)
+            if isinstance(data, Withheld):
+                source.withhold(data)
+            elif data is not None:
                 # Whole small file in memory: stream-zip learns its CRC in one pass.
-                yield file.path, now, FILE_MODE, NO_COMPRESSION_64, (data,)
-            else:
-                path = store.absolute(file.cache_path)
+                yield out.path, now, FILE_MODE, NO_COMPRESSION_64, (data,)
+                source.sent()
+            elif source.deid is None:
+                path = source.store.absolute(file.cache_path)
                 size, crc = _size_and_crc(path)  # a second pass over a big file beats holding it
                 yield file.path, now, FILE_MODE, NO_COMPRESSION_64(size, crc), _chunks_of(path)
+            elif isinstance(chunks := source.big(file), Withheld):
+                source.withhold(chunks)
+            else:
+                yield out.path, now, FILE_MODE, ZIP_64, chunks
+                source.sent()
             progress.add(file.study_uid, file.size)
+        if source.deid is not None:
+            yield deid.REPORT, now, FILE_MODE, NO_COMPRESSION_64, (source.deid.report.to_json(),)
     return members
 
 
-def _encrypted_members(store: CacheStore, plan: DownloadPlan, now: datetime, encryption: Encryption,
+def _encrypted_members(source: _Source, plan: DownloadPlan, now: datetime, encryption: Encryption,
                        recipients: list[Any], identity_age: bytes) -> Callable[[_Progress], Iterator[_Member]]:
     key = age_files.new_name_key()
-    names = keyed_paths(key, plan.files)
+    names = keyed_paths(key, [source.output(f) for f in plan.files])
     created = now.isoformat(timespec="seconds")
 
-    def encrypt_small(file: PlannedFile) -> tuple[bytes, str, int] | None:
-        data = _read_small(store, file)
-        if data is None:
-            return None
+    def encrypt_small(file: PlannedFile) -> tuple[bytes, str, int] | Withheld | None:
+        data = source.small(file)
+        if data is None or isinstance(data, Withheld):
+            return data
         return age_files.encrypt(data, recipients), hashlib.sha256(data).hexdigest(), len(data)
 
     def members(progress: _Progress) -> Iterator[_Member]:
@@ -424,14 +549,23 @@ def _encrypted_members(store: CacheStore, plan: DownloadPlan, now: datetime, enc
             yield IDENTITY, now, FILE_MODE, NO_COMPRESSION_64, (identity_age,)
         pairs = zip(plan.files, names, strict=True)
         for (file, name), done in _prefetched(list(pairs), lambda p: encrypt_small(p[0]), lambda p: p[0].size):
-            if done is not None:
+            out = source.output(file)
+            if isinstance(done, Withheld):
+                source.withhold(done)
+            elif done is not None:
                 ciphertext, digest, size = done
-                entries.append(ManifestEntry(name, file.path, digest, size, file.study_uid, file.series_uid,
-                                             file.sop_uid))
+                entries.append(ManifestEntry(name, out.path, digest, size, out.study_uid, out.series_uid,
+                                             out.sop_uid))
                 yield name, now, FILE_MODE, NO_COMPRESSION_64, (ciphertext,)
+                source.sent()
+            elif isinstance(chunks := source.big(file), Withheld):
+                source.withhold(chunks)
             else:
-                yield name, now, FILE_MODE, ZIP_64, _encrypt_streaming(store, file, name, recipients, entries)
+                yield name, now, FILE_MODE, ZIP_64, _encrypt_streaming(chunks, out, name, recipients, entries)
+                source.sent()
             progress.add(file.study_uid, file.size)
+        if source.deid is not None:
+            yield deid.REPORT, now, FILE_MODE, NO_COMPRESSION_64, (source.deid.report.to_json(),)
         # Last, so the SHA-256 of every file is known without a second pass over the cache.
         kept = ([str(r) for r in recipients] if encryption.passphrase is not None
                 else [age_files.recipient_text(r) for r in encryption.recipients])
@@ -440,7 +574,7 @@ def _encrypted_members(store: CacheStore, plan: DownloadPlan, now: datetime, enc
     return members
 
 
-def _encrypt_streaming(store: CacheStore, file: PlannedFile, name: str, recipients: list[Any],
+def _encrypt_streaming(chunks: Iterator[bytes], file: PlannedFile, name: str, recipients: list[Any],
                        entries: list[ManifestEntry]) -> Iterator[bytes]:
     digest = hashlib.sha256()
     size = 0
@@ -450,10 +584,104 @@ def _encrypt_streaming(store: CacheStore, file: PlannedFile, name: str, recipien
         digest.update(chunk)
         size += len(chunk)
 
-    reader = age_files.ChunkReader(_chunks_of(store.absolute(file.cache_path)), seen)
+    reader = age_files.ChunkReader(chunks, seen)
     yield from age_files.encrypt_chunks(iter(lambda: reader.read(CHUNK), b""), recipients)
     entries.append(ManifestEntry(name, file.path, digest.hexdigest(), size, file.study_uid, file.series_uid,
                                  file.sop_uid))
+
+
+@dataclass
+class _Deid:
+    engine: DeidEngine
+    outputs: dict[str, PlannedFile]  # cache path -> the file under pseudonymous UIDs and names
+    report: WithheldReport
+
+
+def _prepare_deid(ctx: ServiceContext, policy: ExportPolicy, plan: DownloadPlan) -> _Deid | None:
+    if not policy.deidentified:
+        return None
+    engine = deid.engine_for(ctx, policy)
+    files, pairs = deid.pseudonymous_files(engine, plan.study_infos, plan.series_infos, plan.instance_infos,
+                                           plan.headers)
+    deid.record_mappings(ctx, plan.project_id, pairs)
+    return _Deid(engine, {f.cache_path: f for f in files}, WithheldReport(policy))
+
+
+@dataclass
+class _Source:
+    """The bytes each member of a download carries: the cached file as it is, or its de-identified copy."""
+
+    store: CacheStore
+    deid: _Deid | None
+
+    def output(self, file: PlannedFile) -> PlannedFile:
+        return file if self.deid is None else self.deid.outputs[file.cache_path]
+
+    def small(self, file: PlannedFile) -> bytes | Withheld | None:
+        """A small file's bytes (de-identified if so); None for a big one, which ``big`` streams."""
+        if self.deid is None:
+            return _read_small(self.store, file)
+        engine = self.deid.engine
+        try:
+            with open(self.store.absolute(file.cache_path), "rb", buffering=0) as handle:
+                stat = os.fstat(handle.fileno())
+                if stat.st_size > LARGE_MEMBER:
+                    return None
+                data = handle.read(stat.st_size + 1)
+        except FileNotFoundError:
+            raise PermanentError("a file was deleted from the cache during the download") from None
+        key = deid.HEADERS.identity(engine, stat)
+        outcome = deid.HEADERS.get(key)
+        if outcome is None:
+            outcome = deidentify_file(io.BytesIO(data), engine)
+            deid.HEADERS.put(key, outcome)
+        if isinstance(outcome, Withheld):
+            return outcome
+        return outcome.header + data[outcome.pixel_start:outcome.pixel_end]
+
+    def big(self, file: PlannedFile) -> Iterator[bytes] | Withheld:
+        """A big file in chunks: its de-identified header, then its pixel data read from the cache as it is."""
+        path = self.store.absolute(file.cache_path)
+        if self.deid is None:
+            return _chunks_of(path)
+        outcome = self.big_outcome(file)
+        if isinstance(outcome, Withheld):
+            return outcome
+        return _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
+
+    def big_outcome(self, file: PlannedFile) -> Deidentified | Withheld:
+        """The de-identified header of a big file and where its pixel data lies (made once, then cached)."""
+        assert self.deid is not None
+        path = self.store.absolute(file.cache_path)
+        engine = self.deid.engine
+        try:
+            with open(path, "rb") as handle:
+                key = deid.HEADERS.identity(engine, os.fstat(handle.fileno()))
+                outcome = deid.HEADERS.get(key)
+                if outcome is None:
+                    outcome = deidentify_file(handle, engine)
+                    deid.HEADERS.put(key, outcome)
+        except FileNotFoundError:
+            raise PermanentError("a file was deleted from the cache during the download") from None
+        return outcome
+
+    def sent(self) -> None:
+        if self.deid is not None:
+            self.deid.report.exported += 1
+
+    def withhold(self, withheld: Withheld) -> None:
+        assert self.deid is not None
+        self.deid.report.add(withheld)
+
+
+def _header_and_range(header: bytes, path: Path, start: int, end: int) -> Iterator[bytes]:
+    yield header
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        left = end - start
+        while left > 0 and (chunk := handle.read(min(CHUNK, left))):
+            left -= len(chunk)
+            yield chunk
 
 
 def _read_small(store: CacheStore, file: PlannedFile) -> bytes | None:

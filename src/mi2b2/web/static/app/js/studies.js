@@ -20,7 +20,7 @@ export function studiesTab(app) {
   const priority = element("input", { type: "number", min: -9, max: 9, value: 0, "aria-label": "priority", class: "short" });
   const move = element("button", { type: "button", text: "Move to repository", disabled: true, onclick: () => moveSelected() });
   const exportCsv = element("button", { type: "button", text: "Export selected to CSV", disabled: true,
-    onclick: () => saveFile(csv(table.columns, table.selectedRows()), "mi2b2-studies.csv") });
+    onclick: () => exportSelected() });
 
   const table = new FacetTable({
     name: "studies",
@@ -46,6 +46,15 @@ export function studiesTab(app) {
     ],
     onSelect: (rows) => { move.disabled = rows.length === 0; exportCsv.disabled = rows.length === 0; },
   });
+
+  function exportSelected() {
+    // The CSV holds identifiers, and de-identifying it is not built yet: refuse rather than hand them out.
+    if (app.project?.export === "deidentified") {
+      app.fail(new Error(`project '${app.projectId()}' exports de-identified data only; CSV export does not de-identify yet`));
+      return;
+    }
+    saveFile(csv(table.columns, table.selectedRows()), "mi2b2-studies.csv");
+  }
 
   async function seriesList(study) {
     const report = await post("/search/series", { project: app.projectId(), pacs: study.pacs_id, studies: [study.study_uid] });

@@ -1,0 +1,368 @@
+"""De-identified export end to end: studies retrieved from a real PACS (pynetdicom's qrscp) into a project whose
+policy is ``deidentified``, then downloaded through the API (ZIP plain and encrypted, and the CLI's folder
+download over real HTTP). Also: encrypted_only, a non-member, and every door that does not de-identify yet."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from mi2b2.adapters.db.tables import DeidKey, DeidMapping
+from mi2b2.api.app import create_app
+from mi2b2.client import Mi2b2Client
+from mi2b2.domain.principal import Principal, Role
+from mi2b2.errors import AccessDenied
+from mi2b2.services.audit import AuditFilter
+from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.export import open_download
+from mi2b2.services.export.fetch import fetch_download
+from mi2b2.services.forward import add_forwards
+from mi2b2.services.requests import StudyPick, add_requests
+from mi2b2.synthetic import write_study
+from mi2b2.testing import FakeClock
+from support import studies
+from support.pacs import free_port, start_qrscp
+from support.pipeline import Pipeline, cache_files, retrieval_site
+from support.pipeline import by_sop as pipeline_by_sop
+from support.site import load_site, pacs_block
+from support.viewing import place, serving
+
+ROOT = Principal("root", Role.ADMIN)
+ALICE = Principal("alice", Role.RESEARCHER)
+PASSPHRASE = "correct horse battery staple"
+SAMPLE_STUDY = "1.2.826.0.1.3680043.8.498.777"
+INSTITUTION, REFERRER, BIRTH = "Sample Memorial Hospital", "REFERRER^SAMPLE", "19610203"
+# name -> (series number, SOP instance suffix); the US clip says nothing about burned-in text.
+SAMPLES = {"CT_small.dcm": 1, "MR_small_bigendian.dcm": 2, "liver_1frame.dcm": 3, "test-SR.dcm": 4,
+           "examples_rgb_color.dcm": 5}
+PROJECTS = """
+    [[projects]]
+    id = "gamma"
+    title = "De-identified cohort"
+    irb = "2026P000777"
+    expires = 2099-12-31
+    mrn_file = "alpha.mrns"
+    quota = "10 GiB"
+    institutions = ["general"]
+    members = [{ login = "alice", role = "lead" }, { login = "bob" }]
+    export = "deidentified"
+    [projects.deidentification]
+    options = ["retain_longitudinal_modified_dates"]
+
+    [[projects]]
+    id = "delta"
+    title = "De-identified, encrypted only"
+    irb = "2026P000778"
+    expires = 2099-12-31
+    mrn_file = "alpha.mrns"
+    quota = "10 GiB"
+    institutions = ["general"]
+    members = [{ login = "bob" }]
+    export = "deidentified"
+    encrypted_only = true
+
+    [[destinations]]
+    id = "xnat"
+    ae_title = "XNAT"
+    host = "127.0.0.1"
+    port = 11999
+"""
+
+
+def sample_files(folder: Path) -> list[Path]:
+    """pydicom's samples as one study of patient PAT004 (on the list), with identifiers worth searching for."""
+    out = []
+    for name, number in SAMPLES.items():
+        path = get_testdata_file(name)
+        assert path is not None
+        ds: Dataset = dcmread(path)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "PAT004", "SAMPLE^PATIENT", BIRTH
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = SAMPLE_STUDY, f"{SAMPLE_STUDY}.{number}"
+        ds.SOPInstanceUID = f"{SAMPLE_STUDY}.{number}.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AccessionNumber, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "ACC-SAMPLE", "20240202", number, 1
+        ds.InstitutionName, ds.ReferringPhysicianName = INSTITUTION, REFERRER
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / name, enforce_file_format=True)
+        out.append(folder / name)
+    return out
+
+
+def tokens_for(ctx: ServiceContext) -> dict[str, str]:
+    tokens = {}
+    for login, role in (("alice", "researcher"), ("bob", "researcher"), ("carol", "researcher"), ("root", "admin")):
+        ctx.accounts.add_user(ROOT, login, role, None)
+        tokens[login] = ctx.accounts.create_token(ROOT, login, "test", 30).secret
+    return tokens
+
+
+def api(ctx: ServiceContext, token: str) -> TestClient:
+    return TestClient(create_app(ctx), headers={"Authorization": f"Bearer {token}"})
+
+
+def unzip(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def identifiers(files: list[Path]) -> set[bytes]:
+    """What must not survive: names, IDs, dates of birth, accession, institution, referrer, every UID."""
+    found = {INSTITUTION.encode(), REFERRER.encode(), BIRTH.encode()}
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        found |= {str(ds.PatientName).encode(), str(ds.PatientID).encode(), str(ds.AccessionNumber).encode(),
+                  str(ds.StudyInstanceUID).encode(), str(ds.SeriesInstanceUID).encode(),
+                  str(ds.SOPInstanceUID).encode()}
+        found |= {str(e.value).encode() for e in ds.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    return {value for value in found if len(value) >= 5}
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    folder = tmp_path_factory.mktemp("deid-originals")
+    return {"brain": write_study(studies.BRAIN, folder), "follow_up": write_study(studies.BRAIN_FOLLOW_UP, folder),
+            "samples": sample_files(folder / "samples")}
+
+
+@pytest.fixture(scope="module")
+def qrscp(tmp_path_factory: pytest.TempPathFactory, originals: dict[str, list[Path]]) -> Iterator[tuple[int, int]]:
+    receiver_port = free_port()
+    pacs = start_qrscp(tmp_path_factory.mktemp("qrscp"), move_destinations={"MI2B2": ("127.0.0.1", receiver_port)})
+    try:
+        pacs.load([f for files in originals.values() for f in files])
+        yield pacs.port, receiver_port
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.pacs
+def test_retrieved_studies_download_de_identified_consistently(tmp_path: Path, qrscp: tuple[int, int],
+                                                               originals: dict[str, list[Path]]) -> None:
+    pacs_port, receiver_port = qrscp
+    block = pacs_block("main", "QRSCP", pacs_port, 'retrieve = "c-move"\n')
+    clock = FakeClock()
+    site = retrieval_site(tmp_path, receiver_port, block, projects=PROJECTS)
+    uids = [studies.uid(studies.BRAIN), studies.uid(studies.BRAIN_FOLLOW_UP), SAMPLE_STUDY]
+    with Pipeline(site, clock=clock) as pipe:
+        report = add_requests(pipe.ctx, ALICE, "gamma", "main", [StudyPick(uid) for uid in uids])
+        assert report.not_found == [] and report.not_permitted == []
+        rows = pipe.wait(report.created)
+        assert [r.state for r in rows] == ["completed"] * 3, [(r.state, r.last_error) for r in rows]
+        ctx = pipe.ctx
+        tokens = tokens_for(ctx)
+        bob = api(ctx, tokens["bob"])
+
+        first = bob.post("/api/v1/projects/gamma/download", json={"study_uids": uids})
+        assert first.status_code == 200, first.text
+        assert "deidentified" in first.headers["content-disposition"]
+        files = unzip(first.content)
+        report_json = json.loads(files.pop("deidentification-report.json"))
+        everything = [f for group in originals.values() for f in group]
+        secrets = identifiers(everything)
+        by_sop = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in everything}
+
+        # Nothing identifying anywhere, in names or bytes; pixel data as stored.
+        exported = {}
+        for name, data in files.items():
+            assert not any(secret in data or secret in name.encode() for secret in secrets), name
+            ds = dcmread(io.BytesIO(data))
+            exported[str(ds.SOPInstanceUID)] = ds
+        assert len(exported) == len(everything) - 1  # the US clip is withheld
+        key = _key(ctx, "gamma")
+        cached = pipeline_by_sop(cache_files(ctx.config.cache_dir()))  # as received (a PACS may transcode)
+        assert sorted(cached) == sorted(by_sop)
+        for sop, cached_path in cached.items():
+            original = dcmread(cached_path)
+            new = exported.get(_uid(key, sop))
+            if original.Modality == "US":
+                assert new is None
+                continue
+            assert new is not None and new.get("PixelData") == original.get("PixelData")
+        assert report_json["withheld_instances"] == 1 and report_json["exported_instances"] == len(exported)
+        assert report_json["withheld_series"][0]["modality"] == "US"
+        assert report_json["profile"] == ["basic", "retain_longitudinal_modified_dates"]
+
+        # One pseudonymous study per study, its three series kept; one patient pseudonym; intervals kept.
+        brain = [ds for ds in exported.values() if ds.StudyInstanceUID == _uid(key, uids[0])]
+        assert len(brain) == 6 and len({ds.SeriesInstanceUID for ds in brain}) == 3
+        follow_up = next(ds for ds in exported.values() if ds.StudyInstanceUID == _uid(key, uids[1]))
+        assert {ds.PatientID for ds in brain} == {follow_up.PatientID} and follow_up.PatientID.startswith("P")
+        assert _days(follow_up.StudyDate) - _days(brain[0].StudyDate) == _days("20220611") - _days("20210305")
+        assert brain[0].StudyDate != "20210305"
+        seg = next(ds for ds in exported.values() if ds.Modality == "SEG")
+        refs = [str(e.value) for e in seg.iterall() if e.keyword == "ReferencedSOPInstanceUID"]
+        assert refs and all(ref.startswith("2.25.") for ref in refs)
+
+        # A day later: the same pseudonyms, UIDs and bytes.
+        clock.advance(days=1)
+        again = unzip(bob.post("/api/v1/projects/gamma/download", json={"study_uids": uids}).content)
+        again.pop("deidentification-report.json")
+        assert {n: hashlib.sha256(d).hexdigest() for n, d in again.items()} == {
+            n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+
+        # Encrypted: the same de-identified files inside.
+        encrypted = bob.post("/api/v1/projects/gamma/download",
+                             json={"study_uids": uids, "encryption": {"passphrase": PASSPHRASE}})
+        assert encrypted.status_code == 200
+        (tmp_path / "e.zip").write_bytes(encrypted.content)
+        with open_download(tmp_path / "e.zip", passphrase=PASSPHRASE) as download:
+            assert {e.path: download.read(e) for e in download.entries()} == files
+            assert {e.study_uid for e in download.entries()} == {_uid(key, u) for u in uids}
+
+        # The CLI's folder download over real HTTP: the same files, resumable, verified by SHA-256.
+        with serving(create_app(ctx)) as url, Mi2b2Client(url, tokens["bob"]) as client:
+            fetch_download(client, "gamma", uids, tmp_path / "folder")
+            folder = {p.relative_to(tmp_path / "folder").as_posix(): p.read_bytes()
+                      for p in (tmp_path / "folder").rglob("*.dcm")}
+        assert folder == files
+
+        # Audited with the policy; the honest broker's table filled, for lead and admin later.
+        events = ctx.audit.list(ROOT, AuditFilter(action="download"))
+        assert events and all('"export":"deidentified"' in e.detail and "retain_longitudinal" in e.detail
+                              for e in events)
+        with ctx.sessions() as session:
+            mapped = {(m.kind, m.original): m.pseudonym for m in session.scalars(select(DeidMapping))}
+        assert mapped[("study", uids[0])] == _uid(key, uids[0])
+        assert mapped[("patient", "000123")] == follow_up.PatientID
+
+
+def _key(ctx: ServiceContext, project: str) -> bytes:
+    with ctx.sessions() as session:
+        row = session.get(DeidKey, project)
+        assert row is not None
+        return bytes.fromhex(row.secret)
+
+
+def _uid(key: bytes, uid: str) -> str:
+    from mi2b2.domain.deid.pseudonyms import Pseudonymizer
+
+    return Pseudonymizer(key).uid(uid)
+
+
+def _days(text: str) -> int:
+    from datetime import date
+
+    return date(int(text[:4]), int(text[4:6]), int(text[6:])).toordinal()
+
+
+# doors, with files placed as the receiver places them ---------------------------------------------------
+
+
+@pytest.fixture
+def placed(tmp_path: Path) -> Iterator[tuple[ServiceContext, dict[str, str]]]:
+    ctx = build_context(load_site(tmp_path / "site", extra=PROJECTS), clock=FakeClock())
+    for project in ("gamma", "delta", "alpha"):
+        for file in write_study(studies.BRAIN, tmp_path / "synthetic"):
+            place(ctx, project, file)
+    yield ctx, tokens_for(ctx)
+    ctx.engine.dispose()
+
+
+def test_encrypted_only_refuses_plain_downloads_and_a_non_member_stays_refused(
+        placed: tuple[ServiceContext, dict[str, str]]) -> None:
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    bob = api(ctx, tokens["bob"])
+    for path in ("", "/manifest"):
+        plain = bob.post(f"/api/v1/projects/delta/download{path}", json={"study_uids": [uid]})
+        assert plain.status_code == 403 and "encrypted downloads only" in plain.json()["error"], plain.text
+    encrypted = bob.post("/api/v1/projects/delta/download",
+                         json={"study_uids": [uid], "encryption": {"passphrase": PASSPHRASE}})
+    assert encrypted.status_code == 200 and len(unzip(encrypted.content)) > 3
+    # The IRB door comes first and is unchanged: carol is in no de-identified project.
+    refused = api(ctx, tokens["carol"]).post("/api/v1/projects/gamma/download", json={"study_uids": [uid]})
+    assert refused.status_code == 403 and "not a member" in refused.json()["error"]
+    denials = ctx.audit.list(ROOT, AuditFilter(action="denied"))
+    assert {json.loads(d.detail)["reason"] for d in denials} >= {"encrypted downloads only"}
+    # What the browser reads to refuse its own doors (the CSV export).
+    mine = {p["id"]: (p["export"], p["encrypted_only"]) for p in bob.get("/api/v1/projects").json()}
+    assert mine == {"alpha": ("identified", False), "gamma": ("deidentified", False), "delta": ("deidentified", True)}
+
+
+def test_a_forged_download_id_or_an_identified_uid_fetches_nothing(
+        placed: tuple[ServiceContext, dict[str, str]]) -> None:
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    bob = api(ctx, tokens["bob"])
+    manifest = bob.post("/api/v1/projects/gamma/download/manifest", json={"study_uids": [uid]}).json()
+    study = manifest["studies"][0]
+    assert study["study_uid"] != uid and all(f["study_uid"] == study["study_uid"] for f in manifest["files"])
+    entry = manifest["files"][0]
+    good = {"download_id": study["download_id"], "study_uid": study["study_uid"], "sop_uid": entry["sop_uid"]}
+    fetched = bob.post("/api/v1/projects/gamma/download/instance", json=good)
+    assert fetched.status_code == 200 and hashlib.sha256(fetched.content).hexdigest() == entry["sha256"]
+    for forged in ({**good, "study_uid": uid}, {**good, "download_id": study["download_id"] + 999},
+                   {**good, "sop_uid": "1.2.3.4"}):
+        answer = bob.post("/api/v1/projects/gamma/download/instance", json=forged)
+        assert answer.status_code in (403, 404), answer.text
+    # The identified project next door is unchanged: its download is the cache's bytes, identifiers and all.
+    identified = unzip(bob.post("/api/v1/projects/alpha/download", json={"study_uids": [uid]}).content)
+    assert all(name.startswith("000123/") and b"000123" in data for name, data in identified.items())
+
+
+@pytest.mark.parametrize("door", ["forward", "DICOMweb", "viewer"])
+def test_doors_that_do_not_de_identify_yet_refuse_a_de_identified_project(
+        placed: tuple[ServiceContext, dict[str, str]], door: str) -> None:
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    alice = api(ctx, tokens["alice"])
+    if door == "forward":
+        with pytest.raises(AccessDenied) as error:
+            add_forwards(ctx, ALICE, "gamma", "xnat", [uid])
+        message = str(error.value)
+        answer = alice.post("/api/v1/projects/gamma/forward", json={"destination": "xnat", "study_uids": [uid]})
+        assert answer.status_code in (403, 404)
+    elif door == "DICOMweb":
+        answer = alice.get("/dicomweb/projects/gamma/studies")
+        assert answer.status_code == 403, answer.text
+        message = answer.json()["error"]
+        assert alice.get(f"/dicomweb/projects/gamma/studies/{uid}/metadata").status_code == 403
+    else:
+        answer = alice.get("/api/v1/projects/gamma/viewer/tree")
+        assert answer.status_code == 403, answer.text
+        message = answer.json()["error"]
+        assert alice.get(f"/api/v1/projects/gamma/viewer/studies/{uid}").status_code == 403
+    assert "exports de-identified data only" in message and "does not de-identify yet" in message
+    denied = ctx.audit.list(ROOT, AuditFilter(action="denied", project_id="gamma"))
+    assert any(json.loads(d.detail)["reason"] == "door does not de-identify" for d in denied)
+    # The same door still serves an identified project to its members.
+    if door == "DICOMweb":
+        assert api(ctx, tokens["alice"]).get("/dicomweb/projects/alpha/studies").status_code == 200
+
+
+def test_a_big_instance_streams_its_header_then_its_pixel_data_as_stored(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path) -> None:
+    """Above the in-memory size (LARGE_MEMBER) a file is never held whole: the new header, then the
+    cache's pixel bytes in chunks, in the ZIP and in the CLI's file fetch."""
+    ctx, tokens = placed
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    source.PatientID, source.PatientName = "PAT004", "BIG^PATIENT"
+    source.Rows = source.Columns = 4200  # 35 MB of 16-bit pixels
+    source.PixelData = (bytes(range(256)) * (4200 * 4200 * 2 // 256 + 1))[:4200 * 4200 * 2]
+    big = tmp_path / "big.dcm"
+    source.save_as(big, enforce_file_format=True)
+    place(ctx, "gamma", big)
+    study = str(source.StudyInstanceUID)
+    bob = api(ctx, tokens["bob"])
+    files = unzip(bob.post("/api/v1/projects/gamma/download", json={"study_uids": [study]}).content)
+    (data,) = [d for n, d in files.items() if n.endswith(".dcm")]
+    assert b"BIG^PATIENT" not in data and str(source.SOPInstanceUID).encode() not in data
+    assert data.endswith(bytes(source.PixelData)) and dcmread(io.BytesIO(data)).PatientID.startswith("P")
+    manifest = bob.post("/api/v1/projects/gamma/download/manifest", json={"study_uids": [study]}).json()
+    (entry,) = manifest["files"]
+    fetched = bob.post("/api/v1/projects/gamma/download/instance", json={
+        "download_id": manifest["studies"][0]["download_id"], "study_uid": entry["study_uid"],
+        "sop_uid": entry["sop_uid"]})
+    assert fetched.status_code == 200 and int(fetched.headers["content-length"]) == entry["size"] == len(data)
+    assert fetched.content == data

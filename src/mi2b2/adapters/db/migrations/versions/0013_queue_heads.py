@@ -2,7 +2,7 @@
 receivers' heartbeats, and indexes for the request log's keyset pages
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-05 02:30:00
 
 A scheduled retrieval's waiting reason was written on its row by every tick;
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0013'
-down_revision = '0010'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 

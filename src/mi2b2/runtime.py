@@ -24,6 +24,7 @@ from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, receiver_tls
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.worker.loop import Worker
+from mi2b2.worker.receiver_heartbeat import ReceiverHeartbeat
 
 LOG = logging.getLogger("mi2b2.runtime")
 
@@ -46,10 +47,12 @@ def background(
     server = StoreServer(local_ae(ctx.config), ctx.config.dicom.host, ctx.config.dicom.port, sink,
                          sink.store.incoming_dir(), receive_limits(ctx.config), receiver_tls(ctx.config)) if in_process else None
     loop = Worker(ctx, sink) if worker else None
+    beat = ReceiverHeartbeat(ctx) if server is not None else None
     child: subprocess.Popen[bytes] | None = None
     try:
-        if server is not None:
+        if server is not None and beat is not None:
             server.start()
+            beat.start()
             LOG.info("DICOM receiver %s on %s:%d", ctx.config.dicom.ae_title, ctx.config.dicom.host, server.port)
         elif receiver:
             child = _start_receiver_process(ctx)
@@ -59,6 +62,8 @@ def background(
     finally:
         if loop is not None:
             loop.stop()
+        if beat is not None:
+            beat.stop()
         if server is not None:
             server.stop()
         if child is not None:

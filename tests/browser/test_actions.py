@@ -377,6 +377,18 @@ def test_request_log_priority_cancel_and_retry(page: Page, catalog: Catalog, mi2
     expect(failing_row.locator("td[data-col=state]")).to_have_text("scheduled")
     held_row.locator("input[type=checkbox]").uncheck()
 
+    # --- the server filters by state and counts each state ------------------------------------------------
+    project = api(page, "GET", f"/requests/{held_id}")["project_id"]
+    counts = api(page, "GET", f"/projects/{project}/requests/page?limit=1")["state_counts"]
+    state_filter = log.get_by_label("show requests in state")
+    expect(state_filter.locator("option[value=canceled]")).to_have_text(f"canceled ({counts['canceled']})")
+    state_filter.select_option("canceled")
+    expect(failing_row).to_have_count(0)  # scheduled: not on the server's page any more
+    expect(held_row.locator("td[data-col=state]")).to_have_text("canceled")
+    expect(log.locator(".request-summary")).to_have_text(f"showing {counts['canceled']} of {counts['canceled']}")
+    state_filter.select_option("")
+    expect(failing_row.locator("td[data-col=state]")).to_have_text("scheduled")
+
     # --- the other fails: the admin points "gated" at a port where nothing listens and opens it -------
     admin = new_page()
     login(admin, ADMIN)

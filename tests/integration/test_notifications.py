@@ -118,7 +118,7 @@ def test_a_batch_gets_one_summary_when_its_last_request_ends(ctx: ServiceContext
 
     [notice] = all_notices(ctx)
     assert notice.kind == "batch_ended" and notice.user_login == "alice" and notice.batch_id == "batch-1"
-    assert notice.subject == "3 studies ready in project alpha: 1 completed, 1 incomplete, 0 failed, 1 canceled"
+    assert notice.subject == "1 of 3 studies ready in project alpha; 1 incomplete, 1 canceled"
     assert "project alpha (Brain MRI cohort)" in notice.body and f"#{first}, #{second}, #{third}" in notice.body
     assert_no_phi(notice.subject, notice.body)
     assert notice.emailed_at is None and notice.email_error is None  # no [smtp] configured
@@ -143,7 +143,7 @@ def test_a_failure_is_notified_at_once_without_phi(ctx: ServiceContext) -> None:
     notifications.on_request_ended(ctx, first)
     notifications.on_request_ended(ctx, third)
     summary = [n for n in all_notices(ctx) if n.kind == "batch_ended"]
-    assert [n.subject for n in summary] == ["3 studies ready in project alpha: 2 completed, 0 incomplete, 1 failed, 0 canceled"]
+    assert [n.subject for n in summary] == ["2 of 3 studies ready in project alpha; 1 failed"]
 
 
 def test_a_lone_request_gets_a_summary_or_its_failure_notice(ctx: ServiceContext) -> None:
@@ -154,7 +154,7 @@ def test_a_lone_request_gets_a_summary_or_its_failure_notice(ctx: ServiceContext
     end(ctx, failed, "failed", error="the PACS sent no instances", received=0)
     notifications.on_request_ended(ctx, failed)
     assert [(n.kind, n.subject) for n in all_notices(ctx)] == [
-        ("batch_ended", "1 study ready in project alpha: 1 completed, 0 incomplete, 0 failed, 0 canceled"),
+        ("batch_ended", "1 study ready in project alpha"),
         ("request_failed", "A retrieval failed in project alpha"),
     ]
     # a retried request that fails again is news again
@@ -207,7 +207,7 @@ def test_email_reaches_a_real_smtp_server_without_phi(tmp_path: Path, database_u
 
     subjects = [m["Subject"] for m in mailbox.messages]
     assert subjects == ["[mi2b2] A retrieval failed in project alpha",
-                        "[mi2b2] 3 studies ready in project alpha: 2 completed, 0 incomplete, 1 failed, 0 canceled"]
+                        "[mi2b2] 2 of 3 studies ready in project alpha; 1 failed"]
     assert mailbox.recipients == [["alice@example.org"], ["alice@example.org"]]
     for message in mailbox.messages:
         assert message["From"] == "mi2b2@hospital.test"

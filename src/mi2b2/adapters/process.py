@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+
+def accepts_connections(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something listens on ``host``:``port`` (a wildcard address means this host)."""
+    address = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as probe:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return True
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

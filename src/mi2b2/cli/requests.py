@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from mi2b2.api.schemas.requests import RequestRow
+from mi2b2.api.schemas.requests import RequestPage
 from mi2b2.cli.common import (
     DEFAULT_SERVER,
     FormatOption,
@@ -67,24 +67,42 @@ def add(
 def list_(
     project: ProjectArg,
     state: Annotated[list[str] | None, typer.Option("--state", help="only this state (repeatable)")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="only this kind: retrieve or forward (repeatable)")] = None,
+    by: Annotated[list[str] | None, typer.Option("--by", help="only requests of this user (repeatable)")] = None,
+    patient: Annotated[str, typer.Option("--patient", help="only this patient (MRN)")] = "",
+    limit: Annotated[int, typer.Option(help="requests per page (at most 1000)")] = 100,
+    before: Annotated[int | None, typer.Option(help="only requests older than this id (the next page)")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="live view until every request has ended (Ctrl-C stops)")] = False,
     interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch")] = 2.0,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
     fmt: FormatOption = "table",
 ) -> None:
-    """List the project's requests, newest first."""
+    """List the project's requests, newest first, a page at a time, with the count per state."""
     with api_client(server, token) as client:
+        def page() -> RequestPage:
+            return client.request_page(project, state, before, limit, kind, by, patient)
+
         if not watch:
-            emit(client.requests(project, state), COLUMNS, fmt, f"requests of {project}")
+            answer = page()
+            emit(answer.rows, COLUMNS, fmt, f"requests of {project}")
+            errors.print(_summary(answer), highlight=False)  # on stderr: JSON and CSV stay clean on stdout
             return
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                rows = client.requests(project, state)
-                live.update(_progress_table(project, rows), refresh=True)
-                if not any(r["state"] in ACTIVE for r in rows):
+                answer = page()
+                live.update(_progress_table(project, answer), refresh=True)
+                if not any(answer.state_counts.get(s) for s in ACTIVE):
                     break
                 time.sleep(interval)
+
+
+def _summary(answer: RequestPage) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(answer.state_counts.items()))
+    line = f"{len(answer.rows)} of {answer.total} shown ({counts or 'no requests'})"
+    if answer.next_before is not None:
+        line += f"; next page: --before {answer.next_before}"
+    return line
 
 
 @app.command("show")
@@ -127,15 +145,11 @@ def priority(value: Annotated[int, typer.Argument(help="-9..9")], ids: IdsArg, s
     console.print(f"priority {value}: {', '.join(map(str, result.changed))}", style="green")
 
 
-def _progress_table(project: str, rows: list[RequestRow]) -> Table:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    table = Table(title=f"requests of {project}: {summary}")
+def _progress_table(project: str, answer: RequestPage) -> Table:
+    table = Table(title=f"requests of {project}: {_summary(answer)}")
     for column in ("id", "state", "progress", "received", "MB", "waiting / error", "accession"):
         table.add_column(column)
-    for row in rows:
+    for row in answer.rows:
         expected = max(row["expected_instances"] or 0, row["received"] or 0)
         bar = ProgressBar(total=expected or 1, completed=row["received"] or 0, width=20)
         note = row["waiting_reason"] if row["state"] == "scheduled" else (row["last_error"] or "")

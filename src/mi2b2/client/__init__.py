@@ -25,6 +25,7 @@ from mi2b2.api.schemas.requests import (
     ForwardReport,
     PacsState,
     PriorityChanged,
+    RequestPage,
     RequestRow,
     Retried,
 )
@@ -196,6 +197,20 @@ class Mi2b2Client:
         if states:
             params["state"] = states
         return self._many(RequestRow, "GET", f"/projects/{quote(project, safe='')}/requests", params=params)
+
+    def request_page(self, project: str, states: list[str] | None = None, before: int | None = None,
+                     limit: int = 100, kinds: list[str] | None = None, users: list[str] | None = None,
+                     patient_id: str = "") -> RequestPage:
+        """One page of the request log, newest first; pass its ``next_before`` as ``before`` for the next."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, values in (("state", states), ("kind", kinds), ("by", users)):
+            if values:
+                params[key] = values
+        if before is not None:
+            params["before"] = before
+        if patient_id:
+            params["patient_id"] = patient_id
+        return self._one(RequestPage, "GET", f"/projects/{quote(project, safe='')}/requests/page", params=params)
 
     def request(self, request_id: int) -> RequestRow:
         return self._one(RequestRow, "GET", f"/requests/{request_id}")

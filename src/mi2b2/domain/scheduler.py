@@ -20,6 +20,13 @@ A request starts only if all of these hold:
 
 Projects take turns (round-robin, continuing after the project served last);
 inside a project the highest priority goes first, then the oldest request.
+
+A tick never needs the whole queue: at most ``starts_left`` requests can start
+on a PACS, so per project only its first ``starts_left`` requests that nothing
+but the PACS limits holds back (``queue_heads``) decide the plan. Why the other
+requests wait is one reason per project (``Plan.queue_reasons``) plus what is
+true of the request itself, put together when the request is read
+(``waiting_reason``), so a tick writes nothing for requests that did not change.
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ class PacsLoad:
     limits: Limits
     active: int
     recent_starts: Sequence[datetime]  # starts on this PACS within the last hour (any project, any worker)
+    # Why nothing may start now although the PACS could send: its C-MOVE needs a
+    # receiver of ours and none is alive (None when one is, or the PACS sends by C-GET).
+    receiver_down: str | None = None
+
+
+WAITING_FOR_SCHEDULER = "waiting for the scheduler"
 
 
 @dataclass
@@ -71,6 +84,9 @@ class Plan:
     waiting: dict[int, str] = field(default_factory=dict)  # request id -> why it waits
     cancel: dict[int, str] = field(default_factory=dict)  # request id -> why it can never start
     last_project: str | None = None  # the round-robin cursor after this plan
+    # project id -> why its requests that only the PACS limits or the project's in-flight
+    # quota hold back wait; one per configured project, stored as one row per project and PACS
+    queue_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def plan_pacs(
@@ -84,10 +100,10 @@ def plan_pacs(
     queues = _eligible_queues(now, projects, candidates, plan)
     in_flight = {pid: projects[pid].in_flight_bytes for pid in queues}
 
+    held: dict[str, str] = {}
     while queues and _starts_left(now, load, len(plan.starts))[0] > 0:
         project_id = _next_in_turn(sorted(queues), plan.last_project)
         queue = queues[project_id]
-        _hold_studies_too_big_for_the_cache(projects[project_id], queue, plan)
         room = _room(projects[project_id], in_flight[project_id])
         if queue and queue[0].expected_bytes <= room:
             head = queue.pop(0)
@@ -97,16 +113,76 @@ def plan_pacs(
         elif queue:
             # The head would fit once running retrievals finish: hold the whole
             # project rather than let smaller studies overtake it forever.
-            reason = f"project cache quota: {_size(room)} free now, the next study needs about {_size(queue[0].expected_bytes)}"
-            plan.waiting.update({c.request_id: reason for c in queue})
+            held[project_id] = (
+                f"project cache quota: {_size(room)} free now, the next study needs about {_size(queue[0].expected_bytes)}"
+            )
+            plan.waiting.update({c.request_id: held[project_id] for c in queue})
             queue.clear()
         if not queue:
             del queues[project_id]
 
-    held_because = _starts_left(now, load, len(plan.starts))[1]
+    left, held_because = _starts_left(now, load, len(plan.starts))
     for queue in queues.values():
         plan.waiting.update({c.request_id: held_because for c in queue})
+    for project_id, project in projects.items():
+        if not project.may_retrieve:
+            plan.queue_reasons[project_id] = project.closed_reason
+        else:
+            plan.queue_reasons[project_id] = held.get(project_id, held_because if left == 0 else WAITING_FOR_SCHEDULER)
     return plan
+
+
+def queue_heads(
+    now: datetime, load: PacsLoad, projects: Mapping[str, ProjectBudget], candidates: Sequence[Candidate]
+) -> list[Candidate]:
+    """What a tick reads of the queue: per open project, the first ``starts_left`` requests
+    (best first) that nothing of their own holds back, and every request of a closed project
+    (to cancel). ``plan_pacs`` over these gives the starts it gives over the whole queue.
+
+    This is the database query's specification; the scheduler service runs it as SQL."""
+    n = _starts_left(now, load, 0)[0]
+    def is_open(c: Candidate) -> bool:
+        return c.project_id in projects and projects[c.project_id].may_retrieve
+
+    closed = [c for c in candidates if not is_open(c)]
+    open_ = sorted(
+        (c for c in candidates if is_open(c) and _own_reason(now, c, _free(projects[c.project_id])) is None),
+        key=_queue_order,
+    )
+    heads: list[Candidate] = []
+    taken: dict[str, int] = {}
+    for c in open_:
+        if taken.get(c.project_id, 0) < n:
+            heads.append(c)
+            taken[c.project_id] = taken.get(c.project_id, 0) + 1
+    return closed + heads
+
+
+def waiting_reason(now: datetime, c: Candidate, free_bytes: int, queue_reason: str | None) -> str:
+    """Why a scheduled request waits, put together when it is read: what holds it back
+    itself, or else what holds back its project's queue on its PACS (``Plan.queue_reasons``).
+    For every request ``plan_pacs`` leaves waiting this is the reason the plan gives it."""
+    return _own_reason(now, c, free_bytes) or queue_reason or WAITING_FOR_SCHEDULER
+
+
+def _own_reason(now: datetime, c: Candidate, free_bytes: int) -> str | None:
+    if not c.patient_allowed:
+        return "patient no longer on the project's IRB allow-list"
+    if c.not_before is not None and c.not_before > now:
+        return f"retry after a transient failure, not before {c.not_before:%Y-%m-%d %H:%M:%S} UTC"
+    if c.study_busy:
+        return "the same study is being retrieved from this PACS for another request"
+    if c.expected_bytes > free_bytes:
+        # It would not fit even with nothing in flight: someone must free space or raise the quota.
+        return (
+            f"project cache full: {_size(free_bytes)} free, this study needs about {_size(c.expected_bytes)}; "
+            "delete studies from the cache or ask the site admin to raise the quota"
+        )
+    return None
+
+
+def _queue_order(c: Candidate) -> tuple[int, datetime, int]:
+    return (-c.priority, c.created_at, c.request_id)
 
 
 def _eligible_queues(
@@ -120,17 +196,18 @@ def _eligible_queues(
             plan.cancel[c.request_id] = "the project is no longer configured"
         elif not project.may_retrieve:
             plan.cancel[c.request_id] = project.closed_reason
-        elif not c.patient_allowed:
-            plan.waiting[c.request_id] = "patient no longer on the project's IRB allow-list"
-        elif c.not_before is not None and c.not_before > now:
-            plan.waiting[c.request_id] = f"retry after a transient failure, not before {c.not_before:%Y-%m-%d %H:%M:%S} UTC"
-        elif c.study_busy:
-            plan.waiting[c.request_id] = "the same study is being retrieved from this PACS for another request"
+        elif (reason := _own_reason(now, c, _free(project))) is not None:
+            plan.waiting[c.request_id] = reason
         else:
             queues.setdefault(c.project_id, []).append(c)
     for queue in queues.values():
-        queue.sort(key=lambda c: (-c.priority, c.created_at, c.request_id))
+        queue.sort(key=_queue_order)
     return queues
+
+
+def starts_left(now: datetime, load: PacsLoad) -> int:
+    """How many retrievals may start on the PACS now: per project, how many heads a tick reads."""
+    return _starts_left(now, load, 0)[0]
 
 
 def _starts_left(now: datetime, load: PacsLoad, started: int) -> tuple[int, str]:
@@ -139,6 +216,8 @@ def _starts_left(now: datetime, load: PacsLoad, started: int) -> tuple[int, str]
     limits = load.limits
     if limits.closed:
         return 0, f"PACS closed now ({limits.window})"
+    if load.receiver_down is not None:
+        return 0, load.receiver_down
     active = load.active + started
     cap = limits.max_concurrent
     options = [(cap - active, f"PACS busy: {active} of {cap} retrievals active ({limits.window})")]
@@ -164,16 +243,9 @@ def _next_in_turn(project_ids: list[str], last_project: str | None) -> str:
     return project_ids[0]
 
 
-def _hold_studies_too_big_for_the_cache(project: ProjectBudget, queue: list[Candidate], plan: Plan) -> None:
-    """Studies that would not fit even with nothing in flight wait for someone
-    to free space or raise the quota; the rest of the queue goes on."""
-    free = project.quota_bytes - project.used_bytes
-    for c in [c for c in queue if c.expected_bytes > free]:
-        plan.waiting[c.request_id] = (
-            f"project cache full: {_size(free)} free, this study needs about {_size(c.expected_bytes)}; "
-            "delete studies from the cache or ask the site admin to raise the quota"
-        )
-        queue.remove(c)
+def _free(project: ProjectBudget) -> int:
+    """Space the project's cache has with nothing in flight."""
+    return project.quota_bytes - project.used_bytes
 
 
 def _room(project: ProjectBudget, in_flight: int) -> int:

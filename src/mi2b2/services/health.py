@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text
 
 from mi2b2.adapters.db.engine import alembic_config, current_revision
-from mi2b2.adapters.db.tables import Worker
+from mi2b2.adapters.db.tables import Worker, WorkerKind
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.health import CheckOutcome, Readiness, decide_readiness, worker_heartbeat_problem, worker_stale_after
 from mi2b2.services.context import ServiceContext
@@ -79,7 +79,7 @@ def _migrations(ctx: ServiceContext) -> str | None:
 
 def _worker(ctx: ServiceContext) -> str | None:
     with ctx.sessions() as session:
-        latest = session.scalar(select(func.max(Worker.heartbeat_at)))
+        latest = session.scalar(select(func.max(Worker.heartbeat_at)).where(Worker.kind == WorkerKind.WORKER))
     stale_after = worker_stale_after(ctx.config.server.worker_poll_seconds)
     return worker_heartbeat_problem(as_utc(latest) if latest else None, ctx.clock.now(), stale_after)
 

@@ -134,20 +134,27 @@ class Watch:
         return None
 
 
-def back_off(ctx: ServiceContext, job: Job, error: RetriableError, policy: RetryPolicy, record: Record) -> RequestState:
+def back_off(ctx: ServiceContext, job: Job, error: RetriableError, policy: RetryPolicy, record: Record,
+             counts: bool = True) -> RequestState:
     """After a transient failure: back to the queue until the policy's next try, or
-    end (failed when the attempts are used up, canceled if a user asked meanwhile)."""
+    end (failed when the attempts are used up, canceled if a user asked meanwhile).
+
+    An attempt that does not ``count`` (mi2b2's own receiver was down) is given back:
+    the request waits the policy's first delay and never fails for it."""
     now = ctx.clock.now()
-    retry_at = policy.next_try(job.attempts, now)
+    retry_at = policy.next_try(job.attempts, now) if counts else now + policy.first_delay
     status: int | None = getattr(error, "status", None)  # a destination's busy status, worth showing
     if retry_at is None:
         return end(ctx, job, RequestState.FAILED, f"gave up after {job.attempts} attempts: {error}",
                    status=status, record=record)
     with transaction(ctx.sessions) as session:
         # Nothing of this attempt counts: the next one starts over.
-        if not back_off_unless_canceled(session.get_one(Request, job.request_id), error, retry_at, now, status):
+        row = session.get_one(Request, job.request_id)
+        if not back_off_unless_canceled(row, error, retry_at, now, status):
             _audit_end(ctx, session, job, RequestState.CANCELED, "canceled by a user", {})
             return RequestState.CANCELED
+        if not counts:
+            row.attempts = max(row.attempts - 1, 0)
         pacs_id, where = _audited_target(job)
         ctx.audit.record("worker", job.action, Outcome.FAILED, project_id=job.project_id, pacs_id=pacs_id,
                          patient_id=job.patient_id, study_uid=job.study_uid,

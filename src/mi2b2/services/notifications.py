@@ -231,8 +231,7 @@ def _batch_notice(requests: list[Request], title: str, now: datetime) -> Notific
     counts = {state: sum(1 for r in requests if r.state == state) for state in
               (RequestState.COMPLETED, RequestState.INCOMPLETE, RequestState.FAILED, RequestState.CANCELED)}
     total = len(requests)
-    tally = ", ".join(f"{count} {state.value}" for state, count in counts.items())
-    subject = f"{total} {one if total == 1 else many} {done} in project {first.project_id}: {tally}"
+    subject = batch_subject(counts, one, many, done, first.project_id)
     ended = max((as_utc(r.ended_at) for r in requests if r.ended_at), default=None)
     numbers = ", ".join(f"#{r.id}" for r in requests)
     body = "\n".join([
@@ -248,6 +247,15 @@ def _batch_notice(requests: list[Request], title: str, now: datetime) -> Notific
     ])
     return Notification(user_login=first.user_login, project_id=first.project_id, batch_id=first.batch_id,
                         kind=KIND_BATCH, subject=subject[:200], body=body, created_at=now)
+
+
+def batch_subject(counts: dict[RequestState, int], one: str, many: str, done: str, project_id: str) -> str:
+    """What happened, in one line: "15 of 20 studies ready in project c1; 5 failed"."""
+    total = sum(counts.values())
+    ready = counts.get(RequestState.COMPLETED, 0)
+    rest = ", ".join(f"{n} {state.value}" for state, n in counts.items() if n and state is not RequestState.COMPLETED)
+    head = f"{total} {one if total == 1 else many}" if ready == total else f"{ready} of {total} {many}"
+    return f"{head} {done} in project {project_id}" + (f"; {rest}" if rest else "")
 
 
 def _scrub(session: Session, request: Request, text: str | None) -> str:

@@ -95,7 +95,7 @@ def purge(ctx: ServiceContext, who: Principal, apply: bool = False) -> PurgeRepo
         running = {(project_id, study_uid) for project_id, study_uid in session.execute(
             select(Request.project_id, Request.study_uid).where(
                 Request.kind == RequestKind.RETRIEVE.value, Request.state == RequestState.PROCESSING.value)
-            .with_for_update()
+            .order_by(Request.id).with_for_update()  # in id order, as every multi-row lock on requests
         ).all()}
         report.busy = [s for key, s in by_key.items() if key in running]
         for project_id in sorted({s.project_id for s in closed}):

@@ -330,7 +330,7 @@ class ReceiverSink:
             return next(iter(values)) if len(values) == 1 else None
 
         with transaction(self.ctx.sessions) as session:  # the requests' counts and the row commit together
-            for request_id, count in refused.against.items():
+            for request_id, count in sorted(refused.against.items()):  # locked in id order
                 session.execute(update(Request).where(Request.id == request_id).values(
                     failed=Request.failed + count, last_error=refused.last_error[request_id]))
             self.ctx.audit.record(
@@ -496,10 +496,13 @@ class Indexer:
             counts[a.request_id] = [n + 1, size + a.size]
         with transaction(self.ctx.sessions) as session:
             index_instances(session, arrivals, self.ctx.clock.now())
-            for request_id, (n, size) in counts.items():
-                row = session.get(Request, request_id)
-                if row is None:
-                    continue
+            # The requests locked in id order, as every multi-row lock on requests is taken
+            # (workers requeueing and starting, users canceling): no deadlock on PostgreSQL.
+            rows = session.execute(
+                select(Request).where(Request.id.in_(sorted(counts))).order_by(Request.id).with_for_update()
+                .execution_options(populate_existing=True)).scalars().all()
+            for row in rows:
+                n, size = counts[row.id]
                 row.received += n
                 row.bytes += size
                 row.expected_bytes = estimated_bytes(row.expected_instances, row.received, row.bytes)

@@ -11,6 +11,7 @@ in before is then closed to reading like the rest of the project's cache.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -18,8 +19,9 @@ from sqlalchemy import update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
-from mi2b2.adapters.dicom.errors import DimseFailure, TlsHandshakeFailed
+from mi2b2.adapters.dicom.errors import DimseFailure, ReceiverUnreachable, TlsHandshakeFailed
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
+from mi2b2.adapters.process import accepts_connections
 from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.receipt import move_message_id
 from mi2b2.domain.request_states import Event
@@ -32,6 +34,7 @@ from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import change_state
+from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_keep_heartbeats
 
 LOG = logging.getLogger(__name__)
 INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
@@ -50,12 +53,19 @@ def run_retrieval(
     watch = jobs.Watch(ctx, job)
     try:
         result = _retrieve(ctx, job, pacs, sink, watch)
+        _blame_our_receiver(ctx, pacs, result)
+    except ReceiverUnreachable as exc:
+        # Our outage, not the PACS's nor the study's: it does not use up the request's attempts.
+        return jobs.back_off(ctx, job, exc, pacs.retries.to_domain(), _record(), counts=False)
     except RetriableError as exc:
         return jobs.back_off(ctx, job, exc, pacs.retries.to_domain(), _record())
     except Mi2b2Error as exc:
+        status = exc.status if isinstance(exc, DimseFailure) else None
+        if isinstance(exc, DimseFailure) and _receiver_down(ctx, pacs, status, None):
+            return jobs.back_off(ctx, job, _unreachable(ctx, pacs, status), pacs.retries.to_domain(), _record(),
+                                 counts=False)
         # A PACS whose C-STOREs we refused for lack of space reports a failure
         # of its own; ours is the reason worth showing.
-        status = exc.status if isinstance(exc, DimseFailure) else None
         return jobs.end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status,
                         record=_record(), security=isinstance(exc, TlsHandshakeFailed) and exc.security)
     _free_the_pacs(ctx, job)
@@ -64,6 +74,52 @@ def run_retrieval(
     if result.canceled:
         return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.status, record=_record())
     return _judge(ctx, job, result)
+
+
+def _blame_our_receiver(ctx: ServiceContext, pacs: PacsConfig, result: RetrieveResult) -> None:
+    """Every sub-operation of a C-MOVE failed, nothing arrived, and our receiver is down: that is why."""
+    if result.failed and not result.completed and not result.warning and _receiver_down(ctx, pacs, result.status, result):
+        raise _unreachable(ctx, pacs, result.status)
+
+
+def _receiver_down(ctx: ServiceContext, pacs: PacsConfig, status: int | None, result: RetrieveResult | None) -> bool:
+    """Whether a failed C-MOVE failed because mi2b2's receiver could not be reached.
+
+    Only failures a PACS gives when it cannot deliver count (0xA801 "move destination
+    unknown", which pynetdicom and others also answer when the destination does not
+    answer; 0xA7xx/0xCxxx with nothing sent), and only while our receiver is down."""
+    if pacs.retrieve is not RetrieveMethod.C_MOVE or status is None:
+        return False
+    if not (status == 0xA801 or 0xA700 <= status <= 0xA7FF or 0xC000 <= status <= 0xCFFF):
+        return False
+    if result is not None and result.completed:
+        return False
+    return _our_receiver_down(ctx)
+
+
+def _our_receiver_down(ctx: ServiceContext) -> bool:
+    """After a C-MOVE failed: no receiver of ours keeps a live heartbeat, or the receiver this
+    host runs (or, where none keeps heartbeats, the configured one) takes no connection now.
+    A worker-only host has no receiver of its own to try, and trusts the heartbeats."""
+    now = ctx.clock.now()
+    with ctx.sessions() as session:
+        if receiver_missing(ctx, session, now) is not None:
+            return True
+        local = receiver_hosts(session) & {socket.gethostname()} or not receivers_keep_heartbeats(session)
+    dicom = ctx.config.dicom
+    return bool(local) and not accepts_connections(dicom.host, dicom.port)
+
+
+def _no_receiver_alive(ctx: ServiceContext) -> bool:
+    """Before a C-MOVE: receivers keep heartbeats and none is alive (the scheduler holds C-MOVEs
+    then; this catches one started just before the last receiver stopped)."""
+    with ctx.sessions() as session:
+        return receiver_missing(ctx, session, ctx.clock.now()) is not None
+
+
+def _unreachable(ctx: ServiceContext, pacs: PacsConfig, status: int | None) -> ReceiverUnreachable:
+    dicom = ctx.config.dicom
+    return ReceiverUnreachable(f"{pacs.ae_title}@{pacs.host}:{pacs.port}", status, dicom.ae_title, dicom.host, dicom.port)
 
 
 def _free_the_pacs(ctx: ServiceContext, job: Job) -> None:
@@ -108,6 +164,8 @@ def _retrieve(ctx: ServiceContext, job: Job, pacs: PacsConfig, sink: ReceiverSin
             on_progress=on_progress, should_cancel=watch.should_cancel,
             limits=replace(receive_limits(ctx.config), network_timeout=pacs.timeouts.network),
         )
+    if _no_receiver_alive(ctx):  # the PACS would have nowhere to send: do not load it for nothing
+        raise _unreachable(ctx, pacs, None)
     move = MoveSent(move_message_id(job.request_id), ctx.config.dicom.ae_title)
     record_attempt(ctx, job.request_id, move)
     return move_study(

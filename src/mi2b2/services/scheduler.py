@@ -2,6 +2,12 @@
 
 Everything happens in one transaction that holds the scheduling lock, so two
 workers (even on two hosts) never both see a free slot and both take it.
+
+A tick costs what can start, not what is queued: per PACS it reads the
+counters and, per project, only the heads of its queue (`queue_heads` in the
+domain, here as one indexed query per project), and writes one waiting reason
+per project and PACS when it changes. A request's own waiting reason is put
+together when it is read (services/waiting.py).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
@@ -23,17 +29,20 @@ from mi2b2.adapters.db.tables import (
     CursorKind,
     PacsStart,
     Project,
+    QueueReason,
     Request,
     SchedulerCursor,
     Worker,
+    WorkerKind,
 )
 from mi2b2.adapters.process import pid_alive
-from mi2b2.config import PacsConfig
+from mi2b2.config import PacsConfig, RetrieveMethod
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.governance import irb_active_at
+from mi2b2.domain.health import worker_stale_after
 from mi2b2.domain.request_states import Event, sources
 from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
-from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs
+from mi2b2.domain.scheduler import HOUR, Candidate, PacsLoad, ProjectBudget, plan_pacs, starts_left
 from mi2b2.domain.windows import Limits, limits_at
 from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
@@ -57,21 +66,18 @@ def schedule_once(ctx: ServiceContext, worker_id: str) -> ScheduleResult:
         now = ctx.clock.now()
         budgets = _project_budgets(ctx, session, now)
         busy = _studies_in_flight(session)
+        no_receiver = receiver_missing(ctx, session, now)
         for pacs in ctx.config.all_pacs():
-            plan = plan_pacs(
-                now,
-                _pacs_load(session, pacs, now),
-                budgets,
-                _candidates(session, pacs.id, busy.get(pacs.id, set())),
-                round_robin_cursor(session, CursorKind.PACS, pacs.id).last_project_id,
-            )
+            load = _pacs_load(session, pacs, now, no_receiver if pacs.retrieve is RetrieveMethod.C_MOVE else None)
+            cursor = round_robin_cursor(session, CursorKind.PACS, pacs.id)
+            heads = _queue_heads(session, pacs.id, now, load, budgets, busy.get(pacs.id, set()))
+            plan = plan_pacs(now, load, budgets, heads, cursor.last_project_id)
             _apply_starts(session, pacs.id, plan.starts, worker_id, now, budgets)
             busy.setdefault(pacs.id, set()).update(_study_uids(session, plan.starts))
-            round_robin_cursor(session, CursorKind.PACS, pacs.id).last_project_id = plan.last_project
-            _set_waiting(session, plan.waiting)
-            _cancel(session, plan.cancel, now)
+            cursor.last_project_id = plan.last_project
+            _store_queue_reasons(session, pacs.id, plan.queue_reasons, now)
             result.started += plan.starts
-            result.canceled.update(plan.cancel)
+            result.canceled.update(_cancel(session, plan.cancel, now))
         session.execute(delete(PacsStart).where(PacsStart.started_at < now - 2 * HOUR))
         canceled = session.execute(
             select(Request.id, Request.project_id, Request.pacs_id, Request.patient_id, Request.study_uid)
@@ -125,14 +131,49 @@ def new_worker_id(kind: str = "worker") -> str:
     return f"{kind}:{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def heartbeat(ctx: ServiceContext, worker_id: str) -> None:
+def heartbeat(ctx: ServiceContext, worker_id: str, kind: WorkerKind = WorkerKind.WORKER) -> None:
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         row = session.get(Worker, worker_id)
         if row is None:
-            session.add(Worker(id=worker_id, host=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now))
+            session.add(Worker(id=worker_id, kind=kind.value, host=socket.gethostname(), pid=os.getpid(),
+                               started_at=now, heartbeat_at=now))
         else:
             row.heartbeat_at = now
+
+
+def receiver_hosts(session: Session) -> set[str]:
+    """Hosts where a receiver keeps (or kept) a heartbeat."""
+    return set(session.execute(select(Worker.host).where(Worker.kind == WorkerKind.RECEIVER)).scalars())
+
+
+def receivers_keep_heartbeats(session: Session) -> bool:
+    return session.execute(select(Worker.id).where(Worker.kind == WorkerKind.RECEIVER).limit(1)).first() is not None
+
+
+def receiver_missing(ctx: ServiceContext, session: Session, now: datetime) -> str | None:
+    """Why no C-MOVE may start now: receivers keep heartbeats, and none is alive. None when
+    one is, or when no receiver ever kept one here (a receiver run by a test harness or an
+    older version): then nothing is known, and retrievals are not held back.
+
+    A receiver that stops keeps its row (stale), so that stopping every receiver holds the
+    C-MOVEs until one is back; rows of gone receivers are dropped once another is alive."""
+    stale_after = worker_stale_after(ctx.config.server.worker_poll_seconds)
+    here = socket.gethostname()
+    receivers = session.execute(select(Worker).where(Worker.kind == WorkerKind.RECEIVER)).scalars().all()
+    if not receivers:
+        return None
+    alive = [r for r in receivers
+             if as_utc(r.heartbeat_at) >= now - stale_after and not (r.host == here and not pid_alive(r.pid))]
+    if alive:
+        gone = sorted(r.id for r in receivers if r not in alive)
+        if gone:
+            session.execute(delete(Worker).where(Worker.id.in_(gone)))
+        return None
+    last = max(receivers, key=lambda r: as_utc(r.heartbeat_at))
+    return (f"no mi2b2 receiver is running (the last, on {last.host}, was seen at "
+            f"{as_utc(last.heartbeat_at):%Y-%m-%d %H:%M:%S} UTC): the PACS would have nowhere to send; "
+            "start `mi2b2 receiver` or `mi2b2 serve`")
 
 
 def retire_worker(ctx: ServiceContext, worker_id: str) -> None:
@@ -152,7 +193,7 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta, caller: str | N
     now = ctx.clock.now()
     here = socket.gethostname()
     with transaction(ctx.sessions) as session:
-        workers = {w.id: w for w in session.execute(select(Worker)).scalars()}
+        workers = {w.id: w for w in session.execute(select(Worker).where(Worker.kind == WorkerKind.WORKER)).scalars()}
         dead = {
             w.id for w in workers.values()
             if w.id != caller
@@ -229,7 +270,7 @@ def _studies_in_flight(session: Session) -> dict[str, set[str]]:
     return busy
 
 
-def _pacs_load(session: Session, pacs: PacsConfig, now: datetime) -> PacsLoad:
+def _pacs_load(session: Session, pacs: PacsConfig, now: datetime, receiver_down: str | None = None) -> PacsLoad:
     active = session.execute(
         select(func.count()).where(
             Request.pacs_id == pacs.id, Request.state == RequestState.PROCESSING, Request.kind == RequestKind.RETRIEVE,
@@ -239,21 +280,33 @@ def _pacs_load(session: Session, pacs: PacsConfig, now: datetime) -> PacsLoad:
     starts = session.execute(
         select(PacsStart.started_at).where(PacsStart.pacs_id == pacs.id, PacsStart.started_at > now - HOUR)
     ).scalars().all()
-    return PacsLoad(pacs_limits(pacs, now), active, [as_utc(t) for t in starts])
+    return PacsLoad(pacs_limits(pacs, now), active, [as_utc(t) for t in starts], receiver_down)
 
 
-def _candidates(session: Session, pacs_id: str, busy: set[str]) -> list[Candidate]:
-    allowed = on_allow_list(Request.project_id, Request.pacs_id, Request.patient_id)
-    rows = session.execute(
-        select(Request.id, Request.project_id, Request.priority, Request.created_at, Request.expected_bytes,
-               allowed, Request.not_before, Request.study_uid)
-        .where(Request.pacs_id == pacs_id, Request.state == RequestState.SCHEDULED, Request.kind == RequestKind.RETRIEVE)
-    ).all()
-    return [
-        Candidate(rid, project_id, priority, as_utc(created), expected, bool(ok),
-                  as_utc(not_before) if not_before else None, study_uid in busy)
-        for rid, project_id, priority, created, expected, ok, not_before, study_uid in rows
-    ]
+def _queue_heads(
+    session: Session, pacs_id: str, now: datetime, load: PacsLoad, budgets: dict[str, ProjectBudget], busy: set[str]
+) -> list[Candidate]:
+    """`domain.scheduler.queue_heads` in SQL: per open project at most ``starts_left`` rows,
+    read along ix_requests_queue; and the queued requests of closed projects, to cancel."""
+    queued = (Request.pacs_id == pacs_id, Request.state == RequestState.SCHEDULED, Request.kind == RequestKind.RETRIEVE)
+    columns = (Request.id, Request.project_id, Request.priority, Request.created_at, Request.expected_bytes)
+    closed = sorted(pid for pid, budget in budgets.items() if not budget.may_retrieve)
+    rows = list(session.execute(select(*columns).where(*queued, Request.project_id.in_(closed))).all()) if closed else []
+    n = starts_left(now, load)
+    for project_id, budget in sorted(budgets.items()) if n > 0 else ():
+        if not budget.may_retrieve:
+            continue
+        heads = select(*columns).where(
+            *queued, Request.project_id == project_id,
+            or_(Request.not_before.is_(None), Request.not_before <= now),
+            Request.expected_bytes <= budget.quota_bytes - budget.used_bytes,
+            on_allow_list(Request.project_id, Request.pacs_id, Request.patient_id),
+        )
+        if busy:
+            heads = heads.where(Request.study_uid.not_in(sorted(busy)))
+        rows += session.execute(heads.order_by(Request.priority.desc(), Request.created_at, Request.id).limit(n)).all()
+    return [Candidate(rid, project_id, priority, as_utc(created), expected)
+            for rid, project_id, priority, created, expected in rows]
 
 
 def round_robin_cursor(session: Session, kind: CursorKind, target_id: str) -> SchedulerCursor:
@@ -271,8 +324,17 @@ def round_robin_cursor(session: Session, kind: CursorKind, target_id: str) -> Sc
 def _apply_starts(
     session: Session, pacs_id: str, ids: list[int], worker_id: str, now: datetime, budgets: dict[str, ProjectBudget]
 ) -> None:
-    for request_id in ids:
-        row = session.get_one(Request, request_id)
+    # Locked in id order, as every multi-row lock on requests is taken, so a user's cancel or
+    # the receiver's counts never deadlock with a tick. A request canceled since the heads were
+    # read is left alone: it no longer starts.
+    rows = {row.id: row for row in session.execute(
+        select(Request).where(Request.id.in_(ids)).order_by(Request.id).with_for_update()
+        .execution_options(populate_existing=True)).scalars()} if ids else {}
+    for request_id in list(ids):
+        row = rows.get(request_id)
+        if row is None or row.state != RequestState.SCHEDULED:
+            ids.remove(request_id)
+            continue
         mark_started(row, worker_id, now)
         session.add(PacsStart(pacs_id=pacs_id, project_id=row.project_id, request_id=row.id, started_at=now))
         b = budgets[row.project_id]
@@ -288,19 +350,29 @@ def _study_uids(session: Session, ids: list[int]) -> set[str]:
     return set(session.execute(select(Request.study_uid).where(Request.id.in_(ids))).scalars())
 
 
-def _set_waiting(session: Session, waiting: dict[int, str]) -> None:
-    if not waiting:
-        return
-    rows = session.execute(select(Request).where(Request.id.in_(list(waiting)))).scalars()
+def _store_queue_reasons(session: Session, pacs_id: str, reasons: dict[str, str], now: datetime) -> None:
+    """One row per project on this PACS, written only when its reason changed."""
+    stored = {row.project_id: row for row in session.execute(
+        select(QueueReason).where(QueueReason.pacs_id == pacs_id)).scalars()}
+    for project_id in sorted(reasons):
+        row = stored.get(project_id)
+        if row is None:
+            session.add(QueueReason(pacs_id=pacs_id, project_id=project_id, reason=reasons[project_id], updated_at=now))
+        elif row.reason != reasons[project_id]:
+            row.reason, row.updated_at = reasons[project_id], now
+
+
+def _cancel(session: Session, cancel: dict[int, str], now: datetime) -> dict[int, str]:
+    """Cancel what the plan says can never start; returns those still queued (and so canceled)."""
+    if not cancel:
+        return {}
+    rows = session.execute(
+        select(Request).where(Request.id.in_(list(cancel)), Request.state == RequestState.SCHEDULED)
+        .order_by(Request.id).with_for_update().execution_options(populate_existing=True)).scalars().all()
     for row in rows:
-        if row.waiting_reason != waiting[row.id]:
-            row.waiting_reason = waiting[row.id]
-
-
-def _cancel(session: Session, cancel: dict[int, str], now: datetime) -> None:
-    for request_id, reason in cancel.items():
-        row = session.get_one(Request, request_id)
+        reason = cancel[row.id]
         change_state(row, Event.CANCEL)
         row.ended_at = now
         row.waiting_reason = None
         row.last_error = f"canceled: {reason}"
+    return {row.id: cancel[row.id] for row in rows}

@@ -231,8 +231,18 @@ class Request(Base):
     move_destination_ae: Mapped[str | None] = mapped_column(String(16), nullable=True)
     __table_args__ = (
         Index("ix_requests_state_pacs", "state", "pacs_id"),
-        Index("ix_requests_project_state", "project_id", "state"),
+        # The request log's pages: newest first, with or without a state filter (keyset on id).
+        Index("ix_requests_project_id", "project_id", "id"),
+        Index("ix_requests_project_state_id", "project_id", "state", "id"),
     )
+
+
+# A project's queue on one PACS in the order it is served (priority, then age), so a
+# scheduler tick reads only the heads of the queues (services/scheduler.py).
+Index(
+    "ix_requests_queue", Request.pacs_id, Request.project_id, Request.state, Request.kind,
+    Request.priority.desc(), Request.created_at, Request.id,
+)
 
 
 class PacsStart(Base):
@@ -267,12 +277,31 @@ class SchedulerCursor(Base):
     last_project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+class QueueReason(Base):
+    """Why a project's queued retrievals on one PACS wait, one row per (PACS, project),
+    written by the scheduler only when it changes. A request's own waiting reason is
+    derived from this row and its own state when it is read (services/waiting.py)."""
+
+    __tablename__ = "queue_reasons"
+    pacs_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WorkerKind(StrEnum):
+    WORKER = "worker"
+    RECEIVER = "receiver"
+
+
 class Worker(Base):
     """A running worker or receiver process. A stale heartbeat (or a dead pid
-    on this host) means its processing requests go back to the queue."""
+    on this host) means a worker's processing requests go back to the queue;
+    with no receiver alive, no retrieval starts."""
 
     __tablename__ = "workers"
     id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default=WorkerKind.WORKER, server_default=WorkerKind.WORKER.value)
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -9,7 +9,8 @@ from network addresses, AE titles and status codes only.
     ├── PacsUnreachable        no TCP connection (refused, no route, host down)
     ├── PacsTimeout            connected, but the PACS did not answer in time
     ├── PacsBusy               association rejected as transient, or A700/A702
-    └── AssociationAborted     the association died in the middle of an operation
+    ├── AssociationAborted     the association died in the middle of an operation
+    └── ReceiverUnreachable    the PACS could not deliver a C-MOVE: mi2b2's own receiver is down
     PermanentError
     ├── AssociationRejected    the PACS refuses us (AE titles, contexts)
     ├── ServiceNotSupported    the PACS did not accept the SOP class we need
@@ -197,6 +198,20 @@ class MoveDestinationUnknown(DimseFailure):
             f"Ask the PACS admin to register mi2b2's receiver as a DICOM destination (remote AE / modality): "
             f"AE title {destination_ae!r}, the host name or address of the machine running the mi2b2 receiver, "
             "and the receiver's port from the site configuration. Or switch this PACS node to C-GET",
+        )
+
+
+class ReceiverUnreachable(RetriableError):
+    """A C-MOVE failed because the PACS could not reach mi2b2's own receiver, which is not
+    running (or not reachable) now: not the PACS's fault, and over once a receiver is back."""
+
+    def __init__(self, peer: str, status: int | None, ae_title: str, host: str, port: int) -> None:
+        self.status = status
+        when = (f"when PACS {peer} tried to send the study (status 0x{status:04X})" if status is not None
+                else f"so PACS {peer} was not asked to send the study")
+        super().__init__(
+            f"mi2b2's receiver {ae_title} at {host}:{port} could not be reached {when}; the PACS is not at "
+            "fault. Retrying once a receiver is back: start `mi2b2 receiver` (or `mi2b2 serve`) if none is running"
         )
 
 

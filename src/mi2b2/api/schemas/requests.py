@@ -49,6 +49,17 @@ class RequestRow(Reply):
     not_before: Timestamp | None
 
 
+class RequestPage(Reply):
+    """One page of a project's request log, newest first. ``next_before``: pass it as ``before``
+    for the next, older page (null on the last). ``state_counts``: per state, the requests the
+    other filters match (what choosing that state would show); ``total``: what the whole filter matches."""
+
+    rows: list[RequestRow]
+    next_before: int | None
+    state_counts: dict[str, int]
+    total: int
+
+
 @dataclass
 class AddReport(requests.AddReport, Readable):
     """The requests queued (their ids), and the studies left out, by reason."""

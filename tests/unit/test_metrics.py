@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import CachedStudy, Request
+from mi2b2.adapters.db.tables import CachedStudy, Request, WorkerKind
 from mi2b2.api.app import create_app
 from mi2b2.config import load_config
 from mi2b2.services.context import ServiceContext, build_context
@@ -41,6 +41,7 @@ def add_requests(ctx: ServiceContext) -> None:
         session.add(CachedStudy(project_id="alpha", study_uid="1.2.3", patient_id=PATIENT,
                                 patient_name="Doe^Jane", instance_count=3, bytes=3000))
     heartbeat(ctx, "worker:host:1")
+    heartbeat(ctx, "receiver:host:2", WorkerKind.RECEIVER)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -76,6 +77,8 @@ def test_values_per_pacs_project_and_worker(tmp_path: Path) -> None:
     assert values[("mi2b2_project_cache_used_bytes", (("project", "beta"),))] == 0
     assert values[("mi2b2_project_cache_quota_bytes", (("project", "alpha"),))] > 0
     assert values[("mi2b2_worker_heartbeat_age_seconds", (("worker", "worker:host:1"),))] == 7
+    assert values[("mi2b2_receiver_heartbeat_age_seconds", (("receiver", "receiver:host:2"),))] == 7
+    assert ("mi2b2_worker_heartbeat_age_seconds", (("worker", "receiver:host:2"),)) not in values  # not a worker
     assert values[("mi2b2_receiver_instances_received", ())] == 4
     assert values[("mi2b2_receiver_bytes_received", ())] == 3500
 

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, select
 
-from mi2b2.adapters.db.tables import CachedStudy, Project, Request, Worker
+from mi2b2.adapters.db.tables import CachedStudy, Project, Request, Worker, WorkerKind
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.services.audit_syslog import backlog as audit_syslog_backlog
@@ -81,21 +81,25 @@ class SiteCollector(Collector):
 
     def _workers_and_receiver(self) -> Iterator[Metric]:
         now = self.ctx.clock.now()
-        ages = _gauge("mi2b2_worker_heartbeat_age_seconds", "seconds since the worker's newest heartbeat", ["worker"])
+        ages = {WorkerKind.WORKER: _gauge("mi2b2_worker_heartbeat_age_seconds",
+                                          "seconds since the worker's newest heartbeat", ["worker"]),
+                WorkerKind.RECEIVER: _gauge("mi2b2_receiver_heartbeat_age_seconds",
+                                            "seconds since the receiver's newest heartbeat", ["receiver"])}
         instances = _gauge("mi2b2_receiver_instances_received",
                            "instances received for the retrievals the database holds", [])
         received_bytes = _gauge("mi2b2_receiver_bytes_received",
                                 "bytes received for the retrievals the database holds", [])
         with self.ctx.sessions() as session:
-            beats = session.execute(select(Worker.id, Worker.heartbeat_at)).all()
+            beats = session.execute(select(Worker.id, Worker.kind, Worker.heartbeat_at)).all()
             total_instances, total_bytes = session.execute(
                 select(func.coalesce(func.sum(Request.received), 0), func.coalesce(func.sum(Request.bytes), 0))
                 .where(Request.kind == RequestKind.RETRIEVE)).one()
-        for worker_id, beat in beats:
-            ages.add_metric([worker_id], max(0.0, (now - as_utc(beat)).total_seconds()))
+        for process_id, kind, beat in beats:
+            if kind in ages:
+                ages[WorkerKind(kind)].add_metric([process_id], max(0.0, (now - as_utc(beat)).total_seconds()))
         instances.add_metric([], int(total_instances))
         received_bytes.add_metric([], int(total_bytes))
-        yield from (ages, instances, received_bytes)
+        yield from (*ages.values(), instances, received_bytes)
 
 
     def _audit_syslog(self) -> Iterator[Metric]:

@@ -1,7 +1,7 @@
 """the scheduler reads the heads of the queues: an index in queue order, waiting reasons per project and PACS,
 receivers' heartbeats, and indexes for the request log's keyset pages
 
-Revision ID: 0013
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-05 02:30:00
 
@@ -14,7 +14,7 @@ one-off events such as "requeued" still use them).
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0013'
+revision = '0012'
 down_revision = '0011'
 branch_labels = None
 depends_on = None

@@ -17,11 +17,14 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import AuditEvent
+from mi2b2.adapters.dicom.store_scu import MadeInstance, store_files
 from mi2b2.config import load_config
 from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.context import build_context
+from mi2b2.services.export import deid
 from mi2b2.services.export.download import download_manifest
-from mi2b2.services.forward import add_forwards
+from mi2b2.services.forward import add_forwards, peer_for_destination
+from mi2b2.services.pacs import local_ae
 from support.pacs import RunningPacs, start_orthanc
 from support.pipeline import Pipeline
 from support.site import write_site
@@ -125,7 +128,9 @@ def test_a_forward_from_a_deidentified_project_sends_the_downloads_pseudonymous_
                 select(AuditEvent.detail).where(AuditEvent.action == "forward")).scalars()]
 
     # The download of the same study names the same pseudonymous UIDs Orthanc now holds.
-    held = orthanc_files(orthanc)
+    (study,) = manifest["studies"]
+    held = {sop: data for sop, data in orthanc_files(orthanc).items()  # this study's: other tests share Orthanc
+            if str(dcmread(io.BytesIO(data), stop_before_pixels=True).StudyInstanceUID) in (study["study_uid"], STUDY)}
     downloaded = {f["sop_uid"]: f for f in manifest["files"]}
     assert sorted(downloaded) == sorted(held) and len(held) == 5
     secrets = secrets_of(originals)
@@ -175,9 +180,35 @@ def test_an_unreadable_cached_file_is_withheld_and_an_earlier_queued_forward_is_
         cached[1].write_bytes(cached[1].read_bytes()[:300])
         (request_id,) = add_forwards(before, BOB, "gamma", "orthanc", [OTHER_STUDY]).created
         (row,) = pipe.wait([request_id], timeout=60)
+        pseudonymous = deid.engine_for(pipe.ctx, deid.policy_of(pipe.ctx, "gamma")).pseudonyms.uid(OTHER_STUDY)
     assert (row.state, row.received, row.expected_instances, row.failed) == ("completed", 1, 1, 0), row.last_error
     assert "1 withheld" in (row.last_error or "") and "not readable as DICOM" in (row.last_error or "")
-    held = orthanc_files(orthanc)
-    secrets = secrets_of(originals[:1])
-    assert all(not any(secret in data for secret in secrets) for data in held.values())
-    assert b"PAT004" not in b"".join(held.values())
+    everything = orthanc_files(orthanc)
+    # Nothing of this study's original UIDs anywhere in Orthanc (other tests share it), and the copy it holds
+    # of the readable instance carries no identifier at all.
+    uids = {u for u in secrets_of(originals) if u.startswith(OTHER_STUDY.encode())}
+    assert not any(uid in data for uid in uids for data in everything.values())
+    (copy,) = [d for d in everything.values()
+               if dcmread(io.BytesIO(d), stop_before_pixels=True).StudyInstanceUID == pseudonymous]
+    assert not any(secret in copy for secret in secrets_of(originals[:1]))
+    assert dcmread(io.BytesIO(copy)).get("PixelData") == dcmread(originals[0]).get("PixelData")
+
+
+@pytest.mark.pacs
+def test_made_instances_that_are_garbage_gone_or_skipped_fail_alone_and_the_rest_is_stored(
+        tmp_path: Path, orthanc: RunningPacs) -> None:
+    """The sending side of a copy made in memory, against the same Orthanc: a maker that returns bytes that are
+    not DICOM, one whose file vanished, and one that says not to send, each counted; the good copy stored."""
+    (original,) = sample_study(tmp_path / "originals", "1.2.826.0.1.3680043.8.498.917", {"CT_small.dcm": 1})
+    config = load_config(gamma_site(tmp_path / "site", orthanc))
+    good = original.read_bytes()
+
+    def vanished() -> bytes:
+        raise FileNotFoundError(str(original))
+
+    result = store_files(local_ae(config), peer_for_destination(config.destinations[0], config), "orthanc", [
+        MadeInstance(original, lambda: b"not DICOM at all"), MadeInstance(original, vanished),
+        MadeInstance(original, lambda: None), MadeInstance(original, lambda: good)])
+    assert (result.stored, result.failed, result.skipped, result.bytes) == (1, 2, 1, len(good))
+    assert result.reasons == ["the copy made for sending is not readable DICOM (InvalidDicomError)",
+                              "the file is no longer in the cache"]

@@ -298,6 +298,7 @@ def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, acce
             return
         try:
             made, made_size = dcmread(io.BytesIO(data)), len(data)
+            del data  # one copy of a big instance in memory is enough
         except (InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
             result._fail(f"the copy made for sending is not readable DICOM ({type(exc).__name__})")
             return

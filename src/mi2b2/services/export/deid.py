@@ -43,7 +43,6 @@ REPORT = "deidentification-report.json"
 class Door:
     """The ways data leaves, as named in refusals."""
 
-    FORWARD = "forward"
     DICOMWEB = "DICOMweb"
     VIEWER = "the viewer"
     CSV = "CSV export"

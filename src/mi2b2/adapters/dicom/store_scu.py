@@ -153,7 +153,7 @@ class StoreProgress:
     warnings: int  # the destination answered with a warning status
     converted: int  # sent in another transfer syntax than stored (also stored or failed)
     failed: int
-    bytes: int  # of the cached files sent (their size on disk)
+    bytes: int  # of the cached files sent (their size on disk), or of the copies made from them
 
 
 @dataclass

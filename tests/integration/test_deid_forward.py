@@ -131,6 +131,12 @@ def test_a_forward_from_a_deidentified_project_sends_the_downloads_pseudonymous_
         (request_id,) = add_forwards(ctx, BOB, "gamma", "orthanc", [STUDY]).created
         (row,) = pipe.wait([request_id], timeout=60)
         assert (row.state, row.received, row.expected_instances, row.failed) == ("completed", 5, 5, 0), row.last_error
+        # Only the US series: everything withheld, so the forward fails, saying why.
+        (us_only,) = add_forwards(ctx, BOB, "gamma", "orthanc", [STUDY], series_uids=[f"{STUDY}.6"]).created
+        (nothing,) = pipe.wait([us_only], timeout=60)
+        assert (nothing.state, nothing.received, nothing.expected_instances) == ("failed", 0, 0)
+        assert (nothing.last_error or "").startswith("nothing forwarded: forwarded 0 instances de-identified; "
+                                                     "1 withheld: series 2.25.")
         manifest = download_manifest(ctx, BOB, "gamma", [STUDY])
         with ctx.sessions() as session:
             events = [json.loads(d) for d in session.execute(
@@ -171,8 +177,8 @@ def test_a_forward_from_a_deidentified_project_sends_the_downloads_pseudonymous_
     assert "forwarded 5 instances de-identified; 1 withheld" in report and "(US, 1 instances" in report
     assert not any(secret.decode() in report for secret in secrets)
     # The policy applied is on record, when requested and when done.
-    requested = next(e for e in events if e["event"] == "requested")
-    done = next(e for e in events if e["event"] == "completed")
+    requested = next(e for e in events if e["event"] == "requested" and e["request"] == request_id)
+    done = next(e for e in events if e["event"] == "completed" and e["request"] == request_id)
     assert requested["export"] == done["export"] == "deidentified"
     assert done["profile"] == ["basic", "retain_longitudinal_modified_dates"] and done["withheld"] == 1
     assert done["withheld_series"][0]["modality"] == "US"

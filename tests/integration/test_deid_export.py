@@ -1,6 +1,7 @@
 """De-identified export end to end: studies retrieved from a real PACS (pynetdicom's qrscp) into a project whose
 policy is ``deidentified``, then downloaded through the API (ZIP plain and encrypted, and the CLI's folder
-download over real HTTP). Also: encrypted_only, a non-member, and every door that does not de-identify yet."""
+download over real HTTP). Also: encrypted_only, a non-member, and every door that does not de-identify
+yet; forward queues (it de-identifies)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from mi2b2.adapters.db.tables import DeidKey, DeidMapping
 from mi2b2.api.app import create_app
 from mi2b2.client import Mi2b2Client
 from mi2b2.domain.principal import Principal, Role
-from mi2b2.errors import AccessDenied
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.export import open_download
@@ -311,19 +311,27 @@ def test_a_forged_download_id_or_an_identified_uid_fetches_nothing(
     assert all(name.startswith("000123/") and b"000123" in data for name, data in identified.items())
 
 
-@pytest.mark.parametrize("door", ["forward", "DICOMweb", "viewer"])
+def test_the_forward_door_queues_a_de_identified_projects_forward_with_its_policy_on_record(
+        placed: tuple[ServiceContext, dict[str, str]]) -> None:
+    """Forward de-identifies (tests/integration/test_deid_forward.py sends to Orthanc): it no longer refuses."""
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    assert len(add_forwards(ctx, ALICE, "gamma", "xnat", [uid]).created) == 1
+    answer = api(ctx, tokens["alice"]).post("/api/v1/projects/gamma/forward",
+                                            json={"destination": "xnat", "study_uids": [uid]})
+    assert answer.status_code < 300 and answer.json()["already_queued"] == [uid], answer.text
+    (requested,) = [json.loads(e.detail) for e in ctx.audit.list(ROOT, AuditFilter(action="forward",
+                                                                                  project_id="gamma"))]
+    assert requested["export"] == "deidentified" and requested["profile"][0] == "basic"
+
+
+@pytest.mark.parametrize("door", ["DICOMweb", "viewer"])
 def test_doors_that_do_not_de_identify_yet_refuse_a_de_identified_project(
         placed: tuple[ServiceContext, dict[str, str]], door: str) -> None:
     ctx, tokens = placed
     uid = studies.uid(studies.BRAIN)
     alice = api(ctx, tokens["alice"])
-    if door == "forward":
-        with pytest.raises(AccessDenied) as error:
-            add_forwards(ctx, ALICE, "gamma", "xnat", [uid])
-        message = str(error.value)
-        answer = alice.post("/api/v1/projects/gamma/forward", json={"destination": "xnat", "study_uids": [uid]})
-        assert answer.status_code in (403, 404)
-    elif door == "DICOMweb":
+    if door == "DICOMweb":
         answer = alice.get("/dicomweb/projects/gamma/studies")
         assert answer.status_code == 403, answer.text
         message = answer.json()["error"]

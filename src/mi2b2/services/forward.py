@@ -14,7 +14,10 @@ forwards have:
   turn, priority then age inside a project (`domain.forwarding`).
 * `run_forward`, the worker's side: C-STORE the cached files over one
   association (`adapters.dicom.store_scu`), retry transient failures with
-  backoff, judge, audit one event per study.
+  backoff, judge, audit one event per study. For a ``deidentified`` project
+  each instance's de-identified copy is made in memory just before its
+  C-STORE (`services.export.deid`: the download's engine, key, pseudonyms and
+  UIDs); instances at risk of burned-in identifiers are withheld and reported.
 
 Destinations come from the site configuration only; `destinations` rows in
 the database mirror it for foreign keys and history.
@@ -36,10 +39,13 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, CursorKind, Project, Request
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld
 from mi2b2.adapters.dicom.errors import TlsHandshakeFailed
+from mi2b2.adapters.dicom.files import UnreadableInstance, read_instance_header
 from mi2b2.adapters.dicom.scu import DicomPeer
-from mi2b2.adapters.dicom.store_scu import StoreProgress, StoreResult, store_files
+from mi2b2.adapters.dicom.store_scu import MadeInstance, StoreProgress, StoreResult, store_files
 from mi2b2.config import DestinationConfig, SiteConfig
+from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.forwarding import (
     DestinationRules,
@@ -60,7 +66,8 @@ from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.export.deid import Door, policy_of, refuse_door
+from mi2b2.services.export import deid
+from mi2b2.services.export.deid import WithheldReport, policy_of
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import client_tls, local_ae
 from mi2b2.services.request_rows import change_state, mark_started
@@ -138,7 +145,6 @@ def add_forwards(
     if denial is not None:
         _deny(ctx, who, project_id, destination_id, denial.value)
         raise AccessDenied(f"project {project_id!r}: {denial.value}; {_HINTS[denial]}")
-    refuse_door(ctx, who, project_id, Door.FORWARD)
     if not destination_allows(destination.projects, project_id):
         reason = f"destination {destination_id!r} does not accept forwards from project {project_id!r}"
         _deny(ctx, who, project_id, destination_id, reason)
@@ -178,6 +184,7 @@ def add_forwards(
                            f"{Denial.PATIENT_NOT_ALLOWED.value}; it can no longer be read or forwarded and waits "
                            "for an admin to purge it (`mi2b2 admin purge`)")
 
+    exported = policy_of(ctx, project_id).audit_detail()  # what the worker will apply, on record from the start
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:
         for study in wanted:
@@ -196,7 +203,7 @@ def add_forwards(
                        study_uid=study.study_uid,
                        detail={"request": request_id, "event": "requested", "destination": destination_id,
                                "series": len(study.series_uids), "instances": study.instances,
-                               "priority": priority, "batch": report.batch_id})
+                               "priority": priority, "batch": report.batch_id, **exported})
             for study, request_id in zip(wanted, report.created, strict=True)])
     return report
 
@@ -390,25 +397,78 @@ def run_forward(ctx: ServiceContext, request_id: int) -> str:
     if dest is None:
         return jobs.end(ctx, job, RequestState.FAILED, f"destination {job.target_id!r} is no longer configured",
                         record=_record())
-    if policy_of(ctx, job.project_id).deidentified:  # queued before the project became de-identified
-        return jobs.end(ctx, job, RequestState.FAILED, f"project {job.project_id!r} exports de-identified data only; "
-                        f"{Door.FORWARD} does not de-identify yet", record=_record())
+    policy = policy_of(ctx, job.project_id)  # the policy now, also for a forward queued before it changed
     paths = _files(ctx, job)
+    copies = _Copies.start(ctx, policy, job, paths) if policy.deidentified else None
     watch = jobs.Watch(ctx, job)
-    LOG.info("request %s: forwarding %d instances to %s", job.request_id, len(paths), dest.id)
+    LOG.info("request %s: forwarding %d instances to %s%s", job.request_id, len(paths), dest.id,
+             " de-identified" if copies else "")
     try:
-        result = store_files(local_ae(ctx.config), peer_for_destination(dest, ctx.config), dest.id, paths,
+        result = store_files(local_ae(ctx.config), peer_for_destination(dest, ctx.config), dest.id,
+                             paths if copies is None else copies.instances(paths),
                              should_cancel=watch.should_cancel, on_progress=_progress(ctx, job, watch, len(paths)))
     except RetriableError as exc:
-        return jobs.back_off(ctx, job, exc, dest.retries.to_domain(), _record())
+        return jobs.back_off(ctx, job, exc, dest.retries.to_domain(), _record(policy=policy))
     except Mi2b2Error as exc:
-        return jobs.end(ctx, job, RequestState.FAILED, str(exc), record=_record(expected=len(paths)),
+        return jobs.end(ctx, job, RequestState.FAILED, str(exc), record=_record(expected=len(paths), policy=policy),
                         security=isinstance(exc, TlsHandshakeFailed) and exc.security)
-    record = _record(result, len(paths))
+    expected = len(paths) - result.skipped  # withheld instances are reported, not expected at the destination
+    record = _record(result, expected, policy, copies.report if copies else None)
     if result.canceled:
         return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.last_status, record=record)
-    outcome = forward_outcome(len(paths), result.stored, result.failed, result.reasons[0] if result.reasons else None)
-    return jobs.end(ctx, job, outcome.state, outcome.reason, status=result.last_status, record=record)
+    if copies is not None and copies.report.withheld and expected == 0:
+        return jobs.end(ctx, job, RequestState.FAILED, f"nothing forwarded: {copies.summary(0)}",
+                        status=result.last_status, record=record)
+    outcome = forward_outcome(expected, result.stored, result.failed, result.reasons[0] if result.reasons else None)
+    reason = outcome.reason
+    if copies is not None and copies.report.withheld:
+        reason = f"{reason}; {copies.summary(result.stored)}" if reason else copies.summary(result.stored)
+    return jobs.end(ctx, job, outcome.state, reason, status=result.last_status, record=record)
+
+
+@dataclass
+class _Copies:
+    """A de-identified forward's copies, each made just before its C-STORE, and what was withheld."""
+
+    engine: DeidEngine
+    report: WithheldReport
+
+    @classmethod
+    def start(cls, ctx: ServiceContext, policy: ExportPolicy, job: Job, paths: list[Path]) -> _Copies:
+        engine = deid.engine_for(ctx, policy)
+        if paths:
+            # The honest broker's table, as a download of the study records it (the same pseudonyms).
+            try:
+                header = read_instance_header(paths[0])
+                patient, issuer = header.patient_id, header.issuer
+            except UnreadableInstance:  # it will be withheld as unreadable; the request names the patient
+                patient, issuer = job.patient_id, ""
+            deid.record_mappings(ctx, job.project_id, [
+                ("patient", f"{issuer}/{patient}" if issuer else patient,
+                 engine.pseudonyms.patient_id(patient, issuer)),
+                ("study", job.study_uid, engine.pseudonyms.uid(job.study_uid))])
+        return cls(engine, WithheldReport(policy))
+
+    def instances(self, paths: list[Path]) -> list[MadeInstance]:
+        return [MadeInstance(path, self._maker(path)) for path in paths]
+
+    def _maker(self, path: Path) -> Callable[[], bytes | None]:
+        def make() -> bytes | None:
+            copy = deid.deidentified_copy(self.engine, path)
+            if isinstance(copy, Withheld):
+                self.report.add(copy)
+                return None
+            self.report.exported += 1
+            return copy
+
+        return make
+
+    def summary(self, stored: int) -> str:
+        """Forwarded and withheld counts, and the withheld series by pseudonymous UID: no identifier in it."""
+        series = "; ".join(f"series {entry['series_uid'] or '(unreadable)'} ({entry['modality'] or '?'}, "
+                           f"{entry['instances']} instances: {entry['reason']})"
+                           for entry in self.report.by_series.values())
+        return f"forwarded {stored} instances de-identified; {self.report.withheld} withheld: {series}"
 
 
 def peer_for_destination(dest: DestinationConfig, config: SiteConfig) -> DicomPeer:
@@ -446,19 +506,26 @@ def _progress(ctx: ServiceContext, job: Job, watch: jobs.Watch, expected: int) -
     return write
 
 
-def _record(result: StoreResult | None = None, expected: int | None = None) -> jobs.Record:
-    """What a forward's end writes (what the destination stored) and audits."""
+def _record(result: StoreResult | None = None, expected: int | None = None, policy: ExportPolicy | None = None,
+            withheld: WithheldReport | None = None) -> jobs.Record:
+    """What a forward's end writes (what the destination stored) and audits, with the export policy applied."""
 
-    def record(row: Request) -> dict[str, int]:
+    def record(row: Request) -> dict[str, object]:
         if expected is not None:
             row.expected_instances = expected
         if result is not None:
             row.received, row.failed, row.bytes = result.stored, result.failed, result.bytes
             # A conversion is worth a warning: the destination got another encoding than the cache holds.
             row.warnings = result.warnings + result.converted
-        return {"expected": row.expected_instances, "stored": row.received, "failed": row.failed,
-                "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
-                "attempt": row.attempts}
+        counts: dict[str, object] = {
+            "expected": row.expected_instances, "stored": row.received, "failed": row.failed,
+            "warnings": row.warnings, "converted": result.converted if result else 0, "bytes": row.bytes,
+            "attempt": row.attempts}
+        if policy is not None:
+            counts.update(policy.audit_detail())
+        if withheld is not None:
+            counts.update(withheld=withheld.withheld, withheld_series=list(withheld.by_series.values()))
+        return counts
 
     return record
 

@@ -19,7 +19,7 @@ service context's timer, so a test drives it with a fake one and nothing sleeps.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 
@@ -41,7 +41,7 @@ POLL_SECONDS = 1.0  # how often a running request re-reads its cancel flag, and 
 
 # Writes what the ending attempt achieved into the request's row (in the ending
 # transaction) and returns the counts its audit event carries.
-Record = Callable[[Request], dict[str, int]]
+Record = Callable[[Request], Mapping[str, object]]
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def end(
 
 
 def _audit_end(ctx: ServiceContext, session: Session, job: Job, state: RequestState, reason: str | None,
-               counts: dict[str, int | bool]) -> None:
+               counts: Mapping[str, object]) -> None:
     outcome = Outcome.OK if state in (RequestState.COMPLETED, RequestState.CANCELED) else Outcome.FAILED
     pacs_id, where = _audited_target(job)
     ctx.audit.record("worker", job.action, outcome, project_id=job.project_id, pacs_id=pacs_id,

@@ -126,6 +126,10 @@ def deidentify_file(fp: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld
     except (InvalidDicomError, UnreadableInstance, ValueError, KeyError, EOFError, OSError, struct.error,
             RecursionError) as exc:  # RecursionError: sequences nested deeper than pydicom reads
         return Withheld(f"not readable as DICOM ({type(exc).__name__})", "", "", "")
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
+    if missing:  # e.g. a file cut short: pydicom reads what is there without complaint
+        return Withheld(f"not readable as DICOM (no {missing[0]})", "", str(ds.get("Modality", "") or ""),
+                        str(ds.get("SOPClassUID", "") or ""))
     series = engine.pseudonyms.uid(str(ds.get("SeriesInstanceUID", "")))
     verdict = burned_in_verdict(engine.profile, str(ds.get("BurnedInAnnotation", "") or ""),
                                 str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""),

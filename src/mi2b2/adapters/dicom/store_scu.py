@@ -15,6 +15,11 @@ per instance, what the destination answered. What matters beyond correctness:
 * Latency. TCP_NODELAY on the socket and the prompt network thread of
   `netdicom_internals.prompt_network_thread`: a destination answers each C-STORE before we send the
   next, so per-instance stalls would add up over a study.
+* Copies made on the way. An instance may instead be given as a `MadeInstance`:
+  its bytes (e.g. a de-identified copy) are made just before its C-STORE and
+  dropped after it, never written to disk; only one is in memory at a time.
+  Its presentation context is the cached file's (SOP class and transfer
+  syntax), which the copy keeps: its pixel data is not re-encoded.
 * PHI. Nothing here logs or raises with identifiers: messages carry the
   destination's address, status codes and SOP class names only.
 
@@ -26,6 +31,7 @@ Every other failure status fails that one instance and the next one is sent.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections import defaultdict
@@ -63,6 +69,7 @@ __all__ = [
     "DestinationRefused",
     "DestinationTimeout",
     "DestinationUnreachable",
+    "MadeInstance",
     "StoreProgress",
     "StoreResult",
     "store_files",
@@ -146,7 +153,7 @@ class StoreProgress:
     warnings: int  # the destination answered with a warning status
     converted: int  # sent in another transfer syntax than stored (also stored or failed)
     failed: int
-    bytes: int  # of the cached files sent (their size on disk)
+    bytes: int  # of the cached files sent (their size on disk), or of the copies made from them
 
 
 @dataclass
@@ -156,6 +163,7 @@ class StoreResult:
     converted: int = 0
     failed: int = 0
     bytes: int = 0
+    skipped: int = 0  # made instances whose maker said not to send them (the caller knows why)
     canceled: bool = False
     last_status: int | None = None
     reasons: list[str] = field(default_factory=list)  # why instances failed, first MAX_REASONS
@@ -183,10 +191,23 @@ def _never() -> bool:
 
 
 @dataclass(frozen=True)
+class MadeInstance:
+    """An instance sent as bytes made just before its C-STORE from the cached file at ``path``.
+
+    ``make`` returns a whole DICOM file (preamble and file meta included) with
+    the cached file's SOP class and transfer syntax, or None when the instance
+    is not to be sent (counted in ``StoreResult.skipped``)."""
+
+    path: Path
+    make: Callable[[], bytes | None]
+
+
+@dataclass(frozen=True)
 class _File:
     path: Path
     sop_class: str
     transfer_syntax: str
+    make: Callable[[], bytes | None] | None = None
 
 
 class _Unconvertible(Exception):
@@ -197,12 +218,12 @@ def store_files(
     local: LocalAE,
     peer: DicomPeer,
     name: str,
-    paths: Sequence[Path],
+    paths: Sequence[Path | MadeInstance],
     *,
     should_cancel: Callable[[], bool] = _never,
     on_progress: Callable[[StoreProgress], None] = _ignore,
 ) -> StoreResult:
-    """C-STORE each file to `peer` over one association, in order.
+    """C-STORE each file (or instance made from one) to `peer` over one association, in order.
 
     `name` is the destination's id, for messages. `should_cancel` is asked
     before every instance: once it says yes, the association is released and
@@ -211,10 +232,11 @@ def store_files(
     """
     result = StoreResult()
     files: list[_File] = []
-    for path in paths:
+    for item in paths:
+        path, make = (item.path, item.make) if isinstance(item, MadeInstance) else (item, None)
         try:
             meta = read_file_meta_info(path)
-            files.append(_File(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+            files.append(_File(Path(path), str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID), make))
         except FileNotFoundError:
             result._fail("the file is no longer in the cache")
         except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
@@ -252,24 +274,44 @@ def store_files(
             assoc.abort()
         raise
     release(assoc)
-    LOG.info("C-STORE to %s (%s): %d stored (%d with warnings, %d converted), %d failed%s in %.2f s",
-             name, peer, result.stored, result.warnings, result.converted, result.failed,
+    LOG.info("C-STORE to %s (%s): %d stored (%d with warnings, %d converted), %d failed, %d not sent%s in %.2f s",
+             name, peer, result.stored, result.warnings, result.converted, result.failed, result.skipped,
              " (canceled)" if result.canceled else "", time.perf_counter() - started)
     return result
 
 
 def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, accepted: set[str], message_id: int,
                result: StoreResult) -> None:
+    made: Dataset | None = None
+    made_size = 0
+    if file.make is not None:
+        try:
+            data = file.make()
+        except FileNotFoundError:
+            result._fail("the file is no longer in the cache")
+            return
+        except OSError as exc:
+            result._fail(f"the cached file could not be read ({type(exc).__name__}); run `mi2b2 admin fsck`")
+            return
+        if data is None:
+            result.skipped += 1
+            return
+        try:
+            made, made_size = dcmread(io.BytesIO(data)), len(data)
+            del data  # one copy of a big instance in memory is enough
+        except (InvalidDicomError, ValueError, EOFError, AttributeError) as exc:
+            result._fail(f"the copy made for sending is not readable DICOM ({type(exc).__name__})")
+            return
     choice = choose_syntax(file.transfer_syntax, accepted)
     sop_name = UID(file.sop_class).name
     if choice is None:
         result._fail(f"the destination accepted {sop_name} in none of the transfer syntaxes proposed")
         return
-    payload: Path | Dataset = file.path
+    payload: Path | Dataset = file.path if made is None else made
     try:
-        size = file.path.stat().st_size
+        size = file.path.stat().st_size if made is None else made_size
         if choice.convert:
-            payload = _converted(file.path, UID(choice.transfer_syntax))
+            payload = _converted(file.path if made is None else made, UID(choice.transfer_syntax))
     except FileNotFoundError:
         result._fail("the file is no longer in the cache")
         return
@@ -317,14 +359,15 @@ def _store_one(assoc: Association, peer: DicomPeer, name: str, file: _File, acce
     result.bytes += size
 
 
-def _converted(path: Path, target: UID) -> Dataset:
-    """The instance decoded and made ready to encode in `target` (uncompressed).
+def _converted(source: Path | Dataset, target: UID) -> Dataset:
+    """The instance (a cached file, or a copy made for sending) decoded and made ready to encode in `target`
+    (uncompressed).
 
     Lossless stored data keep their pixel values exactly; lossy data are
     decoded as they would be displayed (colour JPEG becomes RGB). The SOP
     Instance UID is kept: it is the same image, in another encoding."""
     try:
-        ds = dcmread(path)
+        ds = source if isinstance(source, Dataset) else dcmread(source)
     except (InvalidDicomError, ValueError, EOFError) as exc:
         raise _Unconvertible(f"the cached file could not be decoded for conversion ({type(exc).__name__})") from None
     stored = UID(ds.file_meta.TransferSyntaxUID)

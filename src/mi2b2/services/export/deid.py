@@ -5,6 +5,7 @@ same pseudonyms and UIDs in every export of the project. Each export records
 which patients and studies it handed out under which pseudonym (``deid_mappings``),
 the honest broker's table.
 
+`deidentified_copy` makes one instance's copy in memory (forward sends it at once).
 Doors that cannot de-identify yet refuse a de-identified project outright
 (``refuse_door``): identified data must never leave one by default.
 """
@@ -18,13 +19,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import DeidKey, DeidMapping
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.config.export_policy import ExportPolicy, export_policy
 from mi2b2.domain.deid.profile import ProfileOption
@@ -41,7 +43,6 @@ REPORT = "deidentification-report.json"
 class Door:
     """The ways data leaves, as named in refusals."""
 
-    FORWARD = "forward"
     DICOMWEB = "DICOMweb"
     VIEWER = "the viewer"
     CSV = "CSV export"
@@ -217,3 +218,18 @@ class HeaderCache:
 
 
 HEADERS = HeaderCache()
+
+
+def deidentified_copy(engine: DeidEngine, path: Path) -> bytes | Withheld:
+    """One cached file's de-identified copy, in memory (the rewritten header, then its pixel data as stored),
+    or why it is withheld: the same bytes a download of it carries."""
+    with open(path, "rb") as handle:
+        key = HEADERS.identity(engine, os.fstat(handle.fileno()))
+        outcome = HEADERS.get(key)
+        if outcome is None:
+            outcome = deidentify_file(handle, engine)
+            HEADERS.put(key, outcome)
+        if isinstance(outcome, Withheld):
+            return outcome
+        handle.seek(outcome.pixel_start)
+        return outcome.header + handle.read(outcome.pixel_end - outcome.pixel_start)

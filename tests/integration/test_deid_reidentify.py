@@ -239,3 +239,19 @@ def test_the_service_itself_refuses_a_member_and_names_an_unknown_project(
         reidentify(ctx, ROOT, "nope", handed_out["gamma"]["patient"], REASON)
     answer = reidentify(ctx, ROOT, "gamma", handed_out["gamma"]["series"], REASON)
     assert [o.kind for o in answer.originals] == ["series"]
+
+
+def test_after_the_irb_approval_ends_only_an_admin_re_identifies(
+        site: tuple[ServiceContext, dict[str, str], dict[str, dict[str, str]]]) -> None:
+    ctx, _tokens, handed_out = site
+    assert isinstance(ctx.clock, FakeClock)
+    ctx.clock.advance(days=30_000)  # past gamma's expiry, 2099-12-31
+    tokens = {login: ctx.accounts.create_token(ROOT, login, "later", 30).secret for login in ("alice", "root")}
+    body = {"pseudonym": handed_out["gamma"]["patient"], "justification": REASON}
+    refused = api(ctx, tokens["alice"]).post(ROUTE.format("gamma"), json=body)
+    assert refused.status_code == 403 and "IRB approval has ended" in refused.json()["error"]
+    assert "000123" not in refused.text
+    (denied,) = [r for r in audit_rows(ctx, "denied") if r.get("operation") == "reidentify"]
+    assert denied["actor"] == "alice" and denied["justification"] == REASON
+    answer = api(ctx, tokens["root"]).post(ROUTE.format("gamma"), json=body)
+    assert answer.status_code == 200 and answer.json()["originals"][0]["original"] == "000123"

@@ -19,7 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, DeidKey, DeidMapping
+from mi2b2.config.fields import MemberRole
+from mi2b2.domain.deid.broker import NOT_LEAD, reidentify_denial
 from mi2b2.domain.deid.pseudonyms import Pseudonymizer
+from mi2b2.domain.governance import irb_active_at
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services.audit import Action, Outcome
@@ -53,11 +56,14 @@ def reidentify(ctx: ServiceContext, who: Principal, project_id: str, pseudonym: 
     """The original(s) behind ``pseudonym`` in ``project_id``, for its lead or an admin, with a reason."""
     policy = load_policy(ctx, project_id)
     asked = {"operation": OPERATION, "pseudonym": pseudonym[:80], "justification": justification[:MAX_JUSTIFICATION]}
-    if not (who.is_admin or policy.members.get(who.login) == "lead"):
-        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id,
-                         detail={**asked, "reason": "not the project's lead or an admin"})
-        raise AccessDenied(f"project {project_id!r}: only its lead or an admin may re-identify pseudonyms; "
-                           "ask the project's lead")
+    denial = reidentify_denial(admin=who.is_admin, lead=policy.members.get(who.login) == MemberRole.LEAD,
+                               project_active=policy.active,
+                               irb_active=irb_active_at(policy.expires, ctx.clock.now(), policy.timezone))
+    if denial is not None:
+        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, detail={**asked, "reason": denial})
+        raise AccessDenied(f"project {project_id!r}: {denial}; " + (
+            "only its lead or an admin may re-identify pseudonyms" if denial == NOT_LEAD
+            else "an admin may re-identify, or enter the renewed approval first"))
     problem = input_problem(pseudonym, justification)
     if problem is not None:
         ctx.audit.record(who, Action.REIDENTIFY, Outcome.FAILED, project_id=project_id,

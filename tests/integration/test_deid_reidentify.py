@@ -25,6 +25,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, NotFound
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.export.deid import record_mappings
 from mi2b2.services.reidentify import reidentify
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
@@ -120,7 +121,7 @@ def test_the_lead_and_an_admin_get_the_originals_on_the_record(
         (original,) = body["originals"]
         assert original["kind"] == kind
         found[kind] = original
-    assert found["patient"]["original"] == "000123"
+    assert found["patient"]["original"] == found["patient"]["patient_id"] == "000123"
     assert found["study"] == {"kind": "study", "original": study_uid, "study_uid": study_uid, "patient_id": "000123"}
     instance = files[found["instance"]["original"]]  # a real SOP Instance UID of the cached study
     assert found["series"]["original"] == instance["series"] and found["instance"]["study_uid"] == study_uid
@@ -239,6 +240,12 @@ def test_the_service_itself_refuses_a_member_and_names_an_unknown_project(
         reidentify(ctx, ROOT, "nope", handed_out["gamma"]["patient"], REASON)
     answer = reidentify(ctx, ROOT, "gamma", handed_out["gamma"]["series"], REASON)
     assert [o.kind for o in answer.originals] == ["series"]
+    # A patient whose files named an issuer is mapped as "issuer/ID"; the audit's patient column gets the ID.
+    record_mappings(ctx, "gamma", [("patient", "urn:oid:1.2.3/HOSP/000123", "PISSUERISSUER")])
+    (original,) = reidentify(ctx, ROOT, "gamma", "PISSUERISSUER", REASON).originals
+    assert (original.original, original.patient_id) == ("urn:oid:1.2.3/HOSP/000123", "000123")
+    (event,) = [e for e in ctx.audit.list(ROOT, AuditFilter(action="reidentify")) if "PISSUERISSUER" in e.detail]
+    assert event.patient_id == "000123"
 
 
 def test_after_the_irb_approval_ends_only_an_admin_re_identifies(

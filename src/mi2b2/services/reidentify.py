@@ -109,7 +109,16 @@ def lookup(ctx: ServiceContext, project_id: str, pseudonym: str) -> list[Origina
         patients = dict(session.execute(select(CachedStudy.study_uid, CachedStudy.patient_id).where(
             CachedStudy.project_id == project_id,
             CachedStudy.study_uid.in_({o.study_uid for o in found if o.study_uid}))).all())
-    return [Original(o.kind, o.original, o.study_uid, patients.get(o.study_uid or "")) for o in found]
+        cached_ids = set(session.scalars(select(CachedStudy.patient_id).where(
+            CachedStudy.project_id == project_id,
+            CachedStudy.patient_id.in_({c for o in found if o.kind == "patient" for c in _id_candidates(o.original)}))))
+    return [Original(o.kind, o.original, o.study_uid, patients.get(o.study_uid or "") if o.study_uid else
+                     next((c for c in _id_candidates(o.original) if c in cached_ids), None)) for o in found]
+
+
+def _id_candidates(original: str) -> list[str]:
+    """The PatientID an "issuer/ID" original may end with, longest first (an issuer or an ID may hold a slash)."""
+    return [original] + [original[i + 1:] for i, c in enumerate(original) if c == "/"]
 
 
 def _series_or_instance(session: Session, project_id: str, pseudonym: str) -> list[Original]:

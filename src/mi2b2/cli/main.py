@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mi2b2.adapters.process import private_files, withhold_exception_messages
-from mi2b2.cli import admin, audit, cache, download, forward, requests, search, view
+from mi2b2.cli import admin, audit, cache, download, forward, reidentify, requests, search, view
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
     DEFAULT_SERVER,
@@ -46,6 +46,7 @@ app.command("destinations")(forward.destinations)
 app.command("download")(download.download)
 app.command("decrypt")(download.decrypt)
 app.command("view")(view.view)
+app.command("reidentify")(reidentify.reidentify)
 admin.app.command("fsck")(cache.fsck)
 
 

@@ -18,6 +18,7 @@ from mi2b2.api.schemas.accounts import Identity
 from mi2b2.api.schemas.admin import AuditEventRow, ChainVerdict, ConfigReloaded
 from mi2b2.api.schemas.cache import DeleteReport, FsckReport, MarkedRead, Notification, ProjectCache, StudyDetail
 from mi2b2.api.schemas.common import Readable, adapter
+from mi2b2.api.schemas.deid import Reidentified
 from mi2b2.api.schemas.requests import (
     AddReport,
     Canceled,
@@ -226,6 +227,12 @@ class Mi2b2Client:
 
     def pacs_state(self) -> list[PacsState]:
         return self._many(PacsState, "GET", "/pacs/state")
+
+    def reidentify(self, project: str, pseudonym: str, justification: str) -> Reidentified:
+        """The original(s) behind a pseudonym of a de-identified project (its lead or an admin; audited)."""
+        body = {"pseudonym": pseudonym, "justification": justification}
+        return self._one(Reidentified, "POST", f"/projects/{quote(project, safe='')}/deidentification/reidentify",
+                         json=body)
 
     # --- forwarding --------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class Action(StrEnum):
     CACHE_CHECK = "cache_check"  # fsck: index and disk compared (and repaired)
     ALLOW_LIST = "allow_list"  # an admin replaced a project's MRN allow-list (detail: counts only)
     AUDIT_KEY = "audit_key"  # the chain got its key (rows before it stay plain SHA-256, sealed by this one)
+    REIDENTIFY = "reidentify"  # the honest broker turned a pseudonym back into the original (detail: why)
 
 
 class Outcome(StrEnum):

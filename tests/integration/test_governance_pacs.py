@@ -28,11 +28,12 @@ from support.site import pacs_block
 
 pytestmark = pytest.mark.pacs
 
-SPEED = 20.0  # scheduler seconds per wall second
+SPEED = 10.0  # scheduler seconds per wall second
 PER_MINUTE = 6
+LAG_SECONDS = 2.0  # how late the PACS may see a start the scheduler recorded
 MAX_CONCURRENT = 2
 PROJECTS = ["alpha", "gamma", "delta"]
-PER_PROJECT = 20
+PER_PROJECT = 10
 
 
 def _study(n: int) -> SyntheticStudy:
@@ -99,8 +100,8 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
     with fresh_database(backend, tmp_path) as url:
         site = _site(tmp_path, proxy.port, receiver_port, url)
         clock = ScaledClock(SPEED)
-        # Heartbeats are judged on the scheduler's clock, here 20× the wall: the default limit (30 s of it)
-        # would be 1.5 wall seconds, and a busy worker on a loaded machine would be taken for dead.
+        # Heartbeats are judged on the scheduler's clock, here 10× the wall: the default limit (30 s of it)
+        # would be 3 wall seconds, and a busy worker on a loaded machine would be taken for dead.
         alive = timedelta(minutes=20)
         pipe = Pipeline(site, clock=clock, poll_seconds=0.05, stale_after=alive)
         for n, project in enumerate(PROJECTS):
@@ -125,9 +126,10 @@ def test_cap_rate_and_round_robin_hold_as_the_pacs_sees_them(
             recorded = session.execute(select(PacsStart.started_at)).scalars().all()
         # The rate as the scheduler recorded it holds exactly, on the scheduler's own clock.
         assert most_within([t.timestamp() for t in recorded], 60) <= PER_MINUTE, sorted(recorded)
-        # A scheduler minute is 3 wall seconds. The PACS sees a connection some time after the decision
-        # (a second at most on a loaded machine); a doubled rate would still show 12 in that window.
-        assert proxy.starts_within(60 / SPEED - 1.0) <= PER_MINUTE, sorted(proxy.seen.opened_at)
+        # A scheduler minute is 6 wall seconds. The PACS sees a connection some time after the decision
+        # (over a second on a loaded CI machine, so 2 s are allowed); a doubled rate would still show 8 or
+        # more in the 4 s left.
+        assert proxy.starts_within(60 / SPEED - LAG_SECONDS) <= PER_MINUTE, sorted(proxy.seen.opened_at)
         assert len(proxy.seen.opened_at) == len(rows)
         assert order == sorted(PROJECTS) * PER_PROJECT, order  # every project in turn, from first start to last
         if second is not None:

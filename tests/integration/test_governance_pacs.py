@@ -1,8 +1,8 @@
 """Governance measured from the PACS's side of the wire.
 
 A TCP proxy in front of Orthanc counts open associations and when each began.
-The scheduler runs on a clock 20 times faster than the wall (a minute lasts
-three seconds), so per-minute limits can be watched in a short test. With two
+The scheduler runs on a clock 10 times faster than the wall (a minute lasts
+six seconds), so per-minute limits can be watched in a short test. With two
 workers on PostgreSQL the same limits hold, because they live in the database.
 """
 

@@ -35,33 +35,32 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import secrets
 import statistics
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, insert, text, update
 
-from mi2b2.adapters.crypto.audit_key import read_key_file
-from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import AuditEvent, AuditHead, PacsStart, Request
-from mi2b2.api.app import create_app
-from mi2b2.config import load_config
-from mi2b2.domain.audit_chain import ChainedEvent, canonical_detail, canonical_time, event_hash
-from mi2b2.domain.principal import SYSTEM, Principal, Role
-from mi2b2.services.context import ServiceContext, build_context
-from mi2b2.services.scheduler import schedule_once
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the suite's fresh_database
 
-POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+from mi2b2.adapters.crypto.audit_key import read_key_file  # noqa: E402
+from mi2b2.adapters.db.engine import transaction  # noqa: E402
+from mi2b2.adapters.db.tables import AuditEvent, AuditHead, PacsStart, Request  # noqa: E402
+from mi2b2.api.app import create_app  # noqa: E402
+from mi2b2.config import load_config  # noqa: E402
+from mi2b2.domain.audit_chain import ChainedEvent, canonical_detail, canonical_time, event_hash  # noqa: E402
+from mi2b2.domain.principal import SYSTEM, Principal, Role  # noqa: E402
+from mi2b2.services.context import ServiceContext, build_context  # noqa: E402
+from mi2b2.services.scheduler import schedule_once  # noqa: E402
+from support.databases import fresh_database  # noqa: E402
+
 CHUNK = 5000
 TICKS = 20
 PAGES = 50
@@ -80,22 +79,6 @@ class Figures:
     tick_s: float  # median
     page_s: float  # p95
     verify_rows_per_s: float | None
-
-
-@contextmanager
-def database(kind: str, folder: Path) -> Iterator[str]:
-    """A fresh database: a SQLite file, or a PostgreSQL database created here and dropped after."""
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / 'mi2b2.db'}"
-        return
-    name = f"mi2b2_bench_{secrets.token_hex(5)}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def write_site(folder: Path, url: str, projects: int) -> Path:
@@ -229,7 +212,7 @@ def page_p95(ctx: ServiceContext, token: str, project: str) -> float:
 
 def measure(kind: str, folder: Path, requests: int, audit_rows: int, projects: int, verify: bool) -> Figures:
     rng = random.Random(15)
-    with database(kind, folder) as url:
+    with fresh_database(kind, folder) as url:
         ctx = build_context(load_config(write_site(folder, url, projects)), migrate=True, sync_config=True)
         try:
             ctx.accounts.add_user(SYSTEM, "bench", "researcher", "bench-password-1")

@@ -45,7 +45,6 @@ class Door:
 
     DICOMWEB = "DICOMweb"
     VIEWER = "the viewer"
-    CSV = "CSV export"
 
 
 def policy_of(ctx: ServiceContext, project_id: str) -> ExportPolicy:
@@ -102,11 +101,14 @@ def record_mappings(ctx: ServiceContext, project_id: str, pairs: Iterable[tuple[
     wanted = {(kind, original): pseudonym for kind, original, pseudonym in pairs}
     if not wanted:
         return
+    originals = sorted({original for _kind, original in wanted})
+    known: set[tuple[str, str]] = set()
     with ctx.sessions() as session:
-        known = {(kind, original) for kind, original in session.execute(
-            select(DeidMapping.kind, DeidMapping.original).where(
-                DeidMapping.project_id == project_id,
-                DeidMapping.original.in_([original for _kind, original in wanted])))}
+        for start in range(0, len(originals), 1000):  # a long cache list: bounded IN lists
+            known |= {(kind, original) for kind, original in session.execute(
+                select(DeidMapping.kind, DeidMapping.original).where(
+                    DeidMapping.project_id == project_id,
+                    DeidMapping.original.in_(originals[start:start + 1000])))}
     new = [(k, o, p) for (k, o), p in wanted.items() if (k, o) not in known]
     if not new:
         return

@@ -237,7 +237,7 @@ def test_encrypted_only_refuses_plain_downloads_and_a_non_member_stays_refused(
     assert refused.status_code == 403 and "not a member" in refused.json()["error"]
     denials = ctx.audit.list(ROOT, AuditFilter(action="denied"))
     assert {json.loads(d.detail)["reason"] for d in denials} >= {"encrypted downloads only"}
-    # What the browser reads to refuse its own doors (the CSV export).
+    # What the browser reads to mark a de-identified project's screens.
     mine = {p["id"]: (p["export"], p["encrypted_only"]) for p in bob.get("/api/v1/projects").json()}
     assert mine == {"alpha": ("identified", False), "gamma": ("deidentified", False), "delta": ("deidentified", True)}
 

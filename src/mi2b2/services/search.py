@@ -255,6 +255,13 @@ def _export_policy(ctx: ServiceContext, project_id: str) -> ExportPolicy:
     return policy_of(ctx, project_id)
 
 
+def broker_view(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
+    """What a search's audit event adds in a de-identified project: its policy, and that the answer
+    showed identifiers (to its lead or an admin, the only ones who may search there)."""
+    export = _export_policy(ctx, project_id)
+    return {**export.audit_detail(), "view": "identified"} if export.deidentified else {}
+
+
 def _export_fields(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
     policy = _export_policy(ctx, project_id)
     return {"export": "deidentified" if policy.deidentified else "identified", "encrypted_only": policy.encrypted_only}
@@ -381,12 +388,10 @@ def _finish(
             ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=door.policy.project_id,
                              pacs_id=door.pacs.id, detail={"reason": "PACS answered for patients not asked for; dropped",
                                                            "answers": dropped}, session=session)
-        export = _export_policy(ctx, door.policy.project_id)
-        shown = {**export.audit_detail(), "view": "identified"} if export.deidentified else {}  # the broker's view
         ctx.audit.record(who, Action.QUERY, project_id=door.policy.project_id, pacs_id=door.pacs.id, detail={
             "query": report.query_id, "kind": report.kind, **keys, "results": result_count,
             "refused": report.refused, "not_found": len(report.not_found), "not_permitted": report.not_permitted,
-            **shown}, session=session)
+            **broker_view(ctx, door.policy.project_id)}, session=session)
     return report
 
 

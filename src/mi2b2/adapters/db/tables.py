@@ -514,3 +514,20 @@ class DeidMapping(Base):
     pseudonym: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     __table_args__ = (UniqueConstraint("project_id", "kind", "original"),)
+
+
+class DeidUid(Base):
+    """Pseudonymous UID -> cached original, per de-identified project: how DICOMweb and the viewer find the
+    study, series or instance a pseudonymous URL names (the pseudonym, an HMAC, cannot be reversed).
+
+    Filled from the cache index when a pseudonym is first not found (``services.export.pseudonymous``);
+    rows of instances since deleted stay and resolve to nothing, and the same instance cached again
+    gets the same pseudonym."""
+
+    __tablename__ = "deid_uids"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    level: Mapped[str] = mapped_column(String(8), primary_key=True)  # study, series or instance
+    pseudonym: Mapped[str] = mapped_column(String(64), primary_key=True)
+    original: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))  # the original study it belongs to
+    __table_args__ = (Index("ix_deid_uids_original", "project_id", "level", "original"),)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,9 @@ class Multipart:
 class OutgoingFile:
     path: Path
     convert: bool  # to Explicit VR Little Endian; else as stored
+    # A copy made in memory when its turn comes (a de-identified project's), sent instead of the file;
+    # None from it: the instance is left out.
+    copy: Callable[[], bytes | None] | None = None
 
 
 def files_answer(files: list[OutgoingFile]) -> Multipart:
@@ -54,6 +57,9 @@ def parts_answer(parts: Iterable[bytes], media_type: str, part_type: str) -> Mul
 
 def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
     for index, outgoing in enumerate(files):
+        if outgoing.copy is not None:
+            yield from _copy_part(outgoing, outgoing.copy(), boundary, first=index == 0)
+            continue
         if outgoing.convert:
             try:
                 converted = as_explicit_little_endian(outgoing.path)
@@ -82,6 +88,26 @@ def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
                 yield chunk
             yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+
+
+def _copy_part(outgoing: OutgoingFile, data: bytes | None, boundary: str, first: bool) -> Iterator[bytes]:
+    if data is None:
+        LOG.warning("a cached file was withheld or disappeared while it was being sent over DICOMweb; "
+                    "the answer lacks it")
+        return
+    if outgoing.convert:
+        try:
+            data = as_explicit_little_endian(data)
+        except ConversionFailed as exc:
+            if first:
+                raise
+            LOG.warning("a cached file could not be converted for DICOMweb (%s); the answer lacks it", exc)
+            return
+    header = parse_instance_header(data[:CHUNK])
+    syntax = f"; transfer-syntax={header.transfer_syntax}" if header and header.transfer_syntax else ""
+    yield f"--{boundary}\r\nContent-Type: {DICOM}{syntax}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    yield data
+    yield b"\r\n"
 
 
 def _byte_parts(parts: Iterable[bytes], content_type: str, boundary: str) -> Iterator[bytes]:

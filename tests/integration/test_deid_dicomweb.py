@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,15 +28,19 @@ from test_deid_export import (  # the download test's samples, PACS and helpers
 )
 from test_dicomweb_transfer_syntax import parts
 
+from mi2b2.adapters.db.tables import DeidUid
 from mi2b2.domain.deid.pseudonyms import Pseudonymizer
 from mi2b2.services.audit import AuditFilter
-from mi2b2.services.export.pseudonymous import ORIGINAL_UID
+from mi2b2.services.context import build_context
+from mi2b2.services.export.pseudonymous import ORIGINAL_UID, deid_reads, fill
 from mi2b2.services.requests import StudyPick, add_requests
+from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
 from support.pipeline import ADMIN, ALICE, Pipeline, cache_files, retrieval_site
 from support.pipeline import by_sop as pipeline_by_sop
-from support.site import pacs_block
+from support.site import load_site, pacs_block
+from support.viewing import place
 
 __all__ = ["originals", "qrscp"]  # fixtures, shared with the download test
 WEB = "/dicomweb/projects/gamma"
@@ -196,3 +201,47 @@ def test_dicomweb_and_the_viewer_show_a_de_identified_project_as_its_downloads_d
                      f"{VIEWER}/instances/{sample_ds.SOPInstanceUID}/frames/1.png"):
             refused = bob.get(path)
             assert refused.status_code == 403 and "IRB" in refused.text, (path, refused.text)
+
+
+def test_pseudonyms_are_found_back_per_project_including_instances_cached_since(tmp_path: Path,
+                                                                               database_url: str) -> None:
+    """The lookup table: filled by two processes at once without harm, per project (gamma's pseudonym means
+    nothing in delta, whose key differs), and a study cached after the table was filled is found on first ask."""
+    ctx = build_context(load_site(tmp_path / "site", database_url=database_url, extra=PROJECTS), clock=FakeClock())
+    for project in ("gamma", "delta", "alpha"):
+        for file in write_study(studies.BRAIN, tmp_path / "synthetic"):
+            place(ctx, project, file)
+    bob = api(ctx, tokens_for(ctx)["bob"])
+    gamma = deid_reads(ctx, "gamma")
+    assert gamma is not None
+    filling = [threading.Thread(target=fill, args=(ctx, gamma)) for _ in range(2)]
+    for thread in filling:
+        thread.start()
+    for thread in filling:
+        thread.join()
+    with ctx.sessions() as session:
+        levels = [row.level for row in session.query(DeidUid).filter_by(project_id="gamma")]
+    assert sorted(levels) == ["instance"] * 6 + ["series"] * 3 + ["study"]
+
+    (study,) = values(bob.get(f"{WEB}/studies").json(), STUDY_UID)
+    assert bob.get(f"{WEB}/studies/{study}/metadata").status_code == 200
+    elsewhere = bob.get(f"/dicomweb/projects/delta/studies/{study}/metadata")
+    assert elsewhere.status_code == 404 and "pseudonymous" in elsewhere.json()["error"]
+    (delta_study,) = values(bob.get("/dicomweb/projects/delta/studies").json(), STUDY_UID)
+    assert delta_study != study and bob.get(f"/dicomweb/projects/delta/studies/{delta_study}").status_code == 200
+
+    added = write_study(studies.BRAIN_FOLLOW_UP, tmp_path / "later")
+    for file in added:
+        place(ctx, "gamma", file)
+    later = gamma.uid(studies.uid(studies.BRAIN_FOLLOW_UP))
+    assert len(bob.get(f"{WEB}/studies/{later}/metadata").json()) == len(added)
+    opened = bob.get(f"{VIEWER}/studies/{later}").json()
+    assert sum(len(series["instances"]) for series in opened["series"]) == len(added)
+    # A made-up UID is not a probe of a real one: refused, not put on record as one.
+    assert bob.get(f"{WEB}/studies/2.25.12345/metadata").status_code == 404
+    probes = [json.loads(e.detail) for e in ctx.audit.list(ADMIN, AuditFilter(action="denied"))]
+    assert not [p for p in probes if p["reason"] == ORIGINAL_UID]
+    # The identified project next door is unchanged: real UIDs, real patient.
+    identified = bob.get("/dicomweb/projects/alpha/studies").json()
+    assert values(identified, STUDY_UID) == {studies.uid(studies.BRAIN)} and values(identified, PATIENT_ID) == {"000123"}
+    ctx.engine.dispose()

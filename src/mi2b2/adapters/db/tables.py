@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
@@ -525,9 +526,12 @@ class DeidUid(Base):
     gets the same pseudonym."""
 
     __tablename__ = "deid_uids"
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
-    level: Mapped[str] = mapped_column(String(8), primary_key=True)  # study, series or instance
-    pseudonym: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    level: Mapped[str] = mapped_column(String(8))  # study, series or instance
+    pseudonym: Mapped[str] = mapped_column(String(64))
     original: Mapped[str] = mapped_column(String(64))
     study_uid: Mapped[str] = mapped_column(String(64))  # the original study it belongs to
-    __table_args__ = (Index("ix_deid_uids_original", "project_id", "level", "original"),)
+    # Each index leads with the UID it is searched by: no planner, however stale its statistics,
+    # then mistakes one for the other and scans a whole project's rows for one UID.
+    __table_args__ = (PrimaryKeyConstraint("pseudonym", "project_id", "level"),
+                      Index("ix_deid_uids_original", "original", "project_id", "level"))

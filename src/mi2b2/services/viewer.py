@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
+from mi2b2.adapters.dicom.deidentify import Deidentified
 from mi2b2.adapters.dicom.files import InstanceHeader, parse_instance_header
 from mi2b2.adapters.dicom.render import (
     PRESETS,
@@ -66,9 +67,9 @@ from mi2b2.services.export.pseudonymous import (
     INSTANCE,
     STUDY,
     DeidReads,
-    copy_of,
     deid_reads,
     hand_out,
+    outcome,
     resolve,
     risk_of,
     values_of,
@@ -292,10 +293,12 @@ class CacheViewer:
             described = describe(path)
             study_uid, series_uid = place.study_uid, place.series_uid
         else:
-            copy = copy_of(reads, path)
-            if not isinstance(copy, bytes):
-                raise NotFound(withheld_message(sop_uid, copy.reason))
-            described = describe(copy)
+            made = outcome(reads.engine, path)
+            if not isinstance(made, Deidentified):
+                raise NotFound(withheld_message(sop_uid, made.reason if made else "its file is missing"))
+            # The image's facts (size, frames, syntax, window) from the stored file, whose pixel data the
+            # copy keeps; the tags from the de-identified header alone, so no pixel data is read for them.
+            described = {**describe(path), "tags": describe(made.header)["tags"]}
             study_uid, series_uid = reads.uid(place.study_uid), reads.uid(place.series_uid)
         self._viewed(who, project_id, place.patient_id, place.study_uid, "tags", reads, path)
         return {"sop_uid": sop_uid, "study_uid": study_uid, "series_uid": series_uid, **described}

@@ -33,7 +33,7 @@ from sqlalchemy import update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy
-from mi2b2.adapters.dicom.deidentify import Withheld
+from mi2b2.adapters.dicom.deidentify import Deidentified, Withheld
 from mi2b2.adapters.dicom.dicom_json import metadata_json, read_header, search_json, stored_transfer_syntax
 from mi2b2.adapters.dicom.frames import read_frames
 from mi2b2.adapters.dicom.transcode import ConversionFailed, why_not_convertible
@@ -75,7 +75,6 @@ from mi2b2.services.export.pseudonymous import (
     SERIES,
     STUDY,
     DeidReads,
-    copy_of,
     deid_reads,
     hand_out,
     header_of,
@@ -229,7 +228,7 @@ class DicomWeb:
         if reads is not None:
             files = self._served(reads, files, sop_uid or series_uid or study_uid)
         outgoing = [OutgoingFile(f.path, _converted(stored_transfer_syntax(f.path), wanted),
-                                 None if reads is None else partial(_copy, reads, f.path)) for f in files]
+                                 None if reads is None else partial(_deidentified, reads, f.path)) for f in files]
         multipart = files_answer(outgoing)
         body = multipart.body
         try:
@@ -365,9 +364,9 @@ def _named(reads: DeidReads | None, uid: str) -> str:
     return uid if reads is None else reads.uid(uid)
 
 
-def _copy(reads: DeidReads, path: Path) -> bytes | None:
-    made = copy_of(reads, path)
-    return made if isinstance(made, bytes) else None
+def _deidentified(reads: DeidReads, path: Path) -> Deidentified | None:
+    made = outcome(reads.engine, path)
+    return made if isinstance(made, Deidentified) else None
 
 
 def _converted(stored: str, wanted: WantedSyntaxes) -> bool:

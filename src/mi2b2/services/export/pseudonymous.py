@@ -116,19 +116,6 @@ def risk_of(reads: DeidReads, path: Path) -> str:
     return made.risk if isinstance(made, Deidentified) else made.reason
 
 
-def copy_of(reads: DeidReads, path: Path) -> bytes | Withheld:
-    """The instance as a de-identified download has it: the new header, then the stored pixel data."""
-    made = outcome(reads.engine, path)
-    if made is None:
-        raise NotFound("that image is indexed but missing from the cache; an admin can reconcile the two "
-                       "with `mi2b2 admin fsck --repair`")
-    if isinstance(made, Withheld):
-        return made
-    with open(path, "rb") as handle:
-        handle.seek(made.pixel_start)
-        return made.header + handle.read(made.pixel_end - made.pixel_start)
-
-
 def withheld_message(uid: str, reason: str) -> str:
     return (f"image {uid} is withheld from this de-identified project: {reason} (a project may clear a series "
             "or SOP class it has checked, in [projects.deidentification])")

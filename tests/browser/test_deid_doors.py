@@ -1,12 +1,14 @@
-"""A de-identified project in Chromium: the honest broker's workflow.
+"""A de-identified project in Chromium: the honest broker's workflow, and the viewer under pseudonyms.
 
 A member's search is refused, the page naming who may search. The lead searches, exports the studies found
-to CSV (identifiers she already sees, her searches audited) and moves one to the repository. The member's
-Image Repository tab and Request Log show it only under its pseudonyms, and deleting it by the row shown works."""
+to CSV (identifiers the lead already sees, the searches audited) and moves one to the repository. The member's
+Image Repository tab and Request Log show it only under its pseudonyms, and deleting it by the row shown works.
+The viewer's tree, labels and tag panel come from the API, which de-identifies them."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from support.browser_site import LEAD, RESEARCHER, Catalog, login, serve
+from support.browser_site import LEAD, PACS_ID, RESEARCHER, Catalog, login, serve
 from support.deid import gamma_project
 from support.server import Mi2b2Server
 
@@ -92,3 +94,33 @@ def test_the_lead_moves_a_study_and_a_member_sees_only_its_pseudonyms(
     member.get_by_role("button", name="Delete selected").click()
     expect(cached).to_have_count(0)
     assert not (mi2b2_server.cache_dir / "gamma" / study.uid).exists()
+
+
+def test_the_viewer_shows_a_de_identified_project_under_its_pseudonyms(
+        page: Page, new_page: Callable[[], Page], catalog: Catalog, console: list[str]) -> None:
+    """After the test above deleted its study, the lead requests another; the member views it."""
+    lead = new_page()
+    login(lead, LEAD)
+    study = catalog.study("BR-2001")
+    added = lead.request.post("/api/v1/requests", data={"project": "gamma", "pacs": PACS_ID,
+                                                        "studies": [{"study_uid": study.uid}]})
+    assert added.ok and len(added.json()["created"]) == 1, added.text()
+    (request_id,) = added.json()["created"]
+    deadline = time.monotonic() + 60
+    while (row := lead.request.get(f"/api/v1/requests/{request_id}").json())["state"] in ("scheduled", "processing"):
+        assert time.monotonic() < deadline, f"retrieval not done in 60 s: {row}"
+        lead.wait_for_timeout(250)
+    assert row["state"] == "completed", row
+    login(page, RESEARCHER)
+    (patient,) = page.request.get("/api/v1/projects/gamma/viewer/tree").json()["patients"]
+    pseudonym = patient["patient_id"]
+    assert pseudonym.startswith("P") and pseudonym != study.patient_id
+
+    page.goto("/viewer/?project=gamma")
+    expect(page.locator("#status")).to_have_text("1 patient, 1 study")
+    expect(page.locator("#tree")).to_contain_text(pseudonym)
+    expect(page.locator("#tag-table")).to_contain_text(pseudonym)  # the first image opened, its tags shown
+    expect(page.locator("#image")).to_have_attribute("src", re.compile("^blob:"))
+    for real in (study.patient_id, study.patient_name.split("^")[0], study.accession, study.uid):
+        expect(page.locator("body")).not_to_contain_text(real)
+    assert not [line for line in console if line.startswith("pageerror")], console

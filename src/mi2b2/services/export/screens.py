@@ -11,7 +11,8 @@ those requests by searching. Each pseudonym shown is recorded for the broker, an
 each pseudonymous listing is audited with the policy applied.
 
 Whatever a user does next (download, delete, forward, show) may name a study by
-the pseudonym shown: `study_originals` turns it back into the cached study.
+the pseudonym shown: `study_originals` turns it back into the cached study,
+through ``deid_uids`` as DICOMweb and the viewer do (`services.export.pseudonymous`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, DeidMapping
+from mi2b2.adapters.db.tables import CachedStudy, DeidMapping, DeidUid
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.config.fields import MemberRole
 from mi2b2.domain.deid.broker import sees_identifiers
@@ -108,34 +108,51 @@ def shown(ctx: ServiceContext, who: Principal, screen: Screen, operation: str, r
 def study_originals(ctx: ServiceContext, project_id: str, uids: Sequence[str]) -> dict[str, str]:
     """Pseudonym -> original of the named studies that are pseudonyms of studies in the project's cache.
 
-    Empty for an identified project. An original UID names its study as before: the
-    lead who requested it knows it, and naming it shows nothing new."""
-    candidates = {uid for uid in uids if uid.startswith(UID_PSEUDONYM)}
-    if not candidates or not _policy(ctx, project_id).deidentified:
-        return {}
-    with ctx.sessions() as session:
-        found = _recorded(session, project_id, candidates)
-        if len(found) < len(candidates):  # not shown yet (a study cached since): work them out from the cache
-            pseudo = _pseudonymizer(ctx, project_id)
-            for uid in session.scalars(select(CachedStudy.study_uid).where(CachedStudy.project_id == project_id)):
-                if (pseudonym := pseudo.uid(uid)) in candidates:
-                    found[pseudonym] = uid
-    cached = _cached_uids(ctx, project_id, list(found.values()))
+    Empty for an identified project. Found in ``deid_uids``, the table DICOMweb and the
+    viewer resolve their URLs with. An original UID names its study as before (the lead
+    who requested it knows it; naming it shows nothing new)."""
+    from mi2b2.services.export.pseudonymous import STUDY
+
+    found = _originals(ctx, project_id, STUDY, uids)
+    cached = _cached_uids(ctx, project_id, list(found.values()))  # rows of deleted studies stay in deid_uids
     return {pseudonym: uid for pseudonym, uid in found.items() if uid in cached}
 
 
 def series_originals(ctx: ServiceContext, project_id: str, study_uids: Sequence[str],
                      series_uids: Sequence[str]) -> dict[str, str]:
     """Pseudonym -> original of the named series of the named (original) cached studies."""
-    candidates = {uid for uid in series_uids if uid.startswith(UID_PSEUDONYM)}
-    if not candidates or not _policy(ctx, project_id).deidentified:
+    from mi2b2.services.export.pseudonymous import SERIES
+
+    return _originals(ctx, project_id, SERIES, series_uids, within=set(study_uids))
+
+
+def _originals(ctx: ServiceContext, project_id: str, level: str, uids: Sequence[str],
+               within: set[str] | None = None) -> dict[str, str]:
+    candidates = sorted({uid.strip() for uid in uids if uid.strip().startswith(UID_PSEUDONYM)})
+    if not candidates:
         return {}
-    pseudo = _pseudonymizer(ctx, project_id)
+    from mi2b2.services.export.pseudonymous import deid_reads, fill
+
+    reads = deid_reads(ctx, project_id)
+    if reads is None:
+        return {}
+    found = _looked_up(ctx, project_id, level, candidates, within)
+    if len(found) < len(candidates):  # cached since the table was last filled
+        fill(ctx, reads)
+        found = _looked_up(ctx, project_id, level, candidates, within)
+    return found
+
+
+def _looked_up(ctx: ServiceContext, project_id: str, level: str, pseudonyms: list[str],
+               within: set[str] | None) -> dict[str, str]:
+    found: dict[str, str] = {}
     with ctx.sessions() as session:
-        series = session.scalars(
-            select(CachedInstance.series_uid).distinct().join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
-            .where(CachedStudy.project_id == project_id, CachedStudy.study_uid.in_(list(study_uids))))
-        return {p: uid for uid in series if (p := pseudo.uid(uid)) in candidates}
+        for start in range(0, len(pseudonyms), 1000):
+            rows = session.execute(select(DeidUid.pseudonym, DeidUid.original, DeidUid.study_uid).where(
+                DeidUid.project_id == project_id, DeidUid.level == level,
+                DeidUid.pseudonym.in_(pseudonyms[start:start + 1000])))
+            found.update({p: o for p, o, study in rows if within is None or study in within})
+    return found
 
 
 def resolve(uids: Sequence[str], originals: dict[str, str]) -> list[str]:
@@ -146,13 +163,6 @@ def as_named(uids: Iterable[str], originals: dict[str, str]) -> list[str]:
     """The originals in a report turned back into the names the caller used."""
     named = {original: given for given, original in originals.items()}
     return [named.get(uid, uid) for uid in uids]
-
-
-def _recorded(session: Session, project_id: str, pseudonyms: set[str]) -> dict[str, str]:
-    rows = session.execute(select(DeidMapping.pseudonym, DeidMapping.original).where(
-        DeidMapping.project_id == project_id, DeidMapping.kind == "study",
-        DeidMapping.pseudonym.in_(sorted(pseudonyms))))
-    return {pseudonym: original for pseudonym, original in rows}
 
 
 def _cached_uids(ctx: ServiceContext, project_id: str, uids: list[str]) -> set[str]:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
 from mi2b2.adapters.dicom.store_scp import StoreServer
+from mi2b2.config import load_config
+from mi2b2.errors import InvalidInput, Mi2b2Error
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.pacs import local_ae, receiver_tls
@@ -35,17 +37,23 @@ def make_sink(ctx: ServiceContext) -> ReceiverSink:
 
 @contextmanager
 def background(
-    ctx: ServiceContext, receiver: bool, worker: bool, receiver_process: bool = False
+    ctx: ServiceContext, receiver: bool, worker: bool, receiver_process: bool = False, share_port: bool = False
 ) -> Iterator[tuple[StoreServer | None, Worker | None]]:
     """Run the receiver and/or a worker while the block runs.
 
     With ``receiver_process`` the receiver runs as a child process (`mi2b2
-    receiver`): receiving is CPU-bound Python, and beside the API and the
-    worker in one process it would share one interpreter lock with them."""
-    sink = make_sink(ctx)
+    receiver`, which starts `[dicom] processes` of them): receiving is
+    CPU-bound Python, and beside the API and the worker in one process it
+    would share one interpreter lock with them. ``share_port``: this
+    process's receiver is one of several on the port (SO_REUSEPORT)."""
     in_process = receiver and not (receiver_process and ctx.config.source is not None)
+    if in_process and ctx.config.dicom.processes > 1 and not share_port:
+        raise InvalidInput(f"[dicom] processes = {ctx.config.dicom.processes} needs the receiver in its own processes: "
+                           "set [server] receiver_process = true, or run `mi2b2 receiver` beside the server")
+    sink = make_sink(ctx)
     server = StoreServer(local_ae(ctx.config), ctx.config.dicom.host, ctx.config.dicom.port, sink,
-                         sink.store.incoming_dir(), receive_limits(ctx.config), receiver_tls(ctx.config)) if in_process else None
+                         sink.store.incoming_dir(), receive_limits(ctx.config), receiver_tls(ctx.config),
+                         share_port=share_port) if in_process else None
     loop = Worker(ctx, sink) if worker else None
     beat = ReceiverHeartbeat(ctx) if server is not None else None
     child: subprocess.Popen[bytes] | None = None
@@ -73,15 +81,15 @@ def background(
 
 def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
     dicom = ctx.config.dicom
-    if _listening(dicom.host, dicom.port):
+    if listening(dicom.host, dicom.port):
         raise ReceiverUnavailable(dicom.ae_title, dicom.host, dicom.port, OSError(98, "address already in use"))
     child = subprocess.Popen(
         [sys.executable, "-m", "mi2b2", "receiver", "--config", str(ctx.config.source)],
         stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,  # a SIGKILLed server must not leave its receiver running
+        preexec_fn=die_with_parent,  # a SIGKILLed server must not leave its receiver running
     )
     deadline = time.monotonic() + 30
-    while not _listening(dicom.host, dicom.port):
+    while not listening(dicom.host, dicom.port):
         if child.poll() is not None:
             raise ReceiverUnavailable(dicom.ae_title, dicom.host, dicom.port,
                                       OSError(0, f"the receiver process exited with code {child.returncode}"))
@@ -93,12 +101,12 @@ def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
     return child
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _listening(host: str, port: int) -> bool:
+def listening(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
@@ -114,11 +122,29 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
             child.wait(5)
 
 
-def run_until_signal(ctx: ServiceContext, receiver: bool, worker: bool, ready_message: str) -> None:
-    """Block until SIGTERM or SIGINT, then stop cleanly."""
+def run_until_signal(ctx: ServiceContext, receiver: bool, worker: bool, ready_message: str,
+                     share_port: bool = False) -> None:
+    """Block until SIGTERM or SIGINT, then stop cleanly. A receiver re-reads the
+    configuration on SIGHUP (which PACS may send from where: see `reload_receiver`)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with background(ctx, receiver, worker):
+    with background(ctx, receiver, worker, share_port=share_port) as (server, _):
+        if server is not None and ctx.config.source is not None:
+            signal.signal(signal.SIGHUP, lambda *_: reload_receiver(ctx, server))
         print(ready_message, flush=True)
         stop.wait()
+
+
+def reload_receiver(ctx: ServiceContext, server: StoreServer) -> None:
+    """Re-read the configuration a receiver judges by: the PACS (AE titles, addresses),
+    projects and the receiver's AE title. Its port, TLS and limits need a restart.
+    The database is left alone: `serve` or `mi2b2 config reload` applies the file there."""
+    try:
+        ctx.config = load_config(ctx.config.source) if ctx.config.source is not None else ctx.config
+    except Mi2b2Error as error:
+        LOG.error("configuration NOT reloaded, the running one stays: %s", error)
+        return
+    if isinstance(server.sink, ReceiverSink):
+        server.sink.forget_peers()
+    LOG.warning("configuration reloaded on SIGHUP")

@@ -65,24 +65,46 @@ def worker(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def receiver(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Run the DICOM receiver (C-STORE SCP) alone."""
-    _run_background(config, receiver=True, worker=False, what="receiver")
+def receiver(
+    config: ConfigOption = DEFAULT_CONFIG,
+    processes: Annotated[int | None, typer.Option(
+        min=1, max=64, help="receiver processes sharing the DICOM port (SO_REUSEPORT, Linux); "
+                            "default: [dicom] processes of the site configuration")] = None,
+    share_port: Annotated[bool, typer.Option(hidden=True, help="bind with SO_REUSEPORT (set for the children)")] = False,
+) -> None:
+    """Run the DICOM receiver (C-STORE SCP) alone; with --processes N, N of them on one port."""
+    count = processes if processes is not None else load_config(config).dicom.processes
+    if count > 1:
+        from mi2b2.receiver_processes import run_receiver_processes
+
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", force=True)
+        logging.getLogger("mi2b2").setLevel(logging.INFO)
+        from mi2b2.services.context import build_context
+
+        site = load_config(config)
+        build_context(site, migrate=True, sync_config=True).engine.dispose()  # once, before the children start
+        code = run_receiver_processes(config, site, count)
+        if code:
+            raise typer.Exit(code)
+        return
+    _run_background(config, receiver=True, worker=False, what="receiver", share_port=share_port)
 
 
-def _run_background(config: Path, receiver: bool, worker: bool, what: str) -> None:
+def _run_background(config: Path, receiver: bool, worker: bool, what: str, share_port: bool = False) -> None:
     from mi2b2.adapters.dicom.netdicom_internals import require_tested_pynetdicom
     from mi2b2.runtime import run_until_signal
     from mi2b2.services.context import build_context
 
     require_tested_pynetdicom()  # before anything runs, the database migration included
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", force=True)
     logging.getLogger("mi2b2").setLevel(logging.INFO)
     site = load_config(config)
-    ctx = build_context(site, migrate=True, sync_config=True)
+    # Receivers sharing a port start together, after their parent migrated and applied the configuration.
+    ctx = build_context(site, migrate=not share_port, sync_config=not share_port, require_current=share_port)
     dicom = site.dicom
     where = f" on {dicom.ae_title}@{dicom.host}:{dicom.port}" if receiver else ""
-    run_until_signal(ctx, receiver=receiver, worker=worker, ready_message=f"mi2b2 {what} running{where}")
+    run_until_signal(ctx, receiver=receiver, worker=worker, ready_message=f"mi2b2 {what} running{where}",
+                     share_port=share_port)
 
 
 @app.command()

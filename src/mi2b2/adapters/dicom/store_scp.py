@@ -41,6 +41,7 @@ C-STOREs), `pdu_reader` (bounded reading on the network thread), `store_wire`
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -100,11 +101,18 @@ class StoreServer:
     complete the handshake (plain DICOM, a certificate from another CA, none
     where one is required) is disconnected before a DICOM byte is read, and
     told to the sink when it keeps `TlsRefusals`.
+
+    With `share_port`, the listening socket sets SO_REUSEPORT (Linux): several
+    receiver processes of one user bind the same host:port and the kernel
+    spreads incoming connections over them (`mi2b2 receiver --processes N`).
+    The kernel refuses the port when a process of another user, or one without
+    SO_REUSEPORT, holds it; that is the same clear `ReceiverUnavailable`.
     """
 
     def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path,
-                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None) -> None:
+                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None, share_port: bool = False) -> None:
         self.local = local
+        self.share_port = share_port
         self.tls = tls
         self.host = host
         self._requested_port = port
@@ -147,13 +155,15 @@ class StoreServer:
         ]
         ssl_context = server_context(self.tls) if self.tls is not None else None
         try:
-            server = ae.start_server(
-                (self.host, self._requested_port), block=False, evt_handlers=handlers, contexts=scp_contexts(),
+            server = ae.make_server(
+                (self.host, self._requested_port), evt_handlers=handlers, contexts=scp_contexts(),
                 ssl_context=ssl_context,
+                server_class=_PortSharingServer if self.share_port else ThreadedAssociationServer,
             )
         except OSError as exc:
             raise ReceiverUnavailable(self.local.ae_title, self.host, self._requested_port, exc) from None
-        assert server is not None
+        assert isinstance(server, ThreadedAssociationServer)
+        threading.Thread(target=server.serve_forever, name=f"mi2b2-store-scp-{self.port}", daemon=True).start()
         self._server = server
         LOG.info("DICOM receiver %s listening on %s:%d%s", self.local.ae_title, self.host, self.port,
                  " (DICOM TLS)" if self.tls is not None else "")
@@ -249,6 +259,18 @@ class StoreServer:
         if receiver is None:
             return
         receiver.close()  # an instance cut off mid-transfer leaves nothing behind
+        peer = receiver.peer()
+        # One line per association (no PHI): which receiver process a PACS's association reached.
+        LOG.info("association %d from %s at %s ended", peer.association, peer.ae_title or "(no AE title)", peer.address)
+
+
+class _PortSharingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT set before the bind."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def _closed_unspoken(error: OSError) -> bool:

@@ -10,7 +10,9 @@ receivers on several hosts do: each has its own incoming folder, and the
 index takes its locks in one order.
 
 The parent migrates the database and applies the configuration once (as
-`mi2b2 receiver` does), then holds no socket and no database connection. It
+`mi2b2 receiver` does), then replaces itself (exec, same pid) with this
+module's `main`, which imports little: it holds no socket, no database
+connection and ~30 MB rather than a receiver's ~130. It
 
 - refuses to start when something already listens on the port (a forgotten
   receiver of the same user would otherwise silently share it);
@@ -26,8 +28,10 @@ The parent migrates the database and applies the configuration once (as
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -39,9 +43,8 @@ from pathlib import Path
 from typing import IO
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
+from mi2b2.adapters.process import accepts_connections, die_with_parent
 from mi2b2.adapters.storage.cache_files import CacheStore
-from mi2b2.config import SiteConfig
-from mi2b2.runtime import die_with_parent, listening
 
 LOG = logging.getLogger("mi2b2.receiver")
 
@@ -60,10 +63,18 @@ class _Child:
     ready: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(frozen=True)
+class Port:
+    ae_title: str
+    host: str
+    port: int
+
+
 class ReceiverProcesses:
-    def __init__(self, config_path: Path, site: SiteConfig, count: int) -> None:
+    def __init__(self, config_path: Path, port: Port, cache_dir: Path, count: int) -> None:
         self.config_path = config_path
-        self.site = site
+        self.port = port
+        self.cache_dir = cache_dir
         self.count = count
         self.children: list[_Child] = []
         self._stop = threading.Event()
@@ -72,8 +83,8 @@ class ReceiverProcesses:
 
     def run(self) -> int:
         """Start the children, keep them running until SIGTERM/SIGINT; the exit code."""
-        dicom = self.site.dicom
-        if listening(dicom.host, dicom.port):
+        dicom = self.port
+        if accepts_connections(dicom.host, dicom.port, timeout=0.5):
             raise ReceiverUnavailable(dicom.ae_title, dicom.host, dicom.port,
                                       OSError(errno.EADDRINUSE, "something already listens on that port"))
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -92,8 +103,8 @@ class ReceiverProcesses:
 
     def _start(self, slot: int) -> _Child:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mi2b2", "receiver", "--config", str(self.config_path), "--processes", "1",
-             "--share-port"],
+            # Not `mi2b2 receiver`: the whole command line's imports would cost each receiver ~20 MB more.
+            [sys.executable, "-m", "mi2b2.receiver_processes", "--child", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             preexec_fn=die_with_parent,  # a SIGKILLed parent must not leave receivers on the port
         )
@@ -153,7 +164,7 @@ class ReceiverProcesses:
     def _clean_up_after(self, child: _Child) -> None:
         """A dead child's half-received instances (its incoming folder) go at once."""
         try:
-            removed = CacheStore(self.site.cache_dir()).clean_stale_incoming()
+            removed = CacheStore(self.cache_dir).clean_stale_incoming()
         except Exception as exc:  # the worker's sweep and `mi2b2 admin fsck --repair` remove them later
             LOG.warning("could not remove the temp files of receiver process %d (%s)", child.process.pid, exc)
             return
@@ -173,8 +184,52 @@ class ReceiverProcesses:
                 child.process.wait(5)
 
 
-def run_receiver_processes(config_path: Path, site: SiteConfig, count: int) -> int:
-    return ReceiverProcesses(config_path, site, count).run()
+def exec_receiver_processes(config_path: Path, port: Port, cache_dir: Path, count: int) -> None:
+    """Become (same pid: signals and the caller's wait still reach it) the parent of `count` receivers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "mi2b2.receiver_processes", "--config", str(config_path),
+                              "--processes", str(count), "--ae-title", port.ae_title, "--host", port.host,
+                              "--port", str(port.port), "--cache-dir", str(cache_dir)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the parent of `mi2b2 receiver --processes N`, or (--child) one of them")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--processes", type=int)
+    parser.add_argument("--ae-title")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--cache-dir", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        _run_child(args.config)
+        return
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", level=logging.INFO)
+    try:
+        code = ReceiverProcesses(args.config, Port(args.ae_title, args.host, args.port), args.cache_dir,
+                                 args.processes).run()
+    except ReceiverUnavailable as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        code = USER_ERROR
+    sys.exit(code)
+
+
+def _run_child(config: Path) -> None:
+    """One receiver sharing the port; a user error is one line and exit code 2, as `mi2b2` does."""
+    from mi2b2.adapters.process import private_files, withhold_exception_messages
+    from mi2b2.config import load_config
+    from mi2b2.errors import Mi2b2Error
+    from mi2b2.runtime import run_alone
+
+    private_files()
+    withhold_exception_messages()
+    try:
+        run_alone(load_config(config), receiver=True, worker=False, what="receiver", share_port=True)
+    except Mi2b2Error as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR)
 
 
 def _relay(child: _Child) -> None:
@@ -199,3 +254,6 @@ def _how(code: int) -> str:
             return f"signal {-code}"
     return f"code {code}"
 
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import socket
@@ -18,11 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mi2b2.adapters.dicom.errors import ReceiverUnavailable
+from mi2b2.adapters.dicom.netdicom_internals import require_tested_pynetdicom
 from mi2b2.adapters.dicom.store_scp import StoreServer
-from mi2b2.config import load_config
+from mi2b2.adapters.process import die_with_parent
+from mi2b2.config import SiteConfig, load_config
 from mi2b2.errors import InvalidInput, Mi2b2Error
 from mi2b2.services.cache.reads import cache_store
-from mi2b2.services.context import ServiceContext
+from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.pacs import local_ae, receiver_tls
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.worker.loop import Worker
@@ -81,7 +82,7 @@ def background(
 
 def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
     dicom = ctx.config.dicom
-    if listening(dicom.host, dicom.port):
+    if _listening(dicom.host, dicom.port):
         raise ReceiverUnavailable(dicom.ae_title, dicom.host, dicom.port, OSError(98, "address already in use"))
     child = subprocess.Popen(
         [sys.executable, "-m", "mi2b2", "receiver", "--config", str(ctx.config.source)],
@@ -89,7 +90,7 @@ def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
         preexec_fn=die_with_parent,  # a SIGKILLed server must not leave its receiver running
     )
     deadline = time.monotonic() + 30
-    while not listening(dicom.host, dicom.port):
+    while not _listening(dicom.host, dicom.port):
         if child.poll() is not None:
             raise ReceiverUnavailable(dicom.ae_title, dicom.host, dicom.port,
                                       OSError(0, f"the receiver process exited with code {child.returncode}"))
@@ -101,12 +102,7 @@ def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
     return child
 
 
-def die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def listening(host: str, port: int) -> bool:
+def _listening(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
@@ -120,6 +116,19 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait(5)
+
+
+def run_alone(site: SiteConfig, receiver: bool, worker: bool, what: str, share_port: bool = False) -> None:
+    """`mi2b2 receiver` or `mi2b2 worker`: migrate, apply the configuration, run until SIGTERM."""
+    require_tested_pynetdicom()  # before anything runs, the database migration included
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s", force=True)
+    logging.getLogger("mi2b2").setLevel(logging.INFO)
+    # Receivers sharing a port start together, after their parent migrated and applied the configuration.
+    ctx = build_context(site, migrate=not share_port, sync_config=not share_port, require_current=share_port)
+    dicom = site.dicom
+    where = f" on {dicom.ae_title}@{dicom.host}:{dicom.port}" if receiver else ""
+    run_until_signal(ctx, receiver=receiver, worker=worker, ready_message=f"mi2b2 {what} running{where}",
+                     share_port=share_port)
 
 
 def run_until_signal(ctx: ServiceContext, receiver: bool, worker: bool, ready_message: str,

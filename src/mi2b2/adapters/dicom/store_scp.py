@@ -41,7 +41,6 @@ C-STOREs), `pdu_reader` (bounded reading on the network thread), `store_wire`
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from mi2b2.adapters.dicom.netdicom_internals import (
     reject_association,
     set_nodelay,
     set_transfer_syntax_order,
+    start_server_sharing_port,
 )
 from mi2b2.adapters.dicom.scu import LocalAE
 from mi2b2.adapters.dicom.store_receipt import (
@@ -154,16 +154,17 @@ class StoreServer:
             (evt.EVT_C_STORE, refuse_unexpected_store),
         ]
         ssl_context = server_context(self.tls) if self.tls is not None else None
+        address = (self.host, self._requested_port)
+        server: ThreadedAssociationServer | None
         try:
-            server = ae.make_server(
-                (self.host, self._requested_port), evt_handlers=handlers, contexts=scp_contexts(),
-                ssl_context=ssl_context,
-                server_class=_PortSharingServer if self.share_port else ThreadedAssociationServer,
-            )
+            if self.share_port:
+                server = start_server_sharing_port(ae, address, handlers, scp_contexts(), ssl_context)
+            else:
+                server = ae.start_server(address, block=False, evt_handlers=handlers, contexts=scp_contexts(),
+                                         ssl_context=ssl_context)
         except OSError as exc:
             raise ReceiverUnavailable(self.local.ae_title, self.host, self._requested_port, exc) from None
-        assert isinstance(server, ThreadedAssociationServer)
-        threading.Thread(target=server.serve_forever, name=f"mi2b2-store-scp-{self.port}", daemon=True).start()
+        assert server is not None
         self._server = server
         LOG.info("DICOM receiver %s listening on %s:%d%s", self.local.ae_title, self.host, self.port,
                  " (DICOM TLS)" if self.tls is not None else "")
@@ -262,15 +263,6 @@ class StoreServer:
         peer = receiver.peer()
         # One line per association (no PHI): which receiver process a PACS's association reached.
         LOG.info("association %d from %s at %s ended", peer.association, peer.ae_title or "(no AE title)", peer.address)
-
-
-class _PortSharingServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT set before the bind."""
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 def _closed_unspoken(error: OSError) -> bool:

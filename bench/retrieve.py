@@ -471,6 +471,14 @@ class RssWatch:
         self._stop.set()
         self._thread.join()
 
+    def largest_mb(self) -> float:
+        """The largest one process's peak (VmHWM), for information."""
+        largest = 0
+        for pid in self.pids:
+            with suppress(OSError, ValueError):
+                largest = max(largest, self._status(pid, "VmHWM"))
+        return largest * 1024 / MB
+
     def peak_mb(self) -> float:
         peak = self.sampled_kb
         if self.reset_ok:
@@ -648,7 +656,8 @@ def main() -> None:
                 big_seconds, big_rows = retrieve(server, token, [big], args.timeout)
             big_got = check_mi2b2([big], big_rows, cache)
             print(f"mi2b2, one big study: {big_got / MB:.1f} MB in {big_seconds:.2f} s = {big_got / MB / big_seconds:.1f} MB/s")
-            print(f"rss_mb: {watch.peak_mb():.0f} (the {len(watch.pids)} receiver processes together)")
+            print(f"rss_mb: {watch.peak_mb():.0f} (the {len(watch.pids)} receiver processes together; "
+                  f"the largest alone {watch.largest_mb():.0f})")
             print(f"vs_orthanc: {rate / orthanc_rate:.3f}")
             print(f"durable_ratio: {rate / durable_rate:.3f}")
             print(f"ratio: {rate / reference_rate:.3f}")

@@ -25,7 +25,11 @@ from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import Worker as WorkerRow
 from mi2b2.adapters.db.tables import WorkerKind
+from mi2b2.config import load_config
 from mi2b2.domain.requests import RequestState
+from mi2b2.errors import InvalidInput
+from mi2b2.runtime import background
+from mi2b2.services.context import build_context
 from mi2b2.services.requests import StudyPick, add_requests, retry_requests
 from mi2b2.synthetic import SyntheticStudy, write_study
 from support import studies
@@ -257,6 +261,18 @@ def test_a_port_held_by_another_users_process_is_a_clear_error(tmp_path: Path, l
     assert "stop it or choose another receiver port" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not _listening(port)  # no child left behind
+
+
+def test_several_processes_with_the_receiver_inside_serve_are_refused(tmp_path: Path) -> None:
+    site = retrieval_site(tmp_path / "site", free_port(), pacs_block("main", "PACS", free_port()),
+                          dicom_extra="processes = 2")
+    ctx = build_context(load_config(site))
+    try:
+        with pytest.raises(InvalidInput, match=r"set \[server\] receiver_process = true"), \
+                background(ctx, receiver=True, worker=False, receiver_process=False):
+            pass
+    finally:
+        ctx.engine.dispose()
 
 
 def _listening(port: int) -> bool:

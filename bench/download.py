@@ -22,8 +22,8 @@ curl writes the ZIPs to /dev/null (a ZIP written to the same disk would time
 the disk's writes, not the download); after the runs one plain and one
 encrypted ZIP are saved, checked member by member (the encrypted one
 decrypted with ``mi2b2.services.export.reader``) and must have the byte count
-of every timed run (give or take the random padding age puts in each header). Each run's figures are printed; the ratios use the best
-of the runs:
+of every timed run (give or take the random padding age puts in each header).
+Each run's figures are printed; the ratios use the best of the runs:
 
   plain_vs_disk            plain ZIP / disk                 target >= 0.8
   encrypted_vs_plain       encrypted ZIP / plain ZIP        target >= 0.7

@@ -145,8 +145,9 @@ def encrypt(data: bytes, recipients: Sequence[Recipient]) -> bytes:
     """One age file of ``data``, in memory.
 
     Through ``encrypt_io`` into a BytesIO rather than ``pyrage.encrypt``: the
-    same age file for about 40% less CPU (pyrage 1.4's ``encrypt`` grows and
-    copies its output buffer), and encryption sets the pace of encrypted ZIPs."""
+    same age file for a quarter to a third less CPU on 0.5 MB images (measured
+    with pyrage 1.4), and encryption, which holds the GIL, sets the pace of
+    encrypted ZIPs."""
     out = io.BytesIO()
     try:
         pyrage.encrypt_io(io.BytesIO(data), out, list(recipients))

@@ -145,3 +145,28 @@ def test_a_running_receiver_keeps_a_heartbeat_and_marks_it_stopped_when_it_stops
         assert missing is not None and missing.startswith("no mi2b2 receiver is running")
     finally:
         ctx.engine.dispose()
+
+
+def test_with_several_receivers_a_c_move_that_sent_nothing_is_retried_and_the_attempt_counts(
+    tmp_path: Path, pacs: tuple[RunningPacs, int]
+) -> None:
+    """Behind a balancer, the receiver a PACS reached may die mid-association while another is
+    fine: "nothing was sent" is then worth another try. A PACS that refuses for good (here: it
+    does not know the AE title) still fails, once the attempts are used up."""
+    running, receiver_port = pacs
+    site = retrieval_site(tmp_path, receiver_port, pacs_block("main", running.ae_title, running.port,
+                                                              'retrieve = "c-move"\n' + RETRIES))
+    site.write_text(site.read_text().replace('ae_title = "MI2B2"', 'ae_title = "STRANGER"'))
+    with Pipeline(site) as pipe:
+        beats = [ReceiverHeartbeat(pipe.ctx, interval=0.2) for _host in ("b", "c")]  # two receivers keep heartbeats
+        for beat in beats:
+            beat.start()
+        try:
+            ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(studies.BRAIN))]).created
+            (row,) = pipe.wait(ids, timeout=60)
+        finally:
+            for beat in beats:
+                beat.stop()
+    assert row.state == "failed" and row.attempts == 2, (row.state, row.attempts, row.last_error)
+    assert (row.last_error or "").startswith("gave up after 2 attempts"), row.last_error
+    assert "of the 2 mi2b2 receivers, the one it reached may have stopped" in (row.last_error or "")

@@ -147,6 +147,13 @@ def receiver_hosts(session: Session) -> set[str]:
     return set(session.execute(select(Worker.host).where(Worker.kind == WorkerKind.RECEIVER)).scalars())
 
 
+def receivers_known(session: Session) -> int:
+    """Receivers that keep a heartbeat here, or kept one until lately (rows of those gone are
+    dropped once another is alive, see `receiver_missing`)."""
+    return int(session.execute(select(func.count()).select_from(Worker).where(Worker.kind == WorkerKind.RECEIVER))
+               .scalar_one())
+
+
 def receivers_keep_heartbeats(session: Session) -> bool:
     return session.execute(select(Worker.id).where(Worker.kind == WorkerKind.RECEIVER).limit(1)).first() is not None
 

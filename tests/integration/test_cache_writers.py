@@ -26,7 +26,7 @@ from support.site import write_site
 
 pytestmark = pytest.mark.postgres
 
-ROUNDS = 60
+ROUNDS = 30
 WRITER = """
 import shutil, sys, tempfile
 from pathlib import Path

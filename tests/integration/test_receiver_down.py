@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import Worker as WorkerRow
+from mi2b2.adapters.db.tables import WorkerKind
 from mi2b2.adapters.dicom.store_scp import StoreServer
 from mi2b2.config import load_config
 from mi2b2.runtime import background
@@ -24,8 +26,9 @@ from mi2b2.services.context import build_context
 from mi2b2.services.pacs import local_ae
 from mi2b2.services.receiver import receive_limits
 from mi2b2.services.requests import StudyPick, add_requests, list_requests
-from mi2b2.services.scheduler import receiver_missing
+from mi2b2.services.scheduler import heartbeat, receiver_missing, receivers_changing
 from mi2b2.synthetic import write_study
+from mi2b2.testing import FakeClock
 from mi2b2.worker.loop import Worker
 from mi2b2.worker.receiver_heartbeat import ReceiverHeartbeat
 from support import studies
@@ -169,4 +172,28 @@ def test_with_several_receivers_a_c_move_that_sent_nothing_is_retried_and_the_at
                 beat.stop()
     assert row.state == "failed" and row.attempts == 2, (row.state, row.attempts, row.last_error)
     assert (row.last_error or "").startswith("gave up after 2 attempts"), row.last_error
-    assert "of the 2 mi2b2 receivers, the one it reached may have stopped" in (row.last_error or "")
+    assert "sent nothing while mi2b2's receivers were changing (2 known" in (row.last_error or "")
+
+
+def test_receivers_are_changing_while_several_keep_heartbeats_or_the_only_one_just_started(tmp_path: Path) -> None:
+    clock = FakeClock()
+    site = retrieval_site(tmp_path, free_port(), pacs_block("main", "PACS", free_port()))
+    ctx = build_context(load_config(site), clock=clock)
+    settle = timedelta(seconds=30)
+
+    def changing() -> int:
+        with ctx.sessions() as session:
+            return receivers_changing(session, clock.now(), settle)
+
+    try:
+        assert changing() == 0  # no receiver keeps a heartbeat: nothing is known
+        heartbeat(ctx, "receiver:b:1:aa", WorkerKind.RECEIVER)
+        assert changing() == 1  # just started: a balancer may not route to it yet
+        clock.advance(minutes=1)
+        heartbeat(ctx, "receiver:b:1:aa", WorkerKind.RECEIVER)
+        assert changing() == 0  # the one receiver has settled
+        heartbeat(ctx, "receiver:c:2:bb", WorkerKind.RECEIVER)
+        clock.advance(minutes=1)
+        assert changing() == 2  # several behind a balancer: one may be going
+    finally:
+        ctx.engine.dispose()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -195,6 +196,7 @@ HAPROXY = """\
 global
     maxconn 200
     log stdout format raw local0 info
+    stats socket {socket} mode 600 level admin
 defaults
     mode tcp
     log global
@@ -211,7 +213,7 @@ frontend dicom
     default_backend receivers
 backend receivers
     balance leastconn
-    default-server check inter 300ms fall 2 rise 1
+    default-server check inter 300ms downinter 100ms fall 2 rise 1
 {servers}
 """
 
@@ -254,6 +256,22 @@ def _until(condition: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout:g} s for {what}")
         time.sleep(0.2)
+
+
+def _servers_up(stats: Path) -> set[str]:
+    """The receivers HAProxy routes to now, from its stats socket (a file: any namespace reaches it)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(stats))
+            sock.sendall(b"show servers state receivers\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    except OSError:
+        return set()
+    rows = [line.split() for line in answer.decode().splitlines() if line and not line.startswith("#")]
+    return {row[3] for row in rows if len(row) > 5 and row[5] == "2"}  # srv_name, srv_op_state 2: running
 
 
 def _requests(ctx: ServiceContext) -> list[Request]:
@@ -348,19 +366,21 @@ def _scenario(hosts: Hosts, tmp_path: Path, pacs: RunningPacs, proxy: Proxy, loc
             assert len(add_requests(ctx, alice, project, "main", picks).created) == PER_PROJECT
         proxy.reset()  # from here the proxy counts retrievals only
 
-        haproxy_cfg = folder / "haproxy.cfg"
-        haproxy_cfg.write_text(HAPROXY.format(address=a.address, port=balancer_port, servers="\n".join(
+        # As an operator would: receivers, then the balancer in front of them, then the workers.
+        receivers = {h: site.mi2b2(h, f"receiver-{h}", "receiver", "--config", str(s))
+                     for h, s in (("b", site_b), ("c", site_c))}
+        for h, process in receivers.items():
+            site.wait_log(process, f"receiver-{h}", "mi2b2 receiver running")
+        haproxy_cfg, stats = folder / "haproxy.cfg", folder / "haproxy.sock"
+        haproxy_cfg.write_text(HAPROXY.format(address=a.address, port=balancer_port, socket=stats, servers="\n".join(
             f"    server {h} {hosts[h].address}:{port}" for h, port in receiver_ports.items())))
         checked = subprocess.run(["haproxy", "-c", "-f", str(haproxy_cfg)], capture_output=True, text=True, timeout=30)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         hosts.spawn("a", ["haproxy", "-f", str(haproxy_cfg), "-db"], folder / "haproxy.log")
+        _until(lambda: _servers_up(stats) == {"b", "c"}, 30, "the balancer to route to both receivers")
         serve = site.mi2b2("a", "serve-a", "serve", "--config", str(site_a))
         started_at = time.monotonic()
-        receivers = {h: site.mi2b2(h, f"receiver-{h}", "receiver", "--config", str(s))
-                     for h, s in (("b", site_b), ("c", site_c))}
         workers = {h: site.mi2b2(h, f"worker-{h}", "worker", "--config", str(s)) for h, s in (("b", site_b), ("c", site_c))}
-        for h, process in receivers.items():
-            site.wait_log(process, f"receiver-{h}", "mi2b2 receiver running")
         for h, process in workers.items():
             site.wait_log(process, f"worker-{h}", "mi2b2 worker running")
         site.wait_log(serve, "serve-a", "mi2b2 serving on")

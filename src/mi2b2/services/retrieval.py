@@ -23,6 +23,7 @@ from mi2b2.adapters.dicom.errors import DeliveryInterrupted, DimseFailure, Recei
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.adapters.process import accepts_connections
 from mi2b2.config import PacsConfig, RetrieveMethod
+from mi2b2.domain.health import worker_stale_after
 from mi2b2.domain.receipt import move_message_id
 from mi2b2.domain.request_states import Event
 from mi2b2.domain.requests import RequestKind, RequestState, retrieval_outcome
@@ -34,7 +35,7 @@ from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import change_state
-from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_keep_heartbeats, receivers_known
+from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_changing, receivers_keep_heartbeats
 
 LOG = logging.getLogger(__name__)
 INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
@@ -108,13 +109,14 @@ def _receiver_down(ctx: ServiceContext, pacs: PacsConfig, status: int | None, re
 
 def _interrupted(ctx: ServiceContext, pacs: PacsConfig, status: int | None,
                  result: RetrieveResult | None) -> DeliveryInterrupted | None:
-    """A C-MOVE that could not deliver while receivers run on several hosts: the one the PACS
-    reached may have died mid-association, which a retry (that counts) gets past."""
+    """A C-MOVE that could not deliver while mi2b2's receivers were changing (several behind a
+    balancer, or one just started): the one the PACS reached may have died mid-association, or
+    the balancer not route to the new one yet, which a retry (that counts) gets past."""
     if status is None or not _nothing_delivered(pacs, status, result):
         return None
     with ctx.sessions() as session:
-        receivers = receivers_known(session)
-    if receivers < 2:
+        receivers = receivers_changing(session, ctx.clock.now(), worker_stale_after(ctx.config.server.worker_poll_seconds))
+    if not receivers:
         return None
     return DeliveryInterrupted(f"{pacs.ae_title}@{pacs.host}:{pacs.port}", status, receivers)
 

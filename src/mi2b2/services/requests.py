@@ -184,7 +184,7 @@ def request_page(
         rows = session.execute(page.order_by(Request.id.desc()).limit(limit + 1)).scalars().all()
         more = len(rows) > limit
         rows = rows[:limit]
-        reasons = waiting_reasons(session, rows, now)
+        reasons = waiting_reasons(session, rows, now, _destination_caps(ctx))
         views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id))) for r in rows]
         state_counts: dict[str, int] = {}
         if counts:
@@ -243,6 +243,10 @@ def requests_version(ctx: ServiceContext, who: Principal, project_id: str) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _destination_caps(ctx: ServiceContext) -> dict[str, int]:
+    return {d.id: d.max_concurrent for d in ctx.config.destinations}
+
+
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
@@ -256,8 +260,8 @@ def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[s
         row = session.get(Request, request_id)
         if row is None:
             raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
-        view = _on_screen(screen, session, row, request_view(row, waiting_reasons(session, [row],
-                                                                                  ctx.clock.now()).get(row.id)))
+        waiting = waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id)
+        view = _on_screen(screen, session, row, request_view(row, waiting))
         pairs = _pairs(screen, row)
     screens.shown(ctx, who, screen, "request", 1, pairs)
     return view

@@ -141,6 +141,7 @@ def test_a_request_interrupted_by_an_outage_goes_back_to_the_queue(postgres_ctx:
     with postgres_ctx.sessions() as session:
         requeued = session.get_one(Request, row.id)
         assert (requeued.state, requeued.worker, requeued.last_error) == ("scheduled", None, MESSAGE)
+        assert requeued.attempts == 0  # the outage was ours: the run it cut short does not count
 
 
 def test_errors_that_are_not_outages_keep_their_type(postgres_ctx: ServiceContext) -> None:

@@ -1,7 +1,7 @@
 """De-identified export end to end: studies retrieved from a real PACS (pynetdicom's qrscp) into a project whose
 policy is ``deidentified``, then downloaded through the API (ZIP plain and encrypted, and the CLI's folder
-download over real HTTP). Also: encrypted_only, a non-member, and every door that does not de-identify
-yet; forward queues (it de-identifies)."""
+download over real HTTP). Also: encrypted_only, a non-member; forward queues (it de-identifies).
+DICOMweb and the viewer: tests/integration/test_deid_dicomweb.py."""
 
 from __future__ import annotations
 
@@ -323,30 +323,6 @@ def test_the_forward_door_queues_a_de_identified_projects_forward_with_its_polic
     (requested,) = [json.loads(e.detail) for e in ctx.audit.list(ROOT, AuditFilter(action="forward",
                                                                                   project_id="gamma"))]
     assert requested["export"] == "deidentified" and requested["profile"][0] == "basic"
-
-
-@pytest.mark.parametrize("door", ["DICOMweb", "viewer"])
-def test_doors_that_do_not_de_identify_yet_refuse_a_de_identified_project(
-        placed: tuple[ServiceContext, dict[str, str]], door: str) -> None:
-    ctx, tokens = placed
-    uid = studies.uid(studies.BRAIN)
-    alice = api(ctx, tokens["alice"])
-    if door == "DICOMweb":
-        answer = alice.get("/dicomweb/projects/gamma/studies")
-        assert answer.status_code == 403, answer.text
-        message = answer.json()["error"]
-        assert alice.get(f"/dicomweb/projects/gamma/studies/{uid}/metadata").status_code == 403
-    else:
-        answer = alice.get("/api/v1/projects/gamma/viewer/tree")
-        assert answer.status_code == 403, answer.text
-        message = answer.json()["error"]
-        assert alice.get(f"/api/v1/projects/gamma/viewer/studies/{uid}").status_code == 403
-    assert "exports de-identified data only" in message and "does not de-identify yet" in message
-    denied = ctx.audit.list(ROOT, AuditFilter(action="denied", project_id="gamma"))
-    assert any(json.loads(d.detail)["reason"] == "door does not de-identify" for d in denied)
-    # The same door still serves an identified project to its members.
-    if door == "DICOMweb":
-        assert api(ctx, tokens["alice"]).get("/dicomweb/projects/alpha/studies").status_code == 200
 
 
 def test_a_big_instance_streams_its_header_then_its_pixel_data_as_stored(

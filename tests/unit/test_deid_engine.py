@@ -186,6 +186,17 @@ def test_ultrasound_is_withheld_unless_it_says_no_burned_in_text_or_is_cleared()
     assert deidentify_bytes(buffer.getvalue(), cleared)[0] is not None
 
 
+def test_for_attribute_values_alone_a_burned_in_risk_is_de_identified_and_named_not_withheld() -> None:
+    """What a search answer or a viewer's label reads: the same header, the risk said, no pixels sent."""
+    data = sample("examples_jpeg2k.dcm")
+    values = DeidEngine(ENGINE.profile, ENGINE.pseudonyms, withhold_burned_in=False)
+    out, outcome = deidentify_bytes(data, values)
+    assert out is not None and isinstance(outcome, Deidentified) and "burned-in" in outcome.risk
+    assert outcome.patient_id == ENGINE.pseudonyms.patient_id(str(dcmread(io.BytesIO(data)).PatientID))
+    _, ct = deidentify_bytes(sample("CT_small.dcm"), values)
+    assert isinstance(ct, Deidentified) and ct.risk == ""
+
+
 def test_options_keep_what_they_name_and_safe_private_elements() -> None:
     ds = dcmread(io.BytesIO(sample("CT_small.dcm")))
     ds.PatientSex, ds.PatientAge = "F", "042Y"

@@ -222,7 +222,7 @@ def requeue_orphans(ctx: ServiceContext, stale_after: timedelta, caller: str | N
 
 def requeue_interrupted(ctx: ServiceContext, worker_id: str, request_ids: set[int]) -> list[int]:
     """Requests this worker stopped running when the database went away go back to the queue
-    (or end canceled, if a user asked for that meanwhile). Returns those requeued."""
+    (or end canceled, if a user asked for that meanwhile), their attempt given back. Returns those requeued."""
     now = ctx.clock.now()
     requeued = []
     with transaction(ctx.sessions) as session:
@@ -232,6 +232,7 @@ def requeue_interrupted(ctx: ServiceContext, worker_id: str, request_ids: set[in
         ).scalars().all()
         for row in rows:
             if back_off_unless_canceled(row, DatabaseUnavailable(), now, now):
+                row.attempts = max(row.attempts - 1, 0)  # our outage: it must not use up the request's attempts
                 requeued.append(row.id)
     return requeued
 

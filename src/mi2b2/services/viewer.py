@@ -18,6 +18,13 @@ would hide who saw what. The memory of what was recorded is per process: a
 server restart or a second API process may record a study again, never less.
 The local viewer records nothing: it shows files the user already holds, whose
 download was audited.
+
+A de-identified project is shown de-identified, as its downloads and DICOMweb
+show it: the same pseudonymous UIDs (in URLs too), patient pseudonyms and
+de-identified values in the tree, labels and tag panel; frames are rendered
+from the stored pixel data (which the profile leaves as it is), except for
+images that may show identifiers in their pixels, which are not listed and
+are refused by name. Its view events record the policy and profile applied.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
+from mi2b2.adapters.dicom.deidentify import Deidentified
 from mi2b2.adapters.dicom.files import InstanceHeader, parse_instance_header
 from mi2b2.adapters.dicom.render import (
     PRESETS,
@@ -54,8 +62,19 @@ from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_readable, require_use
-from mi2b2.services.export.deid import Door, refuse_door
+from mi2b2.services.data_access import patient_still_allowed, require_patients_allowed, require_use
+from mi2b2.services.export.pseudonymous import (
+    INSTANCE,
+    STUDY,
+    DeidReads,
+    deid_reads,
+    hand_out,
+    outcome,
+    resolve,
+    risk_of,
+    values_of,
+    withheld_message,
+)
 
 VIEW_AUDIT_HOURS = 8
 HEAD_BYTES = 64 * 1024  # enough for the header of nearly every file (see adapters/dicom/files.py)
@@ -191,73 +210,107 @@ class CacheViewer:
     def tree(self, who: Principal, project_id: str) -> dict[str, Any]:
         """Patients > studies of the cache; series and images come with ``study``."""
         require_use(self.ctx, who, project_id, DataUse.READ, "view the cache")
-        refuse_door(self.ctx, who, project_id, Door.VIEWER)
+        reads = deid_reads(self.ctx, project_id)
         with self.ctx.sessions() as session:
-            series_counts = dict(session.execute(
-                select(CachedInstance.cached_study_id, func.count(func.distinct(CachedInstance.series_uid)))
+            per_study = {study_id: (int(count), path) for study_id, count, path in session.execute(
+                select(CachedInstance.cached_study_id, func.count(func.distinct(CachedInstance.series_uid)),
+                       func.min(CachedInstance.relative_path))
                 .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
                 .where(CachedStudy.project_id == project_id).group_by(CachedInstance.cached_study_id)
-            ).all())
+            ).all()}
             rows = session.scalars(
                 select(CachedStudy).where(CachedStudy.project_id == project_id, patient_still_allowed())
                 .order_by(CachedStudy.patient_id, CachedStudy.study_date.desc(), CachedStudy.study_uid)
             ).all()
+        store = cache_store(self.ctx)
         patients: dict[str, dict[str, Any]] = {}
         for row in rows:
-            patient = patients.setdefault(row.patient_id, {"patient_id": row.patient_id,
-                                                            "patient_name": row.patient_name, "studies": []})
-            patient["patient_name"] = patient["patient_name"] or row.patient_name
+            series_count, path = per_study.get(row.id, (0, None))
+            summary = _summary(row) if reads is None else _deidentified_summary(
+                reads, row, store.absolute(path) if path else None)
+            patient = patients.setdefault(summary["patient_id"], {"patient_id": summary["patient_id"],
+                                                                  "patient_name": summary["patient_name"],
+                                                                  "studies": []})
+            patient["patient_name"] = patient["patient_name"] or summary["patient_name"]
             patient["studies"].append({
-                "study_uid": row.study_uid, "accession": row.accession, "study_date": row.study_date,
-                "description": row.description, "modalities": row.modalities,
-                "instance_count": row.instance_count, "series_count": int(series_counts.get(row.id, 0)),
+                "study_uid": summary["study_uid"], "accession": summary["accession"],
+                "study_date": summary["study_date"], "description": summary["description"],
+                "modalities": row.modalities, "instance_count": row.instance_count, "series_count": series_count,
             })
-        return {"project_id": project_id, "patients": list(patients.values()), "presets": presets()}
+        listed = list(patients.values())
+        if reads is not None:  # in pseudonym order, so the order tells nothing of the hospital's IDs
+            listed.sort(key=lambda p: p["patient_id"])
+            for patient in listed:
+                patient["studies"].sort(key=lambda s: (s["study_date"], s["study_uid"]), reverse=True)
+        return {"project_id": project_id, "patients": listed, "presets": presets()}
 
     def study(self, who: Principal, project_id: str, study_uid: str) -> dict[str, Any]:
         check_uid(study_uid, "StudyInstanceUID")
-        require_readable(self.ctx, who, project_id, [study_uid], DataUse.READ, "view a cached study")
-        refuse_door(self.ctx, who, project_id, Door.VIEWER)
+        operation = "view a cached study"
+        require_use(self.ctx, who, project_id, DataUse.READ, operation)
+        reads = deid_reads(self.ctx, project_id)
+        named = study_uid
+        if reads is not None:
+            study_uid = resolve(self.ctx, who, reads, STUDY, study_uid, operation).original
+        require_patients_allowed(self.ctx, who, project_id, [study_uid], operation)
         with self.ctx.sessions() as session:
             study = session.scalar(
                 select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
             )
             if study is None:
-                raise NotFound(f"study {study_uid} is not in the cache of project {project_id!r}")
+                raise NotFound(f"study {named} is not in the cache of project {project_id!r}")
             rows = session.execute(
                 select(CachedInstance.series_uid, CachedInstance.sop_instance_uid, CachedInstance.sop_class_uid,
                        CachedInstance.instance_number, CachedInstance.relative_path)
                 .where(CachedInstance.cached_study_id == study.id)
             ).all()
-            summary = {"study_uid": study.study_uid, "patient_id": study.patient_id,
-                       "patient_name": study.patient_name, "accession": study.accession,
-                       "study_date": study.study_date, "description": study.description,
-                       "modalities": study.modalities}
-        entries = [
-            InstanceEntry(summary["patient_id"], summary["patient_name"], study_uid, summary["accession"],
-                          summary["study_date"], summary["description"], "", series, sop, sop_class, number)
-            for series, sop, sop_class, number, _path in rows
-        ]
+            summary = _summary(study)
+            patient_id = study.patient_id
         first_path: dict[str, str] = {}
         for series, _sop, _class, _number, path in sorted(rows, key=lambda r: (r[3] is None, r[3] or 0)):
             first_path.setdefault(series, path)
         store = cache_store(self.ctx)
-        labels = {series: _series_label(store.absolute(path)) for series, path in first_path.items()}
-        self._viewed(who, project_id, summary["patient_id"], study_uid, "study")
+        shown: list[tuple[str, str, str, int | None, str]] = [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        if reads is None:
+            labels = {series: _series_label(store.absolute(path)) for series, path in first_path.items()}
+        else:
+            summary = _deidentified_summary(reads, study, store.absolute(min(r[4] for r in rows)) if rows else None)
+            shown, labels = _deidentified_rows(reads, shown, {s: store.absolute(p) for s, p in first_path.items()})
+        entries = [
+            InstanceEntry(summary["patient_id"], summary["patient_name"], summary["study_uid"], summary["accession"],
+                          summary["study_date"], summary["description"], "", series, sop, sop_class, number)
+            for series, sop, sop_class, number, _path in shown
+        ]
+        self._viewed(who, project_id, patient_id, study_uid, "study", reads, store.absolute(first_path[
+            next(iter(first_path))]) if first_path else None)
         return {"project_id": project_id, **study_json(summary, entries, labels)}
 
     def tags(self, who: Principal, project_id: str, sop_uid: str) -> dict[str, Any]:
-        place = self._locate(who, project_id, sop_uid, "read an image's tags")
+        reads = deid_reads(self.ctx, project_id)
+        place = self._locate(who, project_id, sop_uid, "read an image's tags", reads)
         path = self._path(place)
-        described = describe(path)
-        self._viewed(who, project_id, place.patient_id, place.study_uid, "tags")
-        return {"sop_uid": sop_uid, "study_uid": place.study_uid, "series_uid": place.series_uid, **described}
+        if reads is None:
+            described = describe(path)
+            study_uid, series_uid = place.study_uid, place.series_uid
+        else:
+            made = outcome(reads.engine, path)
+            if not isinstance(made, Deidentified):
+                raise NotFound(withheld_message(sop_uid, made.reason if made else "its file is missing"))
+            # The image's facts (size, frames, syntax, window) from the stored file, whose pixel data the
+            # copy keeps; the tags from the de-identified header alone, so no pixel data is read for them.
+            described = {**describe(path), "tags": describe(made.header)["tags"]}
+            study_uid, series_uid = reads.uid(place.study_uid), reads.uid(place.series_uid)
+        self._viewed(who, project_id, place.patient_id, place.study_uid, "tags", reads, path)
+        return {"sop_uid": sop_uid, "study_uid": study_uid, "series_uid": series_uid, **described}
 
     def frame(self, who: Principal, project_id: str, sop_uid: str, number: int, center: float | None = None,
               width: float | None = None, preset: str | None = None) -> Rendered:
         index = frame_index(number)
-        place = self._locate(who, project_id, sop_uid, "view an image")
+        reads = deid_reads(self.ctx, project_id)
+        place = self._locate(who, project_id, sop_uid, "view an image", reads)
         path = self._path(place)
+        if reads is not None and (risk := risk_of(reads, path)):
+            raise NotFound(withheld_message(sop_uid, risk))
         stat = path.stat()
         key = ("cache", place.relative_path, stat.st_mtime_ns, stat.st_size, index)
         decoded = self.frames.get(key)
@@ -265,16 +318,20 @@ class CacheViewer:
             decoded = decode_frame(path, index)
             self.frames.put(key, decoded)
         rendered = render_frame(decoded, center, width, preset)
-        self._viewed(who, project_id, place.patient_id, place.study_uid, "image")
+        self._viewed(who, project_id, place.patient_id, place.study_uid, "image", reads, path)
         return rendered
 
     # helpers -----------------------------------------------------------------------------------
 
-    def _locate(self, who: Principal, project_id: str, sop_uid: str, operation: str) -> Located:
+    def _locate(self, who: Principal, project_id: str, sop_uid: str, operation: str,
+                reads: DeidReads | None) -> Located:
+        """Where an image is; a de-identified project's is named by its pseudonym, found back first."""
         check_uid(sop_uid, "SOPInstanceUID")
         # Every time: membership, the IRB and the allow-list can change while a study is open.
         require_use(self.ctx, who, project_id, DataUse.READ, operation)
-        refuse_door(self.ctx, who, project_id, Door.VIEWER)
+        named = sop_uid
+        if reads is not None:
+            sop_uid = resolve(self.ctx, who, reads, INSTANCE, sop_uid, operation).original
         with self._places_lock:
             known = self._places.get((project_id, sop_uid))
             if known is not None:
@@ -293,7 +350,7 @@ class CacheViewer:
                 .limit(1)
             ).first()
         if found is None:
-            raise NotFound(f"image {sop_uid} is not in the cache of project {project_id!r}")
+            raise NotFound(f"image {named} is not in the cache of project {project_id!r}")
         place = Located(project_id, found[0], found[1], found[2], sop_uid, found[3])
         require_patients_allowed(self.ctx, who, project_id, [place.study_uid], operation)
         with self._places_lock:
@@ -311,13 +368,55 @@ class CacheViewer:
                            "an admin can reconcile the two with `mi2b2 admin fsck --repair`")
         return path
 
-    def _viewed(self, who: Principal, project_id: str, patient_id: str, study_uid: str, first: str) -> None:
+    def _viewed(self, who: Principal, project_id: str, patient_id: str, study_uid: str, first: str,
+                reads: DeidReads | None = None, path: Path | None = None) -> None:
         if self.audited.first((who.login, project_id, study_uid)):
             # A view changes nothing in the database, so its audit row is a transaction of its own,
             # committed before the image leaves.
+            detail: dict[str, Any] = {"via": "viewer", "first": first, "again_after_hours": VIEW_AUDIT_HOURS}
+            if reads is not None:
+                detail.update(reads.audit_detail())
+                hand_out(self.ctx, reads, [(study_uid, path)])
             self.ctx.audit.record(who, Action.VIEW, project_id=project_id, patient_id=patient_id,
-                                  study_uid=study_uid, detail={"via": "viewer", "first": first,
-                                                               "again_after_hours": VIEW_AUDIT_HOURS})
+                                  study_uid=study_uid, detail=detail)
+
+
+def _summary(study: CachedStudy) -> dict[str, Any]:
+    return {"study_uid": study.study_uid, "patient_id": study.patient_id, "patient_name": study.patient_name,
+            "accession": study.accession, "study_date": study.study_date, "description": study.description,
+            "modalities": study.modalities}
+
+
+def _deidentified_summary(reads: DeidReads, study: CachedStudy, path: Path | None) -> dict[str, Any]:
+    """A study as a de-identified project shows it: values from a de-identified header of one of its files."""
+    ds = values_of(reads, path) if path is not None else None
+    with quiet():
+        def text(keyword: str) -> str:
+            return str(ds.get(keyword, "") or "") if ds is not None else ""
+
+        return {"study_uid": reads.uid(study.study_uid), "patient_id": text("PatientID") or "(unreadable)",
+                "patient_name": text("PatientName"), "accession": text("AccessionNumber"),
+                "study_date": text("StudyDate"), "description": text("StudyDescription"),
+                "modalities": study.modalities}
+
+
+def _deidentified_rows(reads: DeidReads, rows: list[tuple[str, str, str, int | None, str]], first_paths: dict[str, Path]
+                       ) -> tuple[list[tuple[str, str, str, int | None, str]], dict[str, SeriesLabel]]:
+    """A study's images under their pseudonyms, and its series' labels from de-identified headers; a series
+    whose first image may show identifiers in its pixels is not listed (its images are refused by name)."""
+    shown = {series for series, path in first_paths.items() if not risk_of(reads, path)}
+    labels = {reads.uid(series): _label_of(values_of(reads, first_paths[series])) for series in shown}
+    listed = [(reads.uid(series), reads.uid(sop), sop_class, number, path)
+              for series, sop, sop_class, number, path in rows if series in shown]
+    return listed, labels
+
+
+def _label_of(ds: Dataset | None) -> SeriesLabel:
+    if ds is None:
+        return SeriesLabel(None, "", "", None)
+    with quiet():
+        return SeriesLabel(_whole(ds.get("SeriesNumber")), str(ds.get("SeriesDescription", "") or ""),
+                           str(ds.get("Modality", "") or ""), _whole(ds.get("NumberOfFrames")) or 1)
 
 
 def _series_label(source: Path | bytes) -> SeriesLabel:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
@@ -514,3 +515,23 @@ class DeidMapping(Base):
     pseudonym: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     __table_args__ = (UniqueConstraint("project_id", "kind", "original"),)
+
+
+class DeidUid(Base):
+    """Pseudonymous UID -> cached original, per de-identified project: how DICOMweb and the viewer find the
+    study, series or instance a pseudonymous URL names (the pseudonym, an HMAC, cannot be reversed).
+
+    Filled from the cache index when a pseudonym is first not found (``services.export.pseudonymous``);
+    rows of instances since deleted stay and resolve to nothing, and the same instance cached again
+    gets the same pseudonym."""
+
+    __tablename__ = "deid_uids"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    level: Mapped[str] = mapped_column(String(8))  # study, series or instance
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    original: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))  # the original study it belongs to
+    # Each index leads with the UID it is searched by: no planner, however stale its statistics,
+    # then mistakes one for the other and scans a whole project's rows for one UID.
+    __table_args__ = (PrimaryKeyConstraint("pseudonym", "project_id", "level"),
+                      Index("ix_deid_uids_original", "original", "project_id", "level"))

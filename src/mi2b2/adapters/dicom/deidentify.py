@@ -56,10 +56,14 @@ class UnreadableInstance(ValueError):
 
 @dataclass(frozen=True)
 class DeidEngine:
-    """Everything one export needs to de-identify: the profile and the project's pseudonyms."""
+    """Everything one export needs to de-identify: the profile and the project's pseudonyms.
+
+    ``withhold_burned_in`` False is for attribute values only (a search answer, a viewer's labels),
+    where no pixel data leaves: the instance is de-identified all the same and its risk is named."""
 
     profile: Profile
     pseudonyms: Pseudonymizer
+    withhold_burned_in: bool = True
 
     @property
     def table(self) -> ActionTable:
@@ -75,6 +79,7 @@ class Deidentified:
     study_uid: str
     series_uid: str
     sop_uid: str
+    risk: str = ""  # why its pixels would be withheld (made with withhold_burned_in False); "" if they would not
 
     @property
     def size(self) -> int:
@@ -134,7 +139,7 @@ def deidentify_file(fp: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld
     verdict = burned_in_verdict(engine.profile, str(ds.get("BurnedInAnnotation", "") or ""),
                                 str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""),
                                 str(ds.get("SeriesInstanceUID", "") or ""))
-    if verdict.withhold:
+    if verdict.withhold and engine.withhold_burned_in:
         return Withheld(verdict.reason, series, str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "")))
     header = io.BytesIO()
     try:
@@ -145,7 +150,8 @@ def deidentify_file(fp: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld
         return Withheld(f"could not be de-identified ({type(exc).__name__})", series,
                         str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""))
     return Deidentified(header.getvalue(), start, end, str(ds.PatientID), str(ds.StudyInstanceUID),
-                        str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                        str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                        verdict.reason if verdict.withhold else "")
 
 
 def _pixel_extent(fp: BinaryIO, start: int, little: bool, implicit: bool) -> int:

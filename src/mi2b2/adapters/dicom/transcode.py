@@ -43,11 +43,12 @@ def why_not_convertible(syntax: str) -> str | None:
     return None
 
 
-def as_explicit_little_endian(path: Path) -> bytes:
-    """The file at ``path`` as Explicit VR Little Endian (a Part 10 file); ConversionFailed if it cannot be."""
+def as_explicit_little_endian(source: Path | bytes) -> bytes:
+    """The file at ``source`` (or these Part 10 bytes) as Explicit VR Little Endian; ConversionFailed if it
+    cannot be."""
     try:
         with quiet():
-            ds = dcmread(path)
+            ds = dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
             if ds.file_meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
                 # The instance stays the same instance: its UID names it in the study the client asked for.
                 ds.decompress(generate_instance_uid=False)

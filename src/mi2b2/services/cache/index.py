@@ -75,7 +75,7 @@ def index_instances(session: Session, placed: Sequence[Placement], now: datetime
     for item in placed:
         by_study.setdefault((item.project_id, item.header.study_uid), []).append(item)
     keys = sorted(by_study)
-    insert = _insert_for(session)
+    insert = insert_for(session)
     session.execute(
         insert(CachedStudy).on_conflict_do_nothing(index_elements=["project_id", "study_uid"]),
         [_new_study(by_study[key][0], now) for key in keys],
@@ -168,7 +168,7 @@ def _new_instance(study_id: int, item: Placement, now: datetime) -> dict[str, An
                 relative_path=item.relative_path, bytes=item.size, received_at=now)
 
 
-def _insert_for(session: Session) -> Callable[[type[Base]], postgresql.Insert | sqlite.Insert]:
+def insert_for(session: Session) -> Callable[[type[Base]], postgresql.Insert | sqlite.Insert]:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mi2b2.adapters.dicom.deidentify import Deidentified
 from mi2b2.adapters.dicom.files import parse_instance_header
 from mi2b2.adapters.dicom.transcode import EXPLICIT_VR_LITTLE_ENDIAN, ConversionFailed, as_explicit_little_endian
 from mi2b2.services.dicomweb.negotiation import DICOM
@@ -34,6 +35,9 @@ class Multipart:
 class OutgoingFile:
     path: Path
     convert: bool  # to Explicit VR Little Endian; else as stored
+    # A de-identified project's: its new header, made (or found made) when its turn comes, is sent with
+    # the file's pixel data bytes; None from it: the instance is left out.
+    deidentified: Callable[[], Deidentified | None] | None = None
 
 
 def files_answer(files: list[OutgoingFile]) -> Multipart:
@@ -54,6 +58,9 @@ def parts_answer(parts: Iterable[bytes], media_type: str, part_type: str) -> Mul
 
 def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
     for index, outgoing in enumerate(files):
+        if outgoing.deidentified is not None:
+            yield from _deidentified_part(outgoing, outgoing.deidentified(), boundary, first=index == 0)
+            continue
         if outgoing.convert:
             try:
                 converted = as_explicit_little_endian(outgoing.path)
@@ -82,6 +89,45 @@ def _file_parts(files: list[OutgoingFile], boundary: str) -> Iterator[bytes]:
                 yield chunk
             yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+
+
+def _deidentified_part(outgoing: OutgoingFile, made: Deidentified | None, boundary: str,
+                       first: bool) -> Iterator[bytes]:
+    """The new header, then the stored pixel data in chunks (the download's bytes); converted whole if asked."""
+    if made is None:
+        LOG.warning("a cached file was withheld or disappeared while it was being sent over DICOMweb; "
+                    "the answer lacks it")
+        return
+    try:
+        file = open(outgoing.path, "rb")  # noqa: SIM115 - closed below, after the generator resumes
+    except FileNotFoundError:
+        LOG.warning("a cached file disappeared while it was being sent over DICOMweb; the answer lacks it")
+        return
+    with file:
+        if outgoing.convert:
+            file.seek(made.pixel_start)
+            try:
+                converted = as_explicit_little_endian(made.header + file.read(made.pixel_end - made.pixel_start))
+            except ConversionFailed as exc:
+                if first:
+                    raise
+                LOG.warning("a cached file could not be converted for DICOMweb (%s); the answer lacks it", exc)
+                return
+            yield (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}\r\n"
+                   f"Content-Length: {len(converted)}\r\n\r\n").encode()
+            yield converted
+            yield b"\r\n"
+            return
+        header = parse_instance_header(made.header[:CHUNK])
+        syntax = f"; transfer-syntax={header.transfer_syntax}" if header and header.transfer_syntax else ""
+        yield (f"--{boundary}\r\nContent-Type: {DICOM}{syntax}\r\nContent-Length: {made.size}\r\n\r\n"
+               ).encode() + made.header
+        file.seek(made.pixel_start)
+        left = made.pixel_end - made.pixel_start
+        while left > 0 and (chunk := file.read(min(CHUNK, left))):
+            left -= len(chunk)
+            yield chunk
+        yield b"\r\n"
 
 
 def _byte_parts(parts: Iterable[bytes], content_type: str, boundary: str) -> Iterator[bytes]:

@@ -7,8 +7,8 @@ These functions read; who may read is decided at the doors in `service`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,15 @@ class Record:
     patient_id: str
     study_uid: str
     db_id: int = 0  # the CachedStudy row it belongs to
+    reader: Callable[[Path], Dataset | None] = read_header  # a de-identified project's reads its copy's header
+    origin: Record | None = field(default=None, repr=False)  # the identified record a pseudonymous one stands for
     _header: Dataset | None = None
     _read: bool = False
 
     def header(self) -> Dataset | None:
         if not self._read:
             self._read = True
-            self._header = read_header(self.path) if self.path is not None else None
+            self._header = self.reader(self.path) if self.path is not None else None
         return self._header
 
     def value(self, keyword: str) -> Any:

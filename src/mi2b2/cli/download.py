@@ -40,7 +40,7 @@ def download(
         help="encrypt to this public key (age1... or 'ssh-ed25519 ...') or to the keys in this file; repeatable")] = None,
     identities: Annotated[list[Path] | None, typer.Option(
         "--identity", "-i", help="private key, to resume an encrypted download made with --recipient")] = None,
-    workers: Annotated[int, typer.Option(help="requests in flight, each a batch of files", min=1, max=16)] = 2,
+    workers: Annotated[int, typer.Option(help="requests in flight, each a batch of files", min=1, max=16)] = 4,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
 ) -> None:

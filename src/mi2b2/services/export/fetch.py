@@ -11,7 +11,7 @@ Python client). Guarantees:
   worker, or 64 KiB at a time inside age's stream for a file over
   LARGE_FILE); what reaches the disk is ciphertext under keyed names.
 
-The files come in batches (``/download/files``, a tar stream; two requests in
+The files come in batches (``/download/files``, a tar stream; four requests in
 flight): one request per file spent ~14 ms each on checks and HTTP.
 
 Resuming an encrypted download needs its key (the passphrase, or
@@ -48,7 +48,7 @@ from mi2b2.services.export.layout import (
 )
 from mi2b2.services.export.reader import TEMP_SUFFIX, ExportFolder, file_sha256, keys_for, temp_name, write_atomically
 
-WORKERS = 2  # requests in flight: one is read while the server prepares the next
+WORKERS = 4  # requests in flight: while one file is hashed, encrypted or written, others arrive
 BATCH_FILES = 64  # files per request
 BATCH_BYTES = 64 << 20  # ...and at most this much of them
 LARGE_FILE = 32 << 20  # encrypted whole in memory up to this size; streamed through age above

@@ -1,30 +1,48 @@
-"""Benchmark: C-MOVE retrieval into mi2b2's cache vs. into DCMTK storescp.
+"""Benchmark: receiving C-MOVEs into mi2b2's cache vs. into DCMTK storescp and a second Orthanc.
 
-    python bench/retrieve.py [--studies 10] [--instances 150] [--big-gb 1.0] [--concurrency 4]
+    python bench/retrieve.py [--processes 2] [--studies 14] [--instances 150] [--big-gb 1.0] [--concurrency 4] [--repeat 3]
 
 Generates (or reuses, from a temp folder keyed by the sizes) synthetic MR
 studies of ~512 KB slices (512x512, 16 bit, random pixels, so nothing would
-compress), plus one big study, and loads them into one Orthanc (TCP_NODELAY=1,
-MaximumPduLength 131072). Then it times
+compress; by default 14 x 150 slices = 1.1 GB per timed phase), plus one big
+study, and loads them into one Orthanc, the PACS (TCP_NODELAY=1,
+MaximumPduLength 131072). Then it times, alternating, --repeat runs of each
+receiver getting the same C-MOVEs from that PACS, --concurrency at a time:
 
-  (a) reference: DCMTK ``storescp`` (single process, bit-preserving, TCP_NODELAY=1)
-      as the C-MOVE destination; ``movescu`` asks Orthanc for each study in
-      turn; the time runs until the last C-MOVE has answered, i.e. every file
-      is written (storescp does not fsync; the time to fsync its files
-      afterwards is printed for information, mi2b2 fsyncs every file);
-  (b) mi2b2: ``mi2b2 serve`` with a governance window wide open (max_concurrent
-      = --concurrency, no rates), one ``POST /api/v1/requests`` for all studies,
-      then ``GET /api/v1/projects/{id}/requests`` until all are completed; the
-      time runs from the POST to the last request's ``ended_at``;
+  (a) reference: DCMTK ``storescp`` (bit-preserving, TCP_NODELAY=1, ``--fork``
+      when mi2b2 runs more than one receiver process) as the C-MOVE
+      destination; ``movescu`` asks the PACS for each study; the time runs
+      until the last C-MOVE has answered, i.e. every file is written
+      (storescp does not fsync; the time to fsync its files afterwards gives
+      the durable reference, as mi2b2 fsyncs every file);
+  (b) a second Orthanc as the C-MOVE destination, the same way;
+  (c) mi2b2: ``mi2b2 serve`` whose receiver runs as --processes processes
+      sharing the DICOM port (SO_REUSEPORT), with a governance window wide
+      open (max_concurrent = --concurrency, no rates), one ``POST
+      /api/v1/requests`` for all studies, then ``GET
+      /api/v1/projects/{id}/requests`` until all are completed; the time runs
+      from the POST to the last request's ``ended_at``;
 
-checks that both received every instance (count, bytes within the size of a
-file meta header, pixel data of a sample), and prints the throughputs
-(MB = 10^6 bytes). Then it requests the big study alone and reports
-``rss_mb``, the peak resident set of the ``mi2b2 serve`` process (with its receiver child) while it
-received it (target < 300), ``durable_ratio`` (mi2b2 against storescp plus the fsync of its
-files, for information), and last ``ratio: <mi2b2 MB/s / storescp MB/s>``
-(target >= 0.8). Both sides get one untimed warm-up study first.
-Everything it starts is stopped, and its work folder removed, on exit.
+checks that each received every instance (count, bytes within the size of a
+file meta header, pixel data of a sample), and prints every run's throughput
+and the best (MB = 10^6 bytes). Then it requests the big study alone and
+reports ``rss_mb``, the peak resident set of mi2b2's receiver processes (all
+of them together) while they received it (target < 300), ``vs_orthanc`` (mi2b2
+MB/s over the second Orthanc's; target >= 1.5), ``durable_ratio`` (mi2b2 over
+storescp plus the fsync of its files; target >= 1.0) and last ``ratio: <mi2b2
+MB/s / storescp MB/s>`` (target >= 0.9). Every side gets one untimed warm-up
+study first. Everything it starts is stopped, and its work folder removed, on exit.
+
+Where the time goes (py-spy on both receiver processes, 2-core machine, 1.1 GB):
+fdatasync of the received files ~15-18% of samples (on the indexer thread; on
+this disk flushing 1.1 GB takes 5.5-6 s, longer than storescp's whole phase,
+which is why ``ratio`` stays near 0.5 while ``durable_ratio`` is near 1);
+pynetdicom's association reactor, which sleeps 1 ms in a loop even though
+C-STOREs never reach it, ~13-15%; reading PDUs (``pdu_reader``, the 1 ms
+``select`` of the network thread) ~15-25%; writing the files 5-8%; indexing 4%.
+A receiver process is ~150 MB resident before it receives a byte (its imports:
+SQLAlchemy, Alembic, pydantic, pydicom with numpy and Pillow, pynetdicom);
+receiving a 1 GB study adds ~20 MB.
 """
 
 from __future__ import annotations
@@ -44,6 +62,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,6 +86,7 @@ PROJECT = "bench"
 PACS_ID = "orthanc"
 MI2B2_AE = "MI2B2"
 REFERENCE_AE = "STORESCP"
+ORTHANC_RECEIVER_AE = "ORTHANC2"
 STALL_SECONDS = 60.0  # no new instance for this long = something is stuck
 POLL_SECONDS = 0.25
 DATA_VERSION = "2"  # bump when the generated files change
@@ -189,14 +209,15 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[RunningPacs]:
+def orthanc(folder: Path, destinations: dict[str, tuple[str, int]], ae_title: str = "ORTHANC",
+            port: int | None = None) -> Iterator[RunningPacs]:
     """Orthanc as start_orthanc (tests/support/pacs.py) configures it, but without --verbose --trace-dicom:
     dumping every DIMSE message to its log costs Orthanc a third of its sending speed."""
     folder.mkdir(parents=True)
-    port, http_port = free_port(), free_port()
+    port, http_port = port or free_port(), free_port()
     config = {
         "Name": f"mi2b2-bench-{port}", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http_port, "HttpServerEnabled": True,
+        "DicomAet": ae_title, "DicomPort": port, "HttpPort": http_port, "HttpServerEnabled": True,
         "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
         "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
         "DicomAlwaysAllowMove": True, "DicomModalities": {aet: [aet, host, p] for aet, (host, p) in destinations.items()},
@@ -209,7 +230,7 @@ def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[
     with log_path.open("ab") as log:
         process = subprocess.Popen(["Orthanc", "--no-jobs", str(config_path)], cwd=folder, env=_env(),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pacs = RunningPacs("orthanc", "ORTHANC", "127.0.0.1", port, http_port, folder, log_path, process)
+    pacs = RunningPacs("orthanc", ae_title, "127.0.0.1", port, http_port, folder, log_path, process)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -230,14 +251,15 @@ def orthanc(folder: Path, destinations: dict[str, tuple[str, int]]) -> Iterator[
 
 
 @contextmanager
-def storescp(folder: Path, port: int) -> Iterator[Path]:
-    """DCMTK storescp, one process, files written as received (+B) into folder/out."""
+def storescp(folder: Path, port: int, fork: bool) -> Iterator[Path]:
+    """DCMTK storescp, files written as received (+B) into folder/out; with `fork`, a process per association."""
     out = folder / "out"
     out.mkdir(parents=True)
     log_path = folder / "storescp.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            ["storescp", "-aet", REFERENCE_AE, "--max-pdu", str(MAX_PDU), "-dhl", "+B", "-od", str(out), str(port)],
+            ["storescp", "-aet", REFERENCE_AE, "--max-pdu", str(MAX_PDU), "-dhl", "+B", *(["--fork"] if fork else []),
+             "-od", str(out), str(port)],
             cwd=folder, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -260,8 +282,8 @@ def storescp(folder: Path, port: int) -> Iterator[Path]:
 # --- (a) reference ----------------------------------------------------------------------------
 
 
-def movescu(pacs: RunningPacs, study: Study, timeout: float) -> None:
-    command = ["movescu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-aem", REFERENCE_AE, "--max-pdu", str(MAX_PDU),
+def movescu(pacs: RunningPacs, study: Study, timeout: float, destination: str = REFERENCE_AE) -> None:
+    command = ["movescu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-aem", destination, "--max-pdu", str(MAX_PDU),
                "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}", pacs.host, str(pacs.port)]
     try:
         result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
@@ -299,25 +321,61 @@ def fsync_all(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_reference(pacs: RunningPacs, out: Path, studies: list[Study], timeout: float) -> tuple[float, int, float]:
-    """C-MOVE the studies one after the other into storescp; (seconds, bytes received, seconds to fsync them after)."""
+def move_all(pacs: RunningPacs, studies: list[Study], timeout: float, destination: str, concurrency: int) -> float:
+    """C-MOVE every study to `destination`, `concurrency` at a time (as mi2b2's worker does); seconds."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(movescu, pacs, study, timeout, destination) for study in studies]:
+            future.result()
+    return time.perf_counter() - started
+
+
+def run_reference(pacs: RunningPacs, out: Path, studies: list[Study], timeout: float,
+                  concurrency: int) -> tuple[float, int, float]:
+    """C-MOVE the studies into storescp; (seconds, bytes received, seconds to fsync them after)."""
     for path in out.iterdir():
         path.unlink()
     os.sync()  # start with no dirty pages from the previous run
-    started = time.perf_counter()
-    for study in studies:
-        movescu(pacs, study, timeout)
-    elapsed = time.perf_counter() - started
+    elapsed = move_all(pacs, studies, timeout, REFERENCE_AE, concurrency)
     durable = fsync_all(out)
     received, total = files_by_sop(out)
     check_received("storescp", studies, received, total)
     return elapsed, total, durable
 
 
-# --- (b) mi2b2 --------------------------------------------------------------------------------
+# --- (b) a second Orthanc ---------------------------------------------------------------------
 
 
-def write_site(folder: Path, pacs: RunningPacs, dicom_port: int, patients: list[str], concurrency: int) -> Path:
+def orthanc_rest(receiver: RunningPacs, method: str, path: str) -> Any:
+    request = urllib.request.Request(f"{receiver.http_url}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=120) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def run_orthanc_receiver(pacs: RunningPacs, receiver: RunningPacs, studies: list[Study], timeout: float,
+                         concurrency: int) -> tuple[float, int]:
+    """C-MOVE the studies into the second Orthanc (emptied first); (seconds, bytes it stored)."""
+    for study_id in orthanc_rest(receiver, "GET", "/studies"):
+        orthanc_rest(receiver, "DELETE", f"/studies/{study_id}")
+    os.sync()
+    elapsed = move_all(pacs, studies, timeout, receiver.ae_title, concurrency)
+    statistics = orthanc_rest(receiver, "GET", "/statistics")
+    expected = sum(len(s.files) for s in studies)
+    count, stored = int(statistics["CountInstances"]), int(statistics["TotalDiskSize"])
+    if count != expected:
+        raise BenchFailure(f"the second Orthanc holds {count} instances, expected {expected}")
+    source_bytes = sum(s.bytes for s in studies)
+    if abs(stored - source_bytes) > 512 * expected:
+        raise BenchFailure(f"the second Orthanc stored {stored} bytes, the sent files hold {source_bytes}")
+    return elapsed, stored
+
+
+# --- (c) mi2b2 --------------------------------------------------------------------------------
+
+
+def write_site(folder: Path, pacs: RunningPacs, dicom_port: int, patients: list[str], concurrency: int,
+               processes: int) -> Path:
     (folder / "bench.mrns").write_text("\n".join(patients) + "\n", encoding="utf-8")
     path = folder / "mi2b2.toml"
     path.write_text(textwrap.dedent(f"""\
@@ -330,6 +388,7 @@ def write_site(folder: Path, pacs: RunningPacs, dicom_port: int, patients: list[
         ae_title = "{MI2B2_AE}"
         port = {dicom_port}
         max_pdu = {MAX_PDU}
+        processes = {processes}
 
         [[institutions]]
         id = "bench"
@@ -369,22 +428,26 @@ def _utc(value: str) -> datetime:
 
 
 class RssWatch:
-    """Peak resident set of a process and its children (`mi2b2 serve` runs its
-    receiver as a child): the sum of each one's VmHWM after a reset,
-    cross-checked by sampling the summed VmRSS."""
+    """Peak resident set of mi2b2's receiver processes: every descendant of
+    `mi2b2 serve` (its `mi2b2 receiver` child and, with several processes,
+    that one's children sharing the port), summed: the sum of each one's
+    VmHWM after a reset, cross-checked by sampling the summed VmRSS."""
 
     def __init__(self, pid: int) -> None:
-        self.pids = [pid, *self._children(pid)]
+        self.pids = self._descendants(pid)
+        if not self.pids:
+            raise BenchFailure("mi2b2 serve runs no receiver process to measure (is [server] receiver_process off?)")
         self.sampled_kb = 0
         self.reset_ok = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    @staticmethod
-    def _children(pid: int) -> list[int]:
+    @classmethod
+    def _descendants(cls, pid: int) -> list[int]:
+        children: list[int] = []
         with suppress(OSError, ValueError):
-            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        return []
+            children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [p for child in children for p in (child, *cls._descendants(child))]
 
     def _status(self, pid: int, field: str) -> int:
         with open(f"/proc/{pid}/status", encoding="ascii") as status:
@@ -418,6 +481,14 @@ class RssWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def largest_mb(self) -> float:
+        """The largest one process's peak (VmHWM), for information."""
+        largest = 0
+        for pid in self.pids:
+            with suppress(OSError, ValueError):
+                largest = max(largest, self._status(pid, "VmHWM"))
+        return largest * 1024 / MB
 
     def peak_mb(self) -> float:
         peak = self.sampled_kb
@@ -519,12 +590,13 @@ def figures(label: str, count: int, runs: list[tuple[float, int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", type=int, default=10, help="studies timed on both sides (default 10)")
+    parser.add_argument("--studies", type=int, default=14, help="studies timed on each side (default 14: 1.1 GB)")
     parser.add_argument("--instances", type=int, default=150, help="instances per study (default 150)")
     parser.add_argument("--big-gb", type=float, default=1.0, help="size of the study for the memory figure, GB (default 1.0)")
     parser.add_argument("--rows", type=int, default=512, help="rows = columns of each 16-bit slice (default 512)")
-    parser.add_argument("--concurrency", type=int, default=4, help="mi2b2's max_concurrent for the PACS (default 4)")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per side, alternating; the best counts (default 1)")
+    parser.add_argument("--processes", type=int, default=2, help="mi2b2's receiver processes on the port (default 2)")
+    parser.add_argument("--concurrency", type=int, default=4, help="C-MOVEs at a time, mi2b2's max_concurrent (default 4)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side, alternating; the best counts (default 3)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each timed phase may take (default 900)")
     parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "mi2b2-bench-retrieve-data",
                         help="where generated studies are kept between runs")
@@ -542,41 +614,52 @@ def main() -> None:
             t0 = time.perf_counter()
             studies, big, warmup, reused = generate(args.data_dir, args.studies, args.instances, big_instances, args.rows)
             t1 = time.perf_counter()
-            reference_port, dicom_port = free_port(), free_port()
+            reference_port, dicom_port, orthanc_port = free_port(), free_port(), free_port()
             pacs = stack.enter_context(orthanc(root / "orthanc", {
-                REFERENCE_AE: ("127.0.0.1", reference_port), MI2B2_AE: ("127.0.0.1", dicom_port)}))
+                REFERENCE_AE: ("127.0.0.1", reference_port), MI2B2_AE: ("127.0.0.1", dicom_port),
+                ORTHANC_RECEIVER_AE: ("127.0.0.1", orthanc_port)}))
             pacs.load([f for s in [*studies, big, warmup] for f in s.files])
             t2 = time.perf_counter()
             print(f"setup: {len(studies)} studies x {args.instances} instances ({sum(s.bytes for s in studies) / MB:.1f} MB) "
                   f"+ 1 study x {big_instances} ({big.bytes / MB:.1f} MB) {'reused' if reused else 'generated'} in "
-                  f"{t1 - t0:.1f} s, loaded into Orthanc in {t2 - t1:.1f} s", flush=True)
+                  f"{t1 - t0:.1f} s, loaded into Orthanc in {t2 - t1:.1f} s; {args.concurrency} C-MOVEs at a time, "
+                  f"mi2b2 with {args.processes} receiver process{'es' if args.processes > 1 else ''}", flush=True)
 
-            out = stack.enter_context(storescp(root / "storescp", reference_port))
+            out = stack.enter_context(storescp(root / "storescp", reference_port, fork=args.processes > 1))
+            receiver = stack.enter_context(orthanc(root / "orthanc2", {}, ORTHANC_RECEIVER_AE, orthanc_port))
             site = root / "site"
             site.mkdir()
             config_path = write_site(site, pacs, dicom_port, [s.patient_id for s in [*studies, big, warmup]],
-                                     args.concurrency)
+                                     args.concurrency, args.processes)
             token = researcher_token(config_path)
             server = stack.enter_context(mi2b2_server(config_path, env=_env()))
             cache = load_config(config_path).cache_dir()
-            movescu(pacs, warmup, args.timeout)  # untimed warm-ups: first association, first C-MOVE, imports
+            # untimed warm-ups: first association, first C-MOVE, imports
+            movescu(pacs, warmup, args.timeout)
+            movescu(pacs, warmup, args.timeout, ORTHANC_RECEIVER_AE)
             retrieve(server, token, [warmup], args.timeout)
 
             reference_runs: list[tuple[float, int]] = []
             fsync_seconds: list[float] = []
+            orthanc_runs: list[tuple[float, int]] = []
             our_runs: list[tuple[float, int]] = []
-            for _ in range(args.repeat):  # alternating, so that both see the same machine
-                seconds, got, durable = run_reference(pacs, out, studies, args.timeout)
+            for _ in range(args.repeat):  # alternating, so that all see the same machine
+                seconds, got, durable = run_reference(pacs, out, studies, args.timeout, args.concurrency)
                 reference_runs.append((seconds, got))
                 fsync_seconds.append(durable)
+                orthanc_runs.append(run_orthanc_receiver(pacs, receiver, studies, args.timeout, args.concurrency))
                 our_runs.append(run_mi2b2(server, token, studies, cache, args.timeout))
-            reference_rate = figures("reference, DCMTK storescp", len(studies), reference_runs)
+            reference_rate = figures(f"reference, DCMTK storescp{' --fork' if args.processes > 1 else ''}",
+                                     len(studies), reference_runs)
             best = reference_runs.index(min(reference_runs, key=lambda run: run[0] / run[1]))
             seconds, got = reference_runs[best]
             durable_rate = got / MB / (seconds + fsync_seconds[best])
             print(f"  (storescp never fsyncs; fsyncing its files afterwards took {fsync_seconds[best]:.2f} s more: "
-                  f"{durable_rate:.1f} MB/s durable)")
-            rate = figures("mi2b2", len(studies), our_runs)
+                  f"{durable_rate:.1f} MB/s durable; per run: "
+                  + ", ".join(f"{f:.2f} s" for f in fsync_seconds) + ")")
+            orthanc_rate = figures("second Orthanc as the receiver", len(studies), orthanc_runs)
+            rate = figures(f"mi2b2, {args.processes} receiver process{'es' if args.processes > 1 else ''}",
+                           len(studies), our_runs)
 
             # memory while receiving the big study alone
             os.sync()
@@ -584,8 +667,9 @@ def main() -> None:
                 big_seconds, big_rows = retrieve(server, token, [big], args.timeout)
             big_got = check_mi2b2([big], big_rows, cache)
             print(f"mi2b2, one big study: {big_got / MB:.1f} MB in {big_seconds:.2f} s = {big_got / MB / big_seconds:.1f} MB/s")
-            print(f"rss_mb: {watch.peak_mb():.0f}")
-            # For information: both sides durable. The target is on `ratio`, against storescp as it runs.
+            together = f"the {len(watch.pids)} receiver processes together; " if len(watch.pids) > 1 else ""
+            print(f"rss_mb: {watch.peak_mb():.0f} ({together}the largest alone {watch.largest_mb():.0f})")
+            print(f"vs_orthanc: {rate / orthanc_rate:.3f}")
             print(f"durable_ratio: {rate / durable_rate:.3f}")
             print(f"ratio: {rate / reference_rate:.3f}")
     finally:

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog rsyslog-gnutls jing prometheus slapd ldap-utils haproxy dicom3tools)
+DEBIAN_PACKAGES=(orthanc dcmtk age chromium curl rsyslog rsyslog-gnutls jing prometheus slapd ldap-utils haproxy dicom3tools socat)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

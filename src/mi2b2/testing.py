@@ -34,15 +34,27 @@ class FakeClock:
 
 class ScaledClock:
     """Wall time running ``factor`` times faster, from ``start``: lets a test
-    watch per-minute rate limits hold against a real PACS in a few seconds."""
+    watch per-minute rate limits hold against a real PACS in a few seconds.
 
-    def __init__(self, factor: float, start: datetime | None = None) -> None:
+    Processes that must agree on the time (workers and receivers started as
+    separate commands) pass the same ``start`` and ``origin_monotonic`` (a
+    ``time.monotonic()`` reading, which every process on the machine shares)."""
+
+    def __init__(self, factor: float, start: datetime | None = None, origin_monotonic: float | None = None) -> None:
         import time
 
         self._time = time
         self.factor = factor
-        self._origin_real = time.monotonic()
+        self._origin_real = time.monotonic() if origin_monotonic is None else origin_monotonic
         self._origin = start or datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+    @property
+    def origin_monotonic(self) -> float:
+        return self._origin_real
+
+    @property
+    def start(self) -> datetime:
+        return self._origin
 
     def now(self) -> datetime:
         return self._origin + timedelta(seconds=(self._time.monotonic() - self._origin_real) * self.factor)

@@ -361,6 +361,45 @@ def test_encrypted_zip_to_recipients_opens_with_age(ctx: ServiceContext, tmp_pat
     assert age_decrypt(ssh, archive.read(images[0])) == plain[by_name[images[0]]["readable"]]
 
 
+def test_encrypted_zip_digests_are_hashed_once_follow_a_replaced_file_and_catch_a_swapped_member(
+        lite: ServiceContext, tmp_path: Path) -> None:
+    cached = fill(lite, tmp_path)
+    identity = pyrage.x25519.Identity.generate()
+    encryption = download.Encryption(recipients=(str(identity.to_public()),))
+
+    def encrypted_zip(name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"".join(download.zip_download(lite, BOB, "alpha", [], True, encryption).chunks))
+        return path
+
+    with open_download(encrypted_zip("first.zip"), identities=[identity]) as reader:
+        assert {sop_of(reader.read(e)) for e in reader.entries()} == set(cached)  # every SHA-256 checked
+    assert len(lite.file_digests) == len(cached)  # remembered for the next download (or CLI manifest)
+
+    # The same instance received again with other bytes: the remembered digest must not answer for it.
+    sop, path = next(iter(cached.items()))
+    changed = bytearray(path.read_bytes())
+    changed[-1] ^= 0xFF
+    (tmp_path / "again.dcm").write_bytes(changed)
+    place(lite, "alpha", tmp_path / "again.dcm")
+    second = encrypted_zip("second.zip")
+    with open_download(second, identities=[identity]) as reader:
+        assert {sop_of(data): data for data in map(reader.read, reader.entries())}[sop] == bytes(changed)
+
+    # A member swapped for another one, a valid age file to the same key: age accepts it, the manifest does not.
+    with zipfile.ZipFile(second) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    victim, other = [name for name in members if KEYED.match(name)][:2]
+    forged = tmp_path / "forged.zip"
+    with zipfile.ZipFile(forged, "w") as out:
+        for name, data in members.items():
+            out.writestr(name, members[other] if name == victim else data)
+    with open_download(forged, identities=[identity]) as reader:
+        entry = next(e for e in reader.entries() if e.stored_path == victim)
+        with pytest.raises(DecryptionFailed, match="does not match the manifest"):
+            reader.read(entry)
+
+
 def test_encrypted_zip_with_passphrase(ctx: ServiceContext, tmp_path: Path) -> None:
     cached = fill(ctx, tmp_path)
     response = api_as(ctx, users(ctx)["bob"]).post(

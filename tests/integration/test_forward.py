@@ -483,6 +483,8 @@ def test_scheduler_cap_turns_and_what_ends_a_queued_forward(tmp_path: Path, data
     assert schedule_forwards(ctx, "w1") == [a2]  # alpha first; its higher priority before its older request
     assert schedule_forwards(ctx, "w2") == []  # a second worker sees the same cap
     assert show_request(ctx, ALICE, b1)["waiting_reason"] == "destination busy: 1 of 1 forwards active"
+    with ctx.sessions() as session:  # read so, not written on each tick
+        assert session.get_one(Request, b1).waiting_reason == "waiting for the scheduler"
     _end(ctx, [a2])
     assert schedule_forwards(ctx, "w1") == [b1]  # beta's turn
     _end(ctx, [b1])

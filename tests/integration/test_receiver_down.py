@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import Worker as WorkerRow
+from mi2b2.adapters.db.tables import WorkerKind
 from mi2b2.adapters.dicom.store_scp import StoreServer
 from mi2b2.config import load_config
 from mi2b2.runtime import background
@@ -24,8 +26,9 @@ from mi2b2.services.context import build_context
 from mi2b2.services.pacs import local_ae
 from mi2b2.services.receiver import receive_limits
 from mi2b2.services.requests import StudyPick, add_requests, list_requests
-from mi2b2.services.scheduler import receiver_missing
+from mi2b2.services.scheduler import heartbeat, receiver_missing, receivers_changing
 from mi2b2.synthetic import write_study
+from mi2b2.testing import FakeClock
 from mi2b2.worker.loop import Worker
 from mi2b2.worker.receiver_heartbeat import ReceiverHeartbeat
 from support import studies
@@ -143,5 +146,54 @@ def test_a_running_receiver_keeps_a_heartbeat_and_marks_it_stopped_when_it_stops
         with ctx.sessions() as session:
             missing = receiver_missing(ctx, session, ctx.clock.now())
         assert missing is not None and missing.startswith("no mi2b2 receiver is running")
+    finally:
+        ctx.engine.dispose()
+
+
+def test_with_several_receivers_a_c_move_that_sent_nothing_is_retried_and_the_attempt_counts(
+    tmp_path: Path, pacs: tuple[RunningPacs, int]
+) -> None:
+    """Behind a balancer, the receiver a PACS reached may die mid-association while another is
+    fine: "nothing was sent" is then worth another try. A PACS that refuses for good (here: it
+    does not know the AE title) still fails, once the attempts are used up."""
+    running, receiver_port = pacs
+    site = retrieval_site(tmp_path, receiver_port, pacs_block("main", running.ae_title, running.port,
+                                                              'retrieve = "c-move"\n' + RETRIES))
+    site.write_text(site.read_text().replace('ae_title = "MI2B2"', 'ae_title = "STRANGER"'))
+    with Pipeline(site) as pipe:
+        beats = [ReceiverHeartbeat(pipe.ctx, interval=0.2) for _host in ("b", "c")]  # two receivers keep heartbeats
+        for beat in beats:
+            beat.start()
+        try:
+            ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(studies.BRAIN))]).created
+            (row,) = pipe.wait(ids, timeout=60)
+        finally:
+            for beat in beats:
+                beat.stop()
+    assert row.state == "failed" and row.attempts == 2, (row.state, row.attempts, row.last_error)
+    assert (row.last_error or "").startswith("gave up after 2 attempts"), row.last_error
+    assert "sent nothing while mi2b2's receivers were changing (2 known" in (row.last_error or "")
+
+
+def test_receivers_are_changing_while_several_keep_heartbeats_or_the_only_one_just_started(tmp_path: Path) -> None:
+    clock = FakeClock()
+    site = retrieval_site(tmp_path, free_port(), pacs_block("main", "PACS", free_port()))
+    ctx = build_context(load_config(site), clock=clock)
+    settle = timedelta(seconds=30)
+
+    def changing() -> int:
+        with ctx.sessions() as session:
+            return receivers_changing(session, clock.now(), settle)
+
+    try:
+        assert changing() == 0  # no receiver keeps a heartbeat: nothing is known
+        heartbeat(ctx, "receiver:b:1:aa", WorkerKind.RECEIVER)
+        assert changing() == 1  # just started: a balancer may not route to it yet
+        clock.advance(minutes=1)
+        heartbeat(ctx, "receiver:b:1:aa", WorkerKind.RECEIVER)
+        assert changing() == 0  # the one receiver has settled
+        heartbeat(ctx, "receiver:c:2:bb", WorkerKind.RECEIVER)
+        clock.advance(minutes=1)
+        assert changing() == 2  # several behind a balancer: one may be going
     finally:
         ctx.engine.dispose()

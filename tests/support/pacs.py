@@ -34,7 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,10 +148,13 @@ def start_orthanc(
     move_destinations: Mapping[str, tuple[str, int]] | None = None,
     limit_find_results: int = 0,
     extra: Mapping[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    launcher: Sequence[str] = (),
 ) -> RunningPacs:
     """Orthanc with its own storage; `move_destinations` maps AE title -> (host, port).
 
     `extra` overrides any configuration key (e.g. ``{"DicomCheckCalledAet": True}``).
+    `launcher` runs it elsewhere (e.g. ``ip netns exec NS``), where `host` reaches it.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,15 +191,17 @@ def start_orthanc(
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = workdir / "orthanc.log"
+    if shutil.which("Orthanc") is None:
+        raise PacsStartError("Orthanc is not installed (see /work/shared/TEST-PACS.md)")
     # --verbose alone masks PatientID/PatientName as "*** POTENTIAL PHI ***";
     # --trace-dicom dumps each received C-FIND identifier with its values.
     process = _spawn(
-        ["Orthanc", "--verbose", "--trace-dicom", "--no-jobs", str(config_path)],
+        [*launcher, "Orthanc", "--verbose", "--trace-dicom", "--no-jobs", str(config_path)],
         workdir,
         log_path,
     )
-    pacs = RunningPacs("orthanc", ae_title, "127.0.0.1", port, http_port, workdir, log_path, process)
-    _wait_ready(pacs, lambda: _http_ok(f"http://127.0.0.1:{http_port}/system") and _tcp_ok(port))
+    pacs = RunningPacs("orthanc", ae_title, host, port, http_port, workdir, log_path, process)
+    _wait_ready(pacs, lambda: _http_ok(f"http://{host}:{http_port}/system") and _tcp_ok(port, host))
     return pacs
 
 
@@ -439,9 +444,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _tcp_ok(port: int) -> bool:
+def _tcp_ok(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+        with socket.create_connection((host, port), timeout=1.0):
             return True
     except OSError:
         return False

@@ -51,10 +51,12 @@ def _leaf(folder: Path, ca: str, name: str, subject: str, san: str, usage: str) 
              "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, addresses: tuple[str, ...] = ()) -> Pki:
+    """``addresses``: more IP addresses the server certificate names, besides 127.0.0.1."""
     folder.mkdir(parents=True, exist_ok=True)
     _ca(folder, "ca", "/CN=Test CA")
-    _leaf(folder, "ca", "server", "/CN=localhost", "DNS:localhost,IP:127.0.0.1", "serverAuth,clientAuth")
+    san = ",".join(["DNS:localhost", "IP:127.0.0.1", *(f"IP:{a}" for a in addresses if a != "127.0.0.1")])
+    _leaf(folder, "ca", "server", "/CN=localhost", san, "serverAuth,clientAuth")
     _leaf(folder, "ca", "client", "/CN=client", "DNS:client", "clientAuth")
     _ca(folder, "other-ca", "/CN=Other CA")
     _leaf(folder, "other-ca", "other", "/CN=localhost", "DNS:localhost,IP:127.0.0.1", "serverAuth,clientAuth")

@@ -1,4 +1,4 @@
-"""A TCP proxy on 127.0.0.1 that watches (and can slow or cut) traffic to a PACS.
+"""A TCP proxy on 127.0.0.1 (or a test network's address) that watches (and can slow or cut) traffic to a PACS.
 
 Tests put it between mi2b2 and the PACS to observe, from the PACS's side of
 the wire, how many associations are open at once and when each began, and
@@ -27,8 +27,11 @@ class Observation:
 
 
 class Proxy:
-    def __init__(self, target_port: int, bytes_per_second: float | None = None, listen_port: int = 0) -> None:
+    def __init__(self, target_port: int, bytes_per_second: float | None = None, listen_port: int = 0,
+                 listen_host: str = "127.0.0.1", target_host: str = "127.0.0.1") -> None:
         self.target_port = target_port
+        self.target_host = target_host
+        self.listen_host = listen_host
         self.bytes_per_second = bytes_per_second
         self.seen = Observation()
         self._lock = threading.Lock()
@@ -43,7 +46,7 @@ class Proxy:
     def start(self) -> Proxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self._port))
+        listener.bind((self.listen_host, self._port))
         listener.listen(64)
         self._port = listener.getsockname()[1]
         self._listener = listener
@@ -88,7 +91,7 @@ class Proxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream = socket.create_connection((self.target_host, self.target_port), timeout=5)
             except OSError:
                 _close(client)
                 continue

@@ -180,3 +180,22 @@ def test_discard_removes_stray_files_but_not_incoming(store: CacheStore) -> None
         store.discard(".incoming/x/y.part")
     with pytest.raises(InvalidInput):
         store.discard("alpha/../../etc/passwd")
+
+
+def test_place_survives_a_folder_pruned_by_another_host_between_mkdir_and_rename(tmp_path: Path) -> None:
+    """On a shared volume another host may remove the last file of a series, and its empty folder,
+    just after this host made that folder for a new instance: the rename makes it again."""
+
+    class PrunedOnce(CacheStore):
+        pruned = False
+
+        def _make_dirs(self, folder: Path) -> None:
+            super()._make_dirs(folder)
+            if not self.pruned:  # the other host's prune, right after our mkdir
+                self.pruned = True
+                folder.rmdir()
+
+    store = PrunedOnce(tmp_path / "cache")
+    relative = store.relative_path("alpha", STUDY, SERIES, SOP)
+    assert store.place(_temp(store, b"DICM" * 10), relative) == 40
+    assert store.pruned and store.absolute(relative).read_bytes() == b"DICM" * 10

@@ -64,3 +64,17 @@ def test_many_threads_at_once_get_the_right_digests(tmp_path: Path) -> None:
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda job: digests.of(*job), crowd))
     assert answers == [_sha(path) for _project, path in crowd]
+
+
+def test_bytes_already_read_are_hashed_once_and_shared_with_reads_from_the_file(tmp_path: Path) -> None:
+    (path,) = _files(tmp_path, 1)
+    digests = FileDigests()
+    with open(path, "rb") as file:
+        info = os.fstat(file.fileno())
+        data = file.read()
+    assert digests.of_bytes("alpha", path, info, data) == _sha(path)[1]
+    assert digests.of("alpha", path) == _sha(path) and len(digests) == 1  # one entry, whichever way it came
+    assert digests.of_bytes("alpha", path, info, bytes(len(data))) == _sha(path)[1]  # recalled, not hashed again
+    # Bytes that are not the whole file (it changed while it was read) are hashed and never remembered.
+    assert digests.of_bytes("beta", path, info, data[:-1]) == hashlib.sha256(data[:-1]).hexdigest()
+    assert len(digests) == 1

@@ -15,6 +15,7 @@ from mi2b2.domain.forwarding import (
     destination_allows,
     forward_denial,
     forward_outcome,
+    forward_waiting_reason,
     plan_destination,
     proposed_contexts,
 )
@@ -89,6 +90,18 @@ def test_backoff_and_the_same_study_in_flight_wait() -> None:
     assert plan.starts == [3]
     assert plan.waiting[1].startswith("retry after a transient failure, not before 2026-03-02 10:00:30")
     assert "being forwarded to this destination" in plan.waiting[2]
+
+
+def test_a_queued_forwards_reason_is_read_by_the_rule_the_planner_applies() -> None:
+    """The scheduler writes nothing on forwards that wait; a reader derives the same reason."""
+    later = NOW + timedelta(seconds=30)
+    waiting = [_c(1, not_before=later), _c(2, study_busy=True), _c(3), _c(4)]
+    plan = plan_destination(NOW, RULES, 2, OPEN, waiting, None)
+    assert plan.starts == []
+    assert {c.request_id: forward_waiting_reason(NOW, c, 2, RULES.max_concurrent) for c in waiting} == plan.waiting
+    # Between ticks, with a slot free: held back by nothing but its turn.
+    assert forward_waiting_reason(NOW, _c(4), 1, RULES.max_concurrent) == "waiting for the scheduler"
+    assert forward_waiting_reason(later, _c(1, not_before=later), 1, 2) == "waiting for the scheduler"  # retry due
 
 
 def test_contexts_offer_the_stored_syntax_alone_then_uncompressed_fallbacks() -> None:

@@ -16,6 +16,7 @@ from ldap3 import NONE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException, LDAPSocketOpenError, LDAPSocketReceiveError, LDAPStartTLSError
 from ldap3.utils.conv import escape_filter_chars
 
+from mi2b2.adapters.sign_in_errors import DirectoryRefused
 from mi2b2.config.ldap import LdapConfig
 from mi2b2.errors import PermanentError, RetriableError
 
@@ -28,14 +29,6 @@ class DirectoryUser:
     dn: str
     display_name: str
     groups: tuple[str, ...]
-
-
-class DirectoryRefused(Exception):
-    """The directory said no (no such user, wrong password, disabled); ``reason`` is for the audit trail only."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class LdapDirectory:

@@ -25,6 +25,7 @@ from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 
+from mi2b2.adapters.sign_in_errors import OidcRefused
 from mi2b2.config.oidc import OidcConfig
 from mi2b2.errors import PermanentError, RetriableError
 
@@ -32,15 +33,6 @@ from mi2b2.errors import PermanentError, RetriableError
 LEEWAY_SECONDS = 60
 SIGNING_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 MAX_ANSWER = 1024 * 1024  # a discovery document, key set or token answer is a few kB
-
-
-class OidcRefused(Exception):
-    """The sign-in cannot be accepted (the provider said no, or what it sent fails a check); ``reason`` is
-    for the audit trail and the error page."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,16 @@ def accepts_connections(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when its parent dies (Linux PR_SET_PDEATHSIG),
+    so that a killed server or receiver parent leaves no process behind on its port."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host (any owner)."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from mi2b2.adapters.process import private_files, withhold_exception_messages
+from mi2b2.adapters.dicom.errors import ReceiverUnavailable
+from mi2b2.adapters.process import accepts_connections, private_files, withhold_exception_messages
 from mi2b2.cli import admin, audit, cache, download, forward, reidentify, requests, search, view
 from mi2b2.cli.common import (
     DEFAULT_CONFIG,
@@ -65,24 +67,32 @@ def worker(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def receiver(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Run the DICOM receiver (C-STORE SCP) alone."""
+def receiver(
+    config: ConfigOption = DEFAULT_CONFIG,
+    processes: Annotated[int | None, typer.Option(
+        min=1, max=64, help="receiver processes sharing the DICOM port (SO_REUSEPORT, Linux); "
+                            "default: [dicom] processes of the site configuration")] = None,
+) -> None:
+    """Run the DICOM receiver (C-STORE SCP) alone; with --processes N, N of them on one port."""
+    count = processes if processes is not None else load_config(config).dicom.processes
+    if count > 1:
+        from mi2b2.receiver_processes import Port, exec_receiver_processes
+        from mi2b2.services.context import build_context
+
+        site = load_config(config)
+        if accepts_connections(site.dicom.host, site.dicom.port, timeout=0.5):  # before touching the database
+            raise ReceiverUnavailable(site.dicom.ae_title, site.dicom.host, site.dicom.port,
+                                      OSError(errno.EADDRINUSE, "something already listens on that port"))
+        build_context(site, migrate=True, sync_config=True).engine.dispose()  # once, before the receivers start
+        exec_receiver_processes(config.resolve(), Port(site.dicom.ae_title, site.dicom.host, site.dicom.port),
+                                site.cache_dir(), count)
     _run_background(config, receiver=True, worker=False, what="receiver")
 
 
 def _run_background(config: Path, receiver: bool, worker: bool, what: str) -> None:
-    from mi2b2.adapters.dicom.netdicom_internals import require_tested_pynetdicom
-    from mi2b2.runtime import run_until_signal
-    from mi2b2.services.context import build_context
+    from mi2b2.runtime import run_alone
 
-    require_tested_pynetdicom()  # before anything runs, the database migration included
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mi2b2").setLevel(logging.INFO)
-    site = load_config(config)
-    ctx = build_context(site, migrate=True, sync_config=True)
-    dicom = site.dicom
-    where = f" on {dicom.ae_title}@{dicom.host}:{dicom.port}" if receiver else ""
-    run_until_signal(ctx, receiver=receiver, worker=worker, ready_message=f"mi2b2 {what} running{where}")
+    run_alone(load_config(config), receiver=receiver, worker=worker, what=what)
 
 
 @app.command()

@@ -224,6 +224,8 @@ class DicomConfig(Strict):
     network_timeout: float = Field(60.0, gt=0, description="seconds a peer may stay silent, or take over one PDU, "
                                                            "before the receiver aborts its association")
     tls: ReceiverTls | None = Field(None, description="DICOM TLS on the receiver's port (see README, DICOM TLS)")
+    processes: int = Field(1, ge=1, le=64, description="receiver processes sharing the port (SO_REUSEPORT, Linux): "
+                                                       "the kernel spreads the PACS's associations over them")
 
     @model_validator(mode="before")
     @classmethod

@@ -116,12 +116,8 @@ def plan_destination(
             )
         elif not c.patient_allowed:
             plan.fail[c.request_id] = "the patient is no longer on the project's IRB allow-list"
-        elif c.not_before is not None and c.not_before > now:
-            plan.waiting[c.request_id] = (
-                f"retry after a transient failure, not before {c.not_before:%Y-%m-%d %H:%M:%S} UTC"
-            )
-        elif c.study_busy:
-            plan.waiting[c.request_id] = "the same study is being forwarded to this destination by another request"
+        elif (held := _held_back(now, c)) is not None:
+            plan.waiting[c.request_id] = held
         else:
             queues.setdefault(c.project_id, []).append(c)
     for queue in queues.values():
@@ -136,10 +132,34 @@ def plan_destination(
         running += 1
         if not queue:
             del queues[project_id]
-    busy = f"destination busy: {running} of {rules.max_concurrent} forwards active"
+    busy = _busy(running, rules.max_concurrent)
     for queue in queues.values():
         plan.waiting.update({c.request_id: busy for c in queue})
     return plan
+
+
+def forward_waiting_reason(now: datetime, c: ForwardCandidate, active: int, max_concurrent: int) -> str:
+    """Why a queued forward waits, as a reader sees it between two ticks: by the rules
+    `plan_destination` applies (the scheduler writes nothing on the requests that wait)."""
+    held = _held_back(now, c)
+    if held is not None:
+        return held
+    if active >= max_concurrent:
+        return _busy(active, max_concurrent)
+    return "waiting for the scheduler"
+
+
+def _held_back(now: datetime, c: ForwardCandidate) -> str | None:
+    """What holds this forward back itself, whatever the destination's load."""
+    if c.not_before is not None and c.not_before > now:
+        return f"retry after a transient failure, not before {c.not_before:%Y-%m-%d %H:%M:%S} UTC"
+    if c.study_busy:
+        return "the same study is being forwarded to this destination by another request"
+    return None
+
+
+def _busy(active: int, max_concurrent: int) -> str:
+    return f"destination busy: {active} of {max_concurrent} forwards active"
 
 
 def _next_in_turn(project_ids: list[str], last_project: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -13,13 +14,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from mi2b2.adapters.crypto.secrets import hash_password, new_token, token_digest, verify_password
 from mi2b2.adapters.db.engine import rows_changed, transaction
 from mi2b2.adapters.db.tables import ApiToken, LoginFailure, User
-from mi2b2.adapters.ldap_directory import DirectoryRefused, LdapDirectory
+from mi2b2.adapters.sign_in_errors import DirectoryRefused
 from mi2b2.domain.clock import Clock, as_utc
 from mi2b2.domain.directory_roles import role_for_groups
 from mi2b2.domain.login_throttle import FORGET_AFTER, login_digest, must_wait
 from mi2b2.domain.principal import LOGIN, Principal, Role, login_problem
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound
 from mi2b2.services.audit import Action, AuditTrail, Outcome
+
+if TYPE_CHECKING:  # ldap3 loads only in processes that sign users in against a directory
+    from mi2b2.adapters.ldap_directory import LdapDirectory
 
 NOT_A_LOGIN = "(not a login name)"
 MIN_PASSWORD = 10

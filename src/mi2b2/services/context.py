@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import make_engine, make_sessionmaker, require_current_schema, transaction, upgrade
-from mi2b2.adapters.ldap_directory import LdapDirectory
-from mi2b2.adapters.oidc_provider import OpenIdProvider
 from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config import PacsConfig, SiteConfig, load_config
 from mi2b2.domain.clock import Clock, SystemClock, Timer
@@ -23,6 +21,9 @@ from mi2b2.services.audit_syslog import atna_queue
 from mi2b2.services.auth import Accounts, DirectoryLogin
 from mi2b2.services.oidc_login import OidcSignIn
 from mi2b2.services.site import ConfigChanges, apply_config
+
+if TYPE_CHECKING:  # the identity clients load only where the site configures them (a receiver needs neither)
+    from mi2b2.adapters.oidc_provider import OpenIdProvider
 
 
 class FindSessionPort(Protocol):
@@ -137,6 +138,8 @@ def openid_provider(config: SiteConfig) -> OpenIdProvider:
     ca_file = config.resolve(oidc.ca_file) if oidc.ca_file else None
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"oidc ca_file {ca_file} does not exist; give the CA certificate(s) of the provider")
+    from mi2b2.adapters.oidc_provider import OpenIdProvider
+
     return OpenIdProvider(oidc, secret, ca_file)
 
 
@@ -156,5 +159,7 @@ def directory_login(config: SiteConfig) -> DirectoryLogin | None:
     ca_file = config.resolve(ldap.ca_file) if ldap.ca_file else None
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"ldap ca_file {ca_file} does not exist; give the CA certificate(s) of the directory")
+    from mi2b2.adapters.ldap_directory import LdapDirectory
+
     directory = LdapDirectory(ldap, ca_file, password)
     return DirectoryLogin(directory, ldap.roles, frozenset(ldap.local_logins))

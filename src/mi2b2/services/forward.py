@@ -311,7 +311,8 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             plan = plan_destination(now, rules, active[destination_id], closed, queued[destination_id],
                                     cursor.last_project_id)
             cursor.last_project_id = plan.last_project
-            _apply(session, plan.starts, plan.waiting, worker_id, now)
+            for request_id in plan.starts:
+                mark_started(session.get_one(Request, request_id), worker_id, now)
             for request_id, reason in plan.cancel.items():
                 ended[request_id] = (RequestState.CANCELED, f"canceled: {reason}")
             for request_id, reason in plan.fail.items():
@@ -365,16 +366,6 @@ def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str
             study_uid in busy.get(key, set()),
         ))
     return queued
-
-
-def _apply(session: Session, starts: list[int], waiting: dict[int, str], worker_id: str, now: datetime) -> None:
-    for request_id in starts:
-        row = session.get_one(Request, request_id)
-        mark_started(row, worker_id, now)
-    if waiting:
-        for row in session.execute(select(Request).where(Request.id.in_(list(waiting)))).scalars():
-            if row.waiting_reason != waiting[row.id]:
-                row.waiting_reason = waiting[row.id]
 
 
 def _notify(ctx: ServiceContext, request_id: int) -> None:

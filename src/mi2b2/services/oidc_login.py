@@ -15,14 +15,14 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import OidcLogin
-from mi2b2.adapters.oidc_provider import OidcRefused, OpenIdProvider
+from mi2b2.adapters.sign_in_errors import OidcRefused
 from mi2b2.config.oidc import OidcConfig
 from mi2b2.domain.clock import Clock, as_utc
 from mi2b2.domain.directory_roles import groups_in_claim, role_for_groups
@@ -30,6 +30,9 @@ from mi2b2.domain.principal import LOGIN, Principal, login_problem
 from mi2b2.errors import AccessDenied, Mi2b2Error, RetriableError
 from mi2b2.services.audit import Action, AuditTrail, Outcome
 from mi2b2.services.auth import Accounts, IssuedToken
+
+if TYPE_CHECKING:  # Authlib and httpx load only in processes that sign users in with OpenID Connect
+    from mi2b2.adapters.oidc_provider import OpenIdProvider
 
 LOGIN_WINDOW = timedelta(minutes=10)
 MAX_PENDING = 10_000  # sign-ins in progress: anyone may start one, so their number is bounded

@@ -168,6 +168,13 @@ class ReceiverSink:
         if refused is not None:
             self._record_refusals(refused)
 
+    def forget_peers(self) -> None:
+        """The configuration was reloaded: resolve the PACS's addresses again, and look
+        retrievals up afresh."""
+        with self._lock:
+            self._identities = None
+            self._lookups.clear()
+
     def _pacs_of(self, peer: Peer) -> tuple[str, ...]:
         with self._lock:
             known = self._peers.get(peer.association)

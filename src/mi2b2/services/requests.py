@@ -178,7 +178,7 @@ def request_page(
         rows = session.execute(page.order_by(Request.id.desc()).limit(limit + 1)).scalars().all()
         more = len(rows) > limit
         rows = rows[:limit]
-        reasons = waiting_reasons(session, rows, now)
+        reasons = waiting_reasons(session, rows, now, _destination_caps(ctx))
         views = [request_view(r, reasons.get(r.id)) for r in rows]
         state_counts: dict[str, int] = {}
         if counts:
@@ -236,10 +236,15 @@ def requests_version(ctx: ServiceContext, who: Principal, project_id: str) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _destination_caps(ctx: ServiceContext) -> dict[str, int]:
+    return {d.id: d.max_concurrent for d in ctx.config.destinations}
+
+
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
-        view = request_view(row, waiting_reasons(session, [row], ctx.clock.now()).get(row.id)) if row else None
+        view = (request_view(row, waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id))
+                if row else None)
     if view is None:
         raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
     # Checked after the read session closed: on SQLite every session holds the write lock.

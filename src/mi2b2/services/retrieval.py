@@ -19,10 +19,11 @@ from sqlalchemy import update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
-from mi2b2.adapters.dicom.errors import DimseFailure, ReceiverUnreachable, TlsHandshakeFailed
+from mi2b2.adapters.dicom.errors import DeliveryInterrupted, DimseFailure, ReceiverUnreachable, TlsHandshakeFailed
 from mi2b2.adapters.dicom.retrieve import RetrieveProgress, RetrieveResult, get_study, move_study
 from mi2b2.adapters.process import accepts_connections
 from mi2b2.config import PacsConfig, RetrieveMethod
+from mi2b2.domain.health import worker_stale_after
 from mi2b2.domain.receipt import move_message_id
 from mi2b2.domain.request_states import Event
 from mi2b2.domain.requests import RequestKind, RequestState, retrieval_outcome
@@ -34,7 +35,7 @@ from mi2b2.services.pacs import local_ae, peer_for
 from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import change_state
-from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_keep_heartbeats
+from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_changing, receivers_keep_heartbeats
 
 LOG = logging.getLogger(__name__)
 INDEX_WAIT_SECONDS = 15.0  # how long the receiver may take to index what it already acknowledged
@@ -64,6 +65,9 @@ def run_retrieval(
         if isinstance(exc, DimseFailure) and _receiver_down(ctx, pacs, status, None):
             return jobs.back_off(ctx, job, _unreachable(ctx, pacs, status), pacs.retries.to_domain(), _record(),
                                  counts=False)
+        interrupted = _interrupted(ctx, pacs, status, None)
+        if interrupted is not None:
+            return jobs.back_off(ctx, job, interrupted, pacs.retries.to_domain(), _record())
         # A PACS whose C-STOREs we refused for lack of space reports a failure
         # of its own; ours is the reason worth showing.
         return jobs.end(ctx, job, RequestState.FAILED, _write_failure(ctx, job) or str(exc), status=status,
@@ -78,23 +82,43 @@ def run_retrieval(
 
 def _blame_our_receiver(ctx: ServiceContext, pacs: PacsConfig, result: RetrieveResult) -> None:
     """Every sub-operation of a C-MOVE failed, nothing arrived, and our receiver is down: that is why."""
-    if result.failed and not result.completed and not result.warning and _receiver_down(ctx, pacs, result.status, result):
-        raise _unreachable(ctx, pacs, result.status)
+    if result.failed and not result.completed and not result.warning:
+        if _receiver_down(ctx, pacs, result.status, result):
+            raise _unreachable(ctx, pacs, result.status)
+        interrupted = _interrupted(ctx, pacs, result.status, result)
+        if interrupted is not None:
+            raise interrupted
 
 
-def _receiver_down(ctx: ServiceContext, pacs: PacsConfig, status: int | None, result: RetrieveResult | None) -> bool:
-    """Whether a failed C-MOVE failed because mi2b2's receiver could not be reached.
-
-    Only failures a PACS gives when it cannot deliver count (0xA801 "move destination
-    unknown", which pynetdicom and others also answer when the destination does not
-    answer; 0xA7xx/0xCxxx with nothing sent), and only while our receiver is down."""
+def _nothing_delivered(pacs: PacsConfig, status: int | None, result: RetrieveResult | None) -> bool:
+    """A C-MOVE failure a PACS gives when it cannot deliver: 0xA801 "move destination unknown"
+    (which pynetdicom and others also answer when the destination does not answer), or
+    0xA7xx/0xCxxx with nothing sent."""
     if pacs.retrieve is not RetrieveMethod.C_MOVE or status is None:
         return False
     if not (status == 0xA801 or 0xA700 <= status <= 0xA7FF or 0xC000 <= status <= 0xCFFF):
         return False
-    if result is not None and result.completed:
-        return False
-    return _our_receiver_down(ctx)
+    return result is None or not result.completed
+
+
+def _receiver_down(ctx: ServiceContext, pacs: PacsConfig, status: int | None, result: RetrieveResult | None) -> bool:
+    """Whether a failed C-MOVE failed because mi2b2's receiver could not be reached: it could
+    not deliver, and our receiver is down."""
+    return _nothing_delivered(pacs, status, result) and _our_receiver_down(ctx)
+
+
+def _interrupted(ctx: ServiceContext, pacs: PacsConfig, status: int | None,
+                 result: RetrieveResult | None) -> DeliveryInterrupted | None:
+    """A C-MOVE that could not deliver while mi2b2's receivers were changing (several behind a
+    balancer, or one just started): the one the PACS reached may have died mid-association, or
+    the balancer not route to the new one yet, which a retry (that counts) gets past."""
+    if status is None or not _nothing_delivered(pacs, status, result):
+        return None
+    with ctx.sessions() as session:
+        receivers = receivers_changing(session, ctx.clock.now(), worker_stale_after(ctx.config.server.worker_poll_seconds))
+    if not receivers:
+        return None
+    return DeliveryInterrupted(f"{pacs.ae_title}@{pacs.host}:{pacs.port}", status, receivers)
 
 
 def _our_receiver_down(ctx: ServiceContext) -> bool:

@@ -147,6 +147,16 @@ def receiver_hosts(session: Session) -> set[str]:
     return set(session.execute(select(Worker.host).where(Worker.kind == WorkerKind.RECEIVER)).scalars())
 
 
+def receivers_changing(session: Session, now: datetime, settle: timedelta) -> int:
+    """How many receivers keep (or kept until lately) a heartbeat here, when that is several or the
+    newest began less than ``settle`` ago; else 0. Behind a balancer, a PACS may then be sent to a
+    receiver that is going, or not yet routed to, and deliver nothing though another is fine."""
+    started = session.execute(select(Worker.started_at).where(Worker.kind == WorkerKind.RECEIVER)).scalars().all()
+    if len(started) >= 2 or any(as_utc(t) >= now - settle for t in started):
+        return len(started)
+    return 0
+
+
 def receivers_keep_heartbeats(session: Session) -> bool:
     return session.execute(select(Worker.id).where(Worker.kind == WorkerKind.RECEIVER).limit(1)).first() is not None
 

@@ -5,12 +5,14 @@ and writes nothing on the requests that did not change; what holds one request
 back itself (its patient left the allow-list, its retry is not due, its study
 is being fetched for another request, it is bigger than the project's cache)
 is read from its row and the counters here, by the same rule the planner uses
-(`domain.scheduler.waiting_reason`).
+(`domain.scheduler.waiting_reason`). Queued forwards likewise: the forward scheduler writes
+nothing on the ones that wait, and their reason is read here by the rule it applies
+(`domain.forwarding.forward_waiting_reason`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -18,14 +20,21 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.tables import CachedStudy, Project, QueueReason, Request
 from mi2b2.domain.clock import as_utc
+from mi2b2.domain.forwarding import ForwardCandidate, forward_waiting_reason
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.domain.scheduler import Candidate, waiting_reason
 from mi2b2.services.allow_list import on_allow_list
 
 
-def waiting_reasons(session: Session, rows: Sequence[Request], now: datetime) -> dict[int, str]:
-    """Request id -> why it waits, for the queued retrievals among ``rows`` (a page: a few
-    queries whatever the queue's length)."""
+def waiting_reasons(session: Session, rows: Sequence[Request], now: datetime,
+                    destination_caps: Mapping[str, int] | None = None) -> dict[int, str]:
+    """Request id -> why it waits, for the queued retrievals and forwards among ``rows`` (a page:
+    a few queries whatever the queue's length). ``destination_caps``: each forward destination's
+    max_concurrent, as configured."""
+    return {**_retrievals(session, rows, now), **_forwards(session, rows, now, destination_caps or {})}
+
+
+def _retrievals(session: Session, rows: Sequence[Request], now: datetime) -> dict[int, str]:
     queued = [r for r in rows if r.state == RequestState.SCHEDULED and r.kind == RequestKind.RETRIEVE and r.pacs_id]
     if not queued:
         return {}
@@ -51,4 +60,27 @@ def waiting_reasons(session: Session, rows: Sequence[Request], now: datetime) ->
         )
         free = int(quotas.get(r.project_id, 0)) - int(used.get(r.project_id, 0))
         reasons[r.id] = waiting_reason(now, candidate, free, queue_reasons.get((r.pacs_id or "", r.project_id)))
+    return reasons
+
+
+def _forwards(session: Session, rows: Sequence[Request], now: datetime, caps: Mapping[str, int]) -> dict[int, str]:
+    queued = [r for r in rows if r.state == RequestState.SCHEDULED and r.kind == RequestKind.FORWARD and r.destination_id]
+    if not queued:
+        return {}
+    destinations = sorted({r.destination_id for r in queued if r.destination_id})
+    running = (Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING,
+               Request.destination_id.in_(destinations))
+    active = {destination_id: int(n) for destination_id, n in session.execute(
+        select(Request.destination_id, func.count()).where(*running).group_by(Request.destination_id))}
+    busy = {(destination_id, study_uid) for destination_id, study_uid in session.execute(
+        select(Request.destination_id, Request.study_uid).where(
+            *running, Request.study_uid.in_(sorted({r.study_uid for r in queued}))))}
+    reasons = {}
+    for r in queued:
+        destination_id = r.destination_id or ""
+        candidate = ForwardCandidate(r.id, r.project_id, r.priority, as_utc(r.created_at),
+                                     as_utc(r.not_before) if r.not_before else None,
+                                     study_busy=(destination_id, r.study_uid) in busy)
+        reasons[r.id] = forward_waiting_reason(now, candidate, active.get(destination_id, 0),
+                                               caps.get(destination_id, 1))
     return reasons

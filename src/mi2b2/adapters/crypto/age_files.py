@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import queue
 import secrets
 import threading
@@ -141,11 +142,18 @@ def _looks_like_key(value: str) -> bool:
 
 
 def encrypt(data: bytes, recipients: Sequence[Recipient]) -> bytes:
+    """One age file of ``data``, in memory.
+
+    Through ``encrypt_io`` into a BytesIO rather than ``pyrage.encrypt``: the
+    same age file for a quarter to a third less CPU on 0.5 MB images (measured
+    with pyrage 1.4), and encryption, which holds the GIL, sets the pace of
+    encrypted ZIPs."""
+    out = io.BytesIO()
     try:
-        ciphertext: bytes = pyrage.encrypt(data, list(recipients))
-        return ciphertext
+        pyrage.encrypt_io(io.BytesIO(data), out, list(recipients))
     except pyrage.EncryptError as exc:  # pragma: no cover - only with unusable recipients, checked earlier
         raise PermanentError(f"age encryption failed ({exc})") from None
+    return out.getvalue()
 
 
 def decrypt(data: bytes, identities: Sequence[Identity], what: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -10,8 +11,6 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _hasher = PasswordHasher()
-# Verifying against this when the login is unknown keeps the response time flat.
-_DUMMY_HASH = _hasher.hash("not a real password")
 
 TOKEN_PREFIX = "mi2b2_"
 
@@ -22,9 +21,17 @@ def hash_password(password: str) -> str:
 
 def verify_password(password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verifying against this when the login is unknown keeps the response time flat. Made at the
+    first sign-in, not at import: an argon2 hash costs a third of a second and 64 MiB, which every
+    command and receiver would otherwise pay."""
+    return _hasher.hash("not a real password")
 
 
 def new_token() -> str:

@@ -10,13 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import CursorResult, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +19,9 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from mi2b2.adapters.db.outage import DatabaseUnavailable, translate_outages
 from mi2b2.errors import ConfigError, PermanentError, RetriableError
+
+if TYPE_CHECKING:  # Alembic loads only where a schema is read or migrated, not in every receiver or worker
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -90,6 +88,8 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -101,6 +101,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         with engine.begin() as connection:
             config = alembic_config(str(engine.url))
             config.attributes["connection"] = connection
+            from alembic import command
+
             command.upgrade(config, revision)
     except DatabaseUnavailable as exc:
         raise RetriableError(f"cannot reach the database at {engine.url!r}: {exc.__cause__}") from None
@@ -112,10 +114,14 @@ def downgrade(engine: Engine, revision: str) -> None:
     with engine.begin() as connection:
         config = alembic_config(str(engine.url))
         config.attributes["connection"] = connection
+        from alembic import command
+
         command.downgrade(config, revision)
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
@@ -131,6 +137,9 @@ def require_current_schema(engine: Engine) -> None:
     upgrade_first = "run `mi2b2 db upgrade` (with the same --config) first: a command that only reads never changes the schema"
     if _sqlite_file_missing(engine):  # connecting would create an empty file
         raise SchemaNotCurrent(f"{where} does not exist yet; {upgrade_first}")
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     current = current_revision(engine)
     scripts = ScriptDirectory.from_config(alembic_config(str(engine.url)))
     head = scripts.get_current_head()

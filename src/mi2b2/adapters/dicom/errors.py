@@ -215,6 +215,22 @@ class ReceiverUnreachable(RetriableError):
         )
 
 
+class DeliveryInterrupted(RetriableError):
+    """A C-MOVE sent nothing while mi2b2's receivers were changing: several behind a balancer, one
+    of which may have stopped as the PACS reached it, or one that just started and that the
+    balancer does not route to yet. Worth another try; the attempt counts, so a PACS that
+    refuses for good still fails in the end."""
+
+    def __init__(self, peer: str, status: int, receivers: int) -> None:
+        self.status = status
+        super().__init__(
+            f"PACS {peer} answered C-MOVE with status 0x{status:04X} and sent nothing while mi2b2's receivers "
+            f"were changing ({receivers} known: one may have stopped, or not be reached through the balancer yet), "
+            "so the study is asked for again. If this repeats, the PACS refuses the destination: check that it "
+            "knows mi2b2's AE title at the balancer's address"
+        )
+
+
 class TlsHandshakeFailed(PermanentError):
     """The TLS handshake with a PACS or destination failed: retrying will not change a certificate.
 

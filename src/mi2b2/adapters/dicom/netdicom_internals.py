@@ -37,7 +37,7 @@ from pynetdicom import association as _association_module
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from mi2b2.adapters.dicom.errors import UntestedPynetdicom
 
@@ -56,6 +56,7 @@ __all__ = [
     "require_tested_pynetdicom",
     "set_nodelay",
     "set_transfer_syntax_order",
+    "start_server_sharing_port",
 ]
 
 # --- the version guard -------------------------------------------------------------------
@@ -100,6 +101,31 @@ def _padded(release: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- sockets and the network thread --------------------------------------------------------
+
+
+class _PortSharingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT set before its bind."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_server_sharing_port(ae: pynetdicom.AE, address: tuple[str, int], handlers: list[evt.EventHandlerType],
+                              contexts: list[PresentationContext], ssl_context: ssl.SSLContext | None,
+                              ) -> ThreadedAssociationServer:
+    """`ae.start_server(address, block=False, ...)` on a socket with SO_REUSEPORT (Linux).
+
+    `AE.start_server` has no say over its server class; `AE.make_server` has,
+    but then the server must be listed in the AE's private ``_servers``, which
+    its ``shutdown`` removes it from, and served on a thread, as `start_server` does."""
+    server = ae.make_server(address, evt_handlers=handlers, contexts=contexts, ssl_context=ssl_context,
+                            server_class=_PortSharingServer)
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
+    return server
+
 
 
 def set_nodelay(assoc: Association) -> None:

@@ -60,6 +60,7 @@ from mi2b2.adapters.dicom.netdicom_internals import (
     reject_association,
     set_nodelay,
     set_transfer_syntax_order,
+    start_server_sharing_port,
 )
 from mi2b2.adapters.dicom.scu import LocalAE
 from mi2b2.adapters.dicom.store_receipt import (
@@ -100,11 +101,18 @@ class StoreServer:
     complete the handshake (plain DICOM, a certificate from another CA, none
     where one is required) is disconnected before a DICOM byte is read, and
     told to the sink when it keeps `TlsRefusals`.
+
+    With `share_port`, the listening socket sets SO_REUSEPORT (Linux): several
+    receiver processes of one user bind the same host:port and the kernel
+    spreads incoming connections over them (`mi2b2 receiver --processes N`).
+    The kernel refuses the port when a process of another user, or one without
+    SO_REUSEPORT, holds it; that is the same clear `ReceiverUnavailable`.
     """
 
     def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path,
-                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None) -> None:
+                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None, share_port: bool = False) -> None:
         self.local = local
+        self.share_port = share_port
         self.tls = tls
         self.host = host
         self._requested_port = port
@@ -146,11 +154,14 @@ class StoreServer:
             (evt.EVT_C_STORE, refuse_unexpected_store),
         ]
         ssl_context = server_context(self.tls) if self.tls is not None else None
+        address = (self.host, self._requested_port)
+        server: ThreadedAssociationServer | None
         try:
-            server = ae.start_server(
-                (self.host, self._requested_port), block=False, evt_handlers=handlers, contexts=scp_contexts(),
-                ssl_context=ssl_context,
-            )
+            if self.share_port:
+                server = start_server_sharing_port(ae, address, handlers, scp_contexts(), ssl_context)
+            else:
+                server = ae.start_server(address, block=False, evt_handlers=handlers, contexts=scp_contexts(),
+                                         ssl_context=ssl_context)
         except OSError as exc:
             raise ReceiverUnavailable(self.local.ae_title, self.host, self._requested_port, exc) from None
         assert server is not None
@@ -249,6 +260,9 @@ class StoreServer:
         if receiver is None:
             return
         receiver.close()  # an instance cut off mid-transfer leaves nothing behind
+        peer = receiver.peer()
+        # One line per association (no PHI): which receiver process a PACS's association reached.
+        LOG.info("association %d from %s at %s ended", peer.association, peer.ae_title or "(no AE title)", peer.address)
 
 
 def _closed_unspoken(error: OSError) -> bool:

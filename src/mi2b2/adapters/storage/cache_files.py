@@ -145,7 +145,15 @@ class CacheStore:
         try:
             size = os.stat(temp).st_size
             self._make_dirs(target.parent)
-            os.replace(temp, target)
+            try:
+                os.replace(temp, target)
+            except FileNotFoundError:
+                if not temp.exists():
+                    raise
+                # Another host pruned the folder, empty a moment ago, between the two steps
+                # (a removal or fsck on a shared cache volume): make it again, once.
+                self._make_dirs(target.parent)
+                os.replace(temp, target)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             if exc.errno == errno.EXDEV:

@@ -1,7 +1,8 @@
 """SHA-256 of cache files, remembered while each file stays the same.
 
 A resumed or repeated download asks for the digests of the same files again;
-hashing gigabytes each time would make the manifest slow. The memory belongs
+hashing gigabytes each time would make the manifest slow (and the encrypted
+ZIP, whose manifest carries them too: a CLI manifest and a ZIP share them). The memory belongs
 to one ServiceContext (never to the process) and is keyed by the project as
 well as by the file's path, size, mtime and inode, so a file that changes is
 hashed again and one project's entries never answer for another's.
@@ -40,6 +41,18 @@ class FileDigests:
                 digest.update(chunk)
         self._remember(key, digest.hexdigest())
         return info.st_size, digest.hexdigest()
+
+    def of_bytes(self, project_id: str, path: Path, info: os.stat_result, data: bytes) -> str:
+        """SHA-256 of ``data``, the whole file at ``path`` already read by the caller (``info`` from the same
+        open file): remembered, or hashed from memory and remembered, without reading the file again."""
+        key = (project_id, str(path), info.st_size, info.st_mtime_ns, info.st_ino)
+        if len(data) != info.st_size:  # changed while it was read: hashed, never remembered
+            return hashlib.sha256(data).hexdigest()
+        known = self._recall(key)
+        if known is None:
+            known = hashlib.sha256(data).hexdigest()
+            self._remember(key, known)
+        return known
 
     def __len__(self) -> int:
         with self._lock:

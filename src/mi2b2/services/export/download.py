@@ -46,6 +46,7 @@ from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
 from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
+from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
@@ -473,7 +474,7 @@ def zip_download(ctx: ServiceContext, who: Principal, project_id: str, study_uid
         members = _plain_members(source, plan, now)
         name = f"mi2b2-{project_id}-{stamp}{kind}.zip"
     else:
-        members = _encrypted_members(source, plan, now, encryption, recipients, identity_age)
+        members = _encrypted_members(source, plan, now, encryption, recipients, identity_age, ctx.file_digests)
         name = f"mi2b2-{project_id}-{stamp}{kind}-encrypted.zip"
     return ZipDownload(name, len(plan.studies), len(plan.files), plan.bytes,
                        _audited_stream(ctx, who, plan, members))
@@ -531,16 +532,22 @@ def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callab
 
 
 def _encrypted_members(source: _Source, plan: DownloadPlan, now: datetime, encryption: Encryption,
-                       recipients: list[Any], identity_age: bytes) -> Callable[[_Progress], Iterator[_Member]]:
+                       recipients: list[Any], identity_age: bytes, digests: FileDigests
+                       ) -> Callable[[_Progress], Iterator[_Member]]:
     key = age_files.new_name_key()
     names = keyed_paths(key, [source.output(f) for f in plan.files])
     created = now.isoformat(timespec="seconds")
 
     def encrypt_small(file: PlannedFile) -> tuple[bytes, str, int] | Withheld | None:
-        data = source.small(file)
-        if data is None or isinstance(data, Withheld):
-            return data
-        return age_files.encrypt(data, recipients), hashlib.sha256(data).hexdigest(), len(data)
+        read = source.small_with_stat(file)
+        if read is None or isinstance(read, Withheld):
+            return read
+        data, info = read
+        if info is None:  # a de-identified copy, made just now
+            digest = hashlib.sha256(data).hexdigest()
+        else:  # a cache file: its digest is remembered from an earlier download (or hashed once, here)
+            digest = digests.of_bytes(plan.project_id, source.store.absolute(file.cache_path), info, data)
+        return age_files.encrypt(data, recipients), digest, len(data)
 
     def members(progress: _Progress) -> Iterator[_Member]:
         entries: list[ManifestEntry] = []
@@ -639,6 +646,13 @@ class _Source:
             return outcome
         return outcome.header + data[outcome.pixel_start:outcome.pixel_end]
 
+    def small_with_stat(self, file: PlannedFile) -> tuple[bytes, os.stat_result | None] | Withheld | None:
+        """``small``, with the cache file's stat taken as it was read (None for a de-identified copy)."""
+        if self.deid is not None:
+            data = self.small(file)
+            return data if data is None or isinstance(data, Withheld) else (data, None)
+        return _read_small_with_stat(self.store, file)
+
     def big(self, file: PlannedFile) -> Iterator[bytes] | Withheld:
         """A big file in chunks: its de-identified header, then its pixel data read from the cache as it is."""
         path = self.store.absolute(file.cache_path)
@@ -686,13 +700,19 @@ def _header_and_range(header: bytes, path: Path, start: int, end: int) -> Iterat
 
 def _read_small(store: CacheStore, file: PlannedFile) -> bytes | None:
     """The whole file if it is small enough to hold; None for a big one (streamed instead)."""
+    read = _read_small_with_stat(store, file)
+    return None if read is None else read[0]
+
+
+def _read_small_with_stat(store: CacheStore, file: PlannedFile) -> tuple[bytes, os.stat_result] | None:
     path = store.absolute(file.cache_path)
     try:
         with open(path, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > LARGE_MEMBER:
+            info = os.fstat(handle.fileno())
+            if info.st_size > LARGE_MEMBER:
                 return None
-            return handle.read(size + 1)  # one read: the file ends where it ends, whatever the index said
+            # One read: the file ends where it ends, whatever the index said.
+            return handle.read(info.st_size + 1), info
     except FileNotFoundError:
         raise PermanentError("a file was deleted from the cache during the download") from None
 

@@ -7,11 +7,13 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -234,6 +236,61 @@ def test_single_files_need_an_audited_download_of_their_study(ctx: ServiceContex
     assert '"encryption":"passphrase"' in ctx.audit.list(ROOT, AuditFilter(action="download"))[0].detail
 
 
+def untar(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]  # type: ignore[union-attr]
+
+
+def test_batches_of_files_are_checked_file_by_file(ctx: ServiceContext, tmp_path: Path) -> None:
+    cached = fill(ctx, tmp_path)
+    elsewhere = receive(ctx, "beta", studies.MANY[0], tmp_path / "beta")  # another project's cache
+    tokens = users(ctx)
+    bob, carol = api_as(ctx, tokens["bob"]), api_as(ctx, tokens["carol"])
+    brain, trauma = studies.uid(studies.BRAIN), studies.uid(studies.TRAUMA)
+    manifest = bob.post("/api/v1/projects/alpha/download/manifest", json={"study_uids": [brain]}).json()
+    ticket = manifest["studies"][0]["download_id"]
+    sops = [f["sop_uid"] for f in manifest["files"]]
+    url = "/api/v1/projects/alpha/download/files"
+
+    def asked(*pairs: tuple[str, str], download_id: int = ticket) -> dict[str, Any]:
+        return {"files": [{"download_id": download_id, "study_uid": s, "sop_uid": sop} for s, sop in pairs]}
+
+    answer = bob.post(url, json=asked(*((brain, sop) for sop in reversed(sops))))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/x-tar"
+    assert untar(answer.content) == [(sop, cached[sop].read_bytes()) for sop in reversed(sops)]
+
+    # A file of another study or another project, under this study's ticket: named as missing, never sent.
+    trauma_sop = next(s for s, p in cached.items() if read_instance_header(p).study_uid == trauma)
+    other = next(iter(elsewhere))
+    members = dict(untar(bob.post(url, json=asked((brain, sops[0]), (brain, trauma_sop), (brain, other))).content))
+    assert members[sops[0]] == cached[sops[0]].read_bytes()
+    assert b"no longer in the project's cache" in members[trauma_sop + ".error"]
+    assert b"no longer in the project's cache" in members[other + ".error"]
+    assert set(members) == {sops[0], trauma_sop + ".error", other + ".error"}
+
+    # Refused whole, nothing sent: another study's files under this ticket, a made-up ticket, the ticket
+    # in another project, an expired ticket, a non-member holding the ticket.
+    for who, where, body in ((bob, url, asked((trauma, trauma_sop))), (bob, url, asked((brain, sops[0]), download_id=1)),
+                             (bob, "/api/v1/projects/beta/download/files", asked((brain, sops[0]))),
+                             (carol, url, asked((brain, sops[0])))):
+        refused = who.post(where, json=body)
+        assert refused.status_code == 403 and refused.json()["error"], refused.text
+    denied = ctx.audit.list(ROOT, AuditFilter(action="denied"))
+    assert len(denied) == 4 and sum("no download covers this file" in d.detail for d in denied) == 2
+
+    # Forged lists: paths for UIDs, a file twice, a huge list; clear 422s.
+    for body, says in ((asked((brain, "../../etc/passwd")), "not SOPInstanceUIDs"),
+                       (asked((brain, sops[0]), (brain, sops[0])), "more than once"),
+                       (asked(*[(brain, f"1.2.{n}") for n in range(1001)]), "files"),
+                       ({"files": []}, "files")):
+        forged = bob.post(url, json=body)
+        assert forged.status_code == 422 and says in forged.json()["error"], forged.text
+
+    ctx.clock.advance(hours=download.TICKET_HOURS + 1)  # type: ignore[attr-defined]
+    late = bob.post(url, json=asked((brain, sops[0])))
+    assert late.status_code == 403 and "ask for a new manifest" in late.json()["error"]
+
+
 def test_an_interrupted_zip_is_audited_as_such(ctx: ServiceContext, tmp_path: Path) -> None:
     fill(ctx, tmp_path)
     result = download.zip_download(ctx, BOB, "alpha", [studies.uid(BIG)])
@@ -377,7 +434,8 @@ def test_encrypted_zip_with_passphrase(ctx: ServiceContext, tmp_path: Path) -> N
 
 
 class Gate:
-    """ASGI wrapper: slows single-file responses, or stalls one half-sent, as a slow or broken network would."""
+    """ASGI wrapper over the CLI's batches of files: slows each file, or stalls the answer half-way through
+    file ``stall_after + 1``, as a slow or broken network would (a small file is one body message)."""
 
     def __init__(self, app: Any, stall_after: int | None = None, delay: float = 0.0) -> None:
         self.app, self.stall_after, self.delay = app, stall_after, delay
@@ -386,33 +444,36 @@ class Gate:
         self.release = threading.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith("/download/instance"):
-            await self.app(scope, receive, send)
-            return
-        self.count += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.stall_after is None or self.count != self.stall_after + 1:
+        if scope["type"] != "http" or not scope["path"].endswith("/download/files"):
             await self.app(scope, receive, send)
             return
 
-        async def half_then_wait(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body" and message.get("body"):
-                body = message["body"]
-                await send({**message, "body": body[: len(body) // 2], "more_body": True})
-                self.stalled.set()
-                while not self.release.is_set():
-                    await asyncio.sleep(0.02)
-                raise OSError("connection dropped")
-            await send(message)
+        async def gated(message: dict[str, Any]) -> None:
+            if message["type"] != "http.response.body" or not message.get("body"):
+                await send(message)
+                return
+            self.count += 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.stall_after is None or self.count != self.stall_after + 1:
+                await send(message)
+                return
+            body = message["body"]
+            await send({**message, "body": body[: len(body) // 2], "more_body": True})
+            self.stalled.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+            raise OSError("connection dropped")
 
-        await self.app(scope, receive, half_then_wait)
+        await self.app(scope, receive, gated)
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     temp = tmp_path / "cli-tmp"
     temp.mkdir(exist_ok=True)
-    return {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TMPDIR": str(temp)}
+    # PYTHONPATH passes on where this checkout's sources are, when the environment is another checkout's.
+    inherited = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    return {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TMPDIR": str(temp), **inherited}
 
 
 def mi2b2(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

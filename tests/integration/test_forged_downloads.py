@@ -9,10 +9,12 @@ nothing at all, inside the target or out of it."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,10 +165,21 @@ def test_view_refuses_a_forged_download_at_once(tmp_path: Path, key: Key, stored
 # --- a lying server -----------------------------------------------------------------------------
 
 
-class HostileServer:
-    """Answers the two calls of a folder download with a listing of its choosing."""
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    """A batch answer as an mi2b2 server makes it: one tar member per file, named by its SOP UID."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
-    def __init__(self, files: list[dict[str, object]], data: bytes) -> None:
+
+class HostileServer:
+    """Answers the calls of a folder download with a listing, and files, of its choosing."""
+
+    def __init__(self, files: list[dict[str, object]], data: bytes, rename: dict[str, str] | None = None) -> None:
         listing = {"studies": [{"study_uid": "1.2.3", "download_id": 1}], "files": files,
                    "created_at": "2026-01-01T00:00:00Z"}
         asked: list[str] = []
@@ -174,12 +187,13 @@ class HostileServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 asked.append(self.path)
                 if self.path.endswith("/download/manifest"):
                     body, kind = json.dumps(listing).encode(), "application/json"
-                else:
-                    body, kind = data, "application/dicom"
+                else:  # each file asked for, under the name the server chooses
+                    names = [f["sop_uid"] for f in request["files"]]
+                    body, kind = tar_of([((rename or {}).get(n, n), data) for n in names]), "application/x-tar"
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
@@ -227,7 +241,7 @@ def test_a_folder_download_refuses_a_lying_servers_paths_and_writes_nothing(
     assert done.returncode != 0, output
     assert "nothing was written" in output, output
     assert every_file(tmp_path) == before
-    assert not any(path.endswith("/instance") for path in server.asked)  # refused before fetching an image
+    assert not any(path.endswith("/files") for path in server.asked)  # refused before fetching an image
 
 
 def test_an_encrypted_folder_download_refuses_a_file_number_that_is_a_path(tmp_path: Path, key: Key,
@@ -246,3 +260,17 @@ def test_a_truthful_listing_still_downloads(tmp_path: Path, image: bytes) -> Non
                        "--token", "t")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "out" / LEGIT).read_bytes() == image
+
+
+@pytest.mark.parametrize("sent_as", ["../../escaped.dcm", "1.2.3.4.99", "/etc/passwd"])
+def test_a_folder_download_refuses_files_sent_under_another_name(tmp_path: Path, image: bytes, sent_as: str) -> None:
+    """The batch answer's member names are only checked against the file due, never used as paths."""
+    before = every_file(tmp_path)
+    with HostileServer([listed(LEGIT, image)], image, rename={"1.2.3.4.5": sent_as}) as server:
+        done = run_cli("download", "alpha", "1.2.3", "--to", str(tmp_path / "out"), "--server", server.url,
+                       "--token", "t")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "where 1.2.3.4.5 was due" in output, output
+    assert "Traceback" not in output
+    written = every_file(tmp_path) - before
+    assert not any(path.endswith(".dcm") for path in written), written

@@ -40,7 +40,7 @@ def download(
         help="encrypt to this public key (age1... or 'ssh-ed25519 ...') or to the keys in this file; repeatable")] = None,
     identities: Annotated[list[Path] | None, typer.Option(
         "--identity", "-i", help="private key, to resume an encrypted download made with --recipient")] = None,
-    workers: Annotated[int, typer.Option(help="files fetched at once", min=1, max=16)] = 4,
+    workers: Annotated[int, typer.Option(help="requests in flight, each a batch of files", min=1, max=16)] = 4,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
 ) -> None:
@@ -129,16 +129,19 @@ def _recipients(values: list[str]) -> list[str]:
 
 
 class _Bar:
-    """Bytes, studies, rate and ETA, redrawn as chunks arrive (the fetcher calls it from its threads)."""
+    """Bytes, files, studies, rate and ETA, redrawn as chunks arrive (the fetcher calls it from its threads)."""
 
     def __init__(self) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), TextColumn("studies {task.fields[studies]}"), console=console, transient=False,
+            TimeRemainingColumn(), TextColumn("files {task.fields[files]}  studies {task.fields[studies]}"),
+            console=console, transient=False,
         )
         self._task: TaskID | None = None
         self._studies = 0
         self._total_studies = 0
+        self._files = 0
+        self._total_files = 0
 
     def __enter__(self) -> _Bar:
         self._progress.start()
@@ -148,12 +151,18 @@ class _Bar:
         self._progress.stop()
 
     def start(self, files: int, studies: int, total_bytes: int) -> None:
-        self._total_studies = studies
-        self._task = self._progress.add_task(f"{files} files", total=total_bytes, studies=f"0/{studies}")
+        self._total_studies, self._total_files = studies, files
+        self._task = self._progress.add_task("downloading", total=total_bytes, studies=f"0/{studies}",
+                                             files=f"0/{files}")
 
     def advance(self, size: int) -> None:
         if self._task is not None:
             self._progress.advance(self._task, size)
+
+    def file_done(self) -> None:
+        self._files += 1
+        if self._task is not None:
+            self._progress.update(self._task, files=f"{self._files}/{self._total_files}")
 
     def study_done(self) -> None:
         self._studies += 1

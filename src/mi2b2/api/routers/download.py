@@ -1,4 +1,4 @@
-"""Downloads: a streamed ZIP, or a manifest and then single files (the CLI's resumable folder download).
+"""Downloads: a streamed ZIP, or a manifest and then its files in batches (the CLI's resumable folder download).
 
 All POST: study UIDs, passphrases and keys travel in bodies, never in URLs
 that proxies and access logs keep.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from mi2b2.api.deps import ContextDep, CurrentUser
 from mi2b2.api.schemas.bodies import RowId
 from mi2b2.api.schemas.cache import DownloadManifest
-from mi2b2.services.export import download
+from mi2b2.services.export import batch, download
 
 router = APIRouter(prefix="/projects/{project_id}/download", tags=["download"])
 
@@ -41,6 +41,16 @@ class InstanceBody(BaseModel):
     download_id: RowId
     study_uid: str = Field(max_length=64)
     sop_uid: str = Field(max_length=64)
+
+
+class FileBody(BaseModel):
+    download_id: RowId
+    study_uid: str = Field(max_length=64)
+    sop_uid: str = Field(max_length=64)
+
+
+class FilesBody(BaseModel):
+    files: list[FileBody] = Field(min_length=1, max_length=batch.MAX_FILES)
 
 
 @router.post("", response_class=StreamingResponse,
@@ -71,3 +81,12 @@ def download_instance(project_id: str, body: InstanceBody, user: CurrentUser, ct
     result = download.download_instance(ctx, user, project_id, body.download_id, body.study_uid, body.sop_uid)
     return StreamingResponse(result.chunks, media_type="application/dicom",
                              headers={"Content-Length": str(result.size), "Cache-Control": "no-store"})
+
+
+@router.post("/files", response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-tar": {}},
+                              "description": "the files asked for, in order, as a tar stream (see services.export.batch)"}})
+def download_files(project_id: str, body: FilesBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
+    asked = [batch.FileAsked(f.download_id, f.study_uid, f.sop_uid) for f in body.files]
+    result = batch.download_files(ctx, user, project_id, asked)
+    return StreamingResponse(result.chunks, media_type="application/x-tar", headers={"Cache-Control": "no-store"})

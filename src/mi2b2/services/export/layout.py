@@ -35,6 +35,7 @@ MANIFEST = "manifest.age"
 IDENTITY = "identity.age"
 ENCRYPTED_SUFFIX = ".dcm.age"
 PLAIN_SUFFIX = ".dcm"
+BATCH_ERROR_SUFFIX = ".error"  # a member of a batch of files that could not be sent: why
 MAX_NAME = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Names Windows refuses whatever the extension: a researcher may unzip there.

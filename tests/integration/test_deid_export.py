@@ -374,6 +374,36 @@ def test_the_cli_download_of_an_encrypted_only_project_is_encrypted_by_the_serve
     assert readable == {f["path"]: f["sha256"] for f in manifest["files"]}
 
 
+def test_encrypted_only_files_too_big_to_hold_are_encrypted_through_a_spool_to_public_keys_only(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mi2b2.services.export import batch, download
+
+    for module in (download, batch):  # every file counts as big: the streamed path, with small files
+        monkeypatch.setattr(module, "LARGE_MEMBER", 256)
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    identity = pyrage.x25519.Identity.generate()
+    (tmp_path / "key.txt").write_text(f"{identity}\n")
+    with serving(create_app(ctx)) as url, Mi2b2Client(url, tokens["bob"]) as client:
+        report = fetch_download(client, "delta", [uid], tmp_path / "folder", recipients=[str(identity.to_public())])
+        assert report.failed == [] and report.downloaded == report.files > 0
+        manifest = client.download_manifest("delta", [uid], False, "recipients")
+    decrypt_download(tmp_path / "folder", tmp_path / "plain", identities=[tmp_path / "key.txt"])
+    readable = {p.relative_to(tmp_path / "plain").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in (tmp_path / "plain").rglob("*.dcm")}
+    assert readable == {f["path"]: f["sha256"] for f in manifest["files"]}
+    # A passphrase would cost a scrypt over a file held whole: refused, naming public keys.
+    study, entry = manifest["studies"][0], manifest["files"][0]
+    asked = {"download_id": study["download_id"], "study_uid": study["study_uid"], "sop_uid": entry["sop_uid"]}
+    bob = api(ctx, tokens["bob"])
+    refused = bob.post("/api/v1/projects/delta/download/instance", json={**asked, "encryption": {"passphrase": PASSPHRASE}})
+    assert refused.status_code == 422 and "recipients" in refused.json()["error"]
+    one = bob.post("/api/v1/projects/delta/download/instance",
+                   json={**asked, "encryption": {"recipients": [str(identity.to_public())]}})
+    assert one.headers["X-Mi2b2-Ciphertext-SHA256"] == hashlib.sha256(one.content).hexdigest()
+    assert hashlib.sha256(pyrage.decrypt(one.content, [identity])).hexdigest() == entry["sha256"]
+
+
 def test_a_forged_download_id_or_an_identified_uid_fetches_nothing(
         placed: tuple[ServiceContext, dict[str, str]]) -> None:
     ctx, tokens = placed

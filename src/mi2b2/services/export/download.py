@@ -17,7 +17,9 @@ then fetches files one by one; each fetch names the audit event of its study
 
 Nothing is staged: ZIPs are streamed member by member, read in 1 MiB chunks,
 encrypted (when asked) in memory as they go out; the only files on the server
-are the cache's own.
+are the cache's own, and, while it is sent, the age ciphertext of a file over
+LARGE_MEMBER that an encrypted_only project's fetch encrypts (`Seal.big`: the
+tar header needs its size first; its plaintext is never written).
 """
 
 from __future__ import annotations

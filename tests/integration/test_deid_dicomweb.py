@@ -19,11 +19,9 @@ from test_deid_export import (  # the download test's samples, PACS and helpers
     PROJECTS,
     SAMPLE_STUDY,
     _key,
-    api,
     identifiers,
     originals,
     qrscp,
-    tokens_for,
     unzip,
 )
 from test_dicomweb_transfer_syntax import parts
@@ -37,6 +35,7 @@ from mi2b2.services.requests import StudyPick, add_requests
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
+from support.deid import api, tokens_for
 from support.pipeline import ADMIN, ALICE, Pipeline, cache_files, retrieval_site
 from support.pipeline import by_sop as pipeline_by_sop
 from support.site import load_site, pacs_block

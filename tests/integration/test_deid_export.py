@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pyrage
 import pytest
-from fastapi.testclient import TestClient
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import DeidKey, DeidMapping
 from mi2b2.api.app import create_app
 from mi2b2.client import Mi2b2Client
-from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.export import decrypt_download, open_download
@@ -34,34 +32,19 @@ from mi2b2.services.requests import StudyPick, add_requests
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
+from support.deid import ALICE, BIRTH, INSTITUTION, REFERRER, ROOT, api, gamma_project, sample_study, tokens_for
 from support.pacs import free_port, start_qrscp
 from support.pipeline import Pipeline, cache_files, retrieval_site
 from support.pipeline import by_sop as pipeline_by_sop
 from support.site import load_site, pacs_block
 from support.viewing import place, serving
 
-ROOT = Principal("root", Role.ADMIN)
-ALICE = Principal("alice", Role.RESEARCHER)
 PASSPHRASE = "correct horse battery staple"
 SAMPLE_STUDY = "1.2.826.0.1.3680043.8.498.777"
-INSTITUTION, REFERRER, BIRTH = "Sample Memorial Hospital", "REFERRER^SAMPLE", "19610203"
 # name -> (series number, SOP instance suffix); the US clip says nothing about burned-in text.
 SAMPLES = {"CT_small.dcm": 1, "MR_small_bigendian.dcm": 2, "liver_1frame.dcm": 3, "test-SR.dcm": 4,
            "examples_rgb_color.dcm": 5}
-PROJECTS = """
-    [[projects]]
-    id = "gamma"
-    title = "De-identified cohort"
-    irb = "2026P000777"
-    expires = 2099-12-31
-    mrn_file = "alpha.mrns"
-    quota = "10 GiB"
-    institutions = ["general"]
-    members = [{ login = "alice", role = "lead" }, { login = "bob" }]
-    export = "deidentified"
-    [projects.deidentification]
-    options = ["retain_longitudinal_modified_dates"]
-
+PROJECTS = gamma_project() + """
     [[projects]]
     id = "delta"
     title = "De-identified, encrypted only"
@@ -80,37 +63,6 @@ PROJECTS = """
     host = "127.0.0.1"
     port = 11999
 """
-
-
-def sample_files(folder: Path) -> list[Path]:
-    """pydicom's samples as one study of patient PAT004 (on the list), with identifiers worth searching for."""
-    out = []
-    for name, number in SAMPLES.items():
-        path = get_testdata_file(name)
-        assert path is not None
-        ds: Dataset = dcmread(path)
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "PAT004", "SAMPLE^PATIENT", BIRTH
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = SAMPLE_STUDY, f"{SAMPLE_STUDY}.{number}"
-        ds.SOPInstanceUID = f"{SAMPLE_STUDY}.{number}.1"
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.AccessionNumber, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "ACC-SAMPLE", "20240202", number, 1
-        ds.InstitutionName, ds.ReferringPhysicianName = INSTITUTION, REFERRER
-        folder.mkdir(parents=True, exist_ok=True)
-        ds.save_as(folder / name, enforce_file_format=True)
-        out.append(folder / name)
-    return out
-
-
-def tokens_for(ctx: ServiceContext) -> dict[str, str]:
-    tokens = {}
-    for login, role in (("alice", "researcher"), ("bob", "researcher"), ("carol", "researcher"), ("root", "admin")):
-        ctx.accounts.add_user(ROOT, login, role, None)
-        tokens[login] = ctx.accounts.create_token(ROOT, login, "test", 30).secret
-    return tokens
-
-
-def api(ctx: ServiceContext, token: str) -> TestClient:
-    return TestClient(create_app(ctx), headers={"Authorization": f"Bearer {token}"})
 
 
 def unzip(data: bytes) -> dict[str, bytes]:
@@ -135,7 +87,7 @@ def identifiers(files: list[Path]) -> set[bytes]:
 def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     folder = tmp_path_factory.mktemp("deid-originals")
     return {"brain": write_study(studies.BRAIN, folder), "follow_up": write_study(studies.BRAIN_FOLLOW_UP, folder),
-            "samples": sample_files(folder / "samples")}
+            "samples": sample_study(folder / "samples", SAMPLE_STUDY, SAMPLES)}
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +240,7 @@ def test_encrypted_only_refuses_plain_downloads_and_a_non_member_stays_refused(
     assert refused.status_code == 403 and "not a member" in refused.json()["error"]
     denials = ctx.audit.list(ROOT, AuditFilter(action="denied"))
     assert {json.loads(d.detail)["reason"] for d in denials} >= {"encrypted downloads only"}
-    # What the browser reads to refuse its own doors (the CSV export).
+    # What the browser reads to mark a de-identified project's screens.
     mine = {p["id"]: (p["export"], p["encrypted_only"]) for p in bob.get("/api/v1/projects").json()}
     assert mine == {"alpha": ("identified", False), "gamma": ("deidentified", False), "delta": ("deidentified", True)}
 

@@ -14,68 +14,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
-from pydicom.data import get_testdata_file
+from pydicom import dcmread
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import AuditEvent
 from mi2b2.adapters.dicom.store_scu import MadeInstance, store_files
 from mi2b2.config import load_config
-from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.context import build_context
 from mi2b2.services.export import deid
 from mi2b2.services.export.download import download_manifest
 from mi2b2.services.forward import add_forwards, peer_for_destination
 from mi2b2.services.pacs import local_ae
+from support.deid import ACCESSION, BIRTH, BOB, INSTITUTION, REFERRER, gamma_project, sample_study
 from support.pacs import RunningPacs, start_orthanc
 from support.pipeline import Pipeline
 from support.site import write_site
 from support.viewing import place
 
-BOB = Principal("bob", Role.RESEARCHER)
 STUDY, OTHER_STUDY = "1.2.826.0.1.3680043.8.498.915", "1.2.826.0.1.3680043.8.498.916"
-INSTITUTION, REFERRER, BIRTH, ACCESSION = "Sample Memorial Hospital", "REFERRER^SAMPLE", "19610203", "ACC-SAMPLE"
 # Several SOP classes and transfer syntaxes (big endian, JPEG-LS); the US image says nothing about burned-in text.
 SAMPLES = {"CT_small.dcm": 1, "MR_small_bigendian.dcm": 2, "MR_small_jpeg_ls_lossless.dcm": 3,
            "liver_1frame.dcm": 4, "test-SR.dcm": 5, "examples_rgb_color.dcm": 6}
-PROJECT = """
-    [[projects]]
-    id = "gamma"
-    title = "De-identified cohort"
-    irb = "2026P000777"
-    expires = 2099-12-31
-    mrn_file = "alpha.mrns"
-    quota = "10 GiB"
-    institutions = ["general"]
-    members = [{ login = "alice", role = "lead" }, { login = "bob" }]
-    export = "deidentified"
-    [projects.deidentification]
-    options = ["retain_longitudinal_modified_dates"]
-
+PROJECT = gamma_project() + """
     [[destinations]]
     id = "orthanc"
     ae_title = "ORTHANC"
     host = "127.0.0.1"
     port = PORT
 """
-
-
-def sample_study(folder: Path, study_uid: str, names: dict[str, int]) -> list[Path]:
-    """pydicom's samples as one study of patient PAT004 (on the list), with identifiers worth searching for."""
-    out = []
-    for name, number in names.items():
-        path = get_testdata_file(name)
-        assert path is not None
-        ds: Dataset = dcmread(path)
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "PAT004", "SAMPLE^PATIENT", BIRTH
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, f"{study_uid}.{number}"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study_uid}.{number}.1"
-        ds.AccessionNumber, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = ACCESSION, "20240202", number, 1
-        ds.InstitutionName, ds.ReferringPhysicianName = INSTITUTION, REFERRER
-        folder.mkdir(parents=True, exist_ok=True)
-        ds.save_as(folder / name, enforce_file_format=True)
-        out.append(folder / name)
-    return out
 
 
 def secrets_of(files: list[Path]) -> set[bytes]:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from pydicom import dcmread
 from typer.testing import CliRunner
 
@@ -30,35 +29,14 @@ from mi2b2.services.reidentify import reidentify
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
+from support.deid import ROOT, api, gamma_project, tokens_for
 from support.site import load_site
 from support.viewing import place, serving
 
-ROOT = Principal("root", Role.ADMIN)
 REASON = "Incidental finding in series 2; IRB amendment 2026P000777-A3 allows recontact"
 ROUTE = "/api/v1/projects/{}/deidentification/reidentify"
-PROJECTS = """
-    [[projects]]
-    id = "gamma"
-    title = "De-identified cohort"
-    irb = "2026P000777"
-    expires = 2099-12-31
-    mrn_file = "alpha.mrns"
-    quota = "10 GiB"
-    institutions = ["general"]
-    members = [{ login = "alice", role = "lead" }, { login = "bob" }]
-    export = "deidentified"
-
-    [[projects]]
-    id = "epsilon"
-    title = "Another de-identified cohort"
-    irb = "2026P000779"
-    expires = 2099-12-31
-    mrn_file = "alpha.mrns"
-    quota = "10 GiB"
-    institutions = ["general"]
-    members = [{ login = "carol", role = "lead" }]
-    export = "deidentified"
-"""
+PROJECTS = gamma_project(options=()) + gamma_project(
+    options=(), members='{ login = "carol", role = "lead" }', project_id="epsilon", irb="2026P000779")
 
 
 @pytest.fixture
@@ -66,11 +44,8 @@ def site(tmp_path: Path) -> Iterator[tuple[ServiceContext, dict[str, str], dict[
     """gamma and epsilon each hold the same study; bob (gamma) and carol (epsilon) each downloaded it de-identified.
     Yields the context, tokens, and per project the pseudonyms the download handed out (kind -> pseudonym)."""
     ctx = build_context(load_site(tmp_path / "site", extra=PROJECTS), clock=FakeClock())
-    tokens = {}
-    for login, role in (("alice", "researcher"), ("bob", "researcher"), ("carol", "researcher"),
-                        ("dana", "auditor"), ("root", "admin")):
-        ctx.accounts.add_user(ROOT, login, role, None)
-        tokens[login] = ctx.accounts.create_token(ROOT, login, "test", 30).secret
+    tokens = tokens_for(ctx, (("alice", "researcher"), ("bob", "researcher"), ("carol", "researcher"),
+                              ("dana", "auditor"), ("root", "admin")))
     for project in ("gamma", "epsilon"):
         for file in write_study(studies.BRAIN, tmp_path / "synthetic"):
             place(ctx, project, file)
@@ -86,10 +61,6 @@ def site(tmp_path: Path) -> Iterator[tuple[ServiceContext, dict[str, str], dict[
                                "series": str(ds.SeriesInstanceUID), "instance": str(ds.SOPInstanceUID)}
     yield ctx, tokens, handed_out
     ctx.engine.dispose()
-
-
-def api(ctx: ServiceContext, token: str) -> TestClient:
-    return TestClient(create_app(ctx), headers={"Authorization": f"Bearer {token}"})
 
 
 def originals_of(project_files: Path) -> dict[str, str]:

@@ -55,6 +55,8 @@ EVENTS = {
     "download": event("download", project_id="alpha", patient_id="000123", study_uid=STUDY, client="192.0.2.7",
                       detail={"via": "zip", "files": 6, "bytes": 1000, "encryption": "age"}),
     "view": event("view", project_id="alpha", patient_id="000123", study_uid=STUDY),
+    "pseudonymous list": event("list", project_id="gamma", detail={
+        "operation": "cache list", "rows": 3, "view": "pseudonymous", "export": "deidentified", "profile": ["basic"]}),
     "forward requested": event("forward", project_id="alpha", patient_id="000123", study_uid=STUDY,
                                detail={"request": 10, "event": "requested", "destination": "xnat"}),
     "forwarded": event("forward", "failed", actor="worker", project_id="alpha", patient_id="000123", study_uid=STUDY,
@@ -83,6 +85,7 @@ EXPECTED = {  # EventID, EventActionCode, EventOutcomeIndicator, EventTypeCodes
     "refused instances": ("110104", "C", "4", []),
     "download": ("110106", "R", "0", []),
     "view": ("110103", "R", "0", []),
+    "pseudonymous list": ("110103", "R", "0", []),
     "forward requested": ("110102", "E", "0", []),
     "forwarded": ("110104", "R", "8", []),
     "delete": ("110105", "D", "0", []),

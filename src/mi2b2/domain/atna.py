@@ -219,7 +219,7 @@ def _event_kind(action: str, detail: Mapping[str, Any]) -> tuple[Code, tuple[Cod
         return INSTANCES_TRANSFERRED, (), "C"
     if action == "download":
         return EXPORT, (), "R"
-    if action == "view":
+    if action in ("view", "list"):  # list: a de-identified project's studies shown under pseudonyms
         return INSTANCES_ACCESSED, (), "R"
     if action == "delete":
         return STUDY_DELETED, (), "D"

@@ -77,6 +77,7 @@ class Action(StrEnum):
     ALLOW_LIST = "allow_list"  # an admin replaced a project's MRN allow-list (detail: counts only)
     AUDIT_KEY = "audit_key"  # the chain got its key (rows before it stay plain SHA-256, sealed by this one)
     REIDENTIFY = "reidentify"  # the honest broker turned a pseudonym back into the original (detail: why)
+    LIST = "list"  # a de-identified project's cache or request log was shown (detail: the policy applied)
 
 
 class Outcome(StrEnum):

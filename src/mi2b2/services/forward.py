@@ -66,7 +66,7 @@ from mi2b2.services.allow_list import on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.export import deid
+from mi2b2.services.export import deid, screens
 from mi2b2.services.export.deid import WithheldReport, policy_of
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import client_tls, local_ae
@@ -152,6 +152,9 @@ def add_forwards(
                            "admin to add the project to that destination's projects")
 
     report = ForwardReport(batch_id=str(uuid.uuid4()), destination_id=destination_id)
+    originals = screens.study_originals(ctx, project_id, studies)  # a de-identified project's screens' pseudonyms
+    studies = list(dict.fromkeys(screens.resolve(studies, originals)))
+    series = tuple(screens.resolve(series, screens.series_originals(ctx, project_id, studies, series)))
     cached = _cached(ctx, project_id, studies, series)
     unknown_series = set(series) - {s for study in cached.values() for s in study.series_uids}
     if unknown_series:
@@ -180,10 +183,12 @@ def add_forwards(
             wanted.append(study)
     if report.not_permitted:
         # As at every read door: a withdrawn patient's images go nowhere, and the call says why.
-        raise AccessDenied(f"study {report.not_permitted[0]} of project {project_id!r}: "
+        raise AccessDenied(f"study {screens.as_named(report.not_permitted, originals)[0]} of project {project_id!r}: "
                            f"{Denial.PATIENT_NOT_ALLOWED.value}; it can no longer be read or forwarded and waits "
                            "for an admin to purge it (`mi2b2 admin purge`)")
 
+    for listed in (report.not_cached, report.already_queued):
+        listed[:] = screens.as_named(listed, originals)
     exported = policy_of(ctx, project_id).audit_detail()  # what the worker will apply, on record from the start
     now = ctx.clock.now()
     with transaction(ctx.sessions) as session:

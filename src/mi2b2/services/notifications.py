@@ -79,7 +79,7 @@ def on_request_ended(ctx: ServiceContext, request_id: int) -> list[int]:
         title = project.title if project else ""
         now = ctx.clock.now()
         if request.state == RequestState.FAILED:
-            reason = _scrub(session, request, request.last_error)
+            reason = scrub(session, request, request.last_error)
             note = _failure_notice(request, batch, title, reason, now)
             if _add_once(session, note):
                 created.append(note)
@@ -258,7 +258,7 @@ def batch_subject(counts: dict[RequestState, int], one: str, many: str, done: st
     return f"{head} {done} in project {project_id}" + (f"; {rest}" if rest else "")
 
 
-def _scrub(session: Session, request: Request, text: str | None) -> str:
+def scrub(session: Session, request: Request, text: str | None) -> str:
     """The request's error text with anything that could identify a patient taken out.
 
     The text comes from the PACS and DICOM libraries, so it may quote what it

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, QueueReason, Request
@@ -40,6 +41,8 @@ from mi2b2.errors import AccessDenied, InvalidInput, NotFound
 from mi2b2.services import notifications
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import FindSessionPort, ServiceContext
+from mi2b2.services.export import screens
+from mi2b2.services.export.screens import Screen
 from mi2b2.services.request_rows import change_state
 from mi2b2.services.search import STUDY_ROOT, Door, allowed_values, count_instances, int_or_none, load_policy, open_door
 from mi2b2.services.waiting import waiting_reasons
@@ -167,7 +170,10 @@ def request_page(
         base.append(Request.kind.in_(wanted.kinds))
     if wanted.users:
         base.append(Request.user_login.in_(wanted.users))
-    if wanted.patient_id:
+    screen = screens.request_screen(ctx, who, project_id)
+    if wanted.patient_id and screen.pseudonyms is not None:  # a member filters by the pseudonym shown
+        base.append(Request.patient_id.in_(screens.patient_originals(ctx, project_id, wanted.patient_id)))
+    elif wanted.patient_id:
         base.append(Request.patient_id == wanted.patient_id)
     chosen = [*base, Request.state.in_(wanted.states)] if wanted.states else base
     page = select(Request).where(*chosen)
@@ -179,12 +185,13 @@ def request_page(
         more = len(rows) > limit
         rows = rows[:limit]
         reasons = waiting_reasons(session, rows, now, _destination_caps(ctx))
-        views = [request_view(r, reasons.get(r.id)) for r in rows]
+        views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id))) for r in rows]
         state_counts: dict[str, int] = {}
         if counts:
             state_counts = {state: int(n) for state, n in session.execute(
                 select(Request.state, func.count()).where(*base).group_by(Request.state)).all()}
     total = sum(n for state, n in state_counts.items() if not wanted.states or state in wanted.states)
+    screens.shown(ctx, who, screen, "request log", len(views), [pair for r in rows for pair in _pairs(screen, r)])
     return RequestPage(views, rows[-1].id if more and rows else None, state_counts, total)
 
 
@@ -243,13 +250,37 @@ def _destination_caps(ctx: ServiceContext) -> dict[str, int]:
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
-        view = (request_view(row, waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id))
-                if row else None)
-    if view is None:
+        project_id = row.project_id if row else None
+    if project_id is None:
         raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
-    # Checked after the read session closed: on SQLite every session holds the write lock.
-    _require_member(ctx, who, view["project_id"])
+    # Checked before the read session opens: on SQLite every session holds the write lock.
+    _require_member(ctx, who, project_id)
+    screen = screens.request_screen(ctx, who, project_id)
+    with ctx.sessions() as session:
+        row = session.get(Request, request_id)
+        if row is None:
+            raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
+        waiting = waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id)
+        view = _on_screen(screen, session, row, request_view(row, waiting))
+        pairs = _pairs(screen, row)
+    screens.shown(ctx, who, screen, "request", 1, pairs)
     return view
+
+
+def _on_screen(screen: Screen, session: Session, row: Request, view: dict[str, Any]) -> dict[str, Any]:
+    """A de-identified project's request as a member sees it: pseudonyms, its error text scrubbed."""
+    if screen.pseudonyms is None:
+        return view
+    return {**view, "patient_id": screen.patient(row.patient_id), "study_uid": screen.uid(row.study_uid),
+            "accession": "", "series_uids": [screen.uid(uid) for uid in row.series_uids or []],
+            "last_error": notifications.scrub(session, row, row.last_error) if row.last_error else None}
+
+
+def _pairs(screen: Screen, row: Request) -> list[tuple[str, str, str]]:
+    if screen.pseudonyms is None:
+        return []
+    return [("patient", row.patient_id, screen.patient(row.patient_id)),
+            ("study", row.study_uid, screen.uid(row.study_uid))]
 
 
 def cancel_requests(ctx: ServiceContext, who: Principal, request_ids: Sequence[int]) -> list[int]:

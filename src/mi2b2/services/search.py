@@ -19,6 +19,9 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Project, ProjectMember, Query
 from mi2b2.adapters.dicom.errors import ResultsTruncated
 from mi2b2.config import InstitutionConfig, PacsConfig
+from mi2b2.config.export_policy import ExportPolicy
+from mi2b2.config.fields import MemberRole
+from mi2b2.domain.deid.broker import search_denial
 from mi2b2.domain.governance import (
     ProjectPolicy,
     cap_per_patient,
@@ -246,10 +249,21 @@ def search_series(
     return _finish(ctx, who, door, report, {"studies": wanted}, len(report.series), [])
 
 
-def _export_fields(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
+def _export_policy(ctx: ServiceContext, project_id: str) -> ExportPolicy:
     from mi2b2.services.export.deid import policy_of  # the DICOM engine loads only where it is used
 
-    policy = policy_of(ctx, project_id)
+    return policy_of(ctx, project_id)
+
+
+def broker_view(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
+    """What a search's audit event adds in a de-identified project: its policy, and that the answer
+    showed identifiers (to its lead or an admin, the only ones who may search there)."""
+    export = _export_policy(ctx, project_id)
+    return {**export.audit_detail(), "view": "identified"} if export.deidentified else {}
+
+
+def _export_fields(ctx: ServiceContext, project_id: str) -> dict[str, Any]:
+    policy = _export_policy(ctx, project_id)
     return {"export": "deidentified" if policy.deidentified else "identified", "encrypted_only": policy.encrypted_only}
 
 
@@ -314,7 +328,25 @@ def open_door(ctx: ServiceContext, who: Principal, project_id: str, pacs_id: str
         ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, pacs_id=pacs_id,
                          detail={"reason": denial.value, "operation": operation})
         raise AccessDenied(f"project {project_id!r}: {denial.value}")
+    _refuse_deidentified_member(ctx, who, policy, pacs_id, operation)
     return Door(policy, institution, department.id, pacs)
+
+
+def _refuse_deidentified_member(ctx: ServiceContext, who: Principal, policy: ProjectPolicy, pacs_id: str,
+                                operation: str) -> None:
+    """In a de-identified project, searching and requesting (which show identifiers) are the honest broker's."""
+    if not _export_policy(ctx, policy.project_id).deidentified:
+        return
+    leads = sorted(login for login, role in policy.members.items() if role == MemberRole.LEAD)
+    denial = search_denial(admin=who.is_admin, lead=who.login in leads)
+    if denial is None:
+        return
+    ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=policy.project_id, pacs_id=pacs_id,
+                     detail={"reason": denial, "operation": operation})
+    asked = f"its lead ({', '.join(leads)})" if leads else "a site admin"
+    raise AccessDenied(f"project {policy.project_id!r} is de-identified: only its lead or a site admin may search "
+                       f"the PACS and request studies; ask {asked} to request what you need, then download it "
+                       "de-identified from the project's cache (`mi2b2 cache list`, the Image Repository tab)")
 
 
 def screen_mrns(
@@ -359,7 +391,7 @@ def _finish(
         ctx.audit.record(who, Action.QUERY, project_id=door.policy.project_id, pacs_id=door.pacs.id, detail={
             "query": report.query_id, "kind": report.kind, **keys, "results": result_count,
             "refused": report.refused, "not_found": len(report.not_found), "not_permitted": report.not_permitted,
-        }, session=session)
+            **broker_view(ctx, door.policy.project_id)}, session=session)
     return report
 
 

@@ -107,7 +107,7 @@ def create_job(ctx: ServiceContext, who: Principal, kind: str, project_id: str, 
         ticket = JobTicket(job.id, job.state, job.total, screened["refused"])
     ctx.audit.record(who, Action.QUERY, project_id=project_id, pacs_id=pacs_id, detail={
         "search_job": ticket.job_id, "event": "submitted", "kind": kind, "identifiers": ticket.total,
-        "refused": screened["refused"],
+        "refused": screened["refused"], **search.broker_view(ctx, project_id),
     })
     return ticket
 

@@ -21,3 +21,27 @@ def reidentify_denial(*, admin: bool, lead: bool, project_active: bool, irb_acti
     if not (project_active and irb_active):
         return CLOSED
     return None
+
+
+# Searching and requesting: the honest broker's work ------------------------------------------
+
+SEARCH_REFUSED = "a de-identified project's PACS searches and requests are for its lead or an admin"
+
+
+def search_denial(*, admin: bool, lead: bool) -> str | None:
+    """Why the caller may not search the PACS or request studies for a de-identified project, or None.
+
+    Searching shows names, MRNs and accession numbers: in a de-identified project only
+    the honest broker (its lead, or an admin) sees them; members work from the cache's
+    pseudonyms."""
+    return None if admin or lead else SEARCH_REFUSED
+
+
+def sees_identifiers(*, admin: bool, lead: bool) -> bool:
+    """Whether the request log of a de-identified project shows the caller the identifiers it was made with.
+
+    The lead and admins made (or could make) those requests by searching, so they
+    already hold them; members see pseudonyms. The cache's screens are pseudonymous
+    for everyone: they name studies as downloads do, and identities come back only
+    through the audited re-identification."""
+    return admin or lead

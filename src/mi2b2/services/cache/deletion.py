@@ -22,6 +22,7 @@ from mi2b2.errors import InvalidInput, NotFound
 from mi2b2.services.audit import Action, AuditEntry
 from mi2b2.services.cache.reads import Usage, cache_store, require_member, usage_in
 from mi2b2.services.context import ServiceContext
+from mi2b2.services.export import screens
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
     if bad:
         raise InvalidInput(f"not StudyInstanceUIDs (digits and dots): {', '.join(repr(b) for b in bad[:10])}")
     require_member(ctx, who, project_id, "delete from the cache")
+    originals = screens.study_originals(ctx, project_id, wanted)  # a de-identified project's screens show pseudonyms
+    named, wanted = wanted, screens.resolve(wanted, originals)
     store = cache_store(ctx)
     with transaction(ctx.sessions) as session:
         # Lock this project's queued and running retrievals of these studies, so
@@ -78,7 +81,9 @@ def delete_studies(ctx: ServiceContext, who: Principal, project_id: str, study_u
     deleted = [d[0] for d in done]
     with ctx.sessions() as session:
         usage = usage_in(session, project_id)
-    return DeleteReport(project_id, deleted, [u for u in wanted if u not in deleted], sum(d[3] for d in done), usage)
+    return DeleteReport(project_id, screens.as_named(deleted, originals),
+                        [given for given, uid in zip(named, wanted, strict=True) if uid not in deleted],
+                        sum(d[3] for d in done), usage)
 
 
 def remove_studies(session: Session, store: CacheStore, studies: Iterable[CachedStudy]) -> list[tuple[str, str, int, int, int]]:

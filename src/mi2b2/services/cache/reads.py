@@ -3,12 +3,13 @@
 Members of a project (any role) and site admins may list its cache, even
 after the IRB expired: clearing out data is what an expired protocol should
 still allow. Reading images is decided in `services.data_access` (one rule
-for every door).
+for every door). In a de-identified project both screens show studies under the
+pseudonyms its downloads use (`services.export.screens`), and take them back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -23,6 +24,8 @@ from mi2b2.domain.requests import RequestKind, RequestState, reserved_bytes
 from mi2b2.errors import NotFound
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_use
+from mi2b2.services.export import screens
+from mi2b2.services.export.screens import Screen
 
 
 def cache_store(ctx: ServiceContext) -> CacheStore:
@@ -110,15 +113,21 @@ def list_studies(ctx: ServiceContext, who: Principal, project_id: str) -> list[C
             select(CachedStudy, patient_still_allowed()).where(CachedStudy.project_id == project_id)
             .order_by(CachedStudy.id.desc())
         ).all()
-        return [_study_view(row, closed or (None if allowed else Denial.PATIENT_NOT_ALLOWED.value))
-                for row, allowed in rows]
+        views = [_study_view(row, closed or (None if allowed else Denial.PATIENT_NOT_ALLOWED.value))
+                 for row, allowed in rows]
+    screen = screens.cache_screen(ctx, project_id)
+    if screen.pseudonyms is None:
+        return views
+    screens.shown(ctx, who, screen, "cache list", len(views), [pair for v in views for pair in _pairs(screen, v)])
+    return [_on_screen(screen, view) for view in views]
 
 
 def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid: str) -> StudyDetail:
     require_use(ctx, who, project_id, DataUse.DETAIL, "show a cached study")
+    original = screens.study_originals(ctx, project_id, [study_uid]).get(study_uid, study_uid)
     with ctx.sessions() as session:
         study = session.scalar(
-            select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid)
+            select(CachedStudy).where(CachedStudy.project_id == project_id, CachedStudy.study_uid == original)
         )
         if study is None:
             raise NotFound(f"study {study_uid} is not in the cache of project {project_id!r}; "
@@ -131,7 +140,25 @@ def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid
                 .group_by(CachedInstance.series_uid).order_by(CachedInstance.series_uid)
             )
         ]
-        return StudyDetail(project_id, _study_view(study), len(series), series)
+        view = _study_view(study)
+    screen = screens.cache_screen(ctx, project_id)
+    if screen.pseudonyms is None:
+        return StudyDetail(project_id, view, len(series), series)
+    screens.shown(ctx, who, screen, "cached study", 1, _pairs(screen, view))
+    return StudyDetail(project_id, _on_screen(screen, view), len(series),
+                       [replace(s, series_uid=screen.uid(s.series_uid)) for s in series])
+
+
+def _on_screen(screen: Screen, view: CachedStudyView) -> CachedStudyView:
+    """A de-identified project's study as its downloads name it: nothing identifying left."""
+    return replace(view, study_uid=screen.uid(view.study_uid), patient_id=screen.patient(view.patient_id),
+                   patient_name="", accession="", description="",
+                   study_date=screen.date(view.patient_id, view.study_date))
+
+
+def _pairs(screen: Screen, view: CachedStudyView) -> list[tuple[str, str, str]]:
+    return [("patient", view.patient_id, screen.patient(view.patient_id)),
+            ("study", view.study_uid, screen.uid(view.study_uid))]
 
 
 def _study_view(row: CachedStudy, closed_reason: str | None = None) -> CachedStudyView:

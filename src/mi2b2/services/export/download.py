@@ -57,7 +57,7 @@ from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_readable
-from mi2b2.services.export import deid
+from mi2b2.services.export import deid, screens
 from mi2b2.services.export.deid import WithheldReport
 from mi2b2.services.export.layout import (
     IDENTITY,
@@ -215,6 +215,7 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
                   all_studies: bool = False) -> DownloadPlan:
     """Which files, in which order, under which readable names; every file checked to be on disk."""
     wanted = _check_uids(study_uids, all_studies)
+    wanted = screens.resolve(wanted, screens.study_originals(ctx, project_id, wanted))  # a screen's pseudonyms
     require_readable(ctx, who, project_id, wanted, DataUse.READ, "download")
     store = CacheStore(ctx.config.cache_dir())
     with ctx.sessions() as session:

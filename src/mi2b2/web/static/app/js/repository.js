@@ -8,6 +8,10 @@ import { FacetTable } from "./table.js";
 export function repositoryTab(app) {
   let usage = null;
   const bar = element("div", { class: "usage-bar", role: "img" });
+  // A de-identified project's cache is listed under the pseudonyms its downloads use (the server decides).
+  const deidNote = element("p", { class: "muted", "data-deidentified": "", hidden: true,
+    text: "De-identified project: patients and studies are shown under the pseudonyms its downloads use, "
+      + "dates shifted; the project's lead can re-identify one on the record (`mi2b2 reidentify`)." });
   const legend = element("p", { class: "usage-legend", "data-usage": "" });
   const refresh = element("button", { type: "button", text: "Refresh", onclick: () => app.run(refresh, load) });
   const remove = element("button", { type: "button", class: "danger", text: "Delete selected", disabled: true, onclick: () => deleteSelected() });
@@ -88,6 +92,7 @@ export function repositoryTab(app) {
       get(`/projects/${enc(project)}/cache`), get(`/projects/${enc(project)}/destinations`)]);
     if (app.projectId() !== project) return; // switched meanwhile: the new project's load draws
     usage = cache.usage;
+    deidNote.hidden = app.project?.export !== "deidentified";
     table.setRows(cache.studies);
     const chosen = destination.value;
     destination.replaceChildren(...destinations.map((d) => new Option(`${d.name} (${d.ae_title})`, d.id)));
@@ -167,7 +172,7 @@ export function repositoryTab(app) {
     label: "3 · Image Repository",
     element: element("section", { "aria-label": "Image repository" },
       element("h2", {}, "Image repository ", refresh),
-      element("div", { class: "usage" }, bar, legend),
+      element("div", { class: "usage" }, bar, legend), deidNote,
       element("div", { class: "actions" }, remove),
       element("fieldset", { class: "actions" }, element("legend", { text: "Download selected" }),
         element("label", {}, "as ", mode), passphraseFields, recipientFields, download),

@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyrage
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -22,7 +25,7 @@ from mi2b2.api.app import create_app
 from mi2b2.client import Mi2b2Client
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
-from mi2b2.services.export import open_download
+from mi2b2.services.export import decrypt_download, open_download
 from mi2b2.services.export.fetch import fetch_download
 from mi2b2.services.forward import add_forwards
 from mi2b2.services.requests import StudyPick, add_requests
@@ -240,6 +243,117 @@ def test_encrypted_only_refuses_plain_downloads_and_a_non_member_stays_refused(
     # What the browser reads to mark a de-identified project's screens.
     mine = {p["id"]: (p["export"], p["encrypted_only"]) for p in bob.get("/api/v1/projects").json()}
     assert mine == {"alpha": ("identified", False), "gamma": ("deidentified", False), "delta": ("deidentified", True)}
+
+
+def test_encrypted_only_fetches_refuse_plain_and_send_age_files_only(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path) -> None:
+    ctx, tokens = placed
+    bob = api(ctx, tokens["bob"])
+    manifest = bob.post("/api/v1/projects/delta/download/manifest",
+                        json={"study_uids": [studies.uid(studies.BRAIN)], "encryption": "recipients"}).json()
+    assert manifest["server_encrypts"] is True
+    study, files = manifest["studies"][0], manifest["files"][:3]
+    asked = [{"download_id": study["download_id"], "study_uid": study["study_uid"], "sop_uid": f["sop_uid"]}
+             for f in files]
+    # Claiming encryption in the manifest gets no plaintext: a fetch without the encryption is refused, audited.
+    before = len(ctx.audit.list(ROOT, AuditFilter(action="denied")))
+    for path, body in (("/files", {"files": asked}), ("/instance", asked[0])):
+        plain = bob.post(f"/api/v1/projects/delta/download{path}", json=body)
+        assert plain.status_code == 403, plain.text
+        assert "encrypted downloads only" in plain.json()["error"] and '"encryption"' in plain.json()["error"]
+    assert len(ctx.audit.list(ROOT, AuditFilter(action="denied"))) == before + 2
+    forged = bob.post("/api/v1/projects/delta/download/files",
+                      json={"files": asked, "encryption": {"recipients": ["age1notakey"]}})
+    assert forged.status_code == 422 and "public key" in forged.json()["error"], forged.text
+
+    # With public keys: each file an age file, then the SHA-256 of that ciphertext; Debian's age opens it.
+    identity = pyrage.x25519.Identity.generate()
+    (tmp_path / "key.txt").write_text(f"{identity}\n")
+    answer = bob.post("/api/v1/projects/delta/download/files",
+                      json={"files": asked, "encryption": {"recipients": [str(identity.to_public())]}})
+    assert answer.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(answer.content)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    assert sorted(members) == sorted([f["sop_uid"] for f in files] + [f["sop_uid"] + ".sha256" for f in files])
+    for f in files:
+        sealed = members[f["sop_uid"]]
+        assert sealed.startswith(b"age-encryption.org/v1\n") and sealed[128:132] != b"DICM"
+        assert hashlib.sha256(sealed).hexdigest() == members[f["sop_uid"] + ".sha256"].decode()
+        (tmp_path / "file.age").write_bytes(sealed)
+        opened = subprocess.run(["age", "-d", "-i", str(tmp_path / "key.txt"), str(tmp_path / "file.age")],
+                                capture_output=True, check=True).stdout
+        assert hashlib.sha256(opened).hexdigest() == f["sha256"] and opened[128:132] == b"DICM"
+
+    # One file with a passphrase: an age file, its SHA-256 in a header.
+    one = bob.post("/api/v1/projects/delta/download/instance",
+                   json={**asked[0], "encryption": {"passphrase": PASSPHRASE}})
+    assert one.status_code == 200 and one.content[128:132] != b"DICM"
+    assert one.headers["X-Mi2b2-Ciphertext-SHA256"] == hashlib.sha256(one.content).hexdigest()
+    assert hashlib.sha256(pyrage.passphrase.decrypt(one.content, PASSPHRASE)).hexdigest() == files[0]["sha256"]
+
+
+def test_the_cli_download_of_an_encrypted_only_project_is_encrypted_by_the_server_and_resumes(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path) -> None:
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    folder = tmp_path / "folder"
+    sent: list[dict[str, object] | None] = []
+    with serving(create_app(ctx)) as url, Mi2b2Client(url, tokens["bob"]) as client:
+        fetch_files = client.download_files
+
+        def spy(project: str, files: list[tuple[int, str, str]],
+                encryption: dict[str, object] | None = None) -> Iterator[bytes]:
+            sent.append(encryption)
+            return fetch_files(project, files, encryption)
+
+        client.download_files = spy  # type: ignore[method-assign]
+        first = fetch_download(client, "delta", [uid], folder, passphrase=PASSPHRASE)
+        assert first.failed == [] and first.downloaded == first.files > 0
+        # The server encrypted: each batch carried the download's public key, never the passphrase.
+        assert sent and all(e is not None and list(e) == ["recipients"] for e in sent)
+        stored = [p for p in folder.rglob("*") if p.is_file()]
+        assert all(p.read_bytes()[128:132] != b"DICM" and not p.name.endswith(".dcm") for p in stored)
+        # Resumed: a file lost is fetched again, the rest kept.
+        next(p for p in stored if p.suffix == ".age" and p.name != "manifest.age" and p.name != "identity.age"
+             ).unlink()
+        again = fetch_download(client, "delta", [uid], folder, passphrase=PASSPHRASE)
+        assert again.failed == [] and (again.downloaded, again.skipped) == (1, first.files - 1)
+        manifest = client.download_manifest("delta", [uid], False, "passphrase")
+    report = decrypt_download(folder, tmp_path / "plain", passphrase=PASSPHRASE)
+    assert report.files == first.files
+    readable = {p.relative_to(tmp_path / "plain").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in (tmp_path / "plain").rglob("*.dcm")}
+    assert readable == {f["path"]: f["sha256"] for f in manifest["files"]}
+
+
+def test_encrypted_only_files_too_big_to_hold_are_encrypted_through_a_spool_to_public_keys_only(
+        placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mi2b2.services.export import batch, download
+
+    for module in (download, batch):  # every file counts as big: the streamed path, with small files
+        monkeypatch.setattr(module, "LARGE_MEMBER", 256)
+    ctx, tokens = placed
+    uid = studies.uid(studies.BRAIN)
+    identity = pyrage.x25519.Identity.generate()
+    (tmp_path / "key.txt").write_text(f"{identity}\n")
+    with serving(create_app(ctx)) as url, Mi2b2Client(url, tokens["bob"]) as client:
+        report = fetch_download(client, "delta", [uid], tmp_path / "folder", recipients=[str(identity.to_public())])
+        assert report.failed == [] and report.downloaded == report.files > 0
+        manifest = client.download_manifest("delta", [uid], False, "recipients")
+    decrypt_download(tmp_path / "folder", tmp_path / "plain", identities=[tmp_path / "key.txt"])
+    readable = {p.relative_to(tmp_path / "plain").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in (tmp_path / "plain").rglob("*.dcm")}
+    assert readable == {f["path"]: f["sha256"] for f in manifest["files"]}
+    # A passphrase would cost a scrypt over a file held whole: refused, naming public keys.
+    study, entry = manifest["studies"][0], manifest["files"][0]
+    asked = {"download_id": study["download_id"], "study_uid": study["study_uid"], "sop_uid": entry["sop_uid"]}
+    bob = api(ctx, tokens["bob"])
+    refused = bob.post("/api/v1/projects/delta/download/instance", json={**asked, "encryption": {"passphrase": PASSPHRASE}})
+    assert refused.status_code == 422 and "recipients" in refused.json()["error"]
+    one = bob.post("/api/v1/projects/delta/download/instance",
+                   json={**asked, "encryption": {"recipients": [str(identity.to_public())]}})
+    assert one.headers["X-Mi2b2-Ciphertext-SHA256"] == hashlib.sha256(one.content).hexdigest()
+    assert hashlib.sha256(pyrage.decrypt(one.content, [identity])).hexdigest() == entry["sha256"]
 
 
 def test_a_forged_download_id_or_an_identified_uid_fetches_nothing(

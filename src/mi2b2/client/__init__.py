@@ -269,10 +269,16 @@ class Mi2b2Client:
         body = {"download_id": download_id, "study_uid": study_uid, "sop_uid": sop_uid}
         return self._stream("POST", f"/projects/{quote(project, safe='')}/download/instance", body, chunk_size)
 
-    def download_files(self, project: str, files: list[tuple[int, str, str]]) -> Iterator[bytes]:
+    def download_files(self, project: str, files: list[tuple[int, str, str]],
+                       encryption: dict[str, Any] | None = None) -> Iterator[bytes]:
         """Files of a folder download, each ``(download_id, study_uid, sop_uid)`` of its manifest, as the tar
-        stream the server sends (one member per file, in order; see ``mi2b2.services.export.batch``)."""
-        body = {"files": [{"download_id": d, "study_uid": study, "sop_uid": sop} for d, study, sop in files]}
+        stream the server sends (one member per file, in order; see ``mi2b2.services.export.batch``).
+        ``encryption`` (``{"recipients": [...]}`` or ``{"passphrase": ...}``) has the server send age files:
+        required where the manifest says ``server_encrypts``."""
+        body: dict[str, Any] = {"files": [{"download_id": d, "study_uid": study, "sop_uid": sop}
+                                          for d, study, sop in files]}
+        if encryption is not None:
+            body["encryption"] = encryption
         return self._stream("POST", f"/projects/{quote(project, safe='')}/download/files", body, None)
 
     def download_zip(self, project: str, study_uids: list[str], all_studies: bool = False,

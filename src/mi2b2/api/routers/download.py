@@ -17,6 +17,7 @@ from mi2b2.api.schemas.bodies import RowId
 from mi2b2.api.schemas.cache import DownloadManifest
 from mi2b2.services.export import batch, download
 
+CIPHERTEXT_SHA256 = "X-Mi2b2-Ciphertext-SHA256"  # an age file the server made: the SHA-256 of what was sent
 router = APIRouter(prefix="/projects/{project_id}/download", tags=["download"])
 
 
@@ -41,6 +42,8 @@ class InstanceBody(BaseModel):
     download_id: RowId
     study_uid: str = Field(max_length=64)
     sop_uid: str = Field(max_length=64)
+    encryption: EncryptionBody | None = Field(
+        default=None, description="required in an encrypted_only project: the file is then sent as an age file")
 
 
 class FileBody(BaseModel):
@@ -51,15 +54,18 @@ class FileBody(BaseModel):
 
 class FilesBody(BaseModel):
     files: list[FileBody] = Field(min_length=1, max_length=batch.MAX_FILES)
+    encryption: EncryptionBody | None = Field(
+        default=None, description="required in an encrypted_only project: each file is then sent as an age file")
+
+
+def _encryption(body: EncryptionBody | None) -> download.Encryption | None:
+    return None if body is None else download.Encryption(body.passphrase, tuple(body.recipients))
 
 
 @router.post("", response_class=StreamingResponse,
              responses={200: {"content": {"application/zip": {}}, "description": "the ZIP, streamed"}})
 def download_zip(project_id: str, body: DownloadBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
-    encryption = None
-    if body.encryption is not None:
-        encryption = download.Encryption(body.encryption.passphrase, tuple(body.encryption.recipients))
-    result = download.zip_download(ctx, user, project_id, body.study_uids, body.all, encryption)
+    result = download.zip_download(ctx, user, project_id, body.study_uids, body.all, _encryption(body.encryption))
     headers = {
         "Content-Disposition": f'attachment; filename="{result.filename}"',
         "X-Mi2b2-Studies": str(result.studies),
@@ -76,11 +82,16 @@ def download_manifest(project_id: str, body: ManifestBody, user: CurrentUser, ct
 
 
 @router.post("/instance", response_class=StreamingResponse,
-             responses={200: {"content": {"application/dicom": {}}, "description": "one cached DICOM file"}})
+             responses={200: {"content": {"application/dicom": {}, "application/octet-stream": {}},
+                              "description": "one cached DICOM file, or an age file of it (encrypted_only)"}})
 def download_instance(project_id: str, body: InstanceBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
-    result = download.download_instance(ctx, user, project_id, body.download_id, body.study_uid, body.sop_uid)
-    return StreamingResponse(result.chunks, media_type="application/dicom",
-                             headers={"Content-Length": str(result.size), "Cache-Control": "no-store"})
+    result = download.download_instance(ctx, user, project_id, body.download_id, body.study_uid, body.sop_uid,
+                                        _encryption(body.encryption))
+    headers = {"Content-Length": str(result.size), "Cache-Control": "no-store"}
+    if result.ciphertext_sha256 is None:
+        return StreamingResponse(result.chunks, media_type="application/dicom", headers=headers)
+    headers[CIPHERTEXT_SHA256] = result.ciphertext_sha256
+    return StreamingResponse(result.chunks, media_type="application/octet-stream", headers=headers)
 
 
 @router.post("/files", response_class=StreamingResponse,
@@ -88,5 +99,5 @@ def download_instance(project_id: str, body: InstanceBody, user: CurrentUser, ct
                               "description": "the files asked for, in order, as a tar stream (see services.export.batch)"}})
 def download_files(project_id: str, body: FilesBody, user: CurrentUser, ctx: ContextDep) -> StreamingResponse:
     asked = [batch.FileAsked(f.download_id, f.study_uid, f.sop_uid) for f in body.files]
-    result = batch.download_files(ctx, user, project_id, asked)
+    result = batch.download_files(ctx, user, project_id, asked, _encryption(body.encryption))
     return StreamingResponse(result.chunks, media_type="application/x-tar", headers={"Cache-Control": "no-store"})

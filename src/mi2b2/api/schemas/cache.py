@@ -99,6 +99,7 @@ class DownloadManifest(Reply):
     studies: list[ManifestStudy]
     files: list[ManifestFile]
     bytes: int
+    server_encrypts: bool = False  # encrypted_only: send the encryption with each fetch, receive age files
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,18 @@ The answer is a ustar stream (Python's ``tarfile`` reads it): one member per
 file asked for, in the order asked, named by its SOP UID; a file that cannot be
 sent (deleted from the cache since the manifest, withheld from de-identified
 exports) is a member ``<SOP UID>.error`` holding the reason, and the rest goes on.
+
+In an encrypted_only project the request carries the encryption (the CLI
+sends its download's public key) and every file leaves as an age file,
+followed by a member ``<SOP UID>.sha256`` holding the SHA-256 of that
+ciphertext, for the client to check the transfer without decrypting; a
+request without it is refused, audited. Other projects' files go as cached
+(the CLI encrypts them itself, faster).
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +52,9 @@ from mi2b2.services.export.deid import WithheldReport
 from mi2b2.services.export.download import (
     LARGE_MEMBER,
     TICKET_HOURS,
+    Encryption,
+    Seal,
+    Sealed,
     _check_uids,
     _chunks_of,
     _Deid,
@@ -51,8 +62,10 @@ from mi2b2.services.export.download import (
     _prefetched,
     _Source,
     _ticket,
+    seal_for,
+    sealed_chunks,
 )
-from mi2b2.services.export.layout import BATCH_ERROR_SUFFIX, PlannedFile
+from mi2b2.services.export.layout import BATCH_ERROR_SUFFIX, BATCH_SHA256_SUFFIX, PlannedFile
 
 Pseudonym = Callable[[str], str]  # how a de-identified project's manifest names a UID
 MAX_FILES = 1000  # per batch; the CLI asks for far fewer
@@ -79,10 +92,12 @@ class FilesDownload:
     chunks: Iterator[bytes]
 
 
-def download_files(ctx: ServiceContext, who: Principal, project_id: str, asked: Sequence[FileAsked]) -> FilesDownload:
+def download_files(ctx: ServiceContext, who: Principal, project_id: str, asked: Sequence[FileAsked],
+                   encryption: Encryption | None = None) -> FilesDownload:
     """Check every file asked for, then hand back the tar stream of them (lazy: files are read as it is sent)."""
     _check_list(asked)
     policy = deid.policy_of(ctx, project_id)
+    seal = seal_for(ctx, who, policy, encryption)
     store = CacheStore(ctx.config.cache_dir())
     if policy.deidentified:
         engine = deid.engine_for(ctx, policy)
@@ -93,7 +108,7 @@ def download_files(ctx: ServiceContext, who: Principal, project_id: str, asked: 
         originals = _tickets(ctx, who, project_id, asked, None)
         source = _Source(store, None)
         found = _look_up(ctx, project_id, asked, originals, None)
-    return FilesDownload(len(found), _tar(source, found))
+    return FilesDownload(len(found), _tar(source, found, seal))
 
 
 def _check_list(asked: Sequence[FileAsked]) -> None:
@@ -152,18 +167,22 @@ def _look_up(ctx: ServiceContext, project_id: str, asked: Sequence[FileAsked],
     return found
 
 
-def _tar(source: _Source, found: list[_Found]) -> Iterator[bytes]:
-    """The members, the next files read from disk (and de-identified) while one is being sent."""
-    def load(item: _Found) -> bytes | Withheld | str | None:
+def _tar(source: _Source, found: list[_Found], seal: Seal | None) -> Iterator[bytes]:
+    """The members, the next files read from disk (de-identified, encrypted) while one is being sent."""
+    def load(item: _Found) -> bytes | Sealed | Withheld | str | None:
         if item.relative is None:
             return "that image is no longer in the project's cache (deleted since the manifest was made)"
         try:
-            return source.small(PlannedFile(item.study_uid, "", "", "", "", 0, item.relative))
+            data = source.small(PlannedFile(item.study_uid, "", "", "", "", 0, item.relative))
         except PermanentError:
             return "that image is indexed but missing from the cache; an admin should run `mi2b2 admin fsck --repair`"
+        return seal.small(data) if seal is not None and isinstance(data, bytes) else data
 
     for item, data in _prefetched(found, load, lambda item: min(item.size, LARGE_MEMBER)):
-        if isinstance(data, bytes):
+        if isinstance(data, Sealed):
+            size = len(data.ciphertext)
+            yield _member(item.sop_uid, size) + data.ciphertext + _padding(size) + _sha256(item.sop_uid, data.sha256)
+        elif isinstance(data, bytes):
             yield _member(item.sop_uid, len(data)) + data + _padding(len(data))
         elif isinstance(data, str):
             yield _error(item.sop_uid, data)
@@ -171,11 +190,11 @@ def _tar(source: _Source, found: list[_Found]) -> Iterator[bytes]:
             yield _error(item.sop_uid, f"that image is withheld from this project's de-identified exports: "
                                        f"{data.reason}")
         else:
-            yield from _big(source, item)
+            yield from _big(source, item, seal)
     yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
 
 
-def _big(source: _Source, item: _Found) -> Iterator[bytes]:
+def _big(source: _Source, item: _Found, seal: Seal | None) -> Iterator[bytes]:
     """A file too big to hold: its size first (the header needs it), then its bytes in chunks."""
     assert item.relative is not None
     file = PlannedFile(item.study_uid, "", "", "", "", 0, item.relative)
@@ -195,6 +214,9 @@ def _big(source: _Source, item: _Found) -> Iterator[bytes]:
     except (FileNotFoundError, PermanentError):
         yield _error(item.sop_uid, "that image is indexed but missing from the cache")
         return
+    if seal is not None:
+        yield from _big_sealed(seal, item.sop_uid, size, chunks)
+        return
     yield _member(item.sop_uid, size)
     sent = 0
     for chunk in chunks:
@@ -205,6 +227,34 @@ def _big(source: _Source, item: _Found) -> Iterator[bytes]:
     if sent != size:  # changed on disk while sent: cut the answer off, the client retries
         raise PermanentError(f"a cached file changed size while it was sent ({sent} bytes, not {size})")
     yield _padding(size)
+
+
+def _big_sealed(seal: Seal, sop_uid: str, size: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """A big file encrypted (ciphertext spooled: its size goes first), then the SHA-256 of that ciphertext."""
+    def counted() -> Iterator[bytes]:
+        read = 0
+        for chunk in chunks:
+            read += len(chunk)
+            yield chunk
+        if read != size:  # changed on disk meanwhile: cut the answer off, the client retries
+            raise PermanentError(f"a cached file changed size while it was sent ({read} bytes, not {size})")
+
+    try:
+        spooled = seal.big(counted())
+    except InvalidInput as exc:
+        yield _error(sop_uid, str(exc))
+        return
+    sealed_size = spooled.seek(0, 2)
+    spooled.seek(0)
+    digest = hashlib.sha256()
+    yield _member(sop_uid, sealed_size)
+    yield from sealed_chunks(spooled, digest)
+    yield _padding(sealed_size) + _sha256(sop_uid, digest.hexdigest())
+
+
+def _sha256(sop_uid: str, hexdigest: str) -> bytes:
+    text = hexdigest.encode()
+    return _member(sop_uid + BATCH_SHA256_SUFFIX, len(text)) + text + _padding(len(text))
 
 
 def _member(name: str, size: int) -> bytes:

@@ -45,13 +45,15 @@ def policy_of(ctx: ServiceContext, project_id: str) -> ExportPolicy:
     return export_policy(project, project_id)
 
 
-def refuse_plain(ctx: ServiceContext, who: Principal, policy: ExportPolicy) -> None:
+PLAIN_FIX = "download again with a passphrase or public keys (--passphrase or --recipient with the CLI)"
+
+
+def refuse_plain(ctx: ServiceContext, who: Principal, policy: ExportPolicy, fix: str = PLAIN_FIX) -> None:
     if not policy.encrypted_only:
         return
     ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=policy.project_id,
                      detail={"reason": "encrypted downloads only", "operation": "download"})
-    raise AccessDenied(f"project {policy.project_id!r} allows encrypted downloads only; download again with a "
-                       "passphrase or public keys (--passphrase or --recipient with the CLI)")
+    raise AccessDenied(f"project {policy.project_id!r} allows encrypted downloads only; {fix}")
 
 
 def project_key(ctx: ServiceContext, project_id: str) -> bytes:

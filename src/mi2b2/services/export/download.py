@@ -17,7 +17,9 @@ then fetches files one by one; each fetch names the audit event of its study
 
 Nothing is staged: ZIPs are streamed member by member, read in 1 MiB chunks,
 encrypted (when asked) in memory as they go out; the only files on the server
-are the cache's own.
+are the cache's own, and, while it is sent, the age ciphertext of a file over
+LARGE_MEMBER that an encrypted_only project's fetch encrypts (`Seal.big`: the
+tar header needs its size first; its plaintext is never written).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -134,6 +137,75 @@ class ZipDownload:
 class InstanceDownload:
     size: int
     chunks: Iterator[bytes]
+    ciphertext_sha256: str | None = None  # set when the server encrypted the file (encrypted_only projects)
+
+
+# encrypted_only: the server encrypts what the CLI fetches -------------------------
+
+SEAL_FIX = ('send "encryption": {"recipients": ["age1..."]} or {"passphrase": "..."} in the request body '
+            "(the mi2b2 CLI does, with --passphrase or --recipient)")
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """One file as an age file, and the SHA-256 of that ciphertext (the client checks the transfer with it)."""
+
+    ciphertext: bytes
+    sha256: str
+
+
+class Seal:
+    """How the files of one request are encrypted before they leave, with pyrage (age_files).
+
+    The CLI sends its download's public key (``recipients``): one cheap X25519
+    wrap per file. A passphrase costs a scrypt (about a second) per file, and
+    files too big to hold are encrypted to public keys only."""
+
+    def __init__(self, encryption: Encryption) -> None:
+        if (encryption.passphrase is None) == (not encryption.recipients):
+            raise InvalidInput("encrypt with either a passphrase or recipient public keys, not both or neither")
+        self.passphrase = (age_files.check_passphrase(encryption.passphrase)
+                           if encryption.passphrase is not None else None)
+        self.recipients = [] if self.passphrase is not None else age_files.parse_recipients(encryption.recipients)
+
+    def small(self, data: bytes) -> Sealed:
+        if self.passphrase is not None:
+            ciphertext = age_files.encrypt_with_passphrase(data, self.passphrase)
+        else:
+            ciphertext = age_files.encrypt(data, self.recipients)
+        return Sealed(ciphertext, hashlib.sha256(ciphertext).hexdigest())
+
+    def big(self, chunks: Iterator[bytes]) -> tempfile.SpooledTemporaryFile[bytes]:
+        """A big file's ciphertext, spooled (the tar header needs its size first); plaintext stays in memory."""
+        if self.passphrase is not None:
+            raise InvalidInput(f"files over {LARGE_MEMBER >> 20} MiB are encrypted to public keys only; "
+                               'send "encryption": {"recipients": ["age1..."]}')
+        spooled: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(LARGE_MEMBER)  # noqa: SIM115 - closed by sealed_chunks
+        try:
+            age_files.encrypt_io(age_files.ChunkReader(chunks), spooled, self.recipients)
+        except BaseException:
+            spooled.close()
+            raise
+        spooled.seek(0)
+        return spooled
+
+
+def seal_for(ctx: ServiceContext, who: Principal, policy: ExportPolicy, encryption: Encryption | None) -> Seal | None:
+    """The encryption a file fetch must apply: refused (audited) in an encrypted_only project without one.
+
+    Elsewhere a fetch without encryption sends the file as cached: the CLI encrypts on the client, faster."""
+    if encryption is None:
+        deid.refuse_plain(ctx, who, policy, SEAL_FIX)
+        return None
+    return Seal(encryption)
+
+
+def sealed_chunks(spooled: tempfile.SpooledTemporaryFile[bytes], digest: Any) -> Iterator[bytes]:
+    """The spooled ciphertext in chunks, each added to ``digest`` as it goes; the file closed at the end."""
+    with spooled:
+        while chunk := spooled.read(CHUNK):
+            digest.update(chunk)
+            yield chunk
 
 
 # planning ----------------------------------------------------------------------
@@ -266,9 +338,10 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
                       all_studies: bool = False, encryption: str | None = None) -> dict[str, Any]:
     """The files of a download with their readable paths, sizes and SHA-256, and a download_id per study.
 
-    ``encryption`` is what the client says it will do with the files
-    ("passphrase", "recipients" or None); it is recorded, not enforced:
-    the client encrypts, the server only sends."""
+    ``encryption`` is how the files will be encrypted ("passphrase",
+    "recipients" or None), as recorded. Usually the client encrypts; in an
+    encrypted_only project (``server_encrypts``) the server does, each file
+    before it leaves (`Seal`), so claiming encryption gets no plaintext."""
     if encryption not in (None, "passphrase", "recipients"):
         raise InvalidInput("encryption is 'passphrase', 'recipients' or absent")
     plan = plan_download(ctx, who, project_id, study_uids, all_studies)
@@ -301,6 +374,8 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
                      "bytes": s.bytes} for s in plan.studies],
         "files": files,
         "bytes": total,
+        # The client sends its key with each batch and receives age files (see batch.py).
+        "server_encrypts": policy.encrypted_only,
     }
 
 
@@ -340,12 +415,33 @@ def _digests(ctx: ServiceContext, project_id: str, paths: list[Path]) -> list[tu
 
 
 def download_instance(ctx: ServiceContext, who: Principal, project_id: str, download_id: int, study_uid: str,
-                      sop_uid: str) -> InstanceDownload:
-    """One cached file, for a study whose download this user started (``download_id``) in the last hours."""
+                      sop_uid: str, encryption: Encryption | None = None) -> InstanceDownload:
+    """One cached file, for a study whose download this user started (``download_id``) in the last hours;
+    as an age file when ``encryption`` is given (required in an encrypted_only project)."""
     _check_uids([study_uid], False)
     if not UID.match(sop_uid) or len(sop_uid) > 64:
         raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
     policy = deid.policy_of(ctx, project_id)
+    seal = seal_for(ctx, who, policy, encryption)
+    plain = _plain_instance(ctx, who, policy, download_id, study_uid, sop_uid)
+    if seal is None:
+        return plain
+    if plain.size <= LARGE_MEMBER:
+        sealed = seal.small(b"".join(plain.chunks))
+        return InstanceDownload(len(sealed.ciphertext), iter((sealed.ciphertext,)), sealed.sha256)
+    spooled = seal.big(plain.chunks)
+    size = spooled.seek(0, os.SEEK_END)
+    spooled.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: spooled.read(CHUNK), b""):
+        digest.update(chunk)
+    spooled.seek(0)
+    return InstanceDownload(size, sealed_chunks(spooled, hashlib.sha256()), digest.hexdigest())
+
+
+def _plain_instance(ctx: ServiceContext, who: Principal, policy: ExportPolicy, download_id: int, study_uid: str,
+                    sop_uid: str) -> InstanceDownload:
+    project_id = policy.project_id
     if policy.deidentified:
         return _deidentified_instance(ctx, who, policy, download_id, study_uid, sop_uid)
     require_readable(ctx, who, project_id, [study_uid], DataUse.READ, "download")

@@ -14,6 +14,13 @@ Python client). Guarantees:
 The files come in batches (``/download/files``, a tar stream; four requests in
 flight): one request per file spent ~14 ms each on checks and HTTP.
 
+In an encrypted_only project (the manifest says ``server_encrypts``) the
+server encrypts: each batch carries the download's public key, each file
+arrives as an age file followed by the SHA-256 of that ciphertext, and is
+written as it came (checked, temp name, rename); the plaintext never reaches
+this machine outside age. The manifest's plaintext SHA-256 is kept for
+``mi2b2 decrypt`` to verify.
+
 Resuming an encrypted download needs its key (the passphrase, or
 ``--identity`` for a recipients download): verifying a file means
 decrypting it, and the keyed names come from the key inside manifest.age.
@@ -36,6 +43,7 @@ from mi2b2.domain.safe_paths import check_all, inside
 from mi2b2.errors import InvalidInput, Mi2b2Error, PermanentError
 from mi2b2.services.export.layout import (
     BATCH_ERROR_SUFFIX,
+    BATCH_SHA256_SUFFIX,
     IDENTITY,
     MANIFEST,
     PLAIN_SUFFIX,
@@ -64,7 +72,8 @@ class DownloadSource(Protocol):
     def download_manifest(self, project: str, study_uids: list[str], all_studies: bool = False,
                           encryption: str | None = None) -> dict[str, Any]: ...
 
-    def download_files(self, project: str, files: list[tuple[int, str, str]]) -> Iterator[bytes]: ...
+    def download_files(self, project: str, files: list[tuple[int, str, str]],
+                       encryption: dict[str, Any] | None = None) -> Iterator[bytes]: ...
 
 
 class Progress(Protocol):
@@ -131,9 +140,12 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
     _prepare_folder(target)
     report = FetchReport(target, encrypted, files=len(files), studies=len(ids))
 
+    sealing = None  # what each batch sends for the server to encrypt with (encrypted_only projects)
     if encrypted:
-        keys, keep, names = _encrypted_plan(target, project, files, passphrase, parsed, recipients, identities, mode or "",
-                                            str(manifest.get("created_at", "")))
+        keys, keep, keep_texts, names = _encrypted_plan(target, project, files, passphrase, parsed, recipients,
+                                                        identities, mode or "", str(manifest.get("created_at", "")))
+        if manifest.get("server_encrypts") is True:
+            sealing = {"recipients": keep_texts}  # the download's own public keys: no scrypt on the server
     else:
         keys, keep, names = [], [], [f["path"] for f in files]
     check_all(names, "the server's download listing names")
@@ -167,7 +179,7 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
     def run(batch: list[_Job]) -> list[tuple[_Job, int | str]]:
         """Fetch one batch; (job, bytes received) for each file written, (job, why) for each that was not."""
         asked = [(job.download_id, job.file["study_uid"], job.file["sop_uid"]) for job in batch]
-        members = _TarStream(source.download_files(project, asked))
+        members = _TarStream(source.download_files(project, asked, sealing))
         outcomes: list[tuple[_Job, int | str]] = []
         for job in batch:
             name, size = members.header()
@@ -178,6 +190,13 @@ def fetch_download(source: DownloadSource, project: str, study_uids: Sequence[st
             elif name != sop_uid:
                 raise PermanentError(f"the server sent {name[:80]!r} where {sop_uid} was due; is --server an mi2b2 "
                                      "server of this version? Run the download again")
+            elif sealing is not None:  # an age file the server made: its size is the ciphertext's
+                try:
+                    outcomes.append((job, _receive_sealed(members, size, job, progress, stop, folders)))
+                except _Mismatch as exc:
+                    outcomes.append((job, str(exc)))
+                finished(job)
+                continue
             elif size != int(job.file["size"]):
                 members.skip(size)
                 outcomes.append((job, str(_Mismatch(_CHANGED))))
@@ -322,8 +341,8 @@ def _prepare_folder(target: Path) -> None:
 
 def _encrypted_plan(target: Path, project: str, files: list[dict[str, Any]], passphrase: str | None,
                     recipients: list[Any], recipient_texts: Sequence[str], identities: Sequence[str | Path | Any],
-                    mode: str, created_at: str) -> tuple[list[Any], list[Any], list[str]]:
-    """(keys to verify existing files, recipients to encrypt to, keyed name of each file); writes
+                    mode: str, created_at: str) -> tuple[list[Any], list[Any], list[str], list[str]]:
+    """(keys to verify existing files, recipients to encrypt to and as text, keyed name of each file); writes
     identity.age, manifest.age and README.txt before any image, so even a broken-off download can be
     resumed and read."""
     folder = ExportFolder(target)
@@ -360,7 +379,7 @@ def _encrypted_plan(target: Path, project: str, files: list[dict[str, Any]], pas
     manifest = Manifest(project, mode, key, keep_texts, created, list(entries.values()))
     write_atomically(target / MANIFEST, age_files.encrypt(manifest.to_json(), encrypt_to))
     write_atomically(target / README, readme_text(mode, len(entries), created).encode())
-    return keys, encrypt_to, names
+    return keys, encrypt_to, keep_texts, names
 
 
 def _complete(path: Path, file: dict[str, Any], keys: list[Any] | None) -> bool:
@@ -376,6 +395,41 @@ def _complete(path: Path, file: dict[str, Any], keys: list[Any] | None) -> bool:
         return len(plain) == int(file["size"]) and hashlib.sha256(plain).hexdigest() == file["sha256"]
     except (Mi2b2Error, OSError):
         return False  # damaged or unreadable: fetch again
+
+
+def _receive_sealed(members: _TarStream, size: int, job: _Job, progress: Progress, stop: threading.Event,
+                    folders: set[Path]) -> int:
+    """An age file the server made, as it came, to a temp name; renamed into place only if its SHA-256 is the
+    one the server sent after it (member ``<SOP UID>.sha256``). The tar stream is left at the next file."""
+    final = job.path
+    if final.parent not in folders:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folders.add(final.parent)
+    temp = temp_name(final)
+    digest = hashlib.sha256()
+    try:
+        with open(temp, "xb", buffering=0) as out:
+            for piece in members.take(size):
+                if stop.is_set():
+                    raise InterruptedError("download stopped")
+                digest.update(piece)
+                out.write(piece)
+        members.skip(-size % BLOCKSIZE)
+        name, length = members.header()
+        if name != job.file["sop_uid"] + BATCH_SHA256_SUFFIX or length != 64:
+            raise PermanentError(f"the server sent {name[:80]!r} where the SHA-256 of {job.file['sop_uid']} was "
+                                 "due; is --server an mi2b2 server of this version? Run the download again")
+        expected = members.read(length).decode("ascii", "replace")
+        members.skip(-length % BLOCKSIZE)
+        if digest.hexdigest() != expected:
+            raise _Mismatch("arrived damaged (its SHA-256 is not the one the server sent); run the download again")
+        os.replace(temp, final)
+    except OSError as exc:
+        raise PermanentError(f"cannot write {final} ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        temp.unlink(missing_ok=True)
+        progress.advance(int(job.file["size"]))
+    return size
 
 
 def _receive(pieces: Iterator[memoryview], final: Path, file: dict[str, Any], recipients: list[Any],

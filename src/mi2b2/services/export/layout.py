@@ -36,6 +36,7 @@ IDENTITY = "identity.age"
 ENCRYPTED_SUFFIX = ".dcm.age"
 PLAIN_SUFFIX = ".dcm"
 BATCH_ERROR_SUFFIX = ".error"  # a member of a batch of files that could not be sent: why
+BATCH_SHA256_SUFFIX = ".sha256"  # after each file a server encrypted: the SHA-256 of its ciphertext
 MAX_NAME = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Names Windows refuses whatever the extension: a researcher may unzip there.

@@ -265,6 +265,10 @@ def test_encrypted_only_fetches_refuse_plain_and_send_age_files_only(
     forged = bob.post("/api/v1/projects/delta/download/files",
                       json={"files": asked, "encryption": {"recipients": ["age1notakey"]}})
     assert forged.status_code == 422 and "public key" in forged.json()["error"], forged.text
+    # A passphrase would cost the server a scrypt per file of the batch: public keys only.
+    costly = bob.post("/api/v1/projects/delta/download/files",
+                      json={"files": asked, "encryption": {"passphrase": PASSPHRASE}})
+    assert costly.status_code == 422 and "public keys only" in costly.json()["error"], costly.text
 
     # With public keys: each file an age file, then the SHA-256 of that ciphertext; Debian's age opens it.
     identity = pyrage.x25519.Identity.generate()

@@ -96,6 +96,10 @@ def download_files(ctx: ServiceContext, who: Principal, project_id: str, asked: 
                    encryption: Encryption | None = None) -> FilesDownload:
     """Check every file asked for, then hand back the tar stream of them (lazy: files are read as it is sent)."""
     _check_list(asked)
+    if encryption is not None and encryption.passphrase is not None:
+        # A scrypt per file: up to MAX_FILES seconds of server CPU for one request.
+        raise InvalidInput('a batch is encrypted to public keys only; send "encryption": {"recipients": '
+                           '["age1..."]} (the CLI sends its download\'s public key)')
     policy = deid.policy_of(ctx, project_id)
     seal = seal_for(ctx, who, policy, encryption)
     store = CacheStore(ctx.config.cache_dir())

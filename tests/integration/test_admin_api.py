@@ -192,7 +192,9 @@ def test_an_upload_replaces_the_allow_list_and_changes_who_can_be_searched(
     assert (event.actor, event.project_id, event.outcome, event.patient_id) == ("root", "alpha", "ok", None)
     assert json.loads(event.detail) == {"op": "replace", "institution": "general", "count": 2, "duplicates": 1}
     for logged in (event, *audit_events(ctx, "config_reload")):
-        assert not [mrn for mrn in ("000123", "NEW-1", *ALLOWED_A) if mrn in logged.detail], logged.detail
+        # The reloaded file's path is the test's temp folder, whose number may contain an MRN's digits.
+        detail = json.dumps({k: v for k, v in json.loads(logged.detail).items() if k != "file"})
+        assert not [mrn for mrn in ("000123", "NEW-1", *ALLOWED_A) if mrn in detail], logged.detail
 
 
 def test_a_bad_line_writes_nothing(client: TestClient, ctx: ServiceContext, site: Cached) -> None:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -207,15 +208,21 @@ class HeaderCache:
 HEADERS = HeaderCache()
 
 
+def cached_outcome(handle: BinaryIO, engine: DeidEngine) -> Deidentified | Withheld:
+    """An open cached file's de-identified header, made once and then kept (HEADERS), or why it is withheld."""
+    key = HEADERS.identity(engine, os.fstat(handle.fileno()))
+    found = HEADERS.get(key)
+    if found is None:
+        found = deidentify_file(handle, engine)
+        HEADERS.put(key, found)
+    return found
+
+
 def deidentified_copy(engine: DeidEngine, path: Path) -> bytes | Withheld:
     """One cached file's de-identified copy, in memory (the rewritten header, then its pixel data as stored),
     or why it is withheld: the same bytes a download of it carries."""
     with open(path, "rb") as handle:
-        key = HEADERS.identity(engine, os.fstat(handle.fileno()))
-        outcome = HEADERS.get(key)
-        if outcome is None:
-            outcome = deidentify_file(handle, engine)
-            HEADERS.put(key, outcome)
+        outcome = cached_outcome(handle, engine)
         if isinstance(outcome, Withheld):
             return outcome
         handle.seek(outcome.pixel_start)

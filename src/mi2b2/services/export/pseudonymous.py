@@ -24,7 +24,6 @@ way and put on the audit trail.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from sqlalchemy import exists, select
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, DeidUid
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
+from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld
 from mi2b2.adapters.dicom.render import quiet
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.principal import Principal
@@ -43,7 +42,7 @@ from mi2b2.errors import NotFound
 from mi2b2.services.audit import Action, Outcome
 from mi2b2.services.cache.index import insert_for
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.export.deid import HEADERS, engine_for, policy_of, record_mappings
+from mi2b2.services.export.deid import cached_outcome, engine_for, policy_of, record_mappings
 
 STUDY, SERIES, INSTANCE = "study", "series", "instance"
 ORIGINAL_UID = "an original UID at a de-identified door"
@@ -87,12 +86,7 @@ def outcome(engine: DeidEngine, path: Path) -> Deidentified | Withheld | None:
     file has gone from the cache."""
     try:
         with open(path, "rb") as handle:
-            key = HEADERS.identity(engine, os.fstat(handle.fileno()))
-            found = HEADERS.get(key)
-            if found is None:
-                found = deidentify_file(handle, engine)
-                HEADERS.put(key, found)
-            return found
+            return cached_outcome(handle, engine)
     except FileNotFoundError:
         return None
 

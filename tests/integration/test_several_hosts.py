@@ -237,13 +237,22 @@ class Site:
                 self.clock.start.isoformat(), "--", *args]
         return self.hosts.spawn(host, argv, self.folder / f"{name}.log", env=self.env, cwd=self.folder)
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int = 3000) -> str:
+        """The end of a process's log, for a failure's message."""
+        return self.full_log(name)[-tail:]
+
+    def full_log(self, name: str) -> str:
         path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
+        return path.read_text(errors="replace") if path.exists() else "(no log)"
 
     def wait_log(self, process: subprocess.Popen[bytes], name: str, line: str, timeout: float = 60) -> None:
-        _until(lambda: line in self.log(name), timeout, f"{name} to say {line!r}",
-               lambda: process.poll() is None or f"{name} exited {process.returncode}:\n{self.log(name)}")
+        # The whole log: a worker that started early may have logged many retrievals after its ready line
+        # by the time the test looks.
+        try:
+            _until(lambda: line in self.full_log(name), timeout, f"{name} to say {line!r}",
+                   lambda: process.poll() is None or f"{name} exited {process.returncode}:\n{self.log(name)}")
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{self.log(name)}") from None
 
 
 def _until(condition: Callable[[], bool], timeout: float, what: str,

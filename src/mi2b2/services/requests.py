@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, QueueReason, Request
+from mi2b2.adapters.dicom.errors import DimseFailure
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.mrn import issuer_conflicts
 from mi2b2.domain.principal import Principal
@@ -382,15 +383,11 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
     if not picks:
         return found
     with ctx.open_find(ctx.config, door.pacs) as pacs:
+        answers = _study_answers(pacs, [pick.study_uid for pick in picks])
         for pick in picks:
-            answers = pacs.find(STUDY_ROOT, "STUDY", {
-                "StudyInstanceUID": pick.study_uid, "PatientID": "", "IssuerOfPatientID": "", "AccessionNumber": "",
-                "NumberOfStudyRelatedInstances": "",
-            })
-            answers = [a for a in answers if a.get("StudyInstanceUID") == pick.study_uid]
-            if not answers:
+            answer = answers.get(pick.study_uid)
+            if answer is None:
                 continue
-            answer = answers[0]
             found[pick.study_uid] = _Found(
                 patient_id=answer.get("PatientID", ""),
                 accession=answer.get("AccessionNumber", ""),
@@ -398,6 +395,46 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
                 issuer=answer.get("IssuerOfPatientID", ""),
             )
     return found
+
+
+UIDS_PER_FIND = 100  # studies named in one C-FIND: a 5,000-study request costs the PACS 50 queries, not 5,000
+
+
+def _study_answers(pacs: FindSessionPort, uids: list[str]) -> dict[str, dict[str, str]]:
+    """The PACS's STUDY-level answer for each of ``uids`` it holds, asked by List of UID matching
+    (PS3.4 C.2.2.2.2). A PACS that refuses a list, or answers one with nothing, may not match
+    lists: that list is asked one UID at a time, and if the PACS refused it or then found a
+    study, so is every later one."""
+    answers: dict[str, dict[str, str]] = {}
+    unique = list(dict.fromkeys(uids))
+    lists_match = True
+    for start in range(0, len(unique), UIDS_PER_FIND):
+        chunk = unique[start:start + UIDS_PER_FIND]
+        listed: dict[str, dict[str, str]] = {}
+        if lists_match and len(chunk) > 1:
+            try:
+                listed = _find_studies(pacs, chunk)
+            except DimseFailure:  # e.g. pynetdicom's qrscp: 0xC320 for any list
+                lists_match = False
+        if not listed:
+            for uid in chunk:
+                listed |= _find_studies(pacs, [uid])
+            lists_match = lists_match and not listed
+        answers |= listed
+    return answers
+
+
+def _find_studies(pacs: FindSessionPort, uids: list[str]) -> dict[str, dict[str, str]]:
+    asked = set(uids)
+    answers: dict[str, dict[str, str]] = {}
+    for answer in pacs.find(STUDY_ROOT, "STUDY", {
+        "StudyInstanceUID": "\\".join(uids), "PatientID": "", "IssuerOfPatientID": "", "AccessionNumber": "",
+        "NumberOfStudyRelatedInstances": "",
+    }):
+        uid = answer.get("StudyInstanceUID", "")
+        if uid in asked:  # a PACS that answers with studies not asked for is not believed about them
+            answers.setdefault(uid, answer)
+    return answers
 
 
 def _patient_refusal(ctx: ServiceContext, door: Door, study: _Found) -> str | None:

@@ -63,8 +63,10 @@ def background(
             server.start()
             beat.start()
             LOG.info("DICOM receiver %s on %s:%d", ctx.config.dicom.ae_title, ctx.config.dicom.host, server.port)
+            ctx.on_reload.append(sink.forget_peers)
         elif receiver:
-            child = _start_receiver_process(ctx)
+            child = started = _start_receiver_process(ctx)
+            ctx.on_reload.append(lambda: _reload_child(started))
         if loop is not None:
             loop.start()
         yield server, loop
@@ -100,6 +102,14 @@ def _start_receiver_process(ctx: ServiceContext) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
     LOG.info("DICOM receiver %s on %s:%d (process %d)", dicom.ae_title, dicom.host, dicom.port, child.pid)
     return child
+
+
+def _reload_child(child: subprocess.Popen[bytes]) -> None:
+    """The receiver process re-reads the file itself (`reload_receiver`; `mi2b2 receiver`
+    with several processes passes it on to each)."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGHUP)
+        LOG.info("configuration reload passed on to the receiver process %d", child.pid)
 
 
 def _listening(host: str, port: int) -> bool:

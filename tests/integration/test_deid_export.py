@@ -262,6 +262,12 @@ def test_encrypted_only_fetches_refuse_plain_and_send_age_files_only(
         assert plain.status_code == 403, plain.text
         assert "encrypted downloads only" in plain.json()["error"] and '"encryption"' in plain.json()["error"]
     assert len(ctx.audit.list(ROOT, AuditFilter(action="denied"))) == before + 2
+    # A non-member is refused as a non-member: the project's encryption rule is not theirs to learn.
+    carol = api(ctx, tokens["carol"])
+    for path, body in (("/files", {"files": asked}), ("/instance", asked[0])):
+        outsider = carol.post(f"/api/v1/projects/delta/download{path}", json=body)
+        assert outsider.status_code == 403 and "not a member" in outsider.json()["error"], outsider.text
+        assert "encrypt" not in outsider.json()["error"], outsider.text
     forged = bob.post("/api/v1/projects/delta/download/files",
                       json={"files": asked, "encryption": {"recipients": ["age1notakey"]}})
     assert forged.status_code == 422 and "public key" in forged.json()["error"], forged.text

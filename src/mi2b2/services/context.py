@@ -51,6 +51,9 @@ class ServiceContext:
     timer: Timer = field(default_factory=SystemClock)  # polls and waits on the database and the receiver
     file_digests: FileDigests = field(default_factory=FileDigests)  # of cache files, for download manifests
     oidc: OidcSignIn | None = None  # single sign-on, when [oidc] configures it
+    # Told after each reload: a receiver judges by the PACS and projects of the file, and one that
+    # runs as a child process holds its own copy (`runtime.background` registers it).
+    on_reload: list[Callable[[], None]] = field(default_factory=list)
 
     def reload_config(self, by: Principal, also_record: Callable[[Session], object] | None = None) -> ConfigChanges:
         """Re-read the configuration file, apply it, and audit the reload (and ``also_record``'s
@@ -69,6 +72,8 @@ class ServiceContext:
                 also_record(session)
         self.config = new_config
         self.audit.atna = atna_queue(new_config)  # names the PACS and destinations as now configured
+        for listener in self.on_reload:
+            listener()
         return changes
 
 

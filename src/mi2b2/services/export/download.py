@@ -56,7 +56,7 @@ from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
-from mi2b2.services.data_access import patient_still_allowed, require_readable
+from mi2b2.services.data_access import patient_still_allowed, require_readable, require_use
 from mi2b2.services.export import deid, screens
 from mi2b2.services.export.deid import WithheldReport
 from mi2b2.services.export.layout import (
@@ -195,6 +195,8 @@ def seal_for(ctx: ServiceContext, who: Principal, policy: ExportPolicy, encrypti
 
     Elsewhere a fetch without encryption sends the file as cached: the CLI encrypts on the client, faster."""
     if encryption is None:
+        if policy.encrypted_only:  # the IRB door first: a non-member learns nothing of the project's rules
+            require_use(ctx, who, policy.project_id, DataUse.READ, "download")
         deid.refuse_plain(ctx, who, policy, SEAL_FIX)
         return None
     return Seal(encryption)

@@ -186,13 +186,15 @@ def request_page(
         more = len(rows) > limit
         rows = rows[:limit]
         reasons = waiting_reasons(session, rows, now, _destination_caps(ctx))
-        views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id))) for r in rows]
+        issuers = _issuers(ctx, screen, project_id, rows)
+        views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id)), issuers) for r in rows]
         state_counts: dict[str, int] = {}
         if counts:
             state_counts = {state: int(n) for state, n in session.execute(
                 select(Request.state, func.count()).where(*base).group_by(Request.state)).all()}
     total = sum(n for state, n in state_counts.items() if not wanted.states or state in wanted.states)
-    screens.shown(ctx, who, screen, "request log", len(views), [pair for r in rows for pair in _pairs(screen, r)])
+    screens.shown(ctx, who, screen, "request log", len(views),
+                  [pair for r in rows for pair in _pairs(screen, r, issuers)])
     return RequestPage(views, rows[-1].id if more and rows else None, state_counts, total)
 
 
@@ -251,36 +253,47 @@ def _destination_caps(ctx: ServiceContext) -> dict[str, int]:
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
-        project_id = row.project_id if row else None
-    if project_id is None:
+    if row is None:
         raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
+    project_id = row.project_id
     # Checked before the read session opens: on SQLite every session holds the write lock.
     _require_member(ctx, who, project_id)
     screen = screens.request_screen(ctx, who, project_id)
+    issuers = _issuers(ctx, screen, project_id, [row])
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
         if row is None:
             raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
         waiting = waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id)
-        view = _on_screen(screen, session, row, request_view(row, waiting))
-        pairs = _pairs(screen, row)
+        view = _on_screen(screen, session, row, request_view(row, waiting), issuers)
+        pairs = _pairs(screen, row, issuers)
     screens.shown(ctx, who, screen, "request", 1, pairs)
     return view
 
 
-def _on_screen(screen: Screen, session: Session, row: Request, view: dict[str, Any]) -> dict[str, Any]:
+def _issuers(ctx: ServiceContext, screen: Screen, project_id: str, rows: Sequence[Request]) -> dict[str, str]:
+    """The Issuer of Patient ID the files of the requests' cached studies carry: a member's request log names
+    a patient as the cache list and the files do. A study not (or no longer) cached has none ("")."""
+    if screen.pseudonyms is None:
+        return {}
+    return screens.cached_issuers(ctx, project_id, {row.study_uid for row in rows})
+
+
+def _on_screen(screen: Screen, session: Session, row: Request, view: dict[str, Any],
+               issuers: dict[str, str]) -> dict[str, Any]:
     """A de-identified project's request as a member sees it: pseudonyms, its error text scrubbed."""
     if screen.pseudonyms is None:
         return view
-    return {**view, "patient_id": screen.patient(row.patient_id), "study_uid": screen.uid(row.study_uid),
+    issuer = issuers.get(row.study_uid, "")
+    return {**view, "patient_id": screen.patient(row.patient_id, issuer), "study_uid": screen.uid(row.study_uid),
             "accession": "", "series_uids": [screen.uid(uid) for uid in row.series_uids or []],
             "last_error": notifications.scrub(session, row, row.last_error) if row.last_error else None}
 
 
-def _pairs(screen: Screen, row: Request) -> list[tuple[str, str, str]]:
+def _pairs(screen: Screen, row: Request, issuers: dict[str, str]) -> list[tuple[str, str, str]]:
     if screen.pseudonyms is None:
         return []
-    return [("patient", row.patient_id, screen.patient(row.patient_id)),
+    return [screen.patient_pair(row.patient_id, issuers.get(row.study_uid, "")),
             ("study", row.study_uid, screen.uid(row.study_uid))]
 
 

@@ -69,15 +69,17 @@ class ScaledClock:
 class FakeFindSession:
     """An in-memory stand-in for one PACS's C-FIND, for unit tests of the search service.
 
-    Matches single values exactly and StudyDate ranges "A-B"; records every
-    query so tests can prove what was (not) sent. Integration tests use real PACS.
+    Matches single values exactly, StudyDate ranges "A-B" and (unless ``uid_lists``
+    is off, as on a PACS that does not) lists of UIDs "A\\B"; records every query so
+    tests can prove what was (not) sent. Integration tests use real PACS.
     """
 
     def __init__(self, studies: list[dict[str, str]], series: list[dict[str, str]] | None = None,
-                 result_limit: int = 0) -> None:
+                 result_limit: int = 0, uid_lists: bool = True) -> None:
         self.studies = studies
         self.series = series or []
         self.result_limit = result_limit
+        self.uid_lists = uid_lists
         self.queries: list[tuple[str, str, dict[str, str | None]]] = []
 
     def __enter__(self) -> FakeFindSession:
@@ -89,7 +91,8 @@ class FakeFindSession:
     def find(self, model: str, level: str, keys: Mapping[str, str | None]) -> list[dict[str, str]]:
         self.queries.append((model, level, dict(keys)))
         rows = self.series if level == "SERIES" else self.studies
-        answers = [dict(row) for row in rows if all(_matches(row.get(k, ""), v) for k, v in keys.items())]
+        answers = [dict(row) for row in rows
+                   if all(_matches(row.get(k, ""), v, self.uid_lists and k.endswith("UID")) for k, v in keys.items())]
         if level == "PATIENT":
             unique = {a["PatientID"]: a for a in answers}
             answers = list(unique.values())
@@ -99,9 +102,11 @@ class FakeFindSession:
         return {str(keys.get(keyword)) for _m, _l, keys in self.queries if keys.get(keyword)}
 
 
-def _matches(value: str, wanted: str | None) -> bool:
+def _matches(value: str, wanted: str | None, uid_list: bool = False) -> bool:
     if not wanted:
         return True
+    if uid_list and "\\" in wanted:
+        return value in wanted.split("\\")
     if "-" in wanted and len(wanted) == 17 and wanted[8] == "-":
         return bool(value) and wanted[:8] <= value <= wanted[9:]
     return value == wanted

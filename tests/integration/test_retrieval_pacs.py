@@ -9,7 +9,9 @@ the PACS off, slow it down, and count associations from the PACS's side.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,11 @@ from sqlalchemy import func, select
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy, Notification, Request
+from mi2b2.config import PacsConfig, SiteConfig
 from mi2b2.domain.receipt import move_message_id
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.services import cache as cache_service
+from mi2b2.services.context import FindSessionPort
 from mi2b2.services.requests import StudyPick, add_requests, cancel_requests
 from mi2b2.services.retrieval import run_retrieval
 from mi2b2.synthetic import SyntheticStudy, write_study
@@ -124,6 +128,43 @@ def test_whole_study_and_series_subset_arrive_identical(tmp_path: Path, setup: S
     assert "retrieving from main" in caplog.text
     for phi in (studies.BRAIN.patient_id, studies.BRAIN.patient_name, studies.TRAUMA.patient_name, "ACC-1001"):
         assert phi not in caplog.text
+
+
+def test_one_query_asks_the_pacs_about_several_studies(tmp_path: Path, setup: Setup) -> None:
+    """List of UID matching: `request add` of a cohort costs one STUDY-level C-FIND per hundred studies;
+    a PACS that refuses lists is asked study by study, and finds the same."""
+    with Pipeline(_site(tmp_path, setup), worker=False) as pipe:
+        levels: list[str] = []
+        governed = pipe.ctx.open_find
+
+        @contextmanager
+        def counted(config: SiteConfig, pacs: PacsConfig) -> Iterator[FindSessionPort]:
+            with governed(config, pacs) as session:
+                yield _Counted(session, levels)
+
+        pipe.ctx.open_find = counted
+        uids = [studies.uid(s) for s in (studies.BRAIN, studies.TRAUMA, studies.OFF_LIST)] + ["1.2.826.0.1.999"]
+        report = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(uid) for uid in uids])
+        assert len(report.created) == 2, report
+        assert report.not_permitted == [studies.uid(studies.OFF_LIST)] and report.not_found == ["1.2.826.0.1.999"]
+        # pynetdicom's qrscp refuses a list (0xC320): the studies are then asked one by one.
+        assert levels.count("STUDY") == (1 + len(uids) if setup.pacs.kind == "qrscp" else 1), levels
+        rows = pipe.requests(report.created)
+        assert [(r.study_uid, r.patient_id, r.expected_instances) for r in rows] == [
+            (studies.uid(studies.BRAIN), studies.BRAIN.patient_id, 6),
+            (studies.uid(studies.TRAUMA), studies.TRAUMA.patient_id, 2)]
+
+
+@dataclass
+class _Counted:
+    """A real PACS's find session that notes the level of each C-FIND sent through it."""
+
+    session: FindSessionPort
+    levels: list[str]
+
+    def find(self, model: str, level: str, keys: Mapping[str, str | None]) -> list[dict[str, str]]:
+        self.levels.append(level)
+        return self.session.find(model, level, keys)
 
 
 def test_missing_instances_make_the_request_incomplete(tmp_path: Path, setup: Setup) -> None:

@@ -48,8 +48,9 @@ def gamma_project(options: Iterable[str] = LONGITUDINAL, members: str = '{ login
 """
 
 
-def sample_study(folder: Path, study_uid: str, names: dict[str, int]) -> list[Path]:
-    """pydicom's samples (file name -> series number) as one study of patient PAT004, with identifiers."""
+def sample_study(folder: Path, study_uid: str, names: dict[str, int], issuer: str = "") -> list[Path]:
+    """pydicom's samples (file name -> series number) as one study of patient PAT004, with identifiers;
+    with ``issuer``, its files name that Issuer of Patient ID."""
     out = []
     for name, number in names.items():
         path = get_testdata_file(name)
@@ -60,6 +61,8 @@ def sample_study(folder: Path, study_uid: str, names: dict[str, int]) -> list[Pa
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study_uid}.{number}.1"
         ds.AccessionNumber, ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = ACCESSION, STUDY_DATE, number, 1
         ds.InstitutionName, ds.ReferringPhysicianName = INSTITUTION, REFERRER
+        if issuer:
+            ds.IssuerOfPatientID = issuer
         folder.mkdir(parents=True, exist_ok=True)
         ds.save_as(folder / name, enforce_file_format=True)
         out.append(folder / name)

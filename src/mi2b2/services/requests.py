@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import CachedStudy, ProjectMember, QueueReason, Request
+from mi2b2.adapters.dicom.errors import DimseFailure
 from mi2b2.domain.identifiers import looks_like_uid
 from mi2b2.domain.mrn import issuer_conflicts
 from mi2b2.domain.principal import Principal
@@ -185,13 +186,15 @@ def request_page(
         more = len(rows) > limit
         rows = rows[:limit]
         reasons = waiting_reasons(session, rows, now, _destination_caps(ctx))
-        views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id))) for r in rows]
+        issuers = _issuers(ctx, screen, project_id, rows)
+        views = [_on_screen(screen, session, r, request_view(r, reasons.get(r.id)), issuers) for r in rows]
         state_counts: dict[str, int] = {}
         if counts:
             state_counts = {state: int(n) for state, n in session.execute(
                 select(Request.state, func.count()).where(*base).group_by(Request.state)).all()}
     total = sum(n for state, n in state_counts.items() if not wanted.states or state in wanted.states)
-    screens.shown(ctx, who, screen, "request log", len(views), [pair for r in rows for pair in _pairs(screen, r)])
+    screens.shown(ctx, who, screen, "request log", len(views),
+                  [pair for r in rows for pair in _pairs(screen, r, issuers)])
     return RequestPage(views, rows[-1].id if more and rows else None, state_counts, total)
 
 
@@ -250,36 +253,47 @@ def _destination_caps(ctx: ServiceContext) -> dict[str, int]:
 def show_request(ctx: ServiceContext, who: Principal, request_id: int) -> dict[str, Any]:
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
-        project_id = row.project_id if row else None
-    if project_id is None:
+    if row is None:
         raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
+    project_id = row.project_id
     # Checked before the read session opens: on SQLite every session holds the write lock.
     _require_member(ctx, who, project_id)
     screen = screens.request_screen(ctx, who, project_id)
+    issuers = _issuers(ctx, screen, project_id, [row])
     with ctx.sessions() as session:
         row = session.get(Request, request_id)
         if row is None:
             raise NotFound(f"no request {request_id}; list them with `mi2b2 request list PROJECT`")
         waiting = waiting_reasons(session, [row], ctx.clock.now(), _destination_caps(ctx)).get(row.id)
-        view = _on_screen(screen, session, row, request_view(row, waiting))
-        pairs = _pairs(screen, row)
+        view = _on_screen(screen, session, row, request_view(row, waiting), issuers)
+        pairs = _pairs(screen, row, issuers)
     screens.shown(ctx, who, screen, "request", 1, pairs)
     return view
 
 
-def _on_screen(screen: Screen, session: Session, row: Request, view: dict[str, Any]) -> dict[str, Any]:
+def _issuers(ctx: ServiceContext, screen: Screen, project_id: str, rows: Sequence[Request]) -> dict[str, str]:
+    """The Issuer of Patient ID the files of the requests' cached studies carry: a member's request log names
+    a patient as the cache list and the files do. A study not (or no longer) cached has none ("")."""
+    if screen.pseudonyms is None:
+        return {}
+    return screens.cached_issuers(ctx, project_id, {row.study_uid for row in rows})
+
+
+def _on_screen(screen: Screen, session: Session, row: Request, view: dict[str, Any],
+               issuers: dict[str, str]) -> dict[str, Any]:
     """A de-identified project's request as a member sees it: pseudonyms, its error text scrubbed."""
     if screen.pseudonyms is None:
         return view
-    return {**view, "patient_id": screen.patient(row.patient_id), "study_uid": screen.uid(row.study_uid),
+    issuer = issuers.get(row.study_uid, "")
+    return {**view, "patient_id": screen.patient(row.patient_id, issuer), "study_uid": screen.uid(row.study_uid),
             "accession": "", "series_uids": [screen.uid(uid) for uid in row.series_uids or []],
             "last_error": notifications.scrub(session, row, row.last_error) if row.last_error else None}
 
 
-def _pairs(screen: Screen, row: Request) -> list[tuple[str, str, str]]:
+def _pairs(screen: Screen, row: Request, issuers: dict[str, str]) -> list[tuple[str, str, str]]:
     if screen.pseudonyms is None:
         return []
-    return [("patient", row.patient_id, screen.patient(row.patient_id)),
+    return [screen.patient_pair(row.patient_id, issuers.get(row.study_uid, "")),
             ("study", row.study_uid, screen.uid(row.study_uid))]
 
 
@@ -382,15 +396,11 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
     if not picks:
         return found
     with ctx.open_find(ctx.config, door.pacs) as pacs:
+        answers = _study_answers(pacs, [pick.study_uid for pick in picks])
         for pick in picks:
-            answers = pacs.find(STUDY_ROOT, "STUDY", {
-                "StudyInstanceUID": pick.study_uid, "PatientID": "", "IssuerOfPatientID": "", "AccessionNumber": "",
-                "NumberOfStudyRelatedInstances": "",
-            })
-            answers = [a for a in answers if a.get("StudyInstanceUID") == pick.study_uid]
-            if not answers:
+            answer = answers.get(pick.study_uid)
+            if answer is None:
                 continue
-            answer = answers[0]
             found[pick.study_uid] = _Found(
                 patient_id=answer.get("PatientID", ""),
                 accession=answer.get("AccessionNumber", ""),
@@ -398,6 +408,46 @@ def _look_up(ctx: ServiceContext, door: Door, picks: list[StudyPick]) -> dict[st
                 issuer=answer.get("IssuerOfPatientID", ""),
             )
     return found
+
+
+UIDS_PER_FIND = 100  # studies named in one C-FIND: a 5,000-study request costs the PACS 50 queries, not 5,000
+
+
+def _study_answers(pacs: FindSessionPort, uids: list[str]) -> dict[str, dict[str, str]]:
+    """The PACS's STUDY-level answer for each of ``uids`` it holds, asked by List of UID matching
+    (PS3.4 C.2.2.2.2). A PACS that refuses a list, or answers one with nothing, may not match
+    lists: that list is asked one UID at a time, and if the PACS refused it or then found a
+    study, so is every later one."""
+    answers: dict[str, dict[str, str]] = {}
+    unique = list(dict.fromkeys(uids))
+    lists_match = True
+    for start in range(0, len(unique), UIDS_PER_FIND):
+        chunk = unique[start:start + UIDS_PER_FIND]
+        listed: dict[str, dict[str, str]] = {}
+        if lists_match and len(chunk) > 1:
+            try:
+                listed = _find_studies(pacs, chunk)
+            except DimseFailure:  # e.g. pynetdicom's qrscp: 0xC320 for any list
+                lists_match = False
+        if not listed:
+            for uid in chunk:
+                listed |= _find_studies(pacs, [uid])
+            lists_match = lists_match and not listed
+        answers |= listed
+    return answers
+
+
+def _find_studies(pacs: FindSessionPort, uids: list[str]) -> dict[str, dict[str, str]]:
+    asked = set(uids)
+    answers: dict[str, dict[str, str]] = {}
+    for answer in pacs.find(STUDY_ROOT, "STUDY", {
+        "StudyInstanceUID": "\\".join(uids), "PatientID": "", "IssuerOfPatientID": "", "AccessionNumber": "",
+        "NumberOfStudyRelatedInstances": "",
+    }):
+        uid = answer.get("StudyInstanceUID", "")
+        if uid in asked:  # a PACS that answers with studies not asked for is not believed about them
+            answers.setdefault(uid, answer)
+    return answers
 
 
 def _patient_refusal(ctx: ServiceContext, door: Door, study: _Found) -> str | None:

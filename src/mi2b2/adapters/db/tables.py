@@ -334,6 +334,8 @@ class CachedStudy(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
     study_uid: Mapped[str] = mapped_column(String(64))
     patient_id: Mapped[str] = mapped_column(String(64))
+    # IssuerOfPatientID as the files carry it ("" for none); NULL: cached before it was kept, read on first show.
+    patient_id_issuer: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_name: Mapped[str] = mapped_column(String(200), default="")
     accession: Mapped[str] = mapped_column(String(64), default="")
     study_date: Mapped[str] = mapped_column(String(8), default="")

@@ -42,6 +42,11 @@ class Pseudonymizer:
         return -timedelta(days=1 + number % MAX_SHIFT_DAYS)
 
 
+def patient_original(patient_id: str, issuer: str) -> str:
+    """A patient as the honest broker's table names it: ``issuer/ID`` when the files name an issuer."""
+    return f"{issuer}/{patient_id}" if issuer else patient_id
+
+
 def shift_date(value: str, shift: timedelta) -> str | None:
     """A DA value (YYYYMMDD) moved by ``shift``; None if it is not a date (the caller empties it)."""
     text = value.strip()

@@ -146,6 +146,8 @@ def _note_added(study: CachedStudy, added: list[Placement], now: datetime) -> No
         study.accession = study.accession or header.accession[:64]
         study.study_date = study.study_date or header.study_date[:8]
         study.description = study.description or header.study_description[:200]
+        if study.patient_id_issuer is None:  # a study cached before the issuer was kept: its files say it now
+            study.patient_id_issuer = header.issuer[:64]
     latest = added[-1]
     study.pacs_id = latest.pacs_id or study.pacs_id
     # fetched_by/at name the latest retrieval that added instances.
@@ -156,7 +158,7 @@ def _note_added(study: CachedStudy, added: list[Placement], now: datetime) -> No
 def _new_study(item: Placement, now: datetime) -> dict[str, Any]:
     header = item.header
     return dict(project_id=item.project_id, study_uid=header.study_uid, patient_id=header.patient_id[:64],
-                patient_name=header.patient_name[:200], accession=header.accession[:64],
+                patient_id_issuer=header.issuer[:64], patient_name=header.patient_name[:200], accession=header.accession[:64],
                 study_date=header.study_date[:8], modalities="", description=header.study_description[:200],
                 pacs_id=item.pacs_id, instance_count=0, bytes=0, fetched_by=item.fetched_by[:64], fetched_at=now)
 

@@ -115,11 +115,14 @@ def list_studies(ctx: ServiceContext, who: Principal, project_id: str) -> list[C
         ).all()
         views = [_study_view(row, closed or (None if allowed else Denial.PATIENT_NOT_ALLOWED.value))
                  for row, allowed in rows]
+        stored = {row.study_uid: row.patient_id_issuer for row, _allowed in rows}
     screen = screens.cache_screen(ctx, project_id)
     if screen.pseudonyms is None:
         return views
-    screens.shown(ctx, who, screen, "cache list", len(views), [pair for v in views for pair in _pairs(screen, v)])
-    return [_on_screen(screen, view) for view in views]
+    issuers = screens.known_issuers(ctx, project_id, stored)
+    screens.shown(ctx, who, screen, "cache list", len(views),
+                  [pair for v in views for pair in _pairs(screen, v, issuers[v.study_uid])])
+    return [_on_screen(screen, view, issuers[view.study_uid]) for view in views]
 
 
 def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid: str) -> StudyDetail:
@@ -141,24 +144,25 @@ def study_detail(ctx: ServiceContext, who: Principal, project_id: str, study_uid
             )
         ]
         view = _study_view(study)
+        stored = {study.study_uid: study.patient_id_issuer}
     screen = screens.cache_screen(ctx, project_id)
     if screen.pseudonyms is None:
         return StudyDetail(project_id, view, len(series), series)
-    screens.shown(ctx, who, screen, "cached study", 1, _pairs(screen, view))
-    return StudyDetail(project_id, _on_screen(screen, view), len(series),
+    issuer = screens.known_issuers(ctx, project_id, stored)[view.study_uid]
+    screens.shown(ctx, who, screen, "cached study", 1, _pairs(screen, view, issuer))
+    return StudyDetail(project_id, _on_screen(screen, view, issuer), len(series),
                        [replace(s, series_uid=screen.uid(s.series_uid)) for s in series])
 
 
-def _on_screen(screen: Screen, view: CachedStudyView) -> CachedStudyView:
+def _on_screen(screen: Screen, view: CachedStudyView, issuer: str) -> CachedStudyView:
     """A de-identified project's study as its downloads name it: nothing identifying left."""
-    return replace(view, study_uid=screen.uid(view.study_uid), patient_id=screen.patient(view.patient_id),
+    return replace(view, study_uid=screen.uid(view.study_uid), patient_id=screen.patient(view.patient_id, issuer),
                    patient_name="", accession="", description="",
-                   study_date=screen.date(view.patient_id, view.study_date))
+                   study_date=screen.date(view.patient_id, issuer, view.study_date))
 
 
-def _pairs(screen: Screen, view: CachedStudyView) -> list[tuple[str, str, str]]:
-    return [("patient", view.patient_id, screen.patient(view.patient_id)),
-            ("study", view.study_uid, screen.uid(view.study_uid))]
+def _pairs(screen: Screen, view: CachedStudyView, issuer: str) -> list[tuple[str, str, str]]:
+    return [screen.patient_pair(view.patient_id, issuer), ("study", view.study_uid, screen.uid(view.study_uid))]
 
 
 def _study_view(row: CachedStudy, closed_reason: str | None = None) -> CachedStudyView:

@@ -31,7 +31,7 @@ from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, 
 from mi2b2.adapters.dicom.files import InstanceHeader
 from mi2b2.config.export_policy import ExportPolicy, export_policy
 from mi2b2.domain.deid.profile import ProfileOption
-from mi2b2.domain.deid.pseudonyms import Pseudonymizer, shift_date
+from mi2b2.domain.deid.pseudonyms import Pseudonymizer, patient_original, shift_date
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import AccessDenied
 from mi2b2.services.audit import Action, Outcome
@@ -126,7 +126,7 @@ def pseudonymous_files(engine: DeidEngine, studies: list[StudyInfo], series: dic
         date = (shift_date(study.study_date, pseudo.date_shift(patient, issuer)) or "") if shifted else ""
         new_uid = pseudo.uid(study.study_uid)
         new_studies.append(StudyInfo(new_uid, pseudonym, date, ""))
-        pairs += [("patient", f"{issuer}/{patient}" if issuer else patient, pseudonym),
+        pairs += [("patient", patient_original(patient, issuer), pseudonym),
                   ("study", study.study_uid, new_uid)]
     new_series = {pseudo.uid(uid): SeriesInfo(pseudo.uid(uid), info.series_number, info.modality)
                   for uid, info in series.items()}

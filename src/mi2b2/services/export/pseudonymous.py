@@ -37,6 +37,7 @@ from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, DeidUid
 from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld
 from mi2b2.adapters.dicom.render import quiet
 from mi2b2.config.export_policy import ExportPolicy
+from mi2b2.domain.deid.pseudonyms import patient_original
 from mi2b2.domain.principal import Principal
 from mi2b2.errors import NotFound
 from mi2b2.services.audit import Action, Outcome
@@ -217,6 +218,5 @@ def hand_out(ctx: ServiceContext, reads: DeidReads, studies: Iterable[tuple[str,
             except Exception:  # pydicom on a damaged file can raise nearly anything: no patient pseudonym then
                 continue
         patient, issuer = str(original.get("PatientID", "") or ""), str(original.get("IssuerOfPatientID", "") or "")
-        pairs.append(("patient", f"{issuer}/{patient}" if issuer else patient,
-                      reads.engine.pseudonyms.patient_id(patient, issuer)))
+        pairs.append(("patient", patient_original(patient, issuer), reads.engine.pseudonyms.patient_id(patient, issuer)))
     record_mappings(ctx, reads.project_id, pairs)

@@ -4,6 +4,8 @@ In a project whose policy is ``deidentified`` every screen that lists cached dat
 names patients and studies as its downloads do: the pseudonymous PatientID and
 StudyInstanceUID of the project's key, dates shifted when the profile keeps
 longitudinal dates (else empty), no patient name, accession or description. The
+patient's pseudonym and date shift are made, as the files' are, from the Issuer of
+Patient ID and PatientID the study's files carry (`cached_issuers`). The
 cache's screens are pseudonymous for every role (identities come back only through
 the audited re-identification); the request log shows identifiers only to the
 honest broker (lead or admin, `domain.deid.broker.sees_identifiers`), who made
@@ -17,18 +19,22 @@ through ``deid_uids`` as DICOMweb and the viewer do (`services.export.pseudonymo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
-from mi2b2.adapters.db.tables import CachedStudy, DeidMapping, DeidUid
+from mi2b2.adapters.db.engine import transaction
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, DeidMapping, DeidUid
+from mi2b2.adapters.dicom.files import read_instance_header
+from mi2b2.adapters.storage.cache_files import CacheStore
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.config.fields import MemberRole
 from mi2b2.domain.deid.broker import sees_identifiers
 from mi2b2.domain.deid.profile import ProfileOption
-from mi2b2.domain.deid.pseudonyms import Pseudonymizer, shift_date
+from mi2b2.domain.deid.pseudonyms import Pseudonymizer, patient_original, shift_date
 from mi2b2.domain.principal import Principal
+from mi2b2.errors import InvalidInput
 from mi2b2.services.audit import Action
 from mi2b2.services.context import ServiceContext
 
@@ -42,20 +48,25 @@ class Screen:
     policy: ExportPolicy
     pseudonyms: Pseudonymizer | None = None
 
-    def patient(self, patient_id: str) -> str:
-        return self.pseudonyms.patient_id(patient_id) if self.pseudonyms else patient_id
+    def patient(self, patient_id: str, issuer: str) -> str:
+        """The patient as the files name it: pseudonymous from (IssuerOfPatientID, PatientID), as downloads do."""
+        return self.pseudonyms.patient_id(patient_id, issuer) if self.pseudonyms else patient_id
+
+    def patient_pair(self, patient_id: str, issuer: str) -> tuple[str, str, str]:
+        """The patient pseudonym shown, as `shown` records it for the broker: named as downloads name it."""
+        return "patient", patient_original(patient_id, issuer), self.patient(patient_id, issuer)
 
     def uid(self, uid: str) -> str:
         return self.pseudonyms.uid(uid) if self.pseudonyms else uid
 
-    def date(self, patient_id: str, value: str) -> str:
+    def date(self, patient_id: str, issuer: str, value: str) -> str:
         """A study date: shifted per patient when the profile keeps longitudinal dates, else removed."""
         if self.pseudonyms is None:
             return value
         profile = self.policy.profile
         if profile is None or not profile.has(ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES):
             return ""
-        return shift_date(value, self.pseudonyms.date_shift(patient_id)) or ""
+        return shift_date(value, self.pseudonyms.date_shift(patient_id, issuer)) or ""
 
 
 def _policy(ctx: ServiceContext, project_id: str) -> ExportPolicy:
@@ -100,6 +111,61 @@ def shown(ctx: ServiceContext, who: Principal, screen: Screen, operation: str, r
     ctx.audit.record(who, Action.LIST, project_id=screen.policy.project_id,
                      detail={"operation": operation, "rows": rows, "view": "pseudonymous",
                              **screen.policy.audit_detail()})
+
+
+# the issuer the files carry ------------------------------------------------------------------
+
+
+def cached_issuers(ctx: ServiceContext, project_id: str, study_uids: Collection[str]) -> dict[str, str]:
+    """Study -> the Issuer of Patient ID its cached files carry ("" for none); a study not cached is absent."""
+    wanted = sorted(set(study_uids))
+    stored: dict[str, str | None] = {}
+    with ctx.sessions() as session:
+        for start in range(0, len(wanted), 1000):
+            stored.update({uid: issuer for uid, issuer in session.execute(
+                select(CachedStudy.study_uid, CachedStudy.patient_id_issuer).where(
+                    CachedStudy.project_id == project_id, CachedStudy.study_uid.in_(wanted[start:start + 1000])))})
+    return known_issuers(ctx, project_id, stored)
+
+
+def known_issuers(ctx: ServiceContext, project_id: str, stored: dict[str, str | None]) -> dict[str, str]:
+    """The stored issuers (study -> issuer, None where not known), the unknown ones learnt.
+
+    A study cached before its issuer was kept (revision 0014) has none stored: it is read
+    once from one of its cached files, with the reader downloads use, and stored, so the
+    screens name its patient as its files do without retrieving it again. A study none of
+    whose files can be read is shown without an issuer and tried again next time."""
+    issuers = {uid: issuer or "" for uid, issuer in stored.items()}
+    unknown = sorted(uid for uid, issuer in stored.items() if issuer is None)
+    if not unknown:
+        return issuers
+    learnt = _read_issuers(ctx, project_id, unknown)
+    if learnt:
+        with transaction(ctx.sessions) as session:
+            for uid, issuer in learnt.items():  # a receipt meanwhile stored the same header's issuer: kept
+                session.execute(update(CachedStudy).where(
+                    CachedStudy.project_id == project_id, CachedStudy.study_uid == uid,
+                    CachedStudy.patient_id_issuer.is_(None)).values(patient_id_issuer=issuer))
+    return {**issuers, **learnt}
+
+
+def _read_issuers(ctx: ServiceContext, project_id: str, study_uids: list[str]) -> dict[str, str]:
+    paths: dict[str, str] = {}
+    with ctx.sessions() as session:
+        for start in range(0, len(study_uids), 1000):
+            paths.update({uid: path for uid, path in session.execute(
+                select(CachedStudy.study_uid, func.min(CachedInstance.relative_path))
+                .join(CachedInstance, CachedInstance.cached_study_id == CachedStudy.id)
+                .where(CachedStudy.project_id == project_id, CachedStudy.study_uid.in_(study_uids[start:start + 1000]))
+                .group_by(CachedStudy.study_uid))})
+    store = CacheStore(ctx.config.cache_dir())
+    learnt: dict[str, str] = {}
+    for uid, path in paths.items():
+        try:
+            learnt[uid] = read_instance_header(store.absolute(path)).issuer[:64]
+        except InvalidInput:  # gone or damaged (UnreadableInstance): downloads withhold it too
+            continue
+    return learnt
 
 
 # naming studies by their pseudonyms ------------------------------------------------------------

@@ -407,6 +407,7 @@ def set_transfer_syntax_order(context: PresentationContext, order: list[UID]) ->
 
 # --- reading and answering P-DATA on the network thread ------------------------------------
 
+_AWAITING_REQUEST = "Sta2"
 _ESTABLISHED = "Sta6"
 _AWAITING_CLOSE = "Sta13"
 _CONNECTION_CLOSED = "Evt17"
@@ -440,8 +441,20 @@ class NetworkLayer:
         return self._dul.state_machine.current_state == _AWAITING_CLOSE
 
     def connection_closed(self) -> None:
-        """Tell the state machine the transport is gone (closed, or too slow)."""
+        """Tell the state machine the transport is gone (closed, or too slow).
+
+        Before the A-ASSOCIATE-RQ, pynetdicom's state machine just returns to
+        idle and the acceptor's reactor goes on waiting for a request that can
+        no longer come, for the whole ACSE timeout (30 s), counted all along
+        among the AE's associations (at most 64). A balancer's health check
+        that carries a PROXY header is such a connection, several a second:
+        the reactor is given the None its wait returns on a timeout, and ends
+        at once as it would then.
+        """
+        awaiting_request = self._dul.state_machine.current_state == _AWAITING_REQUEST
         self._dul.event_queue.put(_CONNECTION_CLOSED)
+        if awaiting_request:
+            self._dul.to_user_queue.put(None)  # what receive_pdu returns on a timeout
 
     def invalid_pdu(self) -> None:
         """Tell the state machine a PDU was invalid: it aborts the association."""

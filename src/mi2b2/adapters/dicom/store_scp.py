@@ -157,6 +157,12 @@ class StoreServer:
         return int(self._server.server_address[1])
 
     @property
+    def open_associations(self) -> int:
+        """Associations whose threads still run, from the TCP connect on (requested or not)."""
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
+
+    @property
     def is_running(self) -> bool:
         return self._server is not None
 

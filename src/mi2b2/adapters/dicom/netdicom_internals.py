@@ -11,7 +11,8 @@ imports a pynetdicom private name (ruff's banned-api enforces the modules).
 
 To support a new pynetdicom release: run the DICOM tests against it (unit,
 test_dicom_adapter, test_receiver*, test_retrieve*, test_forward*), read its
-changes to ``dul.py``, ``dimse.py``, ``association.py`` and ``presentation.py``
+changes to ``dul.py``, ``dimse.py``, ``association.py``, ``presentation.py`` and
+``transport.py`` (its server's accept and per-connection handling)
 against each function below, then widen `TESTED_PYNETDICOM` and the pin
 together.
 """

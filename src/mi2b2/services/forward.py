@@ -11,7 +11,8 @@ forwards have:
   the allow-list. Every refusal is audited.
 * `schedule_forwards`, under the same database lock as the retrieval
   scheduler: at most ``max_concurrent`` forwards per destination, projects in
-  turn, priority then age inside a project (`domain.forwarding`).
+  turn, priority then age inside a project (`domain.forwarding`), reading only
+  the heads of each project's queue.
 * `run_forward`, the worker's side: C-STORE the cached files over one
   association (`adapters.dicom.store_scu`), retry transient failures with
   backoff, judge, audit one event per study. For a ``deidentified`` project

@@ -6,12 +6,14 @@ import errno
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from mi2b2.adapters.storage import cache_files
-from mi2b2.adapters.storage.cache_files import CacheFull, CacheStorageError, CacheStore
+from mi2b2.adapters.storage.cache_files import ABANDONED_AFTER, CacheFull, CacheStorageError, CacheStore
 from mi2b2.errors import InvalidInput, PermanentError
 
 STUDY, SERIES, SOP = "1.2.840.1", "1.2.840.1.1", "1.2.840.1.1.7"
@@ -167,6 +169,27 @@ def test_stale_incoming_of_dead_processes_on_this_host_is_cleaned(store: CacheSt
     assert not dead_dir.exists()
     assert mine.exists() and (other_host / "c.part").exists()
     assert store.stale_incoming_files() == []
+
+
+def test_another_hosts_temp_files_untouched_for_an_hour_are_abandoned(store: CacheStore) -> None:
+    """A host that died leaves its temp files on the shared volume; no other host sees its pids."""
+    folder = store.root / ".incoming" / "elsewhere-42"
+    folder.mkdir(parents=True)
+    old, fresh = folder / "old.part", folder / "fresh.part"
+    old.write_bytes(b"1")
+    fresh.write_bytes(b"2")
+    an_hour_ago = time.time() - ABANDONED_AFTER - 60
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    mine = _temp(store, b"mine", "slow.part")
+    os.utime(mine, (an_hour_ago, an_hour_ago))  # this host's live process: judged by its pid, not by age
+
+    now = datetime.now(UTC)
+    assert store.stale_incoming_files() == []  # without the time, nothing of another host's is judged
+    assert store.stale_incoming_files(now) == [".incoming/elsewhere-42/old.part"]
+    assert store.clean_stale_incoming(now) == 1
+    assert not old.exists() and fresh.exists() and mine.exists()
+    assert folder.is_dir()  # a live, idle receiver there still writes into it
+    assert store.abandoned_files(now + timedelta(seconds=ABANDONED_AFTER + 60)) == [fresh]
 
 
 def test_discard_removes_stray_files_but_not_incoming(store: CacheStore) -> None:

@@ -74,7 +74,7 @@ class Worker:
         """After a crash: requeue what dead workers left processing and drop their temp files."""
         heartbeat(self.ctx, self.worker_id)
         requeued = requeue_orphans(self.ctx, self.stale_after, caller=self.worker_id)
-        removed = self.sink.store.clean_stale_incoming()
+        removed = self.sink.store.clean_stale_incoming(self.ctx.clock.now())
         if requeued or removed:
             LOG.warning("recovered %d interrupted requests and %d partial files", len(requeued), removed)
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from mi2b2.adapters.process import pid_alive
@@ -31,6 +32,7 @@ from mi2b2.config import IDENTIFIER
 from mi2b2.errors import InvalidInput, PermanentError
 
 INCOMING = ".incoming"
+ABANDONED_AFTER = 3600.0  # seconds without a write: another host's temp file has no writer left
 SUFFIX = ".dcm"
 UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 MAX_UID = 64
@@ -301,7 +303,9 @@ class CacheStore:
     def stale_incoming(self) -> list[Path]:
         """Incoming folders of processes on this host that are no longer running.
 
-        Folders of other hosts (a shared cache volume) are left to those hosts."""
+        Another host's folders (a shared cache volume) stay: this host cannot see its
+        processes, and a receiver there that is alive and idle still writes into its own.
+        Their files are judged one by one (`abandoned_files`)."""
         base = self.root / INCOMING
         if not base.is_dir():
             return []
@@ -314,16 +318,44 @@ class CacheStore:
                 stale.append(entry)
         return stale
 
-    def stale_incoming_files(self) -> list[str]:
-        """Temp files left by dead processes, relative to the root."""
+    def abandoned_files(self, now: datetime) -> list[Path]:
+        """Other hosts' temp files untouched for ABANDONED_AFTER: left by a host that died.
+
+        A live receiver writes a file it receives at least every network timeout, or
+        drops it, so a file this old has no writer left."""
+        base = self.root / INCOMING
+        if not base.is_dir():
+            return []
+        cutoff = now.timestamp() - ABANDONED_AFTER
+        found = []
+        for entry in sorted(base.iterdir()):
+            host, _, pid = entry.name.rpartition("-")
+            if not entry.is_dir() or host == self.host or not pid.isdigit():
+                continue
+            for dirpath, _dirs, names in os.walk(entry):
+                for name in sorted(names):
+                    path = Path(dirpath) / name
+                    try:
+                        if path.lstat().st_mtime < cutoff:
+                            found.append(path)
+                    except FileNotFoundError:
+                        continue  # its host placed or dropped it meanwhile
+        return found
+
+    def stale_incoming_files(self, now: datetime | None = None) -> list[str]:
+        """Temp files left by dead processes, relative to the root; given ``now``, with
+        the files other hosts abandoned."""
         files: list[str] = []
         for folder in self.stale_incoming():
             for dirpath, _dirs, names in os.walk(folder):
                 files.extend((Path(dirpath) / n).relative_to(self.root).as_posix() for n in sorted(names))
+        if now is not None:
+            files.extend(path.relative_to(self.root).as_posix() for path in self.abandoned_files(now))
         return files
 
-    def clean_stale_incoming(self) -> int:
-        """Remove the incoming folders of dead processes on this host; return the temp files removed."""
+    def clean_stale_incoming(self, now: datetime | None = None) -> int:
+        """Remove the incoming folders of dead processes on this host and, given ``now``,
+        the files other hosts abandoned; return the temp files removed."""
         removed = 0
         for folder in self.stale_incoming():
             removed += sum(len(names) for _d, _s, names in os.walk(folder))
@@ -333,4 +365,12 @@ class CacheStore:
                 pass
             except OSError as exc:
                 raise _storage_error("clean", str(folder.relative_to(self.root)), exc) from None
+        for path in self.abandoned_files(now) if now is not None else []:
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _storage_error("clean", str(path.relative_to(self.root)), exc) from None
         return removed

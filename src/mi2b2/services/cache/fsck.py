@@ -161,7 +161,7 @@ def _compare(ctx: ServiceContext, store: CacheStore, report: FsckReport) -> dict
             report.being_received.append(path)
         else:
             report.orphan_files.append(path)
-    report.stale_incoming = store.stale_incoming_files()
+    report.stale_incoming = store.stale_incoming_files(ctx.clock.now())
     report.differences = sum(report.counts()[k] for k in (
         "missing_files", "size_mismatches", "orphan_files", "wrong_aggregates", "stale_incoming"))
     return indexed
@@ -210,7 +210,7 @@ def _repair(
         removals += _adopt_or_remove_orphans(session, store, report, who, now)
         session.flush()
         _fix_aggregates(session, report)
-        report.incoming_removed = store.clean_stale_incoming()
+        report.incoming_removed = store.clean_stale_incoming(ctx.clock.now())
         _audit_removals(ctx, who, removals, session)
     return removals
 

@@ -21,8 +21,10 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import AuditEvent, CachedStudy, Notification, Request
 from mi2b2.config import load_config
 from mi2b2.domain.forwarding import FAILING_HEADS, SWEEP_BATCH
+from mi2b2.domain.principal import Principal, Role
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.forward import schedule_forwards
+from mi2b2.services.requests import show_request
 from mi2b2.testing import FakeClock
 from support.site import write_site
 
@@ -36,6 +38,7 @@ XNAT = textwrap.dedent("""
     max_concurrent = 2
 """)
 NOT_ALLOWED = "999"  # on no allow-list
+ALICE = Principal("alice", Role.RESEARCHER)
 _serial = iter(range(1, 10**9))
 
 
@@ -180,6 +183,11 @@ def test_more_heads_failing_than_a_tick_reads_end_over_two_ticks(ctx: ServiceCon
     gone = _queue(ctx, "alpha", 2 + FAILING_HEADS + 1, NOT_ALLOWED, priority=5)
     (allowed,) = _queue(ctx, "alpha", 1, "000123")
     assert schedule_forwards(ctx, "worker:test") == []  # the free slots and FAILING_HEADS more: all fail
+    # The one not read yet says why it will fail, not that it waits for its turn.
+    assert show_request(ctx, ALICE, gone[-1])["waiting_reason"] == (
+        "the patient is no longer on the project's IRB allow-list: the forward fails when it reaches the head "
+        "of the queue")
+    assert show_request(ctx, ALICE, allowed)["waiting_reason"] == "waiting for the scheduler"
     assert schedule_forwards(ctx, "worker:test") == [allowed]
     with ctx.sessions() as session:
         assert set(session.execute(select(Request.state).where(Request.id.in_(gone))).scalars()) == {"failed"}

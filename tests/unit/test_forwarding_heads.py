@@ -22,6 +22,7 @@ from mi2b2.domain.forwarding import (
     DestinationRules,
     ForwardCandidate,
     forward_heads,
+    forward_waiting_reason,
     heads_to_read,
     plan_destination,
 )
@@ -120,6 +121,8 @@ def test_a_head_whose_patient_left_fails_and_the_next_one_starts() -> None:
     assert plan.fail == {1: "the patient is no longer on the project's IRB allow-list"} and plan.starts == [2]
     # With the destination busy nothing of the project is read, and so nothing fails yet.
     assert forward_heads(NOW, rules, 1, {"alpha": None}, queue) == []
+    assert forward_waiting_reason(NOW, queue[0], 1, 1) == (  # and it says so meanwhile
+        "the patient is no longer on the project's IRB allow-list: the forward fails when it reaches the head of the queue")
 
 
 def test_forwards_held_back_take_no_place_among_the_heads() -> None:

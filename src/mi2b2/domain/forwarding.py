@@ -22,6 +22,7 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # and nearly all take Explicit: the fallbacks when the stored syntax is refused.
 UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are the odd numbers 1-255
+PATIENT_LEFT = "the patient is no longer on the project's IRB allow-list"
 
 
 # --- who may forward where -----------------------------------------------------------
@@ -110,7 +111,7 @@ def plan_destination(
         if end is not None:
             (plan.cancel if end[0] == RequestState.CANCELED else plan.fail)[c.request_id] = end[1]
         elif not c.patient_allowed:
-            plan.fail[c.request_id] = "the patient is no longer on the project's IRB allow-list"
+            plan.fail[c.request_id] = PATIENT_LEFT
         elif (held := _held_back(now, c)) is not None:
             plan.waiting[c.request_id] = held
         else:
@@ -213,7 +214,10 @@ def _queue_order(c: ForwardCandidate) -> tuple[int, datetime, int]:
 
 def forward_waiting_reason(now: datetime, c: ForwardCandidate, active: int, max_concurrent: int) -> str:
     """Why a queued forward waits, as a reader sees it between two ticks: by the rules
-    `plan_destination` applies (the scheduler writes nothing on the requests that wait)."""
+    `plan_destination` applies (the scheduler writes nothing on the requests that wait). One whose
+    patient left the allow-list fails when a tick reads it among the heads; until then it says so."""
+    if not c.patient_allowed:
+        return f"{PATIENT_LEFT}: the forward fails when it reaches the head of the queue"
     held = _held_back(now, c)
     if held is not None:
         return held

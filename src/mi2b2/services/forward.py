@@ -66,7 +66,7 @@ from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import jobs, notifications
-from mi2b2.services.allow_list import on_allow_list
+from mi2b2.services.allow_list import forward_on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
@@ -373,13 +373,7 @@ def _heads(session: Session, destination_id: str, project_id: str, read: HeadsRe
            busy: set[str]) -> list[ForwardCandidate]:
     """`domain.forwarding.forward_heads` in SQL for one project and destination, read along
     ix_requests_forward_queue: at most ``read.limit`` rows in queue order."""
-    # A forward names no PACS; the cached study's does, and tells which institution's patient it is.
-    source = select(CachedStudy.pacs_id).where(
-        CachedStudy.project_id == Request.project_id, CachedStudy.study_uid == Request.study_uid,
-    ).correlate(Request).scalar_subquery()
-    # Asked only of the rows read; forwards that end anyway need no answer.
-    allowed = true() if read.ending else on_allow_list(Request.project_id, func.coalesce(Request.pacs_id, source),
-                                                       Request.patient_id)
+    allowed = true() if read.ending else forward_on_allow_list()  # forwards that end anyway need no answer
     query = select(Request.id, Request.priority, Request.created_at, Request.not_before, allowed).where(
         Request.destination_id == destination_id, Request.state == RequestState.SCHEDULED,
         Request.kind == RequestKind.FORWARD, Request.project_id == project_id,

@@ -25,7 +25,7 @@ from mi2b2.errors import InvalidInput, Mi2b2Error
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.pacs import local_ae, receiver_tls
-from mi2b2.services.receiver import ReceiverSink, receive_limits
+from mi2b2.services.receiver import ReceiverSink, proxy_trust, receive_limits
 from mi2b2.worker.loop import Worker
 from mi2b2.worker.receiver_heartbeat import ReceiverHeartbeat
 
@@ -54,7 +54,7 @@ def background(
     sink = make_sink(ctx)
     server = StoreServer(local_ae(ctx.config), ctx.config.dicom.host, ctx.config.dicom.port, sink,
                          sink.store.incoming_dir(), receive_limits(ctx.config), receiver_tls(ctx.config),
-                         share_port=share_port) if in_process else None
+                         share_port=share_port, proxies=proxy_trust(ctx.config)) if in_process else None
     loop = Worker(ctx, sink) if worker else None
     beat = ReceiverHeartbeat(ctx) if server is not None else None
     child: subprocess.Popen[bytes] | None = None

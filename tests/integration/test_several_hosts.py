@@ -4,7 +4,9 @@ Host A runs `mi2b2 serve` (the API) and HAProxy in TCP mode in front of the
 receivers; hosts B and C each run `mi2b2 worker` and `mi2b2 receiver` as OS
 processes; Orthanc runs on host D, behind a counting proxy that records what
 the PACS sees; PostgreSQL is the machine's own, reached over the network. The
-PACS sends its C-MOVE sub-operations to the balancer's address.
+PACS sends its C-MOVE sub-operations to the balancer's address; the balancer
+passes the PACS's own address on in a PROXY v2 header (``send-proxy-v2``), so
+the receivers admit the PACS by its real address, not the balancer's.
 
 The hosts are network namespaces on a bridge. Where the kernel refuses
 namespaces, the same scenario runs with every process on this host (two
@@ -127,7 +129,8 @@ def hosts(request: pytest.FixtureRequest) -> Iterator[Hosts]:
 
 
 def _site(folder: Path, host: str, *, database_url: str, dicom: tuple[str, int], http: tuple[str, int],
-          pacs: tuple[str, int], balancer_address: str, tls: Pki, serve_only: bool = False) -> Path:
+          pacs: tuple[str, int], pacs_source: str, balancer_address: str, tls: Pki,
+          serve_only: bool = False) -> Path:
     """The configuration of one host. Every host's file sits in the same folder, the volume they all
     mount, so the cache, MRN lists and audit key resolve to the same paths everywhere."""
     projects = ""
@@ -160,6 +163,8 @@ def _site(folder: Path, host: str, *, database_url: str, dicom: tuple[str, int],
         ae_title = "MI2B2"
         host = "{dicom[0]}"
         port = {dicom[1]}
+        # The balancer's connections begin with a PROXY header naming the sender.
+        proxy_protocol_from = ["{balancer_address}"]
 
         [[institutions]]
         id = "general"
@@ -176,8 +181,8 @@ def _site(folder: Path, host: str, *, database_url: str, dicom: tuple[str, int],
         port = {pacs[1]}
         retrieve = "c-move"
         default_queries_per_second = 0
-        # Through the balancer, receivers see its address, not the PACS's.
-        addresses = ["{balancer_address}"]
+        # Where the PACS sends from: through the balancer, its PROXY header says so.
+        addresses = ["{pacs_source}"]
 
         [[institutions.departments.pacs.windows]]
         name = "always"
@@ -213,7 +218,7 @@ frontend dicom
     default_backend receivers
 backend receivers
     balance leastconn
-    default-server check inter 300ms downinter 100ms fall 2 rise 1
+    default-server check inter 300ms downinter 100ms fall 2 rise 1 send-proxy-v2
 {servers}
 """
 
@@ -354,7 +359,8 @@ def _scenario(hosts: Hosts, tmp_path: Path, pacs: RunningPacs, proxy: Proxy, loc
 
     def host_site(name: str, dicom: tuple[str, int], http: tuple[str, int], serve_only: bool = False) -> Path:
         return _site(folder, name, database_url=database_url, dicom=dicom, http=http,
-                     pacs=(hosts.root_address, proxy.port), balancer_address=a.address, tls=tls, serve_only=serve_only)
+                     pacs=(hosts.root_address, proxy.port), pacs_source=hosts["d"].address,
+                     balancer_address=a.address, tls=tls, serve_only=serve_only)
 
     site_a = host_site("a", (a.address, hosts.port()), http, serve_only=True)
     site_b = host_site("b", (b.address, receiver_ports["b"]), (b.address, hosts.port()))
@@ -478,6 +484,11 @@ def _scenario(hosts: Hosts, tmp_path: Path, pacs: RunningPacs, proxy: Proxy, loc
              clock.start.isoformat(), "--", "admin", "fsck", "--config", str(site_a)],
             capture_output=True, text=True, timeout=120, env=site.env, cwd=folder)
         assert fsck.returncode == 0 and "cache index and disk agree" in fsck.stdout, fsck.stdout + fsck.stderr
+        # The receivers saw the PACS's own address (the PROXY header's), never the balancer's.
+        seen = " ".join(site.full_log(name) for name in ("receiver-b", "receiver-c", "receiver-c2"))
+        assert f"from ORTHANC at {hosts['d'].address} ended" in seen, seen[-3000:]
+        if hosts.kind == "namespaces":
+            assert f"from ORTHANC at {a.address} ended" not in seen
         print(f"{hosts.kind}: {len(STUDIES)} studies in {took:.0f} s; host B died {killed_at - started_at:.0f} s in, "
               f"{len(b_running)} of its retrievals taken over; {len(starts)} starts")
     finally:
@@ -487,7 +498,7 @@ def _scenario(hosts: Hosts, tmp_path: Path, pacs: RunningPacs, proxy: Proxy, loc
 def test_the_readmes_receiver_balancer_block_is_valid(tmp_path: Path) -> None:
     block = re.search(r"```\n(defaults\n    mode tcp\n.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert block is not None, "README.md lost its HAProxy example for receivers"
-    for line in ("option redispatch", "check inter", "balance leastconn"):
+    for line in ("option redispatch", "check inter", "balance leastconn", "send-proxy-v2"):
         assert line in block.group(1)
     config = tmp_path / "readme.cfg"
     config.write_text(block.group(1))

@@ -23,7 +23,7 @@ from mi2b2.domain.requests import ENDED
 from mi2b2.services.cache import cache_store
 from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.pacs import local_ae, receiver_tls
-from mi2b2.services.receiver import ReceiverSink, receive_limits
+from mi2b2.services.receiver import ReceiverSink, proxy_trust, receive_limits
 from mi2b2.worker.loop import Worker
 
 ADMIN = Principal("root", Role.ADMIN)
@@ -49,7 +49,8 @@ class Pipeline:
         dicom = self.ctx.config.dicom
         self.server = StoreServer(local_ae(self.ctx.config), "127.0.0.1", dicom.port, self.sink,
                                   self.sink.store.incoming_dir(), receive_limits(self.ctx.config),
-                                  receiver_tls(self.ctx.config)) if receiver else None
+                                  receiver_tls(self.ctx.config),
+                                  proxies=proxy_trust(self.ctx.config)) if receiver else None
         self.worker = Worker(self.ctx, self.sink, poll_seconds=poll_seconds, stale_after=stale_after) if worker else None
 
     def __enter__(self) -> Pipeline:

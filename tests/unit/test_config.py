@@ -41,15 +41,26 @@ def test_the_test_site_is_valid(tmp_path: Path) -> None:
          r"pacs\['main'\].tls.ca_file: .*nowhere/ca.pem does not exist; fix the path"),
         (('port = 11113', 'port = 11113\ntls = { ca_file = "alpha.mrns" }'),
          r"pacs\['main'\].tls.ca_file: .*alpha.mrns does not hold PEM certificate"),
+        (('ae_title = "MI2B2"', 'ae_title = "MI2B2"\nproxy_protocol_from = ["balancer.example.org"]'),
+         r"dicom.proxy_protocol_from.*'balancer.example.org' is not an IP address or network; .*10.0.0.10"),
     ],
     ids=["port", "quota", "expiry", "institution-ref", "ae-title", "unknown-key", "toml-syntax", "mrn-file",
-         "old-dicom-tls-keys", "receiver-tls-without-ca", "pacs-tls-half-pair", "pacs-tls-missing-ca", "pacs-tls-not-pem"],
+         "old-dicom-tls-keys", "receiver-tls-without-ca", "pacs-tls-half-pair", "pacs-tls-missing-ca", "pacs-tls-not-pem",
+         "proxy-protocol-not-an-address"],
 )
 def test_bad_config_gets_one_clear_message(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     path = write_site(tmp_path)
     path.write_text(path.read_text().replace(*change, 1))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_proxy_protocol_from_is_a_list_of_networks(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    assert load_config(path).dicom.proxy_protocol_from == []  # the default: no PROXY protocol
+    path.write_text(path.read_text().replace('ae_title = "MI2B2"',
+                                             'ae_title = "MI2B2"\nproxy_protocol_from = ["10.0.0.5", "10.1.0.7/24"]', 1))
+    assert load_config(path).dicom.proxy_protocol_from == ["10.0.0.5/32", "10.1.0.0/24"]
 
 
 def test_dicom_tls_files_are_checked_when_the_configuration_loads(tmp_path: Path) -> None:

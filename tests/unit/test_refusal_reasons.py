@@ -52,6 +52,9 @@ def test_a_pacs_title_from_a_wrong_address_is_counted_as_such() -> None:
 
 
 @pytest.mark.parametrize(("reason", "kind"), [
+    ("connection refused: a PROXY header from an address not in [dicom] proxy_protocol_from: a forged source address",
+     "proxy_header"),
+    ("connection refused: from the balancer 10.0.0.10: no whole PROXY header within 5 s; ...", "proxy_header"),
     ("SOP class not negotiated on the presentation context it came on", "sop_class_not_negotiated"),
     ("larger than the receiver's maximum instance size (1024 bytes)", "too_large"),
     ("the data set's SOP Instance UID differs from the request's", "sop_instance_mismatch"),

@@ -226,6 +226,23 @@ class DicomConfig(Strict):
     tls: ReceiverTls | None = Field(None, description="DICOM TLS on the receiver's port (see README, DICOM TLS)")
     processes: int = Field(1, ge=1, le=64, description="receiver processes sharing the port (SO_REUSEPORT, Linux): "
                                                        "the kernel spreads the PACS's associations over them")
+    proxy_protocol_from: list[str] = Field(
+        default_factory=list, description='the L4 balancers in front of the receiver (IPs or CIDR), e.g. '
+                                          '["10.0.0.10"]: their connections must begin with a PROXY header '
+                                          '(HAProxy send-proxy-v2) naming the real sender; from anywhere else '
+                                          'one is refused as forged')
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _balancers(cls, value: list[str]) -> list[str]:
+        networks = []
+        for network in value:
+            try:
+                networks.append(str(ipaddress.ip_network(network.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IP address or network; write the balancers' addresses, "
+                                 'e.g. proxy_protocol_from = ["10.0.0.10", "10.1.0.0/24"]') from None
+        return networks
 
     @model_validator(mode="before")
     @classmethod

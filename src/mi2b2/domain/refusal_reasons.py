@@ -15,6 +15,7 @@ from typing import Any
 # start: what the peer chose (an AE title) only ever follows the fixed words, so it cannot pick a kind.
 KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(pattern, re.DOTALL), kind) for pattern, kind in (
     (r"association refused: ", "unknown_peer_address"),  # a PACS's AE title from an address not configured for it
+    (r"connection refused: ", "proxy_header"),  # a balancer without a PROXY header, or one from elsewhere (forged)
     (r"a Study, Series or SOP Instance UID is not a DICOM UID", "invalid_uid"),
     (r"sent for a C-MOVE issued by ", "foreign_move_originator"),
     (r"no retrieval in progress ", "no_retrieval_in_progress"),

@@ -110,7 +110,8 @@ class ActivityCollector(Collector):
     def _refused(self) -> Metric:
         refused = CounterMetricFamily(
             "mi2b2_receiver_refused_instances",
-            "instances the receiver refused (and associations it refused: unknown_peer_address), by kind",
+            "instances the receiver refused (and associations: unknown_peer_address, connections: proxy_header), "
+            "by kind",
             labels=["reason"])
         for kind, count in self.refusals.counts(self.ctx).items():
             refused.add_metric([kind], count)

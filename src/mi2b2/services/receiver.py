@@ -29,6 +29,7 @@ from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.outage import OutageLog, is_outage
 from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, Project, Request
 from mi2b2.adapters.dicom.files import InstanceHeader
+from mi2b2.adapters.dicom.proxy_protocol import ProxyTrust
 from mi2b2.adapters.dicom.scu import resolve_host
 from mi2b2.adapters.dicom.store_receipt import Peer, ReceivedInstance, ReceiveLimits
 from mi2b2.adapters.storage.cache_files import CacheStore
@@ -159,6 +160,13 @@ class ReceiverSink:
         self.ctx.audit.record(
             f"dicom:{address}", Action.RECEIVE, Outcome.DENIED,
             detail={"reason": "TLS connection refused: " + reason, "security": True, "address": address},
+        )
+
+    def proxy_refused(self, address: str, reason: str) -> None:
+        """A connection refused for its PROXY header: none from a balancer, or one from elsewhere (forged)."""
+        self.ctx.audit.record(
+            f"dicom:{address}", Action.RECEIVE, Outcome.DENIED,
+            detail={"reason": "connection refused: " + reason, "security": True, "address": address},
         )
 
     def association_ended(self, peer: Peer) -> None:
@@ -363,6 +371,11 @@ def pacs_identities(config: SiteConfig) -> list[PacsIdentity]:
         networks = tuple(ipaddress.ip_network(a.strip(), strict=False) for a in addresses)
         identities.append(PacsIdentity(pacs.id, pacs.ae_title, networks))
     return identities
+
+
+def proxy_trust(config: SiteConfig) -> ProxyTrust:
+    """The balancers whose connections carry a PROXY header (``[dicom] proxy_protocol_from``)."""
+    return ProxyTrust.of(config.dicom.proxy_protocol_from)
 
 
 def receive_limits(config: SiteConfig) -> ReceiveLimits:

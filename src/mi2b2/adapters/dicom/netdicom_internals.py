@@ -11,7 +11,8 @@ imports a pynetdicom private name (ruff's banned-api enforces the modules).
 
 To support a new pynetdicom release: run the DICOM tests against it (unit,
 test_dicom_adapter, test_receiver*, test_retrieve*, test_forward*), read its
-changes to ``dul.py``, ``dimse.py``, ``association.py`` and ``presentation.py``
+changes to ``dul.py``, ``dimse.py``, ``association.py``, ``presentation.py`` and
+``transport.py`` (its server's accept and per-connection handling)
 against each function below, then widen `TESTED_PYNETDICOM` and the pin
 together.
 """
@@ -28,7 +29,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pydicom.uid import UID
@@ -43,6 +44,7 @@ from mi2b2.adapters.dicom.errors import UntestedPynetdicom
 
 __all__ = [
     "TESTED_PYNETDICOM",
+    "BeforeAssociation",
     "DimseTap",
     "NetworkLayer",
     "association_socket",
@@ -56,7 +58,7 @@ __all__ = [
     "require_tested_pynetdicom",
     "set_nodelay",
     "set_transfer_syntax_order",
-    "start_server_sharing_port",
+    "start_receiving_server",
 ]
 
 # --- the version guard -------------------------------------------------------------------
@@ -103,29 +105,76 @@ def _padded(release: tuple[int, ...]) -> tuple[int, ...]:
 # --- sockets and the network thread --------------------------------------------------------
 
 
-class _PortSharingServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT set before its bind."""
+# What the receiver does with a new connection before pynetdicom sees it: the address the
+# association is to have (the peer's, or the one a balancer's PROXY header names), or None to
+# close the connection unread.
+BeforeAssociation = Callable[[socket.socket, tuple[Any, ...]], "tuple[Any, ...] | None"]
+
+
+class _ReceivingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with a say over each connection before its association.
+
+    pynetdicom accepts (and wraps for TLS) in its accept loop, then builds the
+    association on the connection's own thread (``finish_request``) from
+    ``client_address``: EVT_CONN_OPEN's ``address`` and ``requestor.address``
+    both come from it. Here the accept loop only accepts; on the connection's
+    thread `before_association` may read a PROXY header off the raw socket
+    (before any TLS byte) and name another address, and only then is the
+    socket wrapped and handed to pynetdicom. A silent peer holds its own
+    thread, never the accept loop.
+    """
+
+    share_port = False
+    before_association: BeforeAssociation | None = None
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.share_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
 
-def start_server_sharing_port(ae: pynetdicom.AE, address: tuple[str, int], handlers: list[evt.EventHandlerType],
-                              contexts: list[PresentationContext], ssl_context: ssl.SSLContext | None,
-                              ) -> ThreadedAssociationServer:
-    """`ae.start_server(address, block=False, ...)` on a socket with SO_REUSEPORT (Linux).
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        before = self.before_association
+        if before is not None:
+            address = before(request, tuple(client_address))
+            if address is None:
+                self.shutdown_request(request)
+                return
+            client_address = address
+        if self.ssl_context is not None:
+            request = self.ssl_context.wrap_socket(request, server_side=True)  # our contexts defer the handshake
+        super().finish_request(request, client_address)
 
-    `AE.start_server` has no say over its server class; `AE.make_server` has,
-    but then the server must be listed in the AE's private ``_servers``, which
-    its ``shutdown`` removes it from, and served on a thread, as `start_server` does."""
-    server = ae.make_server(address, evt_handlers=handlers, contexts=contexts, ssl_context=ssl_context,
-                            server_class=_PortSharingServer)
+
+class _PortSharingServer(_ReceivingServer):
+    """The same, with SO_REUSEPORT set before its bind."""
+
+    share_port = True
+
+
+def start_receiving_server(ae: pynetdicom.AE, address: tuple[str, int], handlers: list[evt.EventHandlerType],
+                           contexts: list[PresentationContext], ssl_context: ssl.SSLContext | None,
+                           share_port: bool = False, before_association: BeforeAssociation | None = None,
+                           ) -> ThreadedAssociationServer:
+    """`ae.start_server(address, block=False, ...)` on `_ReceivingServer`.
+
+    With `share_port` the socket sets SO_REUSEPORT (Linux). `AE.start_server`
+    has no say over its server class; `AE.make_server` has, but then the
+    server must be listed in the AE's private ``_servers``, which its
+    ``shutdown`` removes it from, and served on a thread, as `start_server` does."""
+    server_class = _PortSharingServer if share_port else _ReceivingServer
+    server = cast(_ReceivingServer, ae.make_server(address, evt_handlers=handlers, contexts=contexts,
+                                                   ssl_context=ssl_context, server_class=server_class))
+    server.before_association = before_association
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
     return server
-
 
 
 def set_nodelay(assoc: Association) -> None:
@@ -359,6 +408,7 @@ def set_transfer_syntax_order(context: PresentationContext, order: list[UID]) ->
 
 # --- reading and answering P-DATA on the network thread ------------------------------------
 
+_AWAITING_REQUEST = "Sta2"
 _ESTABLISHED = "Sta6"
 _AWAITING_CLOSE = "Sta13"
 _CONNECTION_CLOSED = "Evt17"
@@ -392,8 +442,20 @@ class NetworkLayer:
         return self._dul.state_machine.current_state == _AWAITING_CLOSE
 
     def connection_closed(self) -> None:
-        """Tell the state machine the transport is gone (closed, or too slow)."""
+        """Tell the state machine the transport is gone (closed, or too slow).
+
+        Before the A-ASSOCIATE-RQ, pynetdicom's state machine just returns to
+        idle and the acceptor's reactor goes on waiting for a request that can
+        no longer come, for the whole ACSE timeout (30 s), counted all along
+        among the AE's associations (at most 64). A balancer's health check
+        that carries a PROXY header is such a connection, several a second:
+        the reactor is given the None its wait returns on a timeout, and ends
+        at once as it would then.
+        """
+        awaiting_request = self._dul.state_machine.current_state == _AWAITING_REQUEST
         self._dul.event_queue.put(_CONNECTION_CLOSED)
+        if awaiting_request:
+            self._dul.to_user_queue.put(None)  # what receive_pdu returns on a timeout
 
     def invalid_pdu(self) -> None:
         """Tell the state machine a PDU was invalid: it aborts the association."""

@@ -22,6 +22,7 @@ __all__ = [
     "STATUS_SUCCESS",
     "InstanceSink",
     "Peer",
+    "ProxyRefusals",
     "ReceiptGuard",
     "ReceiveLimits",
     "ReceivedInstance",
@@ -115,6 +116,15 @@ class TlsRefusals(Protocol):
 
     def tls_refused(self, address: str, reason: str) -> None:
         """Before any DICOM: no AE title is known, only the address and what was wrong (audit it)."""
+        ...
+
+
+@runtime_checkable
+class ProxyRefusals(Protocol):
+    """A sink that also hears of connections refused for their PROXY header (on the connection's thread)."""
+
+    def proxy_refused(self, address: str, reason: str) -> None:
+        """Before any DICOM: a balancer without a valid header, or a header from elsewhere (audit it)."""
         ...
 
 

@@ -41,10 +41,12 @@ C-STOREs), `pdu_reader` (bounded reading on the network thread), `store_wire`
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -60,12 +62,21 @@ from mi2b2.adapters.dicom.netdicom_internals import (
     reject_association,
     set_nodelay,
     set_transfer_syntax_order,
-    start_server_sharing_port,
+    start_receiving_server,
+)
+from mi2b2.adapters.dicom.proxy_protocol import (
+    NothingSent,
+    ProxyHeaderError,
+    ProxyTrust,
+    looks_like_header,
+    peek_start,
+    read_header,
 )
 from mi2b2.adapters.dicom.scu import LocalAE
 from mi2b2.adapters.dicom.store_receipt import (
     InstanceSink,
     Peer,
+    ProxyRefusals,
     ReceiveLimits,
     TlsRefusals,
     ae_title_text,
@@ -86,6 +97,9 @@ _ACCEPTED = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
 
 _VERIFICATION = UID("1.2.840.10008.1.1")
 _MAX_ASSOCIATIONS = 64
+# How long a balancer has to send its PROXY header (it sends it with its connect), and how long
+# another peer's first bytes are waited for to see whether they are one.
+_PROXY_HEADER_SECONDS = 5.0
 
 
 class StoreServer:
@@ -107,11 +121,22 @@ class StoreServer:
     spreads incoming connections over them (`mi2b2 receiver --processes N`).
     The kernel refuses the port when a process of another user, or one without
     SO_REUSEPORT, holds it; that is the same clear `ReceiverUnavailable`.
+
+    With `proxies` (the balancers' networks), a connection from a balancer
+    must begin with a PROXY header (HAProxy's ``send-proxy``/``send-proxy-v2``),
+    and the association's peer is the address it names: admission, audit and
+    the per-address limit judge the PACS, not the balancer. A connection from
+    anywhere else carrying one is a forged source address. Either refusal
+    closes the connection before pynetdicom reads a byte, and is told to a
+    sink that keeps `ProxyRefusals`. The header comes before TLS, as HAProxy
+    sends it in TCP mode: the handshake starts after it.
     """
 
     def __init__(self, local: LocalAE, host: str, port: int, sink: InstanceSink, incoming_dir: Path,
-                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None, share_port: bool = False) -> None:
+                 limits: ReceiveLimits | None = None, tls: TlsServer | None = None, share_port: bool = False,
+                 proxies: ProxyTrust | None = None) -> None:
         self.local = local
+        self.proxies = proxies or ProxyTrust()
         self.share_port = share_port
         self.tls = tls
         self.host = host
@@ -130,6 +155,12 @@ class StoreServer:
         if self._server is None:
             return self._requested_port
         return int(self._server.server_address[1])
+
+    @property
+    def open_associations(self) -> int:
+        """Associations whose threads still run, from the TCP connect on (requested or not)."""
+        server = self._server
+        return 0 if server is None else len(server.active_associations)
 
     @property
     def is_running(self) -> bool:
@@ -156,18 +187,17 @@ class StoreServer:
         ssl_context = server_context(self.tls) if self.tls is not None else None
         address = (self.host, self._requested_port)
         server: ThreadedAssociationServer | None
+        before = self._before_association if self.proxies else None
         try:
-            if self.share_port:
-                server = start_server_sharing_port(ae, address, handlers, scp_contexts(), ssl_context)
-            else:
-                server = ae.start_server(address, block=False, evt_handlers=handlers, contexts=scp_contexts(),
-                                         ssl_context=ssl_context)
+            server = start_receiving_server(ae, address, handlers, scp_contexts(), ssl_context, self.share_port,
+                                            before)
         except OSError as exc:
             raise ReceiverUnavailable(self.local.ae_title, self.host, self._requested_port, exc) from None
         assert server is not None
         self._server = server
-        LOG.info("DICOM receiver %s listening on %s:%d%s", self.local.ae_title, self.host, self.port,
-                 " (DICOM TLS)" if self.tls is not None else "")
+        LOG.info("DICOM receiver %s listening on %s:%d%s%s", self.local.ae_title, self.host, self.port,
+                 " (DICOM TLS)" if self.tls is not None else "",
+                 f" (PROXY protocol from {', '.join(map(str, self.proxies.networks))})" if self.proxies else "")
 
     def stop(self) -> None:
         """Stop listening, abort associations still open and drop their partial files."""
@@ -190,6 +220,51 @@ class StoreServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _before_association(self, sock: socket.socket, client: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """On the connection's thread, before pynetdicom: the peer's address, or None to close it.
+
+        From a balancer: the address its PROXY header names (its own for a
+        LOCAL header, its health check). From anyone else: its own, unless it
+        sends a PROXY header of its own making."""
+        address = str(client[0])
+        timeout = min(_PROXY_HEADER_SECONDS, self.limits.network_timeout)
+        if not self.proxies.is_balancer(address):
+            if looks_like_header(peek_start(sock, timeout)):
+                self._proxy_refused(address, "a PROXY header from an address not in [dicom] proxy_protocol_from: "
+                                             "a forged source address")
+                return None
+            return client
+        try:
+            header = read_header(sock, timeout)
+        except NothingSent:
+            LOG.debug("a connection from the balancer %s closed before its PROXY header", address)
+            return None
+        except ProxyHeaderError as exc:
+            reason = str(exc)
+        except TimeoutError:
+            reason = f"no whole PROXY header within {timeout:g} s"
+        except OSError as exc:
+            LOG.debug("a connection from the balancer %s failed during its PROXY header: %s", address, exc)
+            return None
+        else:
+            if header.source is None:
+                return client  # the balancer speaking for itself
+            LOG.debug("a connection from %s:%d through the balancer %s (PROXY v%d)", header.source[0],
+                      header.source[1], address, header.version)
+            return header.source
+        self._proxy_refused(address, f"from the balancer {address}: {reason}; it must send a PROXY header "
+                                     "(HAProxy: send-proxy-v2 on its server lines), or be removed from "
+                                     "[dicom] proxy_protocol_from")
+        return None
+
+    def _proxy_refused(self, address: str, reason: str) -> None:
+        LOG.warning("refused a DICOM connection from %s: %s", address, reason)
+        if isinstance(self.sink, ProxyRefusals):
+            try:
+                self.sink.proxy_refused(address, reason)
+            except Exception:  # the refusal stands whatever the sink does; it logs its own trouble
+                LOG.exception("could not record the refused connection from %s", address)
 
     def _on_connect(self, event: evt.Event) -> None:
         # Runs on the connection's own thread before the association's start: nothing has been read yet.

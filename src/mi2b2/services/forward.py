@@ -330,8 +330,7 @@ def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
             ended.update({request_id: (RequestState.FAILED, reason) for request_id, reason in plan.fail.items()})
             started += plan.starts
         _end(ctx, session, ended, now)
-    for request_id in ended:
-        _notify(ctx, request_id)
+    _notify(ctx, list(ended))
     return started
 
 
@@ -412,12 +411,14 @@ def _end(ctx: ServiceContext, session: Session, ended: dict[int, tuple[RequestSt
         for row in rows])
 
 
-def _notify(ctx: ServiceContext, request_id: int) -> None:
+def _notify(ctx: ServiceContext, request_ids: list[int]) -> None:
+    if not request_ids:
+        return
     try:
-        notifications.on_request_ended(ctx, request_id)
+        notifications.on_requests_ended(ctx, request_ids)
     except Exception:
-        # A notice that could not be written must not stop scheduling; the request's state is committed.
-        LOG.exception("request %s: notification failed", request_id)
+        # A notice that could not be written must not stop scheduling; the requests' states are committed.
+        LOG.exception("requests %s: notification failed", ", ".join(map(str, request_ids[:10])))
 
 
 # --- running one forward ---------------------------------------------------------------

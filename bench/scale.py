@@ -1,7 +1,8 @@
 """Benchmark: a queue of 200,000 studies costs what a queue of 1,000 does.
 
     python bench/scale.py [--requests N] [--reference-requests N] [--audit-rows N]
-                          [--reference-audit-rows N] [--projects N] [--no-sqlite]
+                          [--reference-audit-rows N] [--forwards N] [--reference-forwards N]
+                          [--projects N] [--no-sqlite]
 
 For each database (PostgreSQL at 127.0.0.1:5432 with trust auth, a database
 created and dropped by the benchmark; then SQLite, for information) it builds
@@ -9,8 +10,10 @@ two sites in the same run, filled with SQL (multi-row INSERTs, not through the
 services, so filling takes minutes):
 
   big:       200,000 scheduled retrievals across 50 projects, 2,000,000 audit rows
-             (a valid keyed hash chain, so `audit verify` reads them all),
+             (a valid keyed hash chain, so `audit verify` reads them all), and then
+             200,000 scheduled forwards to one destination (each of a cached study),
   reference: 1,000 scheduled retrievals across 50 projects, 10,000 audit rows,
+             then 1,000 scheduled forwards,
 
 and measures on each
 
@@ -23,11 +26,15 @@ and measures on each
     in-process, p95 of 50 calls; the page holds PAGE_ROWS rows in both sites (the
     reference has 20 requests per project), alternately the first page and a
     later one (keyset on the id);
-  - `mi2b2 audit verify` (the service it calls) on the big trail: rows per second.
+  - `mi2b2 audit verify` (the service it calls) on the big trail: rows per second;
+  - once the forwards are added (after the figures above, which they leave as they
+    were), a forward scheduler tick (`schedule_forwards`, the whole tick), best of 20;
+    each starts up to the destination's `max_concurrent` forwards, put back in the
+    queue outside the timing.
 
-It prints the figures, `tick_growth: N` and `list_growth: N` (big over
-reference; target <= 2 each), `verify_rows_per_s: N`, the SQLite figures
-(information), and ends with `ratio: N`, the larger growth on PostgreSQL.
+It prints the figures, `tick_growth: N`, `list_growth: N` and `forward_tick_growth: N`
+(big over reference; target <= 2 each), `verify_rows_per_s: N`, the SQLite figures
+(information), and ends with `ratio: N`, the largest growth on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -52,12 +59,13 @@ sys.path.insert(0, str(REPO / "tests"))  # the suite's fresh_database and site b
 
 from mi2b2.adapters.crypto.audit_key import read_key_file  # noqa: E402
 from mi2b2.adapters.db.engine import transaction  # noqa: E402
-from mi2b2.adapters.db.tables import AuditEvent, AuditHead, PacsStart, Request  # noqa: E402
+from mi2b2.adapters.db.tables import AuditEvent, AuditHead, CachedStudy, PacsStart, Request  # noqa: E402
 from mi2b2.api.app import create_app  # noqa: E402
 from mi2b2.config import load_config  # noqa: E402
 from mi2b2.domain.audit_chain import ChainedEvent, canonical_detail, canonical_time, event_hash  # noqa: E402
 from mi2b2.domain.principal import SYSTEM, Principal, Role  # noqa: E402
 from mi2b2.services.context import ServiceContext, build_context  # noqa: E402
+from mi2b2.services.forward import schedule_forwards  # noqa: E402
 from mi2b2.services.scheduler import schedule_once  # noqa: E402
 from support.databases import fresh_database  # noqa: E402
 from support.site import pacs_block, site_head  # noqa: E402
@@ -80,6 +88,9 @@ class Figures:
     tick_s: float  # median
     page_s: float  # p95
     verify_rows_per_s: float | None
+    forwards: int
+    fill_forwards_s: float
+    forward_tick_s: float  # best of TICKS
 
 
 def write_site(folder: Path, url: str, projects: int) -> Path:
@@ -98,7 +109,14 @@ def write_site(folder: Path, url: str, projects: int) -> Path:
             institutions = ["general"]
             members = [{{ login = "bench", role = "lead" }}]
         """))
-    text_ = site_head(url, 11112) + pacs_block("main", "PACS", 11113, "default_max_concurrent = 5\n") + "".join(blocks)
+    text_ = site_head(url, 11112) + pacs_block("main", "PACS", 11113, "default_max_concurrent = 5\n") + textwrap.dedent("""
+        [[destinations]]
+        id = "xnat"
+        ae_title = "XNAT"
+        host = "127.0.0.1"
+        port = 11114
+        max_concurrent = 5
+    """) + "".join(blocks)
     path = folder / "mi2b2.toml"
     path.write_text(text_)
     return path
@@ -121,6 +139,31 @@ def fill_requests(ctx: ServiceContext, n: int, projects: int, rng: random.Random
     with ctx.engine.begin() as connection:
         for start in range(0, len(rows), CHUNK):
             connection.execute(insert(Request), rows[start:start + CHUNK])
+    return time.perf_counter() - started
+
+
+def fill_forwards(ctx: ServiceContext, n: int, projects: int, rng: random.Random) -> float:
+    """``n`` forwards queued to the destination, each of a study in its project's cache (from PACS
+    main, which tells the allow-list whose patient it is), as `add_forwards` leaves them."""
+    started = time.perf_counter()
+    base = datetime(2026, 2, 1, tzinfo=UTC)
+    studies, forwards = [], []
+    for i in range(n):
+        p = i % projects
+        patient, uid = f"M{p:02d}{rng.randrange(MRNS_PER_PROJECT):04d}", f"1.2.826.0.1.3680043.10.8.{i}"
+        studies.append(dict(project_id=f"p{p:02d}", study_uid=uid, patient_id=patient, pacs_id="main",
+                            instance_count=200, bytes=100 * 2**20))
+        forwards.append(dict(
+            kind="forward", batch_id=None, project_id=f"p{p:02d}", user_login="bench", destination_id="xnat",
+            patient_id=patient, study_uid=uid, accession=f"F{i}", series_uids=[], priority=rng.randint(-2, 2),
+            state="scheduled", waiting_reason="waiting for the scheduler", expected_instances=200,
+            expected_bytes=100 * 2**20, received=0, failed=0, warnings=0, bytes=0, attempts=0,
+            created_at=base + timedelta(seconds=i), cancel_requested=False,
+        ))
+    with ctx.engine.begin() as connection:
+        for start in range(0, n, CHUNK):
+            connection.execute(insert(CachedStudy), studies[start:start + CHUNK])
+            connection.execute(insert(Request), forwards[start:start + CHUNK])
     return time.perf_counter() - started
 
 
@@ -164,6 +207,29 @@ def tick_median(ctx: ServiceContext) -> float:
     return statistics.median(times)
 
 
+def forward_tick_best(ctx: ServiceContext) -> float:
+    times = []
+    for i in range(WARM_UP + TICKS):
+        started = time.perf_counter()
+        ids = schedule_forwards(ctx, "worker:bench")
+        if i >= WARM_UP:
+            times.append(time.perf_counter() - started)
+        if not ids:
+            raise RuntimeError("the benchmark's forward tick started nothing: the queue is not what it should be")
+        with transaction(ctx.sessions) as session:  # the same queue for the next tick
+            session.execute(update(Request).where(Request.id.in_(ids)).values(
+                state="scheduled", worker=None, started_at=None, attempts=0))
+    return min(times)
+
+
+def vacuum(ctx: ServiceContext, kind: str) -> None:
+    if kind == "postgres":  # what autovacuum does after a bulk load, done now so every run sees it
+        with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("VACUUM ANALYZE"))
+    # SQLite gets no ANALYZE: mi2b2 never runs it, and its statistics (one state over 200,000
+    # rows) would lead SQLite's planner to scan the table for the few running requests.
+
+
 def page_p95(ctx: ServiceContext, token: str, project: str) -> float:
     client = TestClient(create_app(ctx))
     headers = {"Authorization": f"Bearer {token}"}
@@ -188,7 +254,8 @@ def page_p95(ctx: ServiceContext, token: str, project: str) -> float:
     return statistics.quantiles(times, n=20)[-1]
 
 
-def measure(kind: str, folder: Path, requests: int, audit_rows: int, projects: int, verify: bool) -> Figures:
+def measure(kind: str, folder: Path, requests: int, audit_rows: int, forwards: int, projects: int,
+            verify: bool) -> Figures:
     rng = random.Random(15)
     with fresh_database(kind, folder) as url:
         ctx = build_context(load_config(write_site(folder, url, projects)), migrate=True, sync_config=True)
@@ -197,11 +264,7 @@ def measure(kind: str, folder: Path, requests: int, audit_rows: int, projects: i
             token = ctx.accounts.create_token(SYSTEM, "bench", "bench", days=1).secret
             fill_r = fill_requests(ctx, requests, projects, rng)
             fill_a = fill_audit(ctx, audit_rows)
-            if kind == "postgres":  # what autovacuum does after a bulk load, done now so every run sees it
-                with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                    connection.execute(text("VACUUM ANALYZE"))
-            # SQLite gets no ANALYZE: mi2b2 never runs it, and its statistics (one state over 200,000
-            # rows) would lead SQLite's planner to scan the table for the few running requests.
+            vacuum(ctx, kind)
             tick = tick_median(ctx)
             page = page_p95(ctx, token, f"p{min(7, projects - 1):02d}")
             rate = None
@@ -212,31 +275,39 @@ def measure(kind: str, folder: Path, requests: int, audit_rows: int, projects: i
                 if not verdict.ok:
                     raise RuntimeError(f"the benchmark's audit chain does not verify: {verdict.problem}")
                 rate = audit_rows / elapsed
-            return Figures(requests, audit_rows, fill_r, fill_a, tick, page, rate)
+            fill_f = fill_forwards(ctx, forwards, projects, rng)
+            vacuum(ctx, kind)
+            forward_tick = forward_tick_best(ctx)
+            return Figures(requests, audit_rows, fill_r, fill_a, tick, page, rate, forwards, fill_f, forward_tick)
         finally:
             ctx.engine.dispose()
 
 
 def run(kind: str, args: argparse.Namespace, root: Path) -> tuple[Figures, Figures]:
     reference = measure(kind, root / f"{kind}-reference", args.reference_requests, args.reference_audit_rows,
-                        args.projects, verify=False)
-    big = measure(kind, root / f"{kind}-big", args.requests, args.audit_rows, args.projects, verify=True)
+                        args.reference_forwards, args.projects, verify=False)
+    big = measure(kind, root / f"{kind}-big", args.requests, args.audit_rows, args.forwards, args.projects,
+                  verify=True)
     return reference, big
 
 
-def report(kind: str, reference: Figures, big: Figures) -> tuple[float, float]:
+def report(kind: str, reference: Figures, big: Figures) -> tuple[float, float, float]:
     tick_growth = big.tick_s / reference.tick_s
     list_growth = big.page_s / reference.page_s
+    forward_growth = big.forward_tick_s / reference.forward_tick_s
     for name, f in (("reference", reference), ("big", big)):
         print(f"{kind} {name}: {f.requests} requests, {f.audit_rows} audit rows; filled in "
               f"{f.fill_requests_s:.1f} s (requests) + {f.fill_audit_s:.1f} s (audit); "
               f"tick median {f.tick_s * 1000:.2f} ms; request log page p95 {f.page_s * 1000:.2f} ms")
+        print(f"{kind} {name}: {f.forwards} forwards; filled in {f.fill_forwards_s:.1f} s; "
+              f"forward tick best {f.forward_tick_s * 1000:.2f} ms")
     prefix = "" if kind == "postgres" else "sqlite_"
     print(f"{prefix}tick_growth: {tick_growth:.2f}")
     print(f"{prefix}list_growth: {list_growth:.2f}")
+    print(f"{prefix}forward_tick_growth: {forward_growth:.2f}")
     if big.verify_rows_per_s is not None:
         print(f"{prefix}verify_rows_per_s: {big.verify_rows_per_s:.0f}")
-    return tick_growth, list_growth
+    return tick_growth, list_growth, forward_growth
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -245,13 +316,15 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--reference-requests", type=int, default=1_000)
     parser.add_argument("--audit-rows", type=int, default=2_000_000)
     parser.add_argument("--reference-audit-rows", type=int, default=10_000)
+    parser.add_argument("--forwards", type=int, default=200_000)
+    parser.add_argument("--reference-forwards", type=int, default=1_000)
     parser.add_argument("--projects", type=int, default=50)
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only (the figures are then information)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mi2b2-scale-") as tmp:
         root = Path(tmp)
-        growths: tuple[float, float] | None = None
+        growths: tuple[float, ...] | None = None
         if not args.no_postgres:
             growths = report("postgres", *run("postgres", args, root))
         if not args.no_sqlite:

@@ -19,10 +19,12 @@ def test_the_scale_benchmark_fills_ticks_pages_and_verifies(capsys: pytest.Captu
     spec.loader.exec_module(scale)
     scale.TICKS, scale.PAGES = 3, 4
     ratio = scale.main(["--requests", "120", "--reference-requests", "50", "--audit-rows", "300",
-                        "--reference-audit-rows", "20", "--projects", "5", "--no-postgres"])
+                        "--reference-audit-rows", "20", "--forwards", "120", "--reference-forwards", "50",
+                        "--projects", "5", "--no-postgres"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"ratio: {ratio:.2f}"
     assert any(line.startswith("sqlite_tick_growth: ") for line in lines)
     assert any(line.startswith("sqlite_list_growth: ") for line in lines)
+    assert any(line.startswith("sqlite_forward_tick_growth: ") for line in lines)
     rate = next(line for line in lines if line.startswith("sqlite_verify_rows_per_s: "))
     assert float(rate.split(": ")[1]) > 0

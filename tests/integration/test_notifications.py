@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Notification, Request
@@ -169,6 +169,48 @@ def test_unended_requests_are_not_notified(ctx: ServiceContext) -> None:
     assert notifications.on_request_ended(ctx, running) == []
     with pytest.raises(NotFound):
         notifications.on_request_ended(ctx, 10_000)
+
+
+def _end_many(ctx: ServiceContext, ids: list[int], state: str, error: str | None = None) -> None:
+    with transaction(ctx.sessions) as session:
+        session.execute(update(Request).where(Request.id.in_(ids)).values(
+            state=state, ended_at=ctx.clock.now(), last_error=error, received=0, attempts=1))
+
+
+def _batch_reads(ctx: ServiceContext, ids: list[int]) -> tuple[list[int], int]:
+    """The notices for ``ids``, and how many queries of the requests table made them."""
+    reads = 0
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        nonlocal reads
+        reads += "FROM requests" in statement
+
+    event.listen(ctx.engine, "after_cursor_execute", count)
+    try:
+        created = notifications.on_requests_ended(ctx, ids)
+    finally:
+        event.remove(ctx.engine, "after_cursor_execute", count)
+    return created, reads
+
+
+def test_many_ends_of_one_batch_read_the_batch_once(ctx: ServiceContext) -> None:
+    """A sweep (an IRB that lapsed) ends hundreds of one batch in a tick: one read of it, not one each."""
+    ids = add_batch(ctx, 600)
+    canceled, failed, last = ids[:400], ids[400:403], ids[403:]
+    _end_many(ctx, canceled, "canceled")
+    _end_many(ctx, failed, "failed", error="the PACS refused")
+    created, _ = _batch_reads(ctx, canceled + failed)
+    assert [n.kind for n in all_notices(ctx)] == ["request_failed"] * 3 and len(created) == 3
+
+    _end_many(ctx, last, "completed")
+    created, reads = _batch_reads(ctx, last)
+    [summary] = [n for n in all_notices(ctx) if n.kind == "batch_ended"]
+    assert created == [summary.id]
+    assert summary.subject == "197 of 600 studies ready in project alpha; 3 failed, 400 canceled"
+    assert reads <= 5, f"{reads} queries of the requests table for {len(last)} ends of one batch"
+    assert notifications.on_requests_ended(ctx, last) == []  # asked again: nothing new
+    with pytest.raises(NotFound):
+        notifications.on_requests_ended(ctx, [*last[:1], 10_000])
 
 
 def test_concurrent_calls_for_the_last_request_notify_once(ctx: ServiceContext) -> None:

@@ -22,6 +22,7 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # and nearly all take Explicit: the fallbacks when the stored syntax is refused.
 UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are the odd numbers 1-255
+PATIENT_LEFT = "the patient is no longer on the project's IRB allow-list"
 
 
 # --- who may forward where -----------------------------------------------------------
@@ -100,28 +101,23 @@ def plan_destination(
     A closed project's forwards are canceled (as retrievals are when the IRB
     lapses); a forward the destination no longer accepts, or of a patient no
     longer on the allow-list, fails with the reason, so its owner is told.
+
+    A tick passes only the heads of the queue (`forward_heads`), not all of it.
     """
     plan = ForwardPlan(last_project=last_project)
     queues: dict[str, list[ForwardCandidate]] = {}
     for c in candidates:
-        if c.project_id not in closed_projects:
-            plan.cancel[c.request_id] = "the project is no longer configured"
-        elif closed_projects[c.project_id]:
-            plan.cancel[c.request_id] = str(closed_projects[c.project_id])
-        elif not rules.configured:
-            plan.fail[c.request_id] = f"destination {rules.destination_id!r} is no longer configured"
-        elif not destination_allows(rules.projects, c.project_id):
-            plan.fail[c.request_id] = (
-                f"destination {rules.destination_id!r} no longer accepts forwards from project {c.project_id!r}"
-            )
+        end = _project_end(rules, closed_projects, c.project_id)
+        if end is not None:
+            (plan.cancel if end[0] == RequestState.CANCELED else plan.fail)[c.request_id] = end[1]
         elif not c.patient_allowed:
-            plan.fail[c.request_id] = "the patient is no longer on the project's IRB allow-list"
+            plan.fail[c.request_id] = PATIENT_LEFT
         elif (held := _held_back(now, c)) is not None:
             plan.waiting[c.request_id] = held
         else:
             queues.setdefault(c.project_id, []).append(c)
     for queue in queues.values():
-        queue.sort(key=lambda c: (-c.priority, c.created_at, c.request_id))
+        queue.sort(key=_queue_order)
 
     running = active
     while queues and running < rules.max_concurrent:
@@ -138,9 +134,90 @@ def plan_destination(
     return plan
 
 
+# A tick reads of each project's queue to a destination only what it can act on: when every
+# forward of the project there must end, a batch of them (the rest end in the next ticks, and
+# none starts meanwhile); else, with a slot free, the heads that may start now, a few more than
+# the free slots so that heads whose patient left the allow-list (they fail when read) do not
+# hold back the ones after them. Never the whole queue: a tick costs what can start.
+SWEEP_BATCH = 500  # forwards ended per tick at most, over every destination
+FAILING_HEADS = 10  # heads read beyond the free slots, per project and destination
+
+
+@dataclass(frozen=True)
+class HeadsRead:
+    """What a tick reads of one project's scheduled forwards to one destination, in queue order
+    (priority, then age, then id)."""
+
+    limit: int  # rows at most; 0: none
+    ending: bool  # every forward of it ends: all are read, due or not; else only those that may start now
+
+
+def heads_to_read(
+    rules: DestinationRules, active: int, closed_projects: Mapping[str, str | None], project_id: str, sweep_left: int,
+) -> HeadsRead:
+    """How much of one project's queue to this destination a tick reads (see `forward_heads`)."""
+    if _project_end(rules, closed_projects, project_id) is not None:
+        return HeadsRead(max(sweep_left, 0), ending=True)
+    free = rules.max_concurrent - active
+    return HeadsRead(free + FAILING_HEADS if free > 0 else 0, ending=False)
+
+
+def forward_heads(
+    now: datetime,
+    rules: DestinationRules,
+    active: int,
+    closed_projects: Mapping[str, str | None],
+    candidates: Sequence[ForwardCandidate],
+    sweep_left: int = SWEEP_BATCH,
+) -> list[ForwardCandidate]:
+    """What a tick reads of one destination's queue, projects in id order: `heads_to_read` rows
+    of each, the forwards that must end first in queue order, else those nothing of their own
+    holds back (retry not due, study in flight to this destination). ``plan_destination`` over
+    these starts what it starts over the whole queue, unless more than `FAILING_HEADS` of a
+    project's heads fail at once; those fail, and the next tick reads further.
+
+    This is the database query's specification; the forward scheduler runs it as SQL."""
+    queues: dict[str, list[ForwardCandidate]] = {}
+    for c in sorted(candidates, key=_queue_order):
+        queues.setdefault(c.project_id, []).append(c)
+    heads: list[ForwardCandidate] = []
+    for project_id in sorted(queues):
+        read = heads_to_read(rules, active, closed_projects, project_id, sweep_left)
+        queue = queues[project_id] if read.ending else [c for c in queues[project_id] if _held_back(now, c) is None]
+        taken = queue[:read.limit]
+        if read.ending:
+            sweep_left -= len(taken)
+        heads += taken
+    return heads
+
+
+def _project_end(
+    rules: DestinationRules, closed_projects: Mapping[str, str | None], project_id: str,
+) -> tuple[RequestState, str] | None:
+    """How every queued forward of this project to this destination ends, if it must: canceled
+    when the project may no longer forward, failed when the destination no longer takes it."""
+    if project_id not in closed_projects:
+        return RequestState.CANCELED, "the project is no longer configured"
+    if closed_projects[project_id]:
+        return RequestState.CANCELED, str(closed_projects[project_id])
+    if not rules.configured:
+        return RequestState.FAILED, f"destination {rules.destination_id!r} is no longer configured"
+    if not destination_allows(rules.projects, project_id):
+        return RequestState.FAILED, (
+            f"destination {rules.destination_id!r} no longer accepts forwards from project {project_id!r}")
+    return None
+
+
+def _queue_order(c: ForwardCandidate) -> tuple[int, datetime, int]:
+    return -c.priority, c.created_at, c.request_id
+
+
 def forward_waiting_reason(now: datetime, c: ForwardCandidate, active: int, max_concurrent: int) -> str:
     """Why a queued forward waits, as a reader sees it between two ticks: by the rules
-    `plan_destination` applies (the scheduler writes nothing on the requests that wait)."""
+    `plan_destination` applies (the scheduler writes nothing on the requests that wait). One whose
+    patient left the allow-list fails when a tick reads it among the heads; until then it says so."""
+    if not c.patient_allowed:
+        return f"{PATIENT_LEFT}: the forward fails when it reaches the head of the queue"
     held = _held_back(now, c)
     if held is not None:
         return held

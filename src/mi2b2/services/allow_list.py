@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mi2b2.adapters.db.tables import Department, Institution, PacsNode, Project, ProjectMrn
+from mi2b2.adapters.db.tables import CachedStudy, Department, Institution, PacsNode, Project, ProjectMrn, Request
 from mi2b2.domain.mrn import IDENTITY, MrnFormat
 
 CHUNK = 500  # bound the IN list; some databases cap bound parameters
@@ -107,6 +107,15 @@ def on_allow_list(project_id: Any, pacs_id: Any, patient_id: Any) -> Any:
         .where(ProjectMrn.project_id == project_id, PacsNode.id == pacs_id, ProjectMrn.mrn == patient_id)
         .exists()
     )
+
+
+def forward_on_allow_list() -> Any:
+    """`on_allow_list` over a forward's request row. A forward names no PACS; the cached study it
+    sends does, and tells which institution's patient it is."""
+    source = select(CachedStudy.pacs_id).where(
+        CachedStudy.project_id == Request.project_id, CachedStudy.study_uid == Request.study_uid,
+    ).correlate(Request).scalar_subquery()
+    return on_allow_list(Request.project_id, func.coalesce(Request.pacs_id, source), Request.patient_id)
 
 
 def allow_list_sizes(session: Session) -> dict[str, int]:

@@ -11,7 +11,8 @@ forwards have:
   the allow-list. Every refusal is audited.
 * `schedule_forwards`, under the same database lock as the retrieval
   scheduler: at most ``max_concurrent`` forwards per destination, projects in
-  turn, priority then age inside a project (`domain.forwarding`).
+  turn, priority then age inside a project (`domain.forwarding`), reading only
+  the heads of each project's queue.
 * `run_forward`, the worker's side: C-STORE the cached files over one
   association (`adapters.dicom.store_scu`), retry transient failures with
   backoff, judge, audit one event per study. For a ``deidentified`` project
@@ -34,11 +35,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, true
 from sqlalchemy.orm import Session
 
 from mi2b2.adapters.db.engine import serialize_scheduling, transaction
-from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, CursorKind, Project, Request
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy, CursorKind, Destination, Project, Request
 from mi2b2.adapters.dicom.deidentify import DeidEngine, Withheld
 from mi2b2.adapters.dicom.errors import TlsHandshakeFailed
 from mi2b2.adapters.dicom.files import UnreadableInstance, read_instance_header
@@ -48,11 +49,14 @@ from mi2b2.config import DestinationConfig, SiteConfig
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.clock import as_utc
 from mi2b2.domain.forwarding import (
+    SWEEP_BATCH,
     DestinationRules,
     ForwardCandidate,
+    HeadsRead,
     destination_allows,
     forward_denial,
     forward_outcome,
+    heads_to_read,
     plan_destination,
 )
 from mi2b2.domain.governance import Denial, closed_to_reads, irb_active_at, local_date
@@ -62,7 +66,7 @@ from mi2b2.domain.request_states import INITIAL, Event
 from mi2b2.domain.requests import CANCELABLE, RequestKind, RequestState
 from mi2b2.errors import AccessDenied, InvalidInput, Mi2b2Error, NotFound, RetriableError
 from mi2b2.services import jobs, notifications
-from mi2b2.services.allow_list import on_allow_list
+from mi2b2.services.allow_list import forward_on_allow_list
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.cache.reads import cache_store
 from mi2b2.services.context import ServiceContext
@@ -283,64 +287,60 @@ def _queued(ctx: ServiceContext, project_id: str, destination_id: str, study_uid
 def schedule_forwards(ctx: ServiceContext, worker_id: str) -> list[int]:
     """Start what may start now on every destination; return the started request ids.
 
-    Forwards the scheduler ends (canceled: IRB expired or project removed;
-    failed: no longer allowed) are audited and their owners notified here."""
+    A tick costs what can start, not what is queued: per destination it counts the running
+    forwards and reads, per project, only the heads of its queue (`domain.forwarding.forward_heads`,
+    here as one indexed query per project and destination). Forwards the scheduler ends
+    (canceled: IRB expired or project removed; failed: no longer allowed), at most
+    `SWEEP_BATCH` a tick, are audited and their owners notified here."""
+    configured = {d.id: d for d in ctx.config.destinations}
     with ctx.sessions() as session:
         # A plain read first: most ticks have no forward waiting, and need not take the scheduling lock.
-        if session.scalar(select(Request.id).where(
-                Request.kind == RequestKind.FORWARD, Request.state == RequestState.SCHEDULED).limit(1)) is None:
-            return []
-    now = ctx.clock.now()
+        destinations = _destinations_with_queue(session, configured)
+    if not destinations:
+        return []
     started: list[int] = []
     ended: dict[int, tuple[RequestState, str]] = {}
     with transaction(ctx.sessions) as session:
         serialize_scheduling(session)
+        now = ctx.clock.now()  # read once the lock is held, as the retrieval scheduler does
         closed = _closed_projects(ctx, session, now)
-        active: dict[str, int] = defaultdict(int)
-        busy: dict[str, set[str]] = defaultdict(set)
-        for destination_id, study_uid in session.execute(
-            select(Request.destination_id, Request.study_uid)
-            .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING)
-        ).all():
-            if destination_id is None:  # a forward always names its destination; the column is shared with retrievals
-                continue
-            active[destination_id] += 1
-            busy[destination_id].add(study_uid)
-        queued = _forward_candidates(session, busy)
-        configured = {d.id: d for d in ctx.config.destinations}
-        for destination_id in sorted(queued):
+        active, busy = _running(session)
+        sweep_left = SWEEP_BATCH
+        for destination_id in destinations:
             dest = configured.get(destination_id)
             rules = DestinationRules(destination_id, dest is not None, dest.max_concurrent if dest else 1,
                                      frozenset(dest.projects) if dest else frozenset())
+            heads: list[ForwardCandidate] = []
+            for project_id in sorted(closed):
+                read = heads_to_read(rules, active[destination_id], closed, project_id, sweep_left)
+                if read.limit > 0:
+                    rows = _heads(session, destination_id, project_id, read, now, busy[destination_id])
+                    if read.ending:
+                        sweep_left -= len(rows)
+                    heads += rows
+            if not heads:
+                continue
             cursor = round_robin_cursor(session, CursorKind.DESTINATION, destination_id)
-            plan = plan_destination(now, rules, active[destination_id], closed, queued[destination_id],
-                                    cursor.last_project_id)
+            plan = plan_destination(now, rules, active[destination_id], closed, heads, cursor.last_project_id)
             cursor.last_project_id = plan.last_project
             for request_id in plan.starts:
                 mark_started(session.get_one(Request, request_id), worker_id, now)
-            for request_id, reason in plan.cancel.items():
-                ended[request_id] = (RequestState.CANCELED, f"canceled: {reason}")
-            for request_id, reason in plan.fail.items():
-                ended[request_id] = (RequestState.FAILED, reason)
+            ended.update({request_id: (RequestState.CANCELED, f"canceled: {reason}")
+                          for request_id, reason in plan.cancel.items()})
+            ended.update({request_id: (RequestState.FAILED, reason) for request_id, reason in plan.fail.items()})
             started += plan.starts
-        for row in session.execute(select(Request).where(Request.id.in_(list(ended)))).scalars():
-            state, reason = ended[row.id]
-            change_state(row, Event.CANCEL if state == RequestState.CANCELED else Event.REFUSE)
-            row.last_error = reason
-            row.ended_at = now
-            row.waiting_reason = None
-        facts = session.execute(
-            select(Request.id, Request.project_id, Request.destination_id, Request.patient_id, Request.study_uid)
-            .where(Request.id.in_(list(ended)))
-        ).all()
-        ctx.audit.record_many(session, [  # the ends commit with their audit rows
-            AuditEntry("scheduler", Action.FORWARD, Outcome.DENIED, project_id=project_id, patient_id=patient_id,
-                       study_uid=study_uid, detail={"request": request_id, "event": str(ended[request_id][0]),
-                                                    "reason": ended[request_id][1], "destination": destination_id})
-            for request_id, project_id, destination_id, patient_id, study_uid in facts])
-    for request_id in ended:
-        _notify(ctx, request_id)
+        _end(ctx, session, ended, now)
+    _notify(ctx, list(ended))
     return started
+
+
+def _destinations_with_queue(session: Session, configured: dict[str, DestinationConfig]) -> list[str]:
+    """The destinations (configured, or removed but still known) with a scheduled forward."""
+    known = sorted(set(configured) | set(session.execute(select(Destination.id)).scalars()))
+    # One probe each along ix_requests_forward_queue: a DISTINCT would read every queued forward.
+    return [destination_id for destination_id in known if session.scalar(select(Request.id).where(
+        Request.destination_id == destination_id, Request.state == RequestState.SCHEDULED,
+        Request.kind == RequestKind.FORWARD).limit(1)) is not None]
 
 
 def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> dict[str, str | None]:
@@ -353,32 +353,72 @@ def _closed_projects(ctx: ServiceContext, session: Session, now: datetime) -> di
     }
 
 
-def _forward_candidates(session: Session, busy: dict[str, set[str]]) -> dict[str, list[ForwardCandidate]]:
-    # A forward names no PACS; the cached study's does, and tells which institution's patient it is.
-    source = select(CachedStudy.pacs_id).where(
-        CachedStudy.project_id == Request.project_id, CachedStudy.study_uid == Request.study_uid,
-    ).correlate(Request).scalar_subquery()
-    allowed = on_allow_list(Request.project_id, func.coalesce(Request.pacs_id, source), Request.patient_id)
-    queued: dict[str, list[ForwardCandidate]] = defaultdict(list)
-    for rid, project_id, destination_id, priority, created, not_before, ok, study_uid in session.execute(
-        select(Request.id, Request.project_id, Request.destination_id, Request.priority, Request.created_at,
-               Request.not_before, allowed, Request.study_uid)
-        .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.SCHEDULED)
+def _running(session: Session) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """Per destination, how many forwards run and which studies they send (at most its cap)."""
+    active: dict[str, int] = defaultdict(int)
+    busy: dict[str, set[str]] = defaultdict(set)
+    for destination_id, study_uid in session.execute(
+        select(Request.destination_id, Request.study_uid)
+        .where(Request.kind == RequestKind.FORWARD, Request.state == RequestState.PROCESSING)
     ).all():
-        key = destination_id or ""
-        queued[key].append(ForwardCandidate(
-            rid, project_id, priority, as_utc(created), as_utc(not_before) if not_before else None, bool(ok),
-            study_uid in busy.get(key, set()),
-        ))
-    return queued
+        if destination_id is None:  # a forward always names its destination; the column is shared with retrievals
+            continue
+        active[destination_id] += 1
+        busy[destination_id].add(study_uid)
+    return active, busy
 
 
-def _notify(ctx: ServiceContext, request_id: int) -> None:
+def _heads(session: Session, destination_id: str, project_id: str, read: HeadsRead, now: datetime,
+           busy: set[str]) -> list[ForwardCandidate]:
+    """`domain.forwarding.forward_heads` in SQL for one project and destination, read along
+    ix_requests_forward_queue: at most ``read.limit`` rows in queue order."""
+    allowed = true() if read.ending else forward_on_allow_list()  # forwards that end anyway need no answer
+    query = select(Request.id, Request.priority, Request.created_at, Request.not_before, allowed).where(
+        Request.destination_id == destination_id, Request.state == RequestState.SCHEDULED,
+        Request.kind == RequestKind.FORWARD, Request.project_id == project_id,
+    )
+    if not read.ending:
+        query = query.where(or_(Request.not_before.is_(None), Request.not_before <= now))
+        if busy:
+            query = query.where(Request.study_uid.not_in(sorted(busy)))
+    rows = session.execute(
+        query.order_by(Request.priority.desc(), Request.created_at, Request.id).limit(read.limit)).all()
+    return [ForwardCandidate(rid, project_id, priority, as_utc(created), as_utc(not_before) if not_before else None,
+                             bool(ok))
+            for rid, priority, created, not_before, ok in rows]
+
+
+def _end(ctx: ServiceContext, session: Session, ended: dict[int, tuple[RequestState, str]], now: datetime) -> None:
+    """End the forwards the plans end, with their audit rows in the same transaction. Locked in
+    id order, as every multi-row lock on requests is taken; one a user ended meanwhile is left
+    as it is (and dropped from ``ended``)."""
+    rows = session.execute(
+        select(Request).where(Request.id.in_(list(ended)), Request.state == RequestState.SCHEDULED)
+        .order_by(Request.id).with_for_update().execution_options(populate_existing=True)
+    ).scalars().all() if ended else []
+    for request_id in set(ended) - {row.id for row in rows}:
+        del ended[request_id]
+    for row in rows:
+        state, reason = ended[row.id]
+        change_state(row, Event.CANCEL if state == RequestState.CANCELED else Event.REFUSE)
+        row.last_error = reason
+        row.ended_at = now
+        row.waiting_reason = None
+    ctx.audit.record_many(session, [
+        AuditEntry("scheduler", Action.FORWARD, Outcome.DENIED, project_id=row.project_id, patient_id=row.patient_id,
+                   study_uid=row.study_uid, detail={"request": row.id, "event": str(ended[row.id][0]),
+                                                    "reason": ended[row.id][1], "destination": row.destination_id})
+        for row in rows])
+
+
+def _notify(ctx: ServiceContext, request_ids: list[int]) -> None:
+    if not request_ids:
+        return
     try:
-        notifications.on_request_ended(ctx, request_id)
+        notifications.on_requests_ended(ctx, request_ids)
     except Exception:
-        # A notice that could not be written must not stop scheduling; the request's state is committed.
-        LOG.exception("request %s: notification failed", request_id)
+        # A notice that could not be written must not stop scheduling; the requests' states are committed.
+        LOG.exception("requests %s: notification failed", ", ".join(map(str, request_ids[:10])))
 
 
 # --- running one forward ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Telling researchers that their retrievals ended: in the app, and by e-mail.
 
-The worker calls ``on_request_ended`` after a request's final state is
-committed. A failed request gets its own notice; when every request of a
+The worker calls ``on_request_ended`` (``on_requests_ended`` for many) after
+a request's final state is committed. A failed request gets its own notice; when every request of a
 batch has ended, its owner gets one summary. Texts carry project ids, counts,
 request numbers and DICOM status codes, never patient names, MRNs, accession
 numbers or UIDs: they are e-mailed, and e-mail is not access-controlled.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -66,24 +66,44 @@ def on_request_ended(ctx: ServiceContext, request_id: int) -> list[int]:
     exists is not created again. The text names the request or batch and the
     time it ended, so a retried request that fails again is notified again.
     """
+    return on_requests_ended(ctx, [request_id])
+
+
+def on_requests_ended(ctx: ServiceContext, request_ids: Sequence[int]) -> list[int]:
+    """`on_request_ended` for many: the requests of one batch are handled together, its rows read
+    once however many of them ended (an IRB that lapsed ends hundreds of one batch in one tick)."""
+    batch_of: dict[int, str | None] = {}
+    with ctx.sessions() as session:
+        for start in range(0, len(request_ids), 1000):
+            batch_of.update((request_id, batch_id) for request_id, batch_id in session.execute(
+                select(Request.id, Request.batch_id).where(Request.id.in_(request_ids[start:start + 1000]))))
+    if missing := [i for i in request_ids if i not in batch_of]:
+        raise NotFound(f"no request #{missing[0]}")
+    groups: dict[str | int, list[int]] = {}
+    for request_id in dict.fromkeys(request_ids):
+        groups.setdefault(batch_of[request_id] or request_id, []).append(request_id)
+    return [notice for group in groups.values() for notice in _on_ended_in_batch(ctx, group)]
+
+
+def _on_ended_in_batch(ctx: ServiceContext, request_ids: list[int]) -> list[int]:
+    """The notices for these requests of one batch (or one request alone)."""
     created: list[Notification] = []
     with transaction(ctx.sessions) as session:
-        request = session.get(Request, request_id)
-        if request is None:
-            raise NotFound(f"no request #{request_id}")
-        batch = _lock_batch(session, request)
-        request = next(r for r in batch if r.id == request_id)
-        if request.state not in ENDED:
+        batch = _lock_batch(session, session.get_one(Request, request_ids[0]))
+        by_id = {r.id: r for r in batch}
+        ended = [by_id[i] for i in request_ids if by_id[i].state in ENDED]
+        if not ended:
             return []
-        project = session.get(Project, request.project_id)
+        project = session.get(Project, ended[0].project_id)
         title = project.title if project else ""
         now = ctx.clock.now()
-        if request.state == RequestState.FAILED:
-            reason = scrub(session, request, request.last_error)
-            note = _failure_notice(request, batch, title, reason, now)
-            if _add_once(session, note):
-                created.append(note)
-        lone_failure = len(batch) == 1 and request.state == RequestState.FAILED  # its failure notice says it all
+        for request in ended:
+            if request.state == RequestState.FAILED:
+                reason = scrub(session, request, request.last_error)
+                note = _failure_notice(request, batch, title, reason, now)
+                if _add_once(session, note):
+                    created.append(note)
+        lone_failure = len(batch) == 1 and batch[0].state == RequestState.FAILED  # its failure notice says it all
         if all(r.state in ENDED for r in batch) and not lone_failure:
             for login in sorted({r.user_login for r in batch}):
                 note = _batch_notice([r for r in batch if r.user_login == login], title, now)

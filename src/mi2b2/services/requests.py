@@ -514,9 +514,8 @@ def _change(ctx: ServiceContext, who: Principal, request_ids: Sequence[int], wha
             AuditEntry(who, Action.FORWARD if kind == RequestKind.FORWARD else Action.RETRIEVE, project_id=project_id,
                        patient_id=patient_id, study_uid=study_uid, detail={"request": request_id, "event": what})
             for request_id, project_id, patient_id, study_uid, kind, _ in summary])
-    for request_id, *_, state in summary:
-        if state in ENDED:
-            notifications.on_request_ended(ctx, request_id)
+    if ended := [request_id for request_id, *_, state in summary if state in ENDED]:
+        notifications.on_requests_ended(ctx, ended)
     return ids
 
 

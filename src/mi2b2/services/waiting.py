@@ -7,7 +7,8 @@ is being fetched for another request, it is bigger than the project's cache)
 is read from its row and the counters here, by the same rule the planner uses
 (`domain.scheduler.waiting_reason`). Queued forwards likewise: the forward scheduler writes
 nothing on the ones that wait, and their reason is read here by the rule it applies
-(`domain.forwarding.forward_waiting_reason`).
+(`domain.forwarding.forward_waiting_reason`); one whose patient left the allow-list says so
+until it reaches the head of its queue, where the scheduler fails it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mi2b2.domain.clock import as_utc
 from mi2b2.domain.forwarding import ForwardCandidate, forward_waiting_reason
 from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.domain.scheduler import Candidate, waiting_reason
-from mi2b2.services.allow_list import on_allow_list
+from mi2b2.services.allow_list import forward_on_allow_list, on_allow_list
 
 
 def waiting_reasons(session: Session, rows: Sequence[Request], now: datetime,
@@ -75,11 +76,13 @@ def _forwards(session: Session, rows: Sequence[Request], now: datetime, caps: Ma
     busy = {(destination_id, study_uid) for destination_id, study_uid in session.execute(
         select(Request.destination_id, Request.study_uid).where(
             *running, Request.study_uid.in_(sorted({r.study_uid for r in queued}))))}
+    allowed = set(session.execute(select(Request.id).where(
+        Request.id.in_([r.id for r in queued]), forward_on_allow_list())).scalars())
     reasons = {}
     for r in queued:
         destination_id = r.destination_id or ""
         candidate = ForwardCandidate(r.id, r.project_id, r.priority, as_utc(r.created_at),
-                                     as_utc(r.not_before) if r.not_before else None,
+                                     as_utc(r.not_before) if r.not_before else None, r.id in allowed,
                                      study_busy=(destination_id, r.study_uid) in busy)
         reasons[r.id] = forward_waiting_reason(now, candidate, active.get(destination_id, 0),
                                                caps.get(destination_id, 1))

@@ -83,8 +83,8 @@ class Worker:
         self._requeue_interrupted()
         requeue_orphans(self.ctx, self.stale_after, caller=self.worker_id)
         result = schedule_once(self.ctx, self.worker_id)
-        for request_id in result.canceled:
-            self._notify(request_id)
+        if result.canceled:
+            self._notify(*result.canceled)
         for request_id in result.started:
             future = self._pool.submit(self._run, request_id)
             self._running.add(future)
@@ -234,8 +234,8 @@ class Worker:
             self._notify(request_id)
         return state
 
-    def _notify(self, request_id: int) -> None:
+    def _notify(self, *request_ids: int) -> None:
         try:
-            notifications.on_request_ended(self.ctx, request_id)
+            notifications.on_requests_ended(self.ctx, list(request_ids))
         except Exception:
-            LOG.exception("request %s: notification failed", request_id)
+            LOG.exception("requests %s: notification failed", ", ".join(map(str, request_ids[:10])))

@@ -244,6 +244,13 @@ Index(
     "ix_requests_queue", Request.pacs_id, Request.project_id, Request.state, Request.kind,
     Request.priority.desc(), Request.created_at, Request.id,
 )
+# A project's queue of forwards to one destination in the order it is served, so a forward
+# tick reads only its heads (services/forward.py); destination and state first, so that
+# "is anything queued for this destination" is one probe too.
+Index(
+    "ix_requests_forward_queue", Request.destination_id, Request.state, Request.kind, Request.project_id,
+    Request.priority.desc(), Request.created_at, Request.id,
+)
 
 
 class PacsStart(Base):

@@ -55,7 +55,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, insert, text, update
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the suite's fresh_database
+sys.path.insert(0, str(REPO / "tests"))  # the suite's fresh_database and site blocks
 
 from mi2b2.adapters.crypto.audit_key import read_key_file  # noqa: E402
 from mi2b2.adapters.db.engine import transaction  # noqa: E402
@@ -68,6 +68,7 @@ from mi2b2.services.context import ServiceContext, build_context  # noqa: E402
 from mi2b2.services.forward import schedule_forwards  # noqa: E402
 from mi2b2.services.scheduler import schedule_once  # noqa: E402
 from support.databases import fresh_database  # noqa: E402
+from support.site import pacs_block, site_head  # noqa: E402
 
 CHUNK = 5000
 TICKS = 20
@@ -108,30 +109,7 @@ def write_site(folder: Path, url: str, projects: int) -> Path:
             institutions = ["general"]
             members = [{{ login = "bench", role = "lead" }}]
         """))
-    text_ = textwrap.dedent(f"""
-        [server]
-        database_url = "{url}"
-        cache_dir = "cache"
-
-        [dicom]
-        ae_title = "MI2B2"
-        port = 11112
-
-        [[institutions]]
-        id = "general"
-        name = "General Hospital"
-
-        [[institutions.departments]]
-        id = "radiology"
-        name = "Radiology"
-
-        [[institutions.departments.pacs]]
-        id = "main"
-        ae_title = "PACS"
-        host = "127.0.0.1"
-        port = 11113
-        default_max_concurrent = 5
-
+    text_ = site_head(url, 11112) + pacs_block("main", "PACS", 11113, "default_max_concurrent = 5\n") + textwrap.dedent("""
         [[destinations]]
         id = "xnat"
         ae_title = "XNAT"

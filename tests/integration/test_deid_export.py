@@ -338,9 +338,9 @@ def test_the_cli_download_of_an_encrypted_only_project_is_encrypted_by_the_serve
 
 def test_encrypted_only_files_too_big_to_hold_are_encrypted_through_a_spool_to_public_keys_only(
         placed: tuple[ServiceContext, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mi2b2.services.export import batch, download
+    from mi2b2.services.export import batch, download, sources
 
-    for module in (download, batch):  # every file counts as big: the streamed path, with small files
+    for module in (sources, download, batch):  # every file counts as big: the streamed path, with small files
         monkeypatch.setattr(module, "LARGE_MEMBER", 256)
     ctx, tokens = placed
     uid = studies.uid(studies.BRAIN)

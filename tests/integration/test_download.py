@@ -36,7 +36,7 @@ from mi2b2.domain.principal import Principal, Role
 from mi2b2.errors import AccessDenied, InvalidInput
 from mi2b2.services.audit import AuditFilter
 from mi2b2.services.context import ServiceContext, build_context
-from mi2b2.services.export import decrypt_download, download, open_download
+from mi2b2.services.export import decrypt_download, download, open_download, sources, tickets
 from mi2b2.synthetic import SyntheticStudy, write_study
 from mi2b2.testing import FakeClock
 from support import studies
@@ -225,7 +225,7 @@ def test_single_files_need_an_audited_download_of_their_study(ctx: ServiceContex
     answer = root.post("/api/v1/projects/alpha/download/instance",
                        json={"download_id": ticket, "study_uid": brain, "sop_uid": entry["sop_uid"]})
     assert answer.status_code == 403 and "site admins read images only in projects they are members of" in answer.text
-    ctx.clock.advance(hours=download.TICKET_HOURS + 1)  # type: ignore[attr-defined]
+    ctx.clock.advance(hours=tickets.TICKET_HOURS + 1)  # type: ignore[attr-defined]
     late = bob.post("/api/v1/projects/alpha/download/instance",
                     json={"download_id": ticket, "study_uid": brain, "sop_uid": entry["sop_uid"]})
     assert late.status_code == 403
@@ -286,7 +286,7 @@ def test_batches_of_files_are_checked_file_by_file(ctx: ServiceContext, tmp_path
         forged = bob.post(url, json=body)
         assert forged.status_code == 422 and says in forged.json()["error"], forged.text
 
-    ctx.clock.advance(hours=download.TICKET_HOURS + 1)  # type: ignore[attr-defined]
+    ctx.clock.advance(hours=tickets.TICKET_HOURS + 1)  # type: ignore[attr-defined]
     late = bob.post(url, json=asked((brain, sops[0])))
     assert late.status_code == 403 and "ask for a new manifest" in late.json()["error"]
 
@@ -305,7 +305,8 @@ def test_big_members_stream_without_being_held(ctx: ServiceContext, tmp_path: Pa
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Files above LARGE_MEMBER go out as they are read (plain: CRC first; encrypted: age stream + deflate-0)."""
     cached = fill(ctx, tmp_path)
-    monkeypatch.setattr(download, "LARGE_MEMBER", 1000)
+    for module in (sources, download):  # sources decides what is big; download's spool bound follows
+        monkeypatch.setattr(module, "LARGE_MEMBER", 1000)
     plain = b"".join(download.zip_download(ctx, BOB, "alpha", [], all_studies=True).chunks)
     with zipfile.ZipFile(io.BytesIO(plain)) as archive:
         assert_readable_tree({i.filename: archive.read(i) for i in archive.infolist()}, cached)

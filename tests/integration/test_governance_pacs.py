@@ -24,7 +24,7 @@ from support.databases import fresh_database
 from support.pacs import RunningPacs, free_port, start_orthanc
 from support.pipeline import ALICE, Pipeline, retrieval_site
 from support.proxy import Proxy, most_within
-from support.site import pacs_block
+from support.site import always_window, pacs_block
 
 pytestmark = pytest.mark.pacs
 
@@ -58,15 +58,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningP
 
 
 def _site(folder: Path, proxy_port: int, receiver_port: int, database_url: str) -> Path:
-    window = textwrap.dedent(f"""
-        [[institutions.departments.pacs.windows]]
-        name = "always"
-        days = "mon-sun"
-        start = 00:00:00
-        end = 00:00:00
-        max_concurrent = {MAX_CONCURRENT}
-        studies_per_minute = {PER_MINUTE}
-    """)
     projects = ""
     for n, project in enumerate(PROJECTS):
         mine = STUDIES[n * PER_PROJECT:(n + 1) * PER_PROJECT]
@@ -85,7 +76,8 @@ def _site(folder: Path, proxy_port: int, receiver_port: int, database_url: str) 
             members = [{{ login = "alice" }}]
         """)
     folder.mkdir(parents=True, exist_ok=True)
-    path = retrieval_site(folder, receiver_port, pacs_block("main", "ORTHANC", proxy_port, window),
+    pacs = pacs_block("main", "ORTHANC", proxy_port, always_window(MAX_CONCURRENT, PER_MINUTE))
+    path = retrieval_site(folder, receiver_port, pacs,
                           database_url=database_url, projects=projects,
                           allowed=[s.patient_id for s in STUDIES[:PER_PROJECT]])
     return path

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -159,78 +160,78 @@ def _site(tmp_path: Path, url: str, orthanc: RunningPacs, port: int) -> Path:
                           database_url=url, allowed=["000123", "77", "PAT004"])
 
 
-def test_two_processes_share_the_port_and_store_every_instance_once(
-        tmp_path: Path, orthanc: tuple[RunningPacs, int, dict[str, list[Path]]]) -> None:
-    running, port, written = orthanc
+@contextmanager
+def _two_receivers(tmp_path: Path, running: RunningPacs, port: int) -> Iterator[tuple[Path, Receivers, list[int]]]:
+    """A site on a fresh PostgreSQL database, `mi2b2 receiver --processes 2` on it and the children's pids;
+    the receivers must stop cleanly on SIGTERM at the end."""
     with fresh_database("postgres", tmp_path) as url:
         site = _site(tmp_path, url, running, port)
         receivers = Receivers(site, 2)
         try:
-            pids = receivers.wait_ready()
-            assert len(set(pids)) == 2
-            # The kernel spreads connections by their source port: a few suffice to reach both.
-            for _ in range(64):
-                _echo(port)
-                if all(f"[{pid}]: association" in receivers.text() for pid in pids):
-                    break
-            assert all(f"[{pid}]: association" in receivers.text() for pid in pids), receivers.text()
-            with Pipeline(site, receiver=False) as pipe:
-                assert _receiver_rows(pipe) == set(pids)  # each child keeps its own heartbeat
-                ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(s)) for s in SHORT]).created
-                rows = pipe.wait(ids)
-                assert {r.state for r in rows} == {RequestState.COMPLETED}, [(r.state, r.last_error) for r in rows]
-                files = cache_files(pipe.ctx.config.cache_dir())
-                originals = [f for s in SHORT for f in written[studies.uid(s)]]
-                received = by_sop(files)
-                assert len(files) == len(received) == len(originals)  # every instance, once
-                assert all(same_instance(o, received[str(_sop(o))]) for o in originals[:3])
-                # SIGHUP reaches every child (a reload), none dies of it
-                receivers.process.send_signal(signal.SIGHUP)
-                _wait_for(lambda: receivers.text().count("configuration reloaded on SIGHUP") == 2, 10, "both reloaded")
-                assert receivers.children() == pids
+            yield site, receivers, receivers.wait_ready()
         finally:
             assert receivers.stop() == 0
-        assert all(_pid_gone(pid) for pid in pids)
-        assert not _listening(port)
+
+
+def test_two_processes_share_the_port_and_store_every_instance_once(
+        tmp_path: Path, orthanc: tuple[RunningPacs, int, dict[str, list[Path]]]) -> None:
+    running, port, written = orthanc
+    with _two_receivers(tmp_path, running, port) as (site, receivers, pids):
+        assert len(set(pids)) == 2
+        # The kernel spreads connections by their source port: a few suffice to reach both.
+        for _ in range(64):
+            _echo(port)
+            if all(f"[{pid}]: association" in receivers.text() for pid in pids):
+                break
+        assert all(f"[{pid}]: association" in receivers.text() for pid in pids), receivers.text()
+        with Pipeline(site, receiver=False) as pipe:
+            assert _receiver_rows(pipe) == set(pids)  # each child keeps its own heartbeat
+            ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(s)) for s in SHORT]).created
+            rows = pipe.wait(ids)
+            assert {r.state for r in rows} == {RequestState.COMPLETED}, [(r.state, r.last_error) for r in rows]
+            files = cache_files(pipe.ctx.config.cache_dir())
+            originals = [f for s in SHORT for f in written[studies.uid(s)]]
+            received = by_sop(files)
+            assert len(files) == len(received) == len(originals)  # every instance, once
+            assert all(same_instance(o, received[str(_sop(o))]) for o in originals[:3])
+            # SIGHUP reaches every child (a reload), none dies of it
+            receivers.process.send_signal(signal.SIGHUP)
+            _wait_for(lambda: receivers.text().count("configuration reloaded on SIGHUP") == 2, 10, "both reloaded")
+            assert receivers.children() == pids
+    assert all(_pid_gone(pid) for pid in pids)
+    assert not _listening(port)
 
 
 def test_a_child_killed_mid_transfer_is_replaced_and_leaves_no_partial_file(
         tmp_path: Path, orthanc: tuple[RunningPacs, int, dict[str, list[Path]]]) -> None:
     running, port, written = orthanc
-    with fresh_database("postgres", tmp_path) as url:
-        site = _site(tmp_path, url, running, port)
-        receivers = Receivers(site, 2)
-        try:
-            pids = receivers.wait_ready()
-            with Pipeline(site, receiver=False) as pipe:
-                ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(LONG))]).created
-                victim: list[int] = []
+    with _two_receivers(tmp_path, running, port) as (site, receivers, pids), Pipeline(site, receiver=False) as pipe:
+        ids = add_requests(pipe.ctx, ALICE, "alpha", "main", [StudyPick(studies.uid(LONG))]).created
+        victim: list[int] = []
 
-                def receiving() -> bool:
-                    victim.extend(pid for pid in pids if _has_association(pid, port))
-                    return bool(victim)
+        def receiving() -> bool:
+            victim.extend(pid for pid in pids if _has_association(pid, port))
+            return bool(victim)
 
-                _wait_for(receiving, 30, "an association from Orthanc")
-                time.sleep(0.05)  # a few instances in
-                os.kill(victim[0], signal.SIGKILL)
-                _wait_for(lambda: len(set(receivers.children()) - set(pids)) == 1, 30, "the killed child replaced")
-                assert "exited with signal SIGKILL; starting another" in receivers.text()
-                incoming = pipe.ctx.config.cache_dir() / ".incoming"
-                assert not any(incoming.glob(f"*-{victim[0]}/*")), "the killed child's temp files stayed"
-                rows = pipe.wait(ids)
-                if rows[0].state != RequestState.COMPLETED:
-                    # Orthanc answers the C-MOVE whose association was cut with 0xC000: ended, for the user to retry.
-                    assert rows[0].state in (RequestState.INCOMPLETE, RequestState.FAILED), rows[0].state
-                    retry_requests(pipe.ctx, ALICE, ids)
-                    rows = pipe.wait(ids)
-                assert rows[0].state == RequestState.COMPLETED, rows[0].last_error
-                originals = written[studies.uid(LONG)]
-                files = cache_files(pipe.ctx.config.cache_dir())
-                received = by_sop(files)
-                assert len(files) == len(received) == len(originals)  # nothing twice
-                assert all(same_instance(o, received[str(_sop(o))]) for o in originals)  # nothing cut short
-        finally:
-            assert receivers.stop() == 0
+        _wait_for(receiving, 30, "an association from Orthanc")
+        time.sleep(0.05)  # a few instances in
+        os.kill(victim[0], signal.SIGKILL)
+        _wait_for(lambda: len(set(receivers.children()) - set(pids)) == 1, 30, "the killed child replaced")
+        assert "exited with signal SIGKILL; starting another" in receivers.text()
+        incoming = pipe.ctx.config.cache_dir() / ".incoming"
+        assert not any(incoming.glob(f"*-{victim[0]}/*")), "the killed child's temp files stayed"
+        rows = pipe.wait(ids)
+        if rows[0].state != RequestState.COMPLETED:
+            # Orthanc answers the C-MOVE whose association was cut with 0xC000: ended, for the user to retry.
+            assert rows[0].state in (RequestState.INCOMPLETE, RequestState.FAILED), rows[0].state
+            retry_requests(pipe.ctx, ALICE, ids)
+            rows = pipe.wait(ids)
+        assert rows[0].state == RequestState.COMPLETED, rows[0].last_error
+        originals = written[studies.uid(LONG)]
+        files = cache_files(pipe.ctx.config.cache_dir())
+        received = by_sop(files)
+        assert len(files) == len(received) == len(originals)  # nothing twice
+        assert all(same_instance(o, received[str(_sop(o))]) for o in originals)  # nothing cut short
 
 
 @pytest.mark.parametrize("listens", [True, False], ids=["listening", "bound"])

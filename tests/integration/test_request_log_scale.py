@@ -18,19 +18,12 @@ from mi2b2.services.context import ServiceContext, build_context
 from mi2b2.services.requests import RequestFilter, list_requests, request_page, show_request
 from mi2b2.services.scheduler import schedule_once
 from mi2b2.testing import FakeClock
-from support.site import load_site, pacs_block
+from support.site import always_window, load_site, pacs_block
 
 ALICE = Principal("alice", Role.RESEARCHER)
 CAROL = Principal("carol", Role.RESEARCHER)  # not in alpha
 NOON = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-CAP_TWO = """
-    [[institutions.departments.pacs.windows]]
-    name = "always"
-    days = "mon-sun"
-    start = 00:00:00
-    end = 00:00:00
-    max_concurrent = 2
-"""
+CAP_TWO = always_window(max_concurrent=2)
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ from support.pacs import RunningPacs, start_orthanc
 from support.pipeline import cache_files
 from support.pki import Pki, make_pki
 from support.proxy import Proxy, most_within
+from support.site import always_window, general_radiology, pacs_block
 
 pytestmark = [
     pytest.mark.pacs,
@@ -165,33 +166,12 @@ def _site(folder: Path, host: str, *, database_url: str, dicom: tuple[str, int],
         port = {dicom[1]}
         # The balancer's connections begin with a PROXY header naming the sender.
         proxy_protocol_from = ["{balancer_address}"]
-
-        [[institutions]]
-        id = "general"
-        name = "General Hospital"
-
-        [[institutions.departments]]
-        id = "radiology"
-        name = "Radiology"
-
-        [[institutions.departments.pacs]]
-        id = "main"
-        ae_title = "ORTHANC"
-        host = "{pacs[0]}"
-        port = {pacs[1]}
+    """) + general_radiology() + pacs_block("main", "ORTHANC", pacs[1], f"""
         retrieve = "c-move"
         default_queries_per_second = 0
         # Where the PACS sends from: through the balancer, its PROXY header says so.
         addresses = ["{pacs_source}"]
-
-        [[institutions.departments.pacs.windows]]
-        name = "always"
-        days = "mon-sun"
-        start = 00:00:00
-        end = 00:00:00
-        max_concurrent = {MAX_CONCURRENT}
-        studies_per_minute = {PER_MINUTE}
-    """) + projects
+    """, host=pacs[0]) + always_window(MAX_CONCURRENT, PER_MINUTE) + projects
     path = folder / f"{host}.toml"
     path.write_text(text)
     return path

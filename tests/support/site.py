@@ -12,15 +12,55 @@ ALLOWED_A = ["000123", "MRN-0002", "77", "PAT004", "P005"]
 ALLOWED_B = ["B-1", "B-2"]
 
 
-def pacs_block(pacs_id: str, ae_title: str, port: int, extra: str = "") -> str:
+def site_head(database_url: str, dicom_port: int, dicom_extra: str = "") -> str:
+    """[server], [dicom] and the first institution's department, for its [[...pacs]] blocks to follow."""
+    return textwrap.dedent(f"""
+        [server]
+        database_url = "{database_url}"
+        cache_dir = "cache"
+
+        [dicom]
+        ae_title = "MI2B2"
+        port = {dicom_port}
+        {dicom_extra}
+    """) + general_radiology()
+
+
+def general_radiology() -> str:
+    """The institution 'general' and its department 'radiology': the [[...pacs]] blocks that follow are its."""
+    return textwrap.dedent("""
+        [[institutions]]
+        id = "general"
+        name = "General Hospital"
+
+        [[institutions.departments]]
+        id = "radiology"
+        name = "Radiology"
+    """)
+
+
+def pacs_block(pacs_id: str, ae_title: str, port: int, extra: str = "", host: str = "127.0.0.1") -> str:
     """One [[institutions.departments.pacs]] entry of the first department."""
     return textwrap.dedent(f"""
         [[institutions.departments.pacs]]
         id = "{pacs_id}"
         ae_title = "{ae_title}"
-        host = "127.0.0.1"
+        host = "{host}"
         port = {port}
     """) + textwrap.dedent(extra)
+
+
+def always_window(max_concurrent: int, studies_per_minute: int | None = None) -> str:
+    """A [[...pacs.windows]] entry for the PACS block above: open all day, every day, with these caps."""
+    per_minute = "" if studies_per_minute is None else f"studies_per_minute = {studies_per_minute}\n"
+    return textwrap.dedent(f"""
+        [[institutions.departments.pacs.windows]]
+        name = "always"
+        days = "mon-sun"
+        start = 00:00:00
+        end = 00:00:00
+        max_concurrent = {max_concurrent}
+    """) + per_minute
 
 
 def write_site(
@@ -39,24 +79,7 @@ def write_site(
     (folder / "beta.mrns").write_text("\n".join(ALLOWED_B) + "\n")
     pacs = pacs_blocks or pacs_block("main", "PACS", 11113)
     url = database_url or f"sqlite:///{folder / 'mi2b2.db'}"
-    text = textwrap.dedent(f"""
-        [server]
-        database_url = "{url}"
-        cache_dir = "cache"
-
-        [dicom]
-        ae_title = "MI2B2"
-        port = {dicom_port or free_port()}
-        {dicom_extra}
-
-        [[institutions]]
-        id = "general"
-        name = "General Hospital"
-
-        [[institutions.departments]]
-        id = "radiology"
-        name = "Radiology"
-    """) + textwrap.dedent(pacs) + textwrap.dedent(f"""
+    text = site_head(url, dicom_port or free_port(), dicom_extra) + textwrap.dedent(pacs) + textwrap.dedent(f"""
         [[institutions]]
         id = "childrens"
         name = "Children's Hospital"

@@ -43,29 +43,14 @@ from mi2b2.adapters.dicom.deidentify import Withheld
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
-from mi2b2.errors import AccessDenied, InvalidInput, PermanentError
-from mi2b2.services.audit import Action, Outcome
+from mi2b2.errors import InvalidInput, PermanentError
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import require_readable
-from mi2b2.services.export import deid
+from mi2b2.services.export import deid, tickets
 from mi2b2.services.export.deid import WithheldReport
-from mi2b2.services.export.download import (
-    LARGE_MEMBER,
-    TICKET_HOURS,
-    Encryption,
-    Seal,
-    Sealed,
-    _check_uids,
-    _chunks_of,
-    _Deid,
-    _header_and_range,
-    _prefetched,
-    _Source,
-    _ticket,
-    seal_for,
-    sealed_chunks,
-)
+from mi2b2.services.export.download import Encryption, Seal, Sealed, check_study_uids, seal_for, sealed_chunks
 from mi2b2.services.export.layout import BATCH_ERROR_SUFFIX, BATCH_SHA256_SUFFIX, PlannedFile
+from mi2b2.services.export.sources import LARGE_MEMBER, Deid, Source, chunks_of, header_and_range, prefetched
 
 Pseudonym = Callable[[str], str]  # how a de-identified project's manifest names a UID
 MAX_FILES = 1000  # per batch; the CLI asks for far fewer
@@ -106,11 +91,11 @@ def download_files(ctx: ServiceContext, who: Principal, project_id: str, asked: 
     if policy.deidentified:
         engine = deid.engine_for(ctx, policy)
         originals = _tickets(ctx, who, project_id, asked, engine.pseudonyms.uid)
-        source = _Source(store, _Deid(engine, {}, WithheldReport(policy)))
+        source = Source(store, Deid(engine, {}, WithheldReport(policy)))
         found = _look_up(ctx, project_id, asked, originals, engine.pseudonyms.uid)
     else:
         originals = _tickets(ctx, who, project_id, asked, None)
-        source = _Source(store, None)
+        source = Source(store, None)
         found = _look_up(ctx, project_id, asked, originals, None)
     return FilesDownload(len(found), _tar(source, found, seal))
 
@@ -120,7 +105,7 @@ def _check_list(asked: Sequence[FileAsked]) -> None:
         raise InvalidInput("name at least one file to fetch")
     if len(asked) > MAX_FILES:
         raise InvalidInput(f"at most {MAX_FILES} files per batch; split the list")
-    _check_uids(sorted({a.study_uid for a in asked}), False)
+    check_study_uids(sorted({a.study_uid for a in asked}), False)
     bad = [a.sop_uid for a in asked if len(a.sop_uid) > 64 or not UID.match(a.sop_uid)]
     if bad:
         raise InvalidInput(f"not SOPInstanceUIDs (digits and dots): {', '.join(repr(b[:70]) for b in bad[:5])}")
@@ -137,13 +122,9 @@ def _tickets(ctx: ServiceContext, who: Principal, project_id: str, asked: Sequen
     require_readable(ctx, who, project_id, [], DataUse.READ, "download")
     originals: dict[tuple[int, str], str] = {}
     for download_id, study_uid in sorted({(a.download_id, a.study_uid) for a in asked}):
-        original = _ticket(ctx, who, project_id, download_id)
+        original = tickets.covered_study(ctx, who, project_id, download_id)
         if original is None or (pseudonym(original) if pseudonym else original) != study_uid:
-            ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, study_uid=original,
-                             detail={"reason": "no download covers this file", "operation": "download",
-                                     "download_id": download_id})
-            raise AccessDenied("this download_id does not cover that study (or is older than "
-                               f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
+            tickets.refuse(ctx, who, project_id, original, download_id)
         originals[download_id, study_uid] = original
     require_readable(ctx, who, project_id, sorted(set(originals.values())), DataUse.READ, "download")
     return originals
@@ -171,7 +152,7 @@ def _look_up(ctx: ServiceContext, project_id: str, asked: Sequence[FileAsked],
     return found
 
 
-def _tar(source: _Source, found: list[_Found], seal: Seal | None) -> Iterator[bytes]:
+def _tar(source: Source, found: list[_Found], seal: Seal | None) -> Iterator[bytes]:
     """The members, the next files read from disk (de-identified, encrypted) while one is being sent."""
     def load(item: _Found) -> bytes | Sealed | Withheld | str | None:
         if item.relative is None:
@@ -182,7 +163,7 @@ def _tar(source: _Source, found: list[_Found], seal: Seal | None) -> Iterator[by
             return "that image is indexed but missing from the cache; an admin should run `mi2b2 admin fsck --repair`"
         return seal.small(data) if seal is not None and isinstance(data, bytes) else data
 
-    for item, data in _prefetched(found, load, lambda item: min(item.size, LARGE_MEMBER)):
+    for item, data in prefetched(found, load, lambda item: min(item.size, LARGE_MEMBER)):
         if isinstance(data, Sealed):
             size = len(data.ciphertext)
             yield _member(item.sop_uid, size) + data.ciphertext + _padding(size) + _sha256(item.sop_uid, data.sha256)
@@ -198,7 +179,7 @@ def _tar(source: _Source, found: list[_Found], seal: Seal | None) -> Iterator[by
     yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
 
 
-def _big(source: _Source, item: _Found, seal: Seal | None) -> Iterator[bytes]:
+def _big(source: Source, item: _Found, seal: Seal | None) -> Iterator[bytes]:
     """A file too big to hold: its size first (the header needs it), then its bytes in chunks."""
     assert item.relative is not None
     file = PlannedFile(item.study_uid, "", "", "", "", 0, item.relative)
@@ -206,7 +187,7 @@ def _big(source: _Source, item: _Found, seal: Seal | None) -> Iterator[bytes]:
     try:
         if source.deid is None:
             size = path.stat().st_size
-            chunks = _chunks_of(path)
+            chunks = chunks_of(path)
         else:
             outcome = source.big_outcome(file)
             if isinstance(outcome, Withheld):
@@ -214,7 +195,7 @@ def _big(source: _Source, item: _Found, seal: Seal | None) -> Iterator[bytes]:
                                            f"{outcome.reason}")
                 return
             size = outcome.size
-            chunks = _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
+            chunks = header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
     except (FileNotFoundError, PermanentError):
         yield _error(item.sop_uid, "that image is indexed but missing from the cache")
         return

@@ -13,51 +13,50 @@ adds a FAILED event per study that was not sent whole.
 
 The CLI's folder download asks for a manifest first (the audited step) and
 then fetches files one by one; each fetch names the audit event of its study
-(``download_id``), so no file leaves without an audited download behind it.
+(``download_id``, its ticket: `tickets`), so no file leaves without an audited
+download behind it.
 
-Nothing is staged: ZIPs are streamed member by member, read in 1 MiB chunks,
-encrypted (when asked) in memory as they go out; the only files on the server
-are the cache's own, and, while it is sent, the age ciphertext of a file over
-LARGE_MEMBER that an encrypted_only project's fetch encrypts (`Seal.big`: the
-tar header needs its size first; its plaintext is never written).
+Nothing is staged: ZIPs are streamed member by member, read in 1 MiB chunks
+(`sources`: the same bytes the CLI's fetches get), encrypted (when asked) in
+memory as they go out; the only files on the server are the cache's own, and,
+while it is sent, the age ciphertext of a file over LARGE_MEMBER that an
+encrypted_only project's fetch encrypts (`Seal.big`: the tar header needs its
+size first; its plaintext is never written).
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
-import io
-import json
 import os
 import stat
 import tempfile
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select, update
 from stream_zip import NO_COMPRESSION_64, ZIP_64, stream_zip
 
 from mi2b2.adapters.crypto import age_files
 from mi2b2.adapters.db.engine import transaction
-from mi2b2.adapters.db.tables import AuditEvent, CachedInstance, CachedStudy
-from mi2b2.adapters.dicom.deidentify import DeidEngine, Deidentified, Withheld, deidentify_file
+from mi2b2.adapters.db.tables import CachedInstance, CachedStudy
+from mi2b2.adapters.dicom.deidentify import Withheld
 from mi2b2.adapters.dicom.files import InstanceHeader, read_instance_header
 from mi2b2.adapters.storage.cache_files import UID, CacheStore
 from mi2b2.adapters.storage.file_digests import FileDigests
 from mi2b2.config.export_policy import ExportPolicy
 from mi2b2.domain.governance import DataUse
 from mi2b2.domain.principal import Principal
-from mi2b2.errors import AccessDenied, InvalidInput, NotFound, PermanentError
+from mi2b2.errors import InvalidInput, NotFound, PermanentError
 from mi2b2.services.audit import Action, AuditEntry, Outcome
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.data_access import patient_still_allowed, require_readable, require_use
-from mi2b2.services.export import deid, screens
+from mi2b2.services.export import deid, screens, tickets
 from mi2b2.services.export.deid import WithheldReport
 from mi2b2.services.export.layout import (
     IDENTITY,
@@ -73,19 +72,22 @@ from mi2b2.services.export.layout import (
     plan_paths,
     readme_text,
 )
+from mi2b2.services.export.sources import (
+    CHUNK,
+    LARGE_MEMBER,
+    PREFETCH_WORKERS,
+    Deid,
+    Source,
+    chunks_of,
+    file_chunks,
+    header_and_range,
+    prefetched,
+)
+from mi2b2.services.export.tickets import VIA_FILES
 
-CHUNK = 1 << 20  # 1 MiB: Starlette's 64 KiB default costs about 4x the throughput
 MAX_STUDIES = 5000
-TICKET_HOURS = 12  # how long a manifest's download_id lets the CLI fetch files
-LARGE_MEMBER = 32 << 20  # bigger ZIP members are streamed, not held in memory
-PREFETCH_WORKERS = 2  # disk reads and encryption overlap with sending (both release the GIL)
-PREFETCH_BYTES = 48 << 20  # ...within this much memory
 FILE_MODE = stat.S_IFREG | 0o600  # unzipped images readable by their owner only
 VIA_ZIP = "zip"
-VIA_FILES = "files"
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def sealed_chunks(spooled: tempfile.SpooledTemporaryFile[bytes], digest: Any) ->
 def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_uids: Sequence[str],
                   all_studies: bool = False) -> DownloadPlan:
     """Which files, in which order, under which readable names; every file checked to be on disk."""
-    wanted = _check_uids(study_uids, all_studies)
+    wanted = check_study_uids(study_uids, all_studies)
     wanted = screens.resolve(wanted, screens.study_originals(ctx, project_id, wanted))  # a screen's pseudonyms
     require_readable(ctx, who, project_id, wanted, DataUse.READ, "download")
     store = CacheStore(ctx.config.cache_dir())
@@ -258,7 +260,7 @@ def plan_download(ctx: ServiceContext, who: Principal, project_id: str, study_ui
     return DownloadPlan(project_id, plans, files, studies, series, instances, study_headers)
 
 
-def _check_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
+def check_study_uids(study_uids: Sequence[str], all_studies: bool) -> list[str]:
     wanted = list(dict.fromkeys(uid.strip() for uid in study_uids if uid.strip()))
     if all_studies:
         if wanted:
@@ -356,7 +358,7 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
         digests: list[tuple[int, str] | Withheld] = list(
             _digests(ctx, project_id, [store.absolute(f.cache_path) for f in plan.files]))
     else:
-        digests = _deid_digests(_Source(store, prepared), plan.files)
+        digests = _deid_digests(Source(store, prepared), plan.files)
     seqs = _record_download(ctx, who, plan, VIA_FILES, encryption, policy)
     files, total = [], 0
     for f, digest in zip(plan.files, digests, strict=True):
@@ -381,7 +383,7 @@ def download_manifest(ctx: ServiceContext, who: Principal, project_id: str, stud
     }
 
 
-def _deid_digests(source: _Source, files: list[PlannedFile]) -> list[tuple[int, str] | Withheld]:
+def _deid_digests(source: Source, files: list[PlannedFile]) -> list[tuple[int, str] | Withheld]:
     """(size, SHA-256) of each de-identified copy, or why it is withheld: the copy is made again, the same,
     when the file is fetched (the same key gives the same bytes)."""
     def digest(file: PlannedFile) -> tuple[int, str] | Withheld:
@@ -420,7 +422,7 @@ def download_instance(ctx: ServiceContext, who: Principal, project_id: str, down
                       sop_uid: str, encryption: Encryption | None = None) -> InstanceDownload:
     """One cached file, for a study whose download this user started (``download_id``) in the last hours;
     as an age file when ``encryption`` is given (required in an encrypted_only project)."""
-    _check_uids([study_uid], False)
+    check_study_uids([study_uid], False)
     if not UID.match(sop_uid) or len(sop_uid) > 64:
         raise InvalidInput(f"{sop_uid!r} is not a SOPInstanceUID (digits and dots)")
     policy = deid.policy_of(ctx, project_id)
@@ -447,27 +449,15 @@ def _plain_instance(ctx: ServiceContext, who: Principal, policy: ExportPolicy, d
     if policy.deidentified:
         return _deidentified_instance(ctx, who, policy, download_id, study_uid, sop_uid)
     require_readable(ctx, who, project_id, [study_uid], DataUse.READ, "download")
+    if tickets.covered_study(ctx, who, project_id, download_id) != study_uid:
+        tickets.refuse(ctx, who, project_id, study_uid, download_id)
     with ctx.sessions() as session:
-        event = session.get(AuditEvent, download_id)
-        ticket_ok = (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value
-                     and event.actor == who.login and event.project_id == project_id and event.study_uid == study_uid
-                     and json.loads(event.detail).get("via") == VIA_FILES
-                     and datetime.fromisoformat(event.occurred_at) >= ctx.clock.now() - timedelta(hours=TICKET_HOURS))
-        relative = None
-        if ticket_ok:
-            relative = session.scalar(
-                select(CachedInstance.relative_path)
-                .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
-                .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid,
-                       CachedInstance.sop_instance_uid == sop_uid)
-            )
-    if not ticket_ok:
-        # A member fetching outside an audited download: refused, and the attempt is on record.
-        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, study_uid=study_uid,
-                         detail={"reason": "no download covers this file", "operation": "download",
-                                 "download_id": download_id})
-        raise AccessDenied("this download_id does not cover that study (or is older than "
-                           f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
+        relative = session.scalar(
+            select(CachedInstance.relative_path)
+            .join(CachedStudy, CachedStudy.id == CachedInstance.cached_study_id)
+            .where(CachedStudy.project_id == project_id, CachedStudy.study_uid == study_uid,
+                   CachedInstance.sop_instance_uid == sop_uid)
+        )
     if relative is None:
         raise NotFound("that image is no longer in the project's cache (deleted since the manifest was made)")
     path = CacheStore(ctx.config.cache_dir()).absolute(relative)
@@ -476,19 +466,7 @@ def _plain_instance(ctx: ServiceContext, who: Principal, policy: ExportPolicy, d
     except FileNotFoundError:
         raise NotFound("that image is indexed but missing from the cache; an admin should run "
                        "`mi2b2 admin fsck --repair`") from None
-    return InstanceDownload(os.fstat(file.fileno()).st_size, _file_chunks(file))
-
-
-def _ticket(ctx: ServiceContext, who: Principal, project_id: str, download_id: int) -> str | None:
-    """The (original) study a recent folder download of this user covers, if ``download_id`` is one."""
-    with ctx.sessions() as session:
-        event = session.get(AuditEvent, download_id)
-        if (event is not None and event.action == Action.DOWNLOAD.value and event.outcome == Outcome.OK.value
-                and event.actor == who.login and event.project_id == project_id
-                and json.loads(event.detail).get("via") == VIA_FILES
-                and datetime.fromisoformat(event.occurred_at) >= ctx.clock.now() - timedelta(hours=TICKET_HOURS)):
-            return event.study_uid
-    return None
+    return InstanceDownload(os.fstat(file.fileno()).st_size, file_chunks(file))
 
 
 def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPolicy, download_id: int,
@@ -497,13 +475,9 @@ def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPo
     project_id = policy.project_id
     require_readable(ctx, who, project_id, [], DataUse.READ, "download")
     engine = deid.engine_for(ctx, policy)
-    original = _ticket(ctx, who, project_id, download_id)
+    original = tickets.covered_study(ctx, who, project_id, download_id)
     if original is None or engine.pseudonyms.uid(original) != study_uid:
-        ctx.audit.record(who, Action.DENIED, Outcome.DENIED, project_id=project_id, study_uid=original,
-                         detail={"reason": "no download covers this file", "operation": "download",
-                                 "download_id": download_id})
-        raise AccessDenied("this download_id does not cover that study (or is older than "
-                           f"{TICKET_HOURS} hours); ask for a new manifest, then fetch its files")
+        tickets.refuse(ctx, who, project_id, original, download_id)
     require_readable(ctx, who, project_id, [original], DataUse.READ, "download")
     with ctx.sessions() as session:
         rows = session.execute(
@@ -513,7 +487,7 @@ def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPo
     relative = next((path for sop, path in rows if engine.pseudonyms.uid(sop) == sop_uid), None)
     if relative is None:
         raise NotFound("that image is no longer in the project's cache (deleted since the manifest was made)")
-    source = _Source(CacheStore(ctx.config.cache_dir()), _Deid(engine, {}, WithheldReport(policy)))
+    source = Source(CacheStore(ctx.config.cache_dir()), Deid(engine, {}, WithheldReport(policy)))
     file = PlannedFile(original, "", "", "", "", 0, relative)
     try:
         data = source.small(file)
@@ -526,14 +500,8 @@ def _deidentified_instance(ctx: ServiceContext, who: Principal, policy: ExportPo
     if isinstance(outcome, Withheld):
         raise NotFound(f"that image is withheld from this project's de-identified exports: {outcome.reason}")
     path = source.store.absolute(relative)
-    return InstanceDownload(outcome.size, _header_and_range(outcome.header, path, outcome.pixel_start,
+    return InstanceDownload(outcome.size, header_and_range(outcome.header, path, outcome.pixel_start,
                                                             outcome.pixel_end))
-
-
-def _file_chunks(file: Any) -> Iterator[bytes]:
-    with file:
-        while chunk := file.read(CHUNK):
-            yield chunk
 
 
 # the ZIP ----------------------------------------------------------------------------
@@ -558,7 +526,7 @@ def zip_download(ctx: ServiceContext, who: Principal, project_id: str, study_uid
     policy = deid.policy_of(ctx, project_id)
     if encryption is None:
         deid.refuse_plain(ctx, who, policy)
-    source = _Source(CacheStore(ctx.config.cache_dir()), _prepare_deid(ctx, policy, plan))
+    source = Source(CacheStore(ctx.config.cache_dir()), _prepare_deid(ctx, policy, plan))
     now = ctx.clock.now()
     if encryption is not None and encryption.passphrase is not None:
         identity = age_files.new_identity()
@@ -605,9 +573,9 @@ def _audited_stream(ctx: ServiceContext, who: Principal, plan: DownloadPlan,
             _record_interrupted(ctx, who, plan, progress.sent)
 
 
-def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callable[[_Progress], Iterator[_Member]]:
+def _plain_members(source: Source, plan: DownloadPlan, now: datetime) -> Callable[[_Progress], Iterator[_Member]]:
     def members(progress: _Progress) -> Iterator[_Member]:
-        for file, data in _prefetched(plan.files, source.small, lambda f: f.size):
+        for file, data in prefetched(plan.files, source.small, lambda f: f.size):
             out = source.output(file)
             if isinstance(data, Withheld):
                 source.withhold(data)
@@ -618,7 +586,7 @@ def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callab
             elif source.deid is None:
                 path = source.store.absolute(file.cache_path)
                 size, crc = _size_and_crc(path)  # a second pass over a big file beats holding it
-                yield file.path, now, FILE_MODE, NO_COMPRESSION_64(size, crc), _chunks_of(path)
+                yield file.path, now, FILE_MODE, NO_COMPRESSION_64(size, crc), chunks_of(path)
             elif isinstance(chunks := source.big(file), Withheld):
                 source.withhold(chunks)
             else:
@@ -630,7 +598,7 @@ def _plain_members(source: _Source, plan: DownloadPlan, now: datetime) -> Callab
     return members
 
 
-def _encrypted_members(source: _Source, plan: DownloadPlan, now: datetime, encryption: Encryption,
+def _encrypted_members(source: Source, plan: DownloadPlan, now: datetime, encryption: Encryption,
                        recipients: list[Any], identity_age: bytes, digests: FileDigests
                        ) -> Callable[[_Progress], Iterator[_Member]]:
     key = age_files.new_name_key()
@@ -654,7 +622,7 @@ def _encrypted_members(source: _Source, plan: DownloadPlan, now: datetime, encry
         if identity_age:
             yield IDENTITY, now, FILE_MODE, NO_COMPRESSION_64, (identity_age,)
         pairs = zip(plan.files, names, strict=True)
-        for (file, name), done in _prefetched(list(pairs), lambda p: encrypt_small(p[0]), lambda p: p[0].size):
+        for (file, name), done in prefetched(list(pairs), lambda p: encrypt_small(p[0]), lambda p: p[0].size):
             out = source.output(file)
             if isinstance(done, Withheld):
                 source.withhold(done)
@@ -696,166 +664,19 @@ def _encrypt_streaming(chunks: Iterator[bytes], file: PlannedFile, name: str, re
                                  file.sop_uid))
 
 
-@dataclass
-class _Deid:
-    engine: DeidEngine
-    outputs: dict[str, PlannedFile]  # cache path -> the file under pseudonymous UIDs and names
-    report: WithheldReport
-
-
-def _prepare_deid(ctx: ServiceContext, policy: ExportPolicy, plan: DownloadPlan) -> _Deid | None:
+def _prepare_deid(ctx: ServiceContext, policy: ExportPolicy, plan: DownloadPlan) -> Deid | None:
     if not policy.deidentified:
         return None
     engine = deid.engine_for(ctx, policy)
     files, pairs = deid.pseudonymous_files(engine, plan.study_infos, plan.series_infos, plan.instance_infos,
                                            plan.headers)
     deid.record_mappings(ctx, plan.project_id, pairs)
-    return _Deid(engine, {f.cache_path: f for f in files}, WithheldReport(policy))
-
-
-@dataclass
-class _Source:
-    """The bytes each member of a download carries: the cached file as it is, or its de-identified copy."""
-
-    store: CacheStore
-    deid: _Deid | None
-
-    def output(self, file: PlannedFile) -> PlannedFile:
-        return file if self.deid is None else self.deid.outputs[file.cache_path]
-
-    def small(self, file: PlannedFile) -> bytes | Withheld | None:
-        """A small file's bytes (de-identified if so); None for a big one, which ``big`` streams."""
-        if self.deid is None:
-            return _read_small(self.store, file)
-        engine = self.deid.engine
-        try:
-            with open(self.store.absolute(file.cache_path), "rb", buffering=0) as handle:
-                stat = os.fstat(handle.fileno())
-                if stat.st_size > LARGE_MEMBER:
-                    return None
-                data = handle.read(stat.st_size + 1)
-        except FileNotFoundError:
-            raise PermanentError("a file was deleted from the cache during the download") from None
-        key = deid.HEADERS.identity(engine, stat)
-        outcome = deid.HEADERS.get(key)
-        if outcome is None:
-            outcome = deidentify_file(io.BytesIO(data), engine)
-            deid.HEADERS.put(key, outcome)
-        if isinstance(outcome, Withheld):
-            return outcome
-        return outcome.header + data[outcome.pixel_start:outcome.pixel_end]
-
-    def small_with_stat(self, file: PlannedFile) -> tuple[bytes, os.stat_result | None] | Withheld | None:
-        """``small``, with the cache file's stat taken as it was read (None for a de-identified copy)."""
-        if self.deid is not None:
-            data = self.small(file)
-            return data if data is None or isinstance(data, Withheld) else (data, None)
-        return _read_small_with_stat(self.store, file)
-
-    def big(self, file: PlannedFile) -> Iterator[bytes] | Withheld:
-        """A big file in chunks: its de-identified header, then its pixel data read from the cache as it is."""
-        path = self.store.absolute(file.cache_path)
-        if self.deid is None:
-            return _chunks_of(path)
-        outcome = self.big_outcome(file)
-        if isinstance(outcome, Withheld):
-            return outcome
-        return _header_and_range(outcome.header, path, outcome.pixel_start, outcome.pixel_end)
-
-    def big_outcome(self, file: PlannedFile) -> Deidentified | Withheld:
-        """The de-identified header of a big file and where its pixel data lies (made once, then cached)."""
-        assert self.deid is not None
-        path = self.store.absolute(file.cache_path)
-        engine = self.deid.engine
-        try:
-            with open(path, "rb") as handle:
-                key = deid.HEADERS.identity(engine, os.fstat(handle.fileno()))
-                outcome = deid.HEADERS.get(key)
-                if outcome is None:
-                    outcome = deidentify_file(handle, engine)
-                    deid.HEADERS.put(key, outcome)
-        except FileNotFoundError:
-            raise PermanentError("a file was deleted from the cache during the download") from None
-        return outcome
-
-    def sent(self) -> None:
-        if self.deid is not None:
-            self.deid.report.exported += 1
-
-    def withhold(self, withheld: Withheld) -> None:
-        assert self.deid is not None
-        self.deid.report.add(withheld)
-
-
-def _header_and_range(header: bytes, path: Path, start: int, end: int) -> Iterator[bytes]:
-    yield header
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(start)
-        left = end - start
-        while left > 0 and (chunk := handle.read(min(CHUNK, left))):
-            left -= len(chunk)
-            yield chunk
-
-
-def _read_small(store: CacheStore, file: PlannedFile) -> bytes | None:
-    """The whole file if it is small enough to hold; None for a big one (streamed instead)."""
-    read = _read_small_with_stat(store, file)
-    return None if read is None else read[0]
-
-
-def _read_small_with_stat(store: CacheStore, file: PlannedFile) -> tuple[bytes, os.stat_result] | None:
-    path = store.absolute(file.cache_path)
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            info = os.fstat(handle.fileno())
-            if info.st_size > LARGE_MEMBER:
-                return None
-            # One read: the file ends where it ends, whatever the index said.
-            return handle.read(info.st_size + 1), info
-    except FileNotFoundError:
-        raise PermanentError("a file was deleted from the cache during the download") from None
-
-
-def _chunks_of(path: Path) -> Iterator[bytes]:
-    try:
-        handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by _file_chunks
-    except FileNotFoundError:
-        raise PermanentError("a file was deleted from the cache during the download") from None
-    yield from _file_chunks(handle)
+    return Deid(engine, {f.cache_path: f for f in files}, WithheldReport(policy))
 
 
 def _size_and_crc(path: Path) -> tuple[int, int]:
     crc, size = 0, 0
-    for chunk in _chunks_of(path):
+    for chunk in chunks_of(path):
         crc = zlib.crc32(chunk, crc)
         size += len(chunk)
     return size, crc
-
-
-def _prefetched(items: list[T], load: Callable[[T], R], size_of: Callable[[T], int]) -> Iterator[tuple[T, R]]:
-    """``(item, load(item))`` in order, with the next items loading in threads meanwhile.
-
-    Reading from disk and encrypting overlap with sending what is ready; the
-    look-ahead is bounded in bytes so memory stays flat. Closing the iterator
-    cancels what is still queued."""
-    pool = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="mi2b2-download")
-    window: deque[tuple[T, Future[R], int]] = deque()
-    pending = 0
-    position = 0
-    try:
-        while position < len(items) or window:
-            while position < len(items) and (not window or (
-                    len(window) < PREFETCH_WORKERS * 4
-                    and pending + min(size_of(items[position]), LARGE_MEMBER) <= PREFETCH_BYTES)):
-                item = items[position]
-                weight = min(size_of(item), LARGE_MEMBER)
-                window.append((item, pool.submit(load, item), weight))
-                pending += weight
-                position += 1
-            item, future, weight = window.popleft()
-            pending -= weight
-            yield item, future.result()
-    finally:
-        for _item, future, _weight in window:
-            future.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)

@@ -8,11 +8,13 @@ the PACS off, slow it down, and count associations from the PACS's side.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -195,6 +197,42 @@ def test_pacs_down_then_up_is_retried_and_completes(tmp_path: Path, setup: Setup
         (row,) = pipe.wait(ids, timeout=30)
         assert row.state == "completed" and row.received == 2 and row.attempts >= 2
     proxy.down()
+
+
+def test_instances_acknowledged_but_never_counted_are_asked_for_again(tmp_path: Path, setup: Setup,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver answers before it indexes (in groups): one killed in between leaves the PACS saying
+    it delivered what no receiver counted. That is mi2b2's loss, not the PACS's: asked for again."""
+    if setup.pacs.kind != "orthanc":
+        pytest.skip("the count after the C-MOVE does not depend on the PACS; one run is enough")
+    with Pipeline(_site(tmp_path, setup)) as pipe:
+        indexer = pipe.sink.indexer
+        commit = indexer._commit
+        lost: list[object] = []
+
+        def killed_before_indexing_once(batch: list[Any]) -> None:
+            if lost:
+                commit(batch)
+                return
+            lost.extend(batch)  # answered, never indexed nor reported: as a receiver SIGKILLed here
+            with indexer._done:
+                indexer._committed += len(batch)
+                indexer._done.notify_all()
+
+        monkeypatch.setattr(indexer, "_commit", killed_before_indexing_once)
+        ids = _add(pipe, StudyPick(studies.uid(studies.TRAUMA)))
+        (row,) = pipe.wait(ids, timeout=60)
+        assert lost, "the first group of instances was not lost: the test proved nothing"
+        assert (row.state, row.received, row.attempts) == ("completed", 2, 2), (row.state, row.last_error)
+        audited = [json.loads(d) for d in _audit_details(pipe, "retrieve")]
+        assert any("counted 0" in e.get("error", "") for e in audited if e.get("event") == "transient failure")
+        with pipe.ctx.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(CachedInstance)) == 2
+
+
+def _audit_details(pipe: Pipeline, action: str) -> list[str]:
+    with pipe.ctx.sessions() as session:
+        return list(session.scalars(select(AuditEvent.detail).where(AuditEvent.action == action)))
 
 
 def test_pacs_refusing_fails_with_its_reason(tmp_path: Path, setup: Setup) -> None:

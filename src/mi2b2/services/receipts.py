@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from mi2b2.adapters.db.engine import transaction
 from mi2b2.adapters.db.tables import Request
 from mi2b2.domain.receipt import StoreStatus
+from mi2b2.errors import RetriableError
 from mi2b2.services.context import ServiceContext
 
 LOG = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ class Receipt:
     def accounts_for(self, acknowledged: int) -> bool:
         """Nothing more to wait for: every acknowledged instance counted, or the attempt failed."""
         return self.received >= acknowledged or self.write_failure is not None
+
+
+class ReceiptLost(RetriableError):
+    """The PACS says mi2b2's receiver took more instances than any receiver counted: one died between
+    its answer and its index (answers come before indexing, in groups), or indexing lagged behind.
+    Ours, not the PACS's: the study is asked for again (what was counted stays, nothing is stored twice)."""
+
+    def __init__(self, acknowledged: int, counted: int) -> None:
+        super().__init__(f"the PACS says {acknowledged} instances were delivered and acknowledged, but mi2b2 "
+                         f"counted {counted}: a receiver stopped before it indexed them, so the study is asked "
+                         "for again")
 
 
 def record_attempt(ctx: ServiceContext, request_id: int, move: MoveSent | None) -> None:

@@ -32,7 +32,7 @@ from mi2b2.services import jobs
 from mi2b2.services.context import ServiceContext
 from mi2b2.services.jobs import Job
 from mi2b2.services.pacs import local_ae, peer_for
-from mi2b2.services.receipts import MoveSent, receipt_of, record_attempt
+from mi2b2.services.receipts import MoveSent, ReceiptLost, receipt_of, record_attempt
 from mi2b2.services.receiver import ReceiverSink, receive_limits
 from mi2b2.services.request_rows import change_state
 from mi2b2.services.scheduler import receiver_hosts, receiver_missing, receivers_changing, receivers_keep_heartbeats
@@ -77,7 +77,7 @@ def run_retrieval(
     _await_counts(ctx, job, sink, result.completed + result.warning)  # C-MOVE and C-GET alike
     if result.canceled:
         return jobs.end(ctx, job, RequestState.CANCELED, watch.cancel_reason, status=result.status, record=_record())
-    return _judge(ctx, job, result)
+    return _judge(ctx, job, pacs, result)
 
 
 def _blame_our_receiver(ctx: ServiceContext, pacs: PacsConfig, result: RetrieveResult) -> None:
@@ -224,7 +224,7 @@ def _write_failure(ctx: ServiceContext, job: Job) -> str | None:
     return receipt_of(ctx, job.request_id).write_failure
 
 
-def _judge(ctx: ServiceContext, job: Job, result: RetrieveResult) -> str:
+def _judge(ctx: ServiceContext, job: Job, pacs: PacsConfig, result: RetrieveResult) -> str:
     with ctx.sessions() as session:
         row = session.get_one(Request, job.request_id)
         expected = max(row.expected_instances, result.completed + result.failed + result.warning)
@@ -232,6 +232,9 @@ def _judge(ctx: ServiceContext, job: Job, result: RetrieveResult) -> str:
     receipt = receipt_of(ctx, job.request_id)
     if receipt.write_failure:
         return jobs.end(ctx, job, RequestState.FAILED, receipt.write_failure, status=result.status, record=record)
+    if receipt.received < result.completed + result.warning:
+        return jobs.back_off(ctx, job, ReceiptLost(result.completed + result.warning, receipt.received),
+                             pacs.retries.to_domain(), record)
     outcome = retrieval_outcome(expected, receipt.received, result.failed, 0)
     return jobs.end(ctx, job, outcome.state, outcome.reason, status=result.status, record=record)
 

@@ -323,11 +323,14 @@ class StoreServer:
         _prefer_the_senders_transfer_syntax(event)
 
     def _open_from(self, address: str) -> int:
-        """Associations from `address` whose threads still run (this one included): never drifts."""
+        """Associations from `address` whose threads still run (this one included): never drifts.
+        One already released, rejected or aborted no longer counts: its thread lingers a moment,
+        and a PACS that releases and at once associates again must not be refused for it."""
         server = self._server
         if server is None:
             return 0
-        return sum(1 for assoc in server.active_associations if assoc.requestor.address == address)
+        return sum(1 for assoc in server.active_associations if assoc.requestor.address == address
+                   and not (assoc.is_released or assoc.is_rejected or assoc.is_aborted))
 
     def _on_close(self, event: evt.Event) -> None:
         with self._lock:

@@ -47,12 +47,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, insert, text, update
+from sqlalchemy.orm import Session
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the suite's fresh_database and site blocks
@@ -191,35 +193,31 @@ def fill_audit(ctx: ServiceContext, n: int) -> float:
     return time.perf_counter() - started
 
 
-def tick_median(ctx: ServiceContext) -> float:
+def _tick_times(ctx: ServiceContext, tick: Callable[[], list[int]], what: str,
+                clear: Callable[[Session], None] = lambda _session: None) -> list[float]:
+    """``tick`` timed WARM_UP + TICKS times, the same queue each time: what it started is put back."""
     times = []
     for i in range(WARM_UP + TICKS):
         started = time.perf_counter()
-        result = schedule_once(ctx, "worker:bench")
-        if i >= WARM_UP:
-            times.append(time.perf_counter() - started)
-        if not result.started:
-            raise RuntimeError("the benchmark's tick started nothing: the queue is not what it should be")
-        with transaction(ctx.sessions) as session:  # the same queue for the next tick
-            session.execute(update(Request).where(Request.id.in_(result.started)).values(
-                state="scheduled", worker=None, started_at=None, attempts=0))
-            session.execute(delete(PacsStart))
-    return statistics.median(times)
-
-
-def forward_tick_best(ctx: ServiceContext) -> float:
-    times = []
-    for i in range(WARM_UP + TICKS):
-        started = time.perf_counter()
-        ids = schedule_forwards(ctx, "worker:bench")
+        ids = tick()
         if i >= WARM_UP:
             times.append(time.perf_counter() - started)
         if not ids:
-            raise RuntimeError("the benchmark's forward tick started nothing: the queue is not what it should be")
-        with transaction(ctx.sessions) as session:  # the same queue for the next tick
+            raise RuntimeError(f"the benchmark's {what} started nothing: the queue is not what it should be")
+        with transaction(ctx.sessions) as session:
             session.execute(update(Request).where(Request.id.in_(ids)).values(
                 state="scheduled", worker=None, started_at=None, attempts=0))
-    return min(times)
+            clear(session)
+    return times
+
+
+def tick_median(ctx: ServiceContext) -> float:
+    return statistics.median(_tick_times(ctx, lambda: schedule_once(ctx, "worker:bench").started, "tick",
+                                         lambda session: session.execute(delete(PacsStart))))
+
+
+def forward_tick_best(ctx: ServiceContext) -> float:
+    return min(_tick_times(ctx, lambda: schedule_forwards(ctx, "worker:bench"), "forward tick"))
 
 
 def vacuum(ctx: ServiceContext, kind: str) -> None:

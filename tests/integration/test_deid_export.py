@@ -24,7 +24,7 @@ from mi2b2.adapters.db.tables import DeidKey, DeidMapping
 from mi2b2.api.app import create_app
 from mi2b2.client import Mi2b2Client
 from mi2b2.services.audit import AuditFilter
-from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.context import ServiceContext
 from mi2b2.services.export import decrypt_download, open_download
 from mi2b2.services.export.fetch import fetch_download
 from mi2b2.services.forward import add_forwards
@@ -32,11 +32,11 @@ from mi2b2.services.requests import StudyPick, add_requests
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
-from support.deid import ALICE, BIRTH, INSTITUTION, REFERRER, ROOT, api, gamma_project, sample_study, tokens_for
+from support.deid import ALICE, BIRTH, INSTITUTION, REFERRER, ROOT, api, brain_in, gamma_project, sample_study, tokens_for
 from support.pacs import free_port, start_qrscp
 from support.pipeline import Pipeline, cache_files, retrieval_site
 from support.pipeline import by_sop as pipeline_by_sop
-from support.site import load_site, pacs_block
+from support.site import pacs_block
 from support.viewing import place, serving
 
 PASSPHRASE = "correct horse battery staple"
@@ -216,12 +216,8 @@ def _days(text: str) -> int:
 
 @pytest.fixture
 def placed(tmp_path: Path) -> Iterator[tuple[ServiceContext, dict[str, str]]]:
-    ctx = build_context(load_site(tmp_path / "site", extra=PROJECTS), clock=FakeClock())
-    for project in ("gamma", "delta", "alpha"):
-        for file in write_study(studies.BRAIN, tmp_path / "synthetic"):
-            place(ctx, project, file)
-    yield ctx, tokens_for(ctx)
-    ctx.engine.dispose()
+    with brain_in(tmp_path, PROJECTS, ("gamma", "delta", "alpha")) as placed_site:
+        yield placed_site
 
 
 def test_encrypted_only_refuses_plain_downloads_and_a_non_member_stays_refused(

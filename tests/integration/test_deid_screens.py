@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from mi2b2.api.app import create_app
 from mi2b2.cli.main import app as cli
 from mi2b2.services.audit import AuditFilter
-from mi2b2.services.context import ServiceContext, build_context
+from mi2b2.services.context import ServiceContext
 from mi2b2.synthetic import write_study
 from mi2b2.testing import FakeClock
 from support import studies
@@ -36,14 +36,15 @@ from support.deid import (
     SECRETS,
     STUDY_DATE,
     api,
+    brain_in,
     gamma_project,
     sample_study,
     tokens_for,
 )
 from support.pacs import free_port, start_qrscp
 from support.pipeline import Pipeline, retrieval_site
-from support.site import load_site, pacs_block
-from support.viewing import place, serving
+from support.site import pacs_block
+from support.viewing import serving
 
 SAMPLE = "1.2.826.0.1.3680043.8.498.931"
 REASON = "Recontact approved under IRB amendment 2026P000777-A4"
@@ -194,12 +195,8 @@ def test_the_lead_searches_and_a_member_works_from_pseudonyms_only(
 
 @pytest.fixture
 def placed(tmp_path: Path) -> Iterator[tuple[ServiceContext, dict[str, str]]]:
-    ctx = build_context(load_site(tmp_path / "site", extra=PROJECTS), clock=FakeClock())
-    for project in ("gamma", "alpha"):
-        for file in write_study(studies.BRAIN, tmp_path / "synthetic"):
-            place(ctx, project, file)
-    yield ctx, tokens_for(ctx)
-    ctx.engine.dispose()
+    with brain_in(tmp_path, PROJECTS, ("gamma", "alpha")) as placed_site:
+        yield placed_site
 
 
 def test_forged_pseudonyms_find_nothing_and_an_identified_project_is_unchanged(

@@ -32,7 +32,7 @@ from mi2b2.synthetic import SyntheticStudy, write_study
 from support import studies
 from support.databases import fresh_database, postgres_available
 from support.pacs import free_port, start_orthanc
-from support.pipeline import Pipeline, cache_files, retrieval_site
+from support.pipeline import Pipeline, cache_files, retrieval_site, store_over
 from support.site import pacs_block
 
 AUDITOR = Principal("audrey", Role.AUDITOR)
@@ -77,14 +77,7 @@ def _associate(pipe: Pipeline, calling_ae: str, contexts: list[Dataset], bind: s
 
 
 def _store_all(pipe: Pipeline, calling_ae: str, datasets: list[Dataset], bind: str = "127.0.0.1") -> list[int]:
-    assoc = _associate(pipe, calling_ae, datasets[:1], bind)
-    assert assoc.is_established
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
+    return store_over(_associate(pipe, calling_ae, datasets[:1], bind), datasets)
 
 
 def _denials(pipe: Pipeline, expected: int = 1) -> list[AuditEvent]:

@@ -17,7 +17,6 @@ import ssl
 import struct
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from mi2b2.domain.requests import RequestKind, RequestState
 from mi2b2.synthetic import write_study
 from support import studies
 from support.pacs import free_port
-from support.pipeline import Pipeline, cache_files, retrieval_site
+from support.pipeline import Pipeline, cache_files, retrieval_site, store_over
 from support.pki import Pki, make_pki
 from support.site import pacs_block
 
@@ -132,16 +131,6 @@ def _associate(port: int, bind: str, datasets: list[Dataset], calling_ae: str = 
                         tls_args=(tls, "localhost") if tls is not None else None)
 
 
-def _store(assoc: Association, datasets: list[Dataset]) -> list[int]:
-    assert assoc.is_established
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-
-
 def _denials(pipe: Pipeline, expected: int, wait: float = 10) -> list[dict[str, object]]:
     """The receiver's audited refusals, once `expected` are there (and a moment more for any extra)."""
     deadline = time.monotonic() + wait
@@ -194,7 +183,7 @@ def test_the_receiver_judges_the_sender_behind_the_balancer(tmp_path: Path, orig
 
         # The PACS at its own address, through the balancer: admitted. An instance of no retrieval on the
         # same association is refused and audited with the PACS's real address.
-        assert _store(_associate(balancer.v2, PACS_ADDRESS, trauma), [*trauma, stray]) == [0x0000, 0x0124]
+        assert store_over(_associate(balancer.v2, PACS_ADDRESS, trauma), [*trauma, stray]) == [0x0000, 0x0124]
         assert pipe.sink.indexer.flush(10)
         assert len(cache_files(pipe.ctx.config.cache_dir())) == 1
         denials = _denials(pipe, 2)
@@ -216,7 +205,7 @@ def test_the_receiver_judges_the_sender_behind_the_balancer(tmp_path: Path, orig
             held.release()
 
         # v1 (send-proxy) says the same.
-        assert _store(_associate(balancer.v1, PACS_ADDRESS, trauma), trauma) == [0x0000]
+        assert store_over(_associate(balancer.v1, PACS_ADDRESS, trauma), trauma) == [0x0000]
         assert _associate(balancer.v1, STRANGER, trauma).is_rejected
         denials = _denials(pipe, 3)
         assert denials[2]["address"] == STRANGER
@@ -261,7 +250,7 @@ def test_a_forged_header_a_missing_one_and_a_silent_balancer_are_refused(
         silent.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         started = time.monotonic()
         try:
-            assert _store(_associate(balancer.v2, PACS_ADDRESS, trauma), trauma) == [0x0000]
+            assert store_over(_associate(balancer.v2, PACS_ADDRESS, trauma), trauma) == [0x0000]
             assert time.monotonic() - started < HEADER_SECONDS - 1
             assert _closed_by_receiver(silent, HEADER_SECONDS + 5)
             assert time.monotonic() - started >= HEADER_SECONDS - 0.5
@@ -271,7 +260,7 @@ def test_a_forged_header_a_missing_one_and_a_silent_balancer_are_refused(
         assert timed_out["address"] == BALANCER and "no whole PROXY header within 5 s" in str(timed_out["reason"])
 
         # A plain sender from another address is judged as ever (no header expected, none needed).
-        assert _store(_associate(receiver_port, PACS_ADDRESS, trauma), trauma) == [0x0000]
+        assert store_over(_associate(receiver_port, PACS_ADDRESS, trauma), trauma) == [0x0000]
         assert len(_denials(pipe, 3)) == 3
 
 
@@ -291,7 +280,7 @@ def test_a_tls_receiver_reads_the_header_before_the_handshake(tmp_path: Path, or
         client = ssl.create_default_context(cafile=str(pki.ca))
         client.load_cert_chain(pki.client_cert, pki.client_key)
         # HAProxy in TCP mode passes the TLS bytes through after its header.
-        assert _store(_associate(balancer.v2, PACS_ADDRESS, trauma, tls=client), trauma) == [0x0000]
+        assert store_over(_associate(balancer.v2, PACS_ADDRESS, trauma, tls=client), trauma) == [0x0000]
         spoofed = _associate(balancer.v2, STRANGER, trauma, tls=client)
         assert spoofed.is_rejected
         (refused,) = _denials(pipe, 1)

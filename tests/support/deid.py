@@ -8,7 +8,8 @@ and the accounts and API clients its tests log in with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -81,3 +82,24 @@ def tokens_for(ctx: ServiceContext, accounts: Iterable[tuple[str, str]] = (
 
 def api(ctx: ServiceContext, token: str) -> TestClient:
     return TestClient(create_app(ctx), headers={"Authorization": f"Bearer {token}"})
+
+
+@contextmanager
+def brain_in(folder: Path, projects_toml: str, project_ids: Iterable[str]) -> Iterator[tuple[ServiceContext, dict[str, str]]]:
+    """A site with ``projects_toml`` added, the BRAIN study placed in the cache of each named project,
+    and API tokens for its users (`tokens_for`)."""
+    from mi2b2.services.context import build_context
+    from mi2b2.synthetic import write_study
+    from mi2b2.testing import FakeClock
+    from support import studies
+    from support.site import load_site
+    from support.viewing import place
+
+    ctx = build_context(load_site(folder / "site", extra=projects_toml), clock=FakeClock())
+    try:
+        for project in project_ids:
+            for file in write_study(studies.BRAIN, folder / "synthetic"):
+                place(ctx, project, file)
+        yield ctx, tokens_for(ctx)
+    finally:
+        ctx.engine.dispose()

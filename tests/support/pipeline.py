@@ -6,12 +6,15 @@ Tests add requests through the service (or API), then wait for states.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom import Dataset
+from pynetdicom.association import Association
 from sqlalchemy import select
 
 from mi2b2.adapters.db.tables import Request
@@ -105,3 +108,14 @@ def by_sop(files: Iterable[Path]) -> dict[str, Path]:
     for path in files:
         result[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
     return result
+
+
+def store_over(assoc: Association, datasets: list[Dataset]) -> list[int]:
+    """C-STORE each dataset over an established association, then release it; the statuses."""
+    assert assoc.is_established
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pynetdicom warns of datasets it cannot check
+            return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
